@@ -1,0 +1,773 @@
+#!/usr/bin/env python3
+"""Reproducible side-by-side benchmarks: cluster-server against its peers.
+
+    python benchmarks/bench.py throughput                      # all servers, 2 workers
+    python benchmarks/bench.py throughput --workers 1,2,4 --duration 10 --json out.json
+    python benchmarks/bench.py throughput --servers uvicorn,granian
+
+Servers compared (each skipped with a note when it is not installed):
+
+- ``cluster-server``  ``python -m cluster_server APP --workers N``
+- ``uvicorn``         ``uvicorn APP --workers N``  (the baseline of the ratio column)
+- ``gunicorn``        ``gunicorn APP -k UvicornWorker -w N``
+- ``granian``         ``granian --interface asgi APP --workers N``
+
+Every server gets the same app, worker count, event loop and HTTP parser (uvloop and
+httptools when installed), access log off, and a fresh free port on 127.0.0.1. It runs in
+its own session; it is stopped by killing its process group, whatever happens.
+
+Load comes from ``wrk`` when it is on PATH, otherwise from a bounded Python keep-alive
+loop (much slower: the client becomes the bottleneck, and the output says so).
+
+Scenarios are subcommands. To add one (``spread``, ``restart``, ``reload``...), write an
+``add_<name>_args(parser)`` and a ``scenario_<name>(args) -> list[Row]`` that uses
+``run_server``, ``run_load`` and ``probe_pids``, prints its table (``print_table``) and
+returns its rows; register it in ``SCENARIOS``. ``main`` handles ``--json`` and the exit
+status (1 when any row is an error).
+Only the standard library and httpx are used.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import contextlib
+import functools
+import http.client
+import importlib.metadata
+import json
+import os
+import platform
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import httpx
+
+ROOT = Path(__file__).resolve().parent.parent
+HOST = "127.0.0.1"
+DEFAULT_APP = "benchmarks.hello:app"
+BASELINE = "uvicorn"
+PY = sys.executable
+
+
+# --------------------------------------------------------------------------- errors
+
+
+class Unavailable(Exception):
+    """The server is not installed here: the row is skipped, not failed."""
+
+
+class ServerFailed(Exception):
+    """The server exited, or never answered within its deadline."""
+
+
+class LoadFailed(Exception):
+    """The load generator itself failed or overran its deadline."""
+
+
+# --------------------------------------------------------------------------- servers
+
+
+def server_env() -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH")) if p)
+    env["PYTHONUNBUFFERED"] = "1"
+    env.pop("WEB_CONCURRENCY", None)  # uvicorn and gunicorn read it
+    return env
+
+
+@functools.cache
+def importable(module: str) -> bool:
+    """Whether the servers' interpreter can import ``module`` (checked in a subprocess)."""
+    try:
+        proc = subprocess.run(
+            [PY, "-c", f"import {module}"],
+            cwd=ROOT,
+            env=server_env(),
+            capture_output=True,
+            timeout=60,
+        )
+    except subprocess.TimeoutExpired:
+        return False
+    return proc.returncode == 0
+
+
+def require(module: str, hint: str) -> None:
+    if not importable(module):
+        raise Unavailable(f"cannot import {module} ({hint})")
+
+
+def uvicorn_style_fast_flags() -> list[str]:
+    flags = []
+    if importable("uvloop"):
+        flags += ["--loop", "uvloop"]
+    if importable("httptools"):
+        flags += ["--http", "httptools"]
+    return flags
+
+
+def cluster_server_cmd(app: str, port: int, workers: int) -> list[str]:
+    require("cluster_server", "pip install -e .")
+    return [
+        *(PY, "-m", "cluster_server", app),
+        *("--workers", str(workers), "--host", HOST, "--port", str(port)),
+        *uvicorn_style_fast_flags(),
+        *("--log-level", "warning", "--no-access-log"),
+    ]
+
+
+def uvicorn_cmd(app: str, port: int, workers: int) -> list[str]:
+    require("uvicorn", "pip install uvicorn")
+    return [
+        *(PY, "-m", "uvicorn", app),
+        *("--workers", str(workers), "--host", HOST, "--port", str(port)),
+        *uvicorn_style_fast_flags(),
+        *("--log-level", "warning", "--no-access-log"),
+    ]
+
+
+def gunicorn_worker_class() -> str:
+    # uvicorn's own uvicorn.workers is deprecated in favour of the uvicorn-worker package.
+    for module, cls in (("uvicorn_worker", "UvicornWorker"), ("uvicorn.workers", "UvicornWorker")):
+        if importable(module):
+            return f"{module}.{cls}"
+    raise Unavailable("no UvicornWorker importable (pip install uvicorn-worker)")
+
+
+def gunicorn_cmd(app: str, port: int, workers: int) -> list[str]:
+    require("gunicorn", "pip install gunicorn")
+    # UvicornWorker uses loop="auto", http="auto": uvloop and httptools when installed.
+    # Gunicorn's access log is off unless --access-logfile is given. Its keep-alive
+    # default is 2 s; use uvicorn's 5 s so keep-alive behaves the same everywhere.
+    return [
+        *(PY, "-m", "gunicorn", app, "-k", gunicorn_worker_class()),
+        *("--workers", str(workers), "--bind", f"{HOST}:{port}"),
+        *("--keep-alive", "5", "--log-level", "warning"),
+    ]
+
+
+def granian_cmd(app: str, port: int, workers: int) -> list[str]:
+    require("granian", "pip install granian")
+    loop = ["--loop", "uvloop"] if importable("uvloop") else []
+    return [
+        *(PY, "-m", "granian", "--interface", "asgi", "--http", "1"),
+        *("--workers", str(workers), "--host", HOST, "--port", str(port)),
+        *loop,
+        *("--log-level", "warning", "--no-access-log", app),
+    ]
+
+
+@dataclass(frozen=True)
+class ServerSpec:
+    name: str
+    command: Callable[[str, int, int], list[str]]  # (app, port, workers) -> argv
+
+
+SERVERS: dict[str, ServerSpec] = {
+    spec.name: spec
+    for spec in (
+        ServerSpec("cluster-server", cluster_server_cmd),
+        ServerSpec("uvicorn", uvicorn_cmd),
+        ServerSpec("gunicorn", gunicorn_cmd),
+        ServerSpec("granian", granian_cmd),
+    )
+}
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((HOST, 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class RunningServer:
+    name: str
+    workers: int
+    port: int
+    command: list[str]
+    proc: subprocess.Popen[bytes]
+    log_path: Path
+
+    @property
+    def url(self) -> str:
+        return f"http://{HOST}:{self.port}"
+
+    def log_tail(self, lines: int = 15) -> str:
+        try:
+            text = self.log_path.read_text(errors="replace")
+        except OSError:
+            return ""
+        return "\n".join(text.strip().splitlines()[-lines:])
+
+    def check_alive(self) -> None:
+        code = self.proc.poll()
+        if code is not None:
+            raise ServerFailed(self.explain(f"exited with code {code} under load"))
+
+    def explain(self, message: str) -> str:
+        tail = self.log_tail()
+        return f"{message}; output:\n{tail}" if tail else message
+
+
+def wait_ready(server: RunningServer, timeout: float) -> None:
+    """Poll ``/pid`` (a new connection each time) until it answers 200, or fail at the deadline."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if (code := server.proc.poll()) is not None:
+            raise ServerFailed(f"exited with code {code} before answering")
+        try:
+            if httpx.get(server.url + "/pid", timeout=1.0).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        if time.monotonic() >= deadline:
+            raise ServerFailed(f"did not answer within {timeout:g}s")
+        time.sleep(0.05)
+
+
+def _get_pid(url: str) -> str | None:
+    parts = urlsplit(url)
+    conn = http.client.HTTPConnection(parts.hostname or HOST, parts.port, timeout=2)
+    try:
+        conn.request("GET", "/pid", headers={"x-pid": "1", "Connection": "close"})
+        resp = conn.getresponse()
+        body = resp.read().decode(errors="replace").strip()
+        return body if resp.status == 200 else None
+    except (OSError, http.client.HTTPException):
+        return None
+    finally:
+        conn.close()
+
+
+def probe_pids(url: str, expected: int, timeout: float, concurrency: int = 16) -> set[str]:
+    """Send rounds of concurrent one-shot ``/pid`` requests until ``expected`` distinct pids
+    answered or ``timeout`` passed; returns the pids seen (works for any app that serves
+    ``/pid`` with the pid as its body, or as ``{"pid": ...}``)."""
+    seen: set[str] = set()
+    deadline = time.monotonic() + timeout
+    with concurrent.futures.ThreadPoolExecutor(max_workers=concurrency) as pool:
+        while len(seen) < expected and time.monotonic() < deadline:
+            for body in pool.map(_get_pid, [url] * concurrency):
+                if body is None:
+                    continue
+                with contextlib.suppress(ValueError, TypeError, AttributeError):
+                    body = str(json.loads(body).get("pid", body)) if body.startswith("{") else body
+                seen.add(body)
+    return seen
+
+
+def stop_process_group(proc: subprocess.Popen[bytes], grace: float = 10.0) -> None:
+    """SIGTERM the whole process group, wait up to ``grace`` s, then SIGKILL whatever is left."""
+    if proc.poll() is None:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(proc.pid, signal.SIGTERM)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(grace)
+    # Always: a leader that exited may have left workers behind in its group.
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        proc.wait(5)
+
+
+@contextlib.contextmanager
+def run_server(
+    spec: ServerSpec, app: str, workers: int, start_timeout: float
+) -> Iterator[RunningServer]:
+    """Start ``spec`` in its own session on a free port, yield once it answers, always stop it.
+
+    Raises Unavailable (not installed) or ServerFailed (exited / no answer in time); the
+    ServerFailed message carries the tail of the server's output.
+    """
+    port = free_port()
+    command = spec.command(app, port, workers)
+    fd, log_name = tempfile.mkstemp(prefix=f"bench-{spec.name}-", suffix=".log")
+    log_path = Path(log_name)
+    try:
+        with os.fdopen(fd, "wb") as log:
+            proc = subprocess.Popen(
+                command,
+                cwd=ROOT,
+                env=server_env(),
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        server = RunningServer(spec.name, workers, port, command, proc, log_path)
+        try:
+            try:
+                wait_ready(server, start_timeout)
+            except ServerFailed as exc:
+                stop_process_group(proc, grace=2)
+                raise ServerFailed(server.explain(str(exc))) from None
+            yield server
+        finally:
+            stop_process_group(proc)
+    finally:
+        log_path.unlink(missing_ok=True)
+
+
+# --------------------------------------------------------------------------- load
+
+
+@dataclass
+class LoadResult:
+    tool: str  # "wrk" or "python"
+    requests: int
+    duration_s: float
+    requests_per_s: float
+    p50_ms: float | None
+    p99_ms: float | None
+    non_2xx: int  # responses outside 2xx/3xx
+    socket_errors: dict[str, int] = field(default_factory=dict)  # connect/read/write/timeout
+    raw: str = ""
+
+    @property
+    def errors(self) -> int:
+        return self.non_2xx + sum(self.socket_errors.values())
+
+
+_UNIT_MS = {"us": 1e-3, "ms": 1.0, "s": 1e3, "m": 60e3, "h": 3600e3}
+
+
+def _to_ms(value: str, unit: str) -> float:
+    return float(value) * _UNIT_MS[unit]
+
+
+def parse_wrk(output: str) -> LoadResult:
+    """Parse ``wrk --latency`` output."""
+    percentiles = {
+        int(m[1]): _to_ms(m[2], m[3])
+        for m in re.finditer(r"^\s*(\d+)%\s+([\d.]+)(us|ms|s|m|h)\s*$", output, re.M)
+    }
+    total = re.search(r"(\d+) requests in ([\d.]+)(us|ms|s|m|h)", output)
+    rps = re.search(r"Requests/sec:\s+([\d.]+)", output)
+    if not (total and rps):
+        raise LoadFailed(f"cannot parse wrk output:\n{output}")
+    sock = re.search(
+        r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", output
+    )
+    non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", output)
+    return LoadResult(
+        tool="wrk",
+        requests=int(total[1]),
+        duration_s=_to_ms(total[2], total[3]) / 1e3,
+        requests_per_s=float(rps[1]),
+        p50_ms=percentiles.get(50),
+        p99_ms=percentiles.get(99),
+        non_2xx=int(non2xx[1]) if non2xx else 0,
+        socket_errors=dict(
+            zip(
+                ("connect", "read", "write", "timeout"),
+                map(int, sock.groups() if sock else (0, 0, 0, 0)),
+                strict=True,
+            )
+        ),
+        raw=output,
+    )
+
+
+def wrk_load(url: str, duration: int, connections: int, threads: int) -> LoadResult:
+    wrk = shutil.which("wrk")
+    assert wrk is not None
+    cmd = [
+        wrk,
+        f"-t{threads}",
+        f"-c{connections}",
+        f"-d{duration}s",
+        "--latency",
+        "--timeout",
+        "5s",
+    ]
+    try:
+        proc = subprocess.run(
+            [*cmd, url + "/"], capture_output=True, text=True, timeout=duration + 30
+        )
+    except subprocess.TimeoutExpired:
+        raise LoadFailed(f"wrk overran its {duration + 30}s deadline") from None
+    if proc.returncode != 0:
+        raise LoadFailed(f"wrk exited with {proc.returncode}: {proc.stderr.strip()}")
+    return parse_wrk(proc.stdout)
+
+
+def python_load(url: str, duration: float, connections: int) -> LoadResult:
+    """Fallback when wrk is missing: ``connections`` threads, each one keep-alive
+    http.client connection, hammering ``GET /`` for ``duration`` seconds."""
+    parts = urlsplit(url)
+    host, port = parts.hostname or HOST, parts.port
+    start = time.monotonic()
+    stop_at = start + duration
+    lock = threading.Lock()
+    latencies: list[float] = []
+    counts = {"ok": 0, "non_2xx": 0, "errors": 0}
+
+    def client() -> None:
+        conn: http.client.HTTPConnection | None = None
+        mine: list[float] = []
+        ok = bad = errors = 0
+        while time.monotonic() < stop_at:
+            if conn is None:
+                conn = http.client.HTTPConnection(host, port, timeout=5)
+            t0 = time.perf_counter()
+            try:
+                conn.request("GET", "/")
+                resp = conn.getresponse()
+                resp.read()
+            except (OSError, http.client.HTTPException):
+                errors += 1
+                conn.close()
+                conn = None
+                time.sleep(0.01)  # do not spin on a dead server
+                continue
+            mine.append(time.perf_counter() - t0)
+            if 200 <= resp.status < 400:
+                ok += 1
+            else:
+                bad += 1
+            if resp.will_close:
+                conn.close()
+                conn = None
+        if conn is not None:
+            conn.close()
+        with lock:
+            latencies.extend(mine)
+            counts["ok"] += ok
+            counts["non_2xx"] += bad
+            counts["errors"] += errors
+
+    threads = [threading.Thread(target=client, daemon=True) for _ in range(connections)]
+    for t in threads:
+        t.start()
+    for t in threads:  # every request has a 5 s socket timeout: bounded
+        t.join(timeout=max(0.0, stop_at - time.monotonic()) + 10)
+    elapsed = time.monotonic() - start
+    if any(t.is_alive() for t in threads):
+        raise LoadFailed("python load threads did not finish in time")
+    latencies.sort()
+
+    def pct(p: float) -> float | None:
+        return (
+            latencies[min(len(latencies) - 1, int(len(latencies) * p))] * 1e3 if latencies else None
+        )
+
+    done = counts["ok"] + counts["non_2xx"]
+    return LoadResult(
+        tool="python",
+        requests=done,
+        duration_s=elapsed,
+        requests_per_s=done / elapsed,
+        p50_ms=pct(0.50),
+        p99_ms=pct(0.99),
+        non_2xx=counts["non_2xx"],
+        socket_errors={"errors": counts["errors"]},
+    )
+
+
+def load_tool(choice: str) -> tuple[str, str]:
+    """The load generator to use, and why."""
+    if choice == "auto":
+        return ("wrk", "found on PATH") if shutil.which("wrk") else ("python", "wrk not found")
+    if choice == "wrk" and not shutil.which("wrk"):
+        sys.exit("bench: --load-tool wrk but wrk is not on PATH")
+    return choice, f"--load-tool {choice}"
+
+
+def run_load(url: str, tool: str, duration: int, connections: int, threads: int) -> LoadResult:
+    if tool == "wrk":
+        return wrk_load(url, duration, connections, threads)
+    return python_load(url, duration, connections)
+
+
+# --------------------------------------------------------------------------- results
+
+
+@dataclass
+class Row:
+    scenario: str
+    server: str
+    workers: int
+    status: str = "ok"  # ok | error | skipped
+    note: str = ""
+    command: list[str] = field(default_factory=list)
+    pids_seen: int | None = None
+    load: LoadResult | None = None
+    ratio: float | None = None  # req/s relative to BASELINE with the same worker count
+
+
+def fill_ratios(rows: list[Row]) -> None:
+    base = {
+        r.workers: r.load.requests_per_s
+        for r in rows
+        if r.server == BASELINE and r.status == "ok" and r.load and r.load.requests_per_s
+    }
+    for r in rows:
+        if r.status == "ok" and r.load and r.workers in base:
+            r.ratio = r.load.requests_per_s / base[r.workers]
+
+
+def print_table(rows: list[Row]) -> None:
+    header = ("server", "workers", "req/s", "p99 ms", "errors", f"vs {BASELINE}")
+    table = [header]
+    for r in rows:
+        if r.status != "ok" or r.load is None:
+            table.append((r.server, str(r.workers), r.status, "-", "-", "-"))
+            continue
+        p99 = f"{r.load.p99_ms:.2f}" if r.load.p99_ms is not None else "-"
+        ratio = f"{r.ratio:.2f}x" if r.ratio is not None else "-"
+        table.append(
+            (
+                r.server,
+                str(r.workers),
+                f"{r.load.requests_per_s:,.0f}",
+                p99,
+                str(r.load.errors),
+                ratio,
+            )
+        )
+    widths = [max(len(row[i]) for row in table) for i in range(len(header))]
+    for i, row in enumerate(table):
+        cells = [
+            c.ljust(w) if j == 0 else c.rjust(w)
+            for j, (c, w) in enumerate(zip(row, widths, strict=True))
+        ]
+        print("  ".join(cells).rstrip())
+        if i == 0:
+            print("  ".join("-" * w for w in widths))
+    notes = [r for r in rows if r.note]
+    if notes:
+        print()
+        for r in notes:
+            print(f"{r.server} x{r.workers} [{r.status}]: {r.note}")
+
+
+def version_of(dist: str) -> str | None:
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def environment(tool: str) -> dict[str, Any]:
+    wrk_version = None
+    if tool == "wrk" and (wrk := shutil.which("wrk")):
+        out = subprocess.run([wrk, "--version"], capture_output=True, text=True, timeout=10)
+        wrk_version = (
+            (out.stdout or out.stderr).splitlines()[0].strip()
+            if (out.stdout or out.stderr)
+            else None
+        )
+    dists = (
+        "cluster-server",
+        "uvicorn",
+        "uvicorn-worker",
+        "gunicorn",
+        "granian",
+        "uvloop",
+        "httptools",
+    )
+    return {
+        "python": sys.version.split()[0],
+        "implementation": platform.python_implementation(),
+        "platform": platform.platform(),
+        "cpu_count": os.cpu_count(),
+        "load_tool": tool,
+        "wrk": wrk_version,
+        "versions": {d: version_of(d) for d in dists},
+    }
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+# --------------------------------------------------------------------------- scenarios
+
+
+def add_throughput_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--duration", type=positive_int, default=10, help="seconds of load (10)")
+    p.add_argument("--connections", type=positive_int, default=64, help="open connections (64)")
+    p.add_argument("--threads", type=positive_int, default=2, help="wrk threads (2)")
+    p.add_argument("--warmup", type=int, default=1, help="seconds of discarded load first (1)")
+
+
+def measure_throughput(spec: ServerSpec, workers: int, args: argparse.Namespace) -> Row:
+    row = Row("throughput", spec.name, workers)
+    try:
+        with run_server(spec, args.app, workers, args.start_timeout) as server:
+            row.command = server.command
+            row.pids_seen = len(probe_pids(server.url, workers, timeout=3))
+            try:
+                if args.warmup > 0:
+                    run_load(server.url, args.tool, args.warmup, args.connections, args.threads)
+                row.load = run_load(
+                    server.url, args.tool, args.duration, args.connections, args.threads
+                )
+            finally:
+                server.check_alive()  # a server that died under load explains a LoadFailed
+        if row.pids_seen < workers:
+            row.note = f"only {row.pids_seen}/{workers} worker pids answered /pid before load"
+    except Unavailable as exc:
+        row.status, row.note = "skipped", str(exc)
+    except (ServerFailed, LoadFailed) as exc:
+        row.status, row.note = "error", str(exc)
+    return row
+
+
+def scenario_throughput(args: argparse.Namespace) -> list[Row]:
+    if args.tool == "python":
+        log(
+            f"bench: using the Python load loop ({args.tool_reason}): numbers are bounded by"
+            " the client, compare servers only against each other"
+        )
+    if args.tool == "wrk" and args.threads > args.connections:
+        sys.exit("bench: --threads must not exceed --connections")
+    rows = []
+    for workers in args.workers:
+        for name in args.servers:
+            log(f"bench: throughput {name} x{workers} ...")
+            row = measure_throughput(SERVERS[name], workers, args)
+            if row.status == "ok" and row.load:
+                log(f"bench:   {row.load.requests_per_s:,.0f} req/s")
+            else:
+                log(f"bench:   {row.status}")
+            rows.append(row)
+    fill_ratios(rows)
+    print_table(rows)
+    print(f"\nload: {describe_load(args)}")
+    return rows
+
+
+def describe_load(args: argparse.Namespace) -> str:
+    if args.tool == "wrk":
+        what = f"wrk -t{args.threads} -c{args.connections} -d{args.duration}s --latency"
+    else:
+        what = (
+            f"Python keep-alive loop, {args.connections} threads x 1 connection,"
+            f" {args.duration}s ({args.tool_reason}; client-bound)"
+        )
+    warmup = f", after {args.warmup}s warm-up" if args.warmup > 0 else ""
+    return f"{what}{warmup}; GET / of {args.app}"
+
+
+# name -> (help, add_arguments, run)
+SCENARIOS: dict[
+    str,
+    tuple[
+        str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], list[Row]]
+    ],
+] = {
+    "throughput": (
+        "requests/s and p99 latency of a hello-world app under keep-alive load",
+        add_throughput_args,
+        scenario_throughput,
+    ),
+}
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1: {text}")
+    return value
+
+
+def int_list(text: str) -> list[int]:
+    try:
+        return [positive_int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a list like 1,2,4: {text}") from None
+
+
+def server_list(text: str) -> list[str]:
+    names = [x.strip() for x in text.split(",") if x.strip()]
+    unknown = [n for n in names if n not in SERVERS]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(
+            f"unknown server(s) {', '.join(unknown)}; choose from {', '.join(SERVERS)}"
+        )
+    return names
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--servers",
+        type=server_list,
+        default=list(SERVERS),
+        help=f"comma-separated subset of {','.join(SERVERS)} (all)",
+    )
+    common.add_argument(
+        "--workers", type=int_list, default=[2], help="worker counts, e.g. 1,2,4 (2)"
+    )
+    common.add_argument("--app", default=DEFAULT_APP, help=f"ASGI app to serve ({DEFAULT_APP})")
+    common.add_argument(
+        "--start-timeout", type=float, default=30.0, help="seconds a server has to answer (30)"
+    )
+    common.add_argument(
+        "--load-tool",
+        choices=("auto", "wrk", "python"),
+        default="auto",
+        help="load generator; auto = wrk when on PATH, else a Python keep-alive loop",
+    )
+    common.add_argument("--json", type=Path, metavar="PATH", help="write raw results here")
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="scenario", required=True)
+    for name, (help_text, add_args, _) in SCENARIOS.items():
+        add_args(sub.add_parser(name, parents=[common], help=help_text, description=help_text))
+    return parser
+
+
+def _exit_on_signal(signum: int, _frame: object) -> None:
+    # Servers run in their own sessions: turn SIGTERM/SIGHUP into SystemExit so the
+    # ``finally`` blocks stop them instead of leaving them orphaned.
+    raise SystemExit(128 + signum)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, _exit_on_signal)
+    args.tool, args.tool_reason = load_tool(args.load_tool)
+    _, _, run = SCENARIOS[args.scenario]
+    env = environment(args.tool)
+    log(
+        f"bench: {args.scenario} on {env['cpu_count']} CPUs, python {env['python']},"
+        f" load tool {args.tool}"
+    )
+    started = time.time()
+    rows = run(args)
+    if args.json:
+        config = {k: v for k, v in vars(args).items() if k not in ("json",)}
+        payload = {
+            "scenario": args.scenario,
+            "started_at": started,
+            "environment": env,
+            "config": json.loads(json.dumps(config, default=str)),
+            "results": [asdict(r) for r in rows],
+        }
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(payload, indent=2) + "\n")
+        log(f"bench: wrote {args.json}")
+    return 1 if any(r.status == "error" for r in rows) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

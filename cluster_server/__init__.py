@@ -1,0 +1,33 @@
+"""cluster-server: Node.js's cluster module for Python web apps.
+
+One primary binds the listening socket once and forks workers; each worker runs
+uvicorn's HTTP protocol loop on it. The primary supervises: it replaces crashed
+or hung workers and rolls new code in without dropping a request.
+"""
+
+from ._config import Config
+from ._errors import (
+    AppLoadError,
+    BindError,
+    ChannelError,
+    ClusterServerError,
+    ConfigError,
+    IllegalTransition,
+    WorkerBootError,
+)
+from ._run import run, serve
+from ._version import __version__
+
+__all__ = [
+    "AppLoadError",
+    "BindError",
+    "ChannelError",
+    "ClusterServerError",
+    "Config",
+    "ConfigError",
+    "IllegalTransition",
+    "WorkerBootError",
+    "__version__",
+    "run",
+    "serve",
+]

@@ -1,0 +1,109 @@
+"""The command line, generated from the option declarations in ``_config``.
+
+``cluster-server APP [OPTIONS]``. Errors a user can fix end with one line,
+``Error: <what is wrong and how to fix it>``, and a non-zero exit status.
+"""
+
+from __future__ import annotations
+
+import sys
+import typing
+from collections.abc import Callable
+from typing import Any, Literal
+
+import click
+
+from . import _logging
+from ._config import Config, OptionSpec, env_vars, options, unwrap_optional
+from ._errors import ClusterServerError
+from ._run import serve
+from ._version import __version__
+
+GROUP_TITLES = {
+    "socket": "Listening",
+    "processes": "Processes",
+    "app": "Application",
+    "http": "HTTP",
+    "logging": "Logging",
+}
+
+
+def click_type(tp: Any, spec: OptionSpec) -> Any:
+    base, _ = unwrap_optional(tp)
+    if typing.get_origin(base) is Literal:
+        return click.Choice([str(c) for c in typing.get_args(base)])
+    if base is int:
+        if spec.min is not None or spec.max is not None:
+            return click.IntRange(
+                None if spec.min is None else int(spec.min), None if spec.max is None else int(spec.max)
+            )
+        return click.INT
+    if base is float:
+        if spec.min is not None or spec.max is not None:
+            return click.FloatRange(spec.min, spec.max)
+        return click.FLOAT
+    return click.STRING
+
+
+def build_option(name: str, tp: Any, default: Any, spec: OptionSpec) -> click.Option:
+    flag = spec.flag or "--" + name.replace("_", "-")
+    base, _ = unwrap_optional(tp)
+    kwargs: dict[str, Any] = {
+        "help": spec.help,
+        "envvar": env_vars(name, spec),
+        "show_envvar": True,
+        "default": default,
+    }
+    if base is bool:
+        decls = [f"{flag}/--no-{flag[2:]}" if spec.negatable else flag, name]
+        kwargs["is_flag"] = True
+        kwargs["show_default"] = True
+    else:
+        decls = [flag, name]
+        kwargs["type"] = click_type(tp, spec)
+        kwargs["show_default"] = default is not None and default != ""
+        if spec.metavar:
+            kwargs["metavar"] = spec.metavar
+    return click.Option(decls, **kwargs)
+
+
+def config_options() -> list[click.Option]:
+    hints = typing.get_type_hints(Config)
+    return [build_option(f.name, hints[f.name], f.default, spec) for f, spec in options() if spec.cli]
+
+
+def _run_command(app: str, **values: Any) -> None:
+    try:
+        config = Config(app=app, **values)
+        _logging.configure(config.log_level, config.access_log)
+        code = serve(config)
+    except ClusterServerError as exc:
+        click.echo(f"Error: {exc}", err=True)
+        sys.exit(exc.exit_code)
+    sys.exit(code)
+
+
+def build_command(callback: Callable[..., Any] = _run_command) -> click.Command:
+    params: list[click.Parameter] = [
+        click.Argument(["app"], envvar="CLUSTER_SERVER_APP", metavar="APP"),
+        *config_options(),
+    ]
+    cmd = click.Command(
+        "cluster-server",
+        callback=callback,
+        params=params,
+        help=(
+            "Serve APP ('module:attribute', an ASGI or WSGI app) with a primary process "
+            "and forked uvicorn workers."
+        ),
+        context_settings={"max_content_width": 100, "help_option_names": ["-h", "--help"]},
+    )
+    click.version_option(__version__, "--version", prog_name="cluster-server")(cmd)
+    return cmd
+
+
+cli = build_command()
+
+
+def main(argv: list[str] | None = None) -> None:
+    cli.main(args=argv, prog_name="cluster-server")

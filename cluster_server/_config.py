@@ -1,0 +1,214 @@
+"""The one immutable configuration, and the declaration every option comes from.
+
+Each option is declared once, as a field of :class:`Config` with
+:func:`option` metadata (default, help, flag, environment variable, range).
+The click CLI (``_cli.py``) and the CLI reference in ``docs/`` are generated
+from these fields, so they cannot drift apart.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from ._errors import ConfigError
+
+ENV_PREFIX = "CLUSTER_SERVER_"
+
+LoopType = Literal["auto", "asyncio", "uvloop"]
+HTTPType = Literal["auto", "h11", "httptools"]
+WSType = Literal["auto", "none", "websockets", "websockets-sansio", "wsproto"]
+LifespanType = Literal["auto", "on", "off"]
+InterfaceType = Literal["auto", "asgi3", "asgi2", "wsgi"]
+LogLevelType = Literal["critical", "error", "warning", "info", "debug", "trace"]
+
+
+@dataclass(frozen=True)
+class OptionSpec:
+    """How one :class:`Config` field appears on the command line and in the docs."""
+
+    help: str
+    group: str
+    flag: str | None = None  # defaults to --field-name
+    env: tuple[str, ...] = ()  # extra environment variables, after CLUSTER_SERVER_<NAME>
+    min: float | None = None
+    max: float | None = None
+    metavar: str | None = None
+    negatable: bool = False  # bool flags: --x/--no-x
+    cli: bool = True
+
+
+def option(default: Any, help: str, *, group: str = "server", **spec: Any) -> Any:
+    """Declare a Config field: its default plus everything the CLI and docs need."""
+    meta = {"option": OptionSpec(help=help, group=group, **spec)}
+    if isinstance(default, list | dict | set):
+        raise TypeError("mutable defaults are not allowed in Config; use a tuple")
+    return field(default=default, metadata=meta)
+
+
+@dataclass(frozen=True)
+class Config:
+    """Everything the primary and its workers need to know, frozen.
+
+    ``app`` is an import string (``"module:attribute"``) or, from Python, the
+    application object itself (workers are forked, so it need not be importable).
+    """
+
+    app: Any = field(default=None, metadata={"positional": True})
+
+    # -- where to listen --------------------------------------------------------
+    host: str = option("127.0.0.1", "Bind socket to this host; use '::' for IPv6, '0.0.0.0' for all IPv4.", group="socket")
+    port: int = option(8000, "Bind socket to this port; 0 picks a free port.", group="socket", min=0, max=65535)
+    uds: str | None = option(None, "Bind to this Unix domain socket path instead of host/port.", group="socket", metavar="PATH")
+    fd: int | None = option(None, "Serve on this already-open listening file descriptor (inherited).", group="socket", min=0)
+    backlog: int = option(2048, "Listen backlog: connections the kernel queues before accept().", group="socket", min=1)
+    ssl_keyfile: str | None = option(None, "TLS private key file.", group="socket", metavar="PATH")
+    ssl_certfile: str | None = option(None, "TLS certificate file (PEM).", group="socket", metavar="PATH")
+
+    # -- processes --------------------------------------------------------------
+    workers: int = option(
+        1, "Number of worker processes.", group="processes", min=1, max=1024, env=("WEB_CONCURRENCY",)
+    )
+    graceful_timeout: float = option(
+        30.0,
+        "Seconds a stopping worker gets to finish in-flight requests before SIGKILL.",
+        group="processes",
+        min=0,
+    )
+    ready_timeout: float = option(
+        60.0,
+        "Seconds a new worker gets to import the app and finish lifespan startup.",
+        group="processes",
+        min=0.1,
+    )
+    worker_timeout: float = option(
+        30.0,
+        "Replace a worker whose event loop sent no heartbeat for this many seconds "
+        "(its stack is dumped to the log first); 0 disables.",
+        group="processes",
+        min=0,
+    )
+    heartbeat_interval: float = option(
+        1.0, "Seconds between heartbeats a worker sends from its event loop.", group="processes", min=0.05
+    )
+
+    # -- the app ----------------------------------------------------------------
+    interface: InterfaceType = option("auto", "Application interface.", group="app")
+    factory: bool = option(False, "Treat APP as a factory: call it with no arguments to get the app.", group="app")
+    app_dir: str = option(".", "Look for APP in this directory (prepended to sys.path).", group="app", metavar="DIR")
+    env_file: str | None = option(None, "Load environment variables from this file in each worker.", group="app", metavar="PATH")
+    root_path: str = option("", "ASGI root_path, for an app mounted below a path prefix.", group="app")
+    lifespan: LifespanType = option("auto", "Run the ASGI lifespan protocol.", group="app")
+
+    # -- HTTP -------------------------------------------------------------------
+    loop: LoopType = option("auto", "Event loop implementation.", group="http")
+    http: HTTPType = option("auto", "HTTP protocol implementation.", group="http")
+    ws: WSType = option("auto", "WebSocket protocol implementation.", group="http")
+    proxy_headers: bool = option(
+        True, "Trust X-Forwarded-Proto/For from --forwarded-allow-ips.", group="http", negatable=True
+    )
+    forwarded_allow_ips: str | None = option(
+        None, "Comma-separated IPs/networks trusted for proxy headers ('*' for all).", group="http"
+    )
+    timeout_keep_alive: int = option(5, "Close idle keep-alive connections after this many seconds.", group="http", min=0)
+    limit_concurrency: int | None = option(
+        None, "Per worker: answer 503 beyond this many concurrent connections/tasks.", group="http", min=1
+    )
+    h11_max_incomplete_event_size: int | None = option(
+        None, "h11: largest request head in bytes (default: h11's 16 KiB).", group="http", min=1
+    )
+
+    # -- logging ----------------------------------------------------------------
+    log_level: LogLevelType = option("info", "Log level.", group="logging")
+    access_log: bool = option(True, "Log each request in uvicorn's access-log format.", group="logging", negatable=True)
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            spec = f.metadata.get("option")
+            if spec is not None:
+                _check_field(f.name, spec, _field_types()[f.name], getattr(self, f.name))
+        if (self.ssl_keyfile is None) != (self.ssl_certfile is None):
+            raise ConfigError("--ssl-keyfile and --ssl-certfile go together; give both or neither")
+        for name in ("ssl_keyfile", "ssl_certfile", "env_file"):
+            path = getattr(self, name)
+            if path is not None and not os.path.isfile(path):
+                raise ConfigError(f"--{_flag(name)} {path}: no such file; check the path")
+        if self.uds is not None and self.fd is not None:
+            raise ConfigError("--uds and --fd are alternatives; give one of them")
+
+    def replace(self, **changes: Any) -> Config:
+        """A copy with some options changed (validated again)."""
+        return dataclasses.replace(self, **changes)
+
+    @property
+    def app_name(self) -> str:
+        if isinstance(self.app, str):
+            return self.app
+        return f"{getattr(self.app, '__module__', '?')}:{getattr(self.app, '__qualname__', type(self.app).__name__)}"
+
+
+def _flag(name: str) -> str:
+    return name.replace("_", "-")
+
+
+@typing.no_type_check
+def _field_types() -> dict[str, Any]:
+    global _TYPES
+    if _TYPES is None:
+        _TYPES = typing.get_type_hints(Config)
+    return _TYPES
+
+
+_TYPES: dict[str, Any] | None = None
+
+
+def unwrap_optional(tp: Any) -> tuple[Any, bool]:
+    """``int | None`` -> (int, True); ``int`` -> (int, False)."""
+    if isinstance(tp, types.UnionType) or typing.get_origin(tp) is typing.Union:
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if len(args) == 1:
+            return args[0], True
+    return tp, False
+
+
+def _check_field(name: str, spec: OptionSpec, tp: Any, value: Any) -> None:
+    base, optional = unwrap_optional(tp)
+    flag = spec.flag or f"--{_flag(name)}"
+    if value is None:
+        if optional:
+            return
+        raise ConfigError(f"{flag} needs a value")
+    if typing.get_origin(base) is Literal:
+        choices = typing.get_args(base)
+        if value not in choices:
+            raise ConfigError(f"{flag} {value!r} is not one of {', '.join(map(str, choices))}")
+        return
+    if base is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{flag} takes true or false, not {value!r}")
+        return
+    if base in (int, float):
+        if isinstance(value, bool) or not isinstance(value, int | float) or (base is int and not isinstance(value, int)):
+            raise ConfigError(f"{flag} takes a number, not {value!r}")
+        if spec.min is not None and value < spec.min:
+            raise ConfigError(f"{flag} {value} is below the minimum {spec.min:g}")
+        if spec.max is not None and value > spec.max:
+            raise ConfigError(f"{flag} {value} is above the maximum {spec.max:g}")
+        return
+    if base is str and not isinstance(value, str):
+        raise ConfigError(f"{flag} takes text, not {value!r}")
+
+
+def options() -> list[tuple[dataclasses.Field[Any], OptionSpec]]:
+    """Every declared option, in declaration order."""
+    return [(f, f.metadata["option"]) for f in dataclasses.fields(Config) if "option" in f.metadata]
+
+
+def env_vars(name: str, spec: OptionSpec) -> list[str]:
+    return [ENV_PREFIX + name.upper(), *spec.env]
+
+

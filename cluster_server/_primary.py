@@ -1,0 +1,624 @@
+"""The primary: one thread, no asyncio, never imports the app.
+
+It owns the listening sockets and the worker table, and waits on one selector
+over the signal self-pipe and the worker channels. Signal handlers only queue
+the signal; the loop dispatches ``handle_<signal>``. Every wait has a deadline.
+
+Decisions (spawn, reap, replace, back off, roll, drain, kill) are methods that
+read the worker table; the fork/kill side effects go through a ``Launcher``,
+so tests can drive the decisions with a fake launcher and a fake clock.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import os
+import selectors
+import signal
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from . import _channel, _proc
+from ._channel import Channel, Message
+from ._config import Config
+from ._errors import AppLoadError, ChannelError, ClusterServerError, WorkerBootError
+from ._sockets import Listener
+from ._state import WorkerState, exit_state
+from ._worker import EXIT_BOOT_FAILURE, WorkerSpec, worker_main
+
+logger = logging.getLogger("cluster_server")
+
+#: a worker ready for this long before it crashed starts its slot's backoff afresh
+STABLE_AFTER = 10.0
+#: longest wait between restarts of a crash-looping slot
+BACKOFF_CAP = 10.0
+#: a hung worker gets this long to dump its stack before SIGKILL
+DUMP_GRACE = 0.5
+#: the selector never waits longer than this, whatever the deadlines say
+MAX_WAIT = 1.0
+
+_S = WorkerState
+
+
+def backoff_delay(failures: int) -> float:
+    """Seconds to wait before restarting a slot after ``failures`` crashes in a row.
+
+    The first crash restarts at once; then 0.1 s, 0.2 s, 0.4 s ... up to BACKOFF_CAP.
+    """
+    if failures <= 1:
+        return 0.0
+    return float(min(0.1 * 2 ** (failures - 2), BACKOFF_CAP))
+
+
+@dataclass(eq=False)
+class Worker:
+    """One worker process, as the primary sees it (a row of the worker table)."""
+
+    id: int  # the slot it serves; stable across replacements
+    generation: int
+    spawned_at: float
+    pid: int = 0
+    state: WorkerState = _S.BOOTING
+    channel: Channel | None = None
+    ready_at: float | None = None
+    last_heartbeat: float = 0.0
+    requests: int = 0
+    connections: int = 0
+    boot_error: str | None = None
+    #: draining: SIGKILL at this time; hung: SIGKILL after the stack dump
+    kill_at: float | None = None
+    #: why the primary is stopping it ("drain", "timeout", "rolled", ...), None if it was not asked
+    stop_reason: str | None = None
+    exit_status: str = ""
+
+    def move(self, new: WorkerState) -> None:
+        from ._state import check_transition
+
+        self.state = check_transition(self.state, new)
+
+    @property
+    def name(self) -> str:
+        return f"worker {self.id} [pid {self.pid}]"
+
+
+@dataclass
+class Slot:
+    """A place for one worker; ``--workers N`` means N slots."""
+
+    id: int
+    pid: int | None = None  # the worker holding the slot (booting or ready)
+    replacement: int | None = None  # a rolling restart's new worker, booting
+    generation: int = 1
+    failures: int = 0
+    respawn_at: float = 0.0
+
+
+@dataclass
+class Roll:
+    """A rolling restart in progress: one slot at a time, replacement first."""
+
+    generation: int
+    reason: str
+    pending: list[int]
+    started_at: float
+    current: int | None = None  # slot being rolled
+    done: list[int] = field(default_factory=list)
+
+
+class Launcher(Protocol):
+    def spawn(self, worker: Worker) -> tuple[int, Channel | None]: ...
+
+    def kill(self, pid: int, sig: int) -> None: ...
+
+
+class Primary:
+    def __init__(
+        self,
+        config: Config,
+        listeners: list[Listener],
+        *,
+        launcher: Launcher | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.config = config
+        self.listeners = listeners
+        self.clock = clock
+        self.launcher: Launcher = launcher or ForkLauncher(self)
+        self.workers: dict[int, Worker] = {}  # pid -> live worker
+        self.slots: dict[int, Slot] = {i: Slot(i) for i in range(1, config.workers + 1)}
+        self.generation = 1
+        self.roll_state: Roll | None = None
+        self._roll_again: str | None = None
+        self.ever_ready = False
+        self.stopping = False
+        self.fatal: ClusterServerError | None = None
+        self.exit_code = 0
+        self.restarts = 0
+        self.on_child_exit: dict[int, Callable[[int, int], None]] = {}
+        self._signals: collections.deque[int] = collections.deque()
+        self._selector: selectors.BaseSelector | None = None
+        self._wake_r = self._wake_w = -1
+
+    # -- the loop -----------------------------------------------------------
+
+    def run(self) -> int:
+        """Serve until stopped. Returns the exit code; raises the start-up error."""
+        _proc.set_title(f"cluster-server: primary [{self.config.app_name}]")
+        self._selector = selectors.DefaultSelector()
+        self._install_signals()
+        try:
+            shown = ", ".join(lst.display for lst in self.listeners)
+            logger.info(
+                "primary serving %s with %d worker%s (Press CTRL+C to quit)",
+                shown, len(self.slots), "" if len(self.slots) == 1 else "s",
+            )
+            self.manage_workers()
+            while not (self.stopping and not self.workers):
+                self._wait(self.next_deadline())
+                self._handle_signals()
+                self.reap_workers()
+                self.tick()
+        finally:
+            self._shutdown()
+        if self.fatal is not None:
+            raise self.fatal
+        return self.exit_code
+
+    def _wait(self, deadline: float | None) -> None:
+        assert self._selector is not None
+        timeout = MAX_WAIT if deadline is None else max(0.0, min(MAX_WAIT, deadline - self.clock()))
+        for key, mask in self._selector.select(timeout):
+            key.data(mask)
+
+    def next_deadline(self) -> float | None:
+        """The earliest time the primary must act without being woken."""
+        times: list[float] = []
+        for slot in self.slots.values():
+            if slot.pid is None and slot.replacement is None and not self.stopping:
+                times.append(slot.respawn_at)
+        for w in self.workers.values():
+            if w.kill_at is not None:
+                times.append(w.kill_at)
+            elif w.state is _S.BOOTING:
+                times.append(w.spawned_at + self.config.ready_timeout)
+            elif w.state is _S.READY and self.config.worker_timeout:
+                times.append(w.last_heartbeat + self.config.worker_timeout)
+        return min(times) if times else None
+
+    def tick(self) -> None:
+        """Act on every deadline that has passed."""
+        self.murder_workers()
+        self.manage_workers()
+        self.advance_roll()
+
+    # -- signals ------------------------------------------------------------
+
+    def _install_signals(self) -> None:
+        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        signal.set_wakeup_fd(self._wake_w, warn_on_full_buffer=False)
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGQUIT, signal.SIGHUP, signal.SIGCHLD,
+                    signal.SIGTTIN, signal.SIGTTOU):
+            signal.signal(sig, self._queue_signal)
+        assert self._selector is not None
+        self._selector.register(self._wake_r, selectors.EVENT_READ, self._drain_wakeup)
+
+    def _queue_signal(self, sig: int, frame: Any) -> None:
+        self._signals.append(sig)
+
+    def _drain_wakeup(self, mask: int) -> None:
+        try:
+            while os.read(self._wake_r, 512):
+                pass
+        except BlockingIOError:
+            pass
+
+    def _handle_signals(self) -> None:
+        while self._signals:
+            sig = self._signals.popleft()
+            handler = getattr(self, f"handle_{signal.Signals(sig).name[3:].lower()}", None)
+            if handler is not None:
+                handler()
+
+    def handle_chld(self) -> None:
+        pass  # reap_workers runs after every wake-up
+
+    def handle_term(self) -> None:
+        self.stop(graceful=True, why="SIGTERM")
+
+    def handle_int(self) -> None:
+        if self.stopping:
+            logger.warning("second SIGINT: stopping at once")
+            self.kill_all()
+        else:
+            self.stop(graceful=True, why="SIGINT (press CTRL+C again to stop at once)")
+
+    def handle_quit(self) -> None:
+        logger.warning("SIGQUIT: stopping at once")
+        self.stop(graceful=False, why="SIGQUIT")
+
+    def handle_hup(self) -> None:
+        self.roll("SIGHUP")
+
+    def handle_ttin(self) -> None:
+        self.scale(len(self.slots) + 1)
+
+    def handle_ttou(self) -> None:
+        if len(self.slots) > 1:
+            self.scale(len(self.slots) - 1)
+
+    # -- spawning and reaping -----------------------------------------------
+
+    def manage_workers(self) -> None:
+        """Fill every empty slot whose backoff has passed."""
+        if self.stopping:
+            return
+        now = self.clock()
+        for slot in self.slots.values():
+            if slot.pid is None and slot.replacement is None and now >= slot.respawn_at:
+                slot.pid = self.spawn_worker(slot, slot.generation).pid
+
+    def spawn_worker(self, slot: Slot, generation: int) -> Worker:
+        w = Worker(id=slot.id, generation=generation, spawned_at=self.clock())
+        w.pid, w.channel = self.launcher.spawn(w)
+        self.workers[w.pid] = w
+        if w.channel is not None and self._selector is not None:
+            self._selector.register(w.channel, selectors.EVENT_READ, lambda mask, w=w: self._on_channel(w, mask))
+        logger.info("%s spawned (generation %d)", w.name, generation)
+        return w
+
+    def reap_workers(self) -> None:
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            self.child_exited(pid, status)
+
+    def child_exited(self, pid: int, status: int) -> None:
+        if pid in self.on_child_exit:
+            self.on_child_exit.pop(pid)(pid, status)
+            return
+        w = self.workers.pop(pid, None)
+        if w is None:
+            return
+        w.exit_status = describe_status(status)
+        w.move(exit_state(w.state))
+        self._forget_channel(w)
+        level = logging.INFO if w.stop_reason in ("drain", "rolled", "scaled down") else logging.WARNING
+        logger.log(level, "%s exited (%s)", w.name, w.exit_status)
+        self.worker_gone(w, status)
+
+    def worker_gone(self, w: Worker, status: int) -> None:
+        """Decide what a worker's exit means for its slot and the cluster."""
+        slot = self.slots.get(w.id)
+        now = self.clock()
+        if slot is not None and slot.replacement == w.pid:
+            slot.replacement = None
+            self._roll_failed(w)
+            return
+        if slot is None or slot.pid != w.pid:
+            return  # an old generation's worker, or a removed slot: nothing to refill
+        slot.pid = None
+        if self.stopping:
+            return
+        if w.state is _S.FAILED and not self.ever_ready:
+            # The first generation cannot start: stop the cluster and say why.
+            if w.boot_error is not None:
+                err: ClusterServerError = (
+                    AppLoadError(w.boot_error)
+                    if _exit_code(status) == EXIT_BOOT_FAILURE and "lifespan" not in w.boot_error
+                    else WorkerBootError(w.boot_error)
+                )
+            else:
+                err = WorkerBootError(f"worker {w.id} exited ({w.exit_status}) before it was ready")
+            self.fail(err)
+            return
+        if w.ready_at is not None and now - w.ready_at >= STABLE_AFTER:
+            slot.failures = 0
+        slot.failures += 1
+        slot.respawn_at = now + backoff_delay(slot.failures)
+        self.restarts += 1
+        if w.boot_error:
+            logger.error("worker %d could not start: %s", w.id, w.boot_error)
+        delay = slot.respawn_at - now
+        if delay > 0:
+            logger.warning(
+                "worker %d failed %d times in a row; restarting it in %.2f s", w.id, slot.failures, delay
+            )
+
+    def murder_workers(self) -> None:
+        """Kill workers past their deadline: hung, never ready, or draining too long."""
+        now = self.clock()
+        cfg = self.config
+        for w in list(self.workers.values()):
+            if w.kill_at is not None:
+                if now >= w.kill_at:
+                    logger.warning("%s did not stop in time; sending SIGKILL", w.name)
+                    self.launcher.kill(w.pid, signal.SIGKILL)
+                    w.kill_at = None
+            elif w.state is _S.BOOTING and now - w.spawned_at >= cfg.ready_timeout:
+                w.boot_error = f"worker {w.id} was not ready within {cfg.ready_timeout:g} s (--ready-timeout)"
+                logger.error("%s was not ready within %g s; killing it", w.name, cfg.ready_timeout)
+                w.stop_reason = "ready timeout"
+                self.launcher.kill(w.pid, signal.SIGKILL)
+            elif w.state is _S.READY and cfg.worker_timeout and now - w.last_heartbeat >= cfg.worker_timeout:
+                logger.error(
+                    "%s sent no heartbeat for %.1f s (--worker-timeout %g): its event loop is blocked; "
+                    "dumping its stack and replacing it",
+                    w.name, now - w.last_heartbeat, cfg.worker_timeout,
+                )
+                w.stop_reason = "timeout"
+                self.launcher.kill(w.pid, signal.SIGUSR1)  # faulthandler dumps every thread
+                w.kill_at = now + DUMP_GRACE
+
+    # -- messages -----------------------------------------------------------
+
+    def _on_channel(self, w: Worker, mask: int) -> None:
+        assert w.channel is not None
+        if mask & selectors.EVENT_WRITE:
+            try:
+                if w.channel.flush():
+                    self._watch(w)
+            except OSError:
+                self._forget_channel(w)
+                return
+        if not mask & selectors.EVENT_READ:
+            return
+        try:
+            for msg, fds in w.channel.receive():
+                for fd in fds:
+                    os.close(fd)
+                if isinstance(msg, ChannelError):
+                    logger.warning("%s: dropped a message: %s", w.name, msg)
+                    continue
+                self.handle_message(w, msg)
+        except EOFError:
+            self._forget_channel(w)
+
+    def _watch(self, w: Worker) -> None:
+        if w.channel is not None and self._selector is not None and not w.channel.closed:
+            events = selectors.EVENT_READ | (selectors.EVENT_WRITE if w.channel.pending else 0)
+            self._selector.modify(w.channel, events, self._selector.get_key(w.channel).data)
+
+    def _forget_channel(self, w: Worker) -> None:
+        if w.channel is None or w.channel.closed:
+            return
+        if self._selector is not None:
+            try:
+                self._selector.unregister(w.channel)
+            except (KeyError, ValueError):
+                pass
+        w.channel.close()
+
+    def handle_message(self, w: Worker, msg: Message) -> None:
+        """React to one message from a worker; anything unexpected is logged and dropped."""
+        kind = msg.get("t")
+        if kind == "hb":
+            w.last_heartbeat = self.clock()
+            r, c = msg.get("r"), msg.get("c")
+            if isinstance(r, int) and isinstance(c, int):
+                w.requests, w.connections = r, c
+        elif kind == "ready":
+            if w.state is not _S.BOOTING:
+                logger.warning("%s said ready twice; ignored", w.name)
+                return
+            self.worker_ready(w)
+        elif kind == "boot_error":
+            err = msg.get("error")
+            w.boot_error = str(err)[:2000] if err is not None else "unknown error"
+        else:
+            logger.warning("%s sent an unknown message %.200r; ignored", w.name, msg)
+
+    def worker_ready(self, w: Worker) -> None:
+        now = self.clock()
+        w.move(_S.READY)
+        w.ready_at = w.last_heartbeat = now
+        logger.info("%s ready in %.2f s", w.name, now - w.spawned_at)
+        slot = self.slots.get(w.id)
+        if slot is not None and slot.replacement == w.pid:
+            self._roll_step_done(slot, w)
+        if not self.ever_ready and all(
+            s.pid is not None and self.workers[s.pid].state is _S.READY for s in self.slots.values()
+        ):
+            self.ever_ready = True
+            logger.info("all %d workers ready", len(self.slots))
+
+    # -- rolling restarts, scaling, stopping ----------------------------------
+
+    def roll(self, reason: str, slots: list[int] | None = None) -> bool:
+        """Start a rolling restart: each slot gets a new worker, ready before the old one drains.
+
+        Returns False if one is already running (another is queued after it).
+        """
+        if self.stopping:
+            return False
+        if self.roll_state is not None:
+            self._roll_again = reason
+            logger.info("rolling restart (%s) queued after the one in progress", reason)
+            return False
+        self.generation += 1
+        pending = sorted(self.slots) if slots is None else sorted(s for s in slots if s in self.slots)
+        self.roll_state = Roll(self.generation, reason, pending, started_at=self.clock())
+        logger.info("rolling restart to generation %d (%s): %d worker(s)", self.generation, reason, len(pending))
+        self.advance_roll()
+        return True
+
+    def advance_roll(self) -> None:
+        roll = self.roll_state
+        if roll is None or roll.current is not None or self.stopping:
+            return
+        while roll.pending:
+            slot = self.slots.get(roll.pending.pop(0))
+            if slot is None:
+                continue
+            roll.current = slot.id
+            slot.replacement = self.spawn_worker(slot, roll.generation).pid
+            return
+        logger.info(
+            "rolling restart to generation %d done in %.2f s", roll.generation, self.clock() - roll.started_at
+        )
+        self.roll_state = None
+        if self._roll_again is not None:
+            again, self._roll_again = self._roll_again, None
+            self.roll(again)
+
+    def _roll_step_done(self, slot: Slot, new: Worker) -> None:
+        old_pid, slot.pid, slot.replacement = slot.pid, new.pid, None
+        slot.generation, slot.failures = new.generation, 0
+        if old_pid is not None and old_pid in self.workers:
+            self.drain_worker(self.workers[old_pid], "rolled")
+        if self.roll_state is not None and self.roll_state.current == slot.id:
+            self.roll_state.done.append(slot.id)
+            self.roll_state.current = None
+            self.advance_roll()
+
+    def _roll_failed(self, w: Worker) -> None:
+        roll = self.roll_state
+        why = w.boot_error or f"it exited ({w.exit_status}) before it was ready"
+        logger.error(
+            "rolling restart to generation %d stopped: %s; the previous generation keeps serving",
+            w.generation, why,
+        )
+        self.roll_state = None
+        self._roll_again = None
+        if roll is not None:
+            self.generation = max(self.generation, roll.generation)
+
+    def scale(self, n: int) -> None:
+        """Change the number of slots; removed slots' workers drain."""
+        if self.stopping or n < 1:
+            return
+        current = len(self.slots)
+        logger.info("scaling from %d to %d workers", current, n)
+        for i in range(current + 1, n + 1):
+            self.slots[i] = Slot(i, generation=self.generation)
+        for i in range(current, n, -1):
+            slot = self.slots.pop(i)
+            for pid in (slot.pid, slot.replacement):
+                if pid is not None and pid in self.workers:
+                    self.drain_worker(self.workers[pid], "scaled down")
+        self.manage_workers()
+
+    def drain_worker(self, w: Worker, reason: str = "drain") -> None:
+        """Ask a worker to stop gracefully; SIGKILL it after --graceful-timeout."""
+        if w.state is _S.DRAINING:
+            return
+        w.move(_S.DRAINING)
+        w.stop_reason = reason
+        w.kill_at = self.clock() + self.config.graceful_timeout
+        self.launcher.kill(w.pid, signal.SIGTERM)
+
+    def stop(self, graceful: bool = True, why: str = "stop") -> None:
+        if not self.stopping:
+            logger.info("stopping (%s): draining %d worker(s)", why, len(self.workers))
+        self.stopping = True
+        self.roll_state = None
+        if graceful:
+            for w in list(self.workers.values()):
+                self.drain_worker(w)
+        else:
+            self.kill_all()
+
+    def fail(self, err: ClusterServerError) -> None:
+        """Stop the cluster because it cannot run; ``run`` raises ``err``."""
+        if self.fatal is None:
+            self.fatal = err
+        self.stop(graceful=True, why="start-up failed")
+
+    def kill_all(self) -> None:
+        self.stopping = True
+        for w in self.workers.values():
+            self.launcher.kill(w.pid, signal.SIGKILL)
+
+    def _shutdown(self) -> None:
+        """Leave nothing behind: no worker, no socket file, no signal handler."""
+        if self.workers:
+            self.kill_all()
+            deadline = time.monotonic() + 5
+            while self.workers and time.monotonic() < deadline:
+                try:
+                    pid, status = os.waitpid(-1, 0)
+                except ChildProcessError:
+                    break
+                self.child_exited(pid, status)
+        for w in list(self.workers.values()):
+            self._forget_channel(w)
+        signal.set_wakeup_fd(-1)
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGQUIT, signal.SIGHUP, signal.SIGCHLD,
+                    signal.SIGTTIN, signal.SIGTTOU):
+            signal.signal(sig, signal.SIG_DFL)
+        if self._selector is not None:
+            self._selector.close()
+        for fd in (self._wake_r, self._wake_w):
+            if fd >= 0:
+                os.close(fd)
+        for lst in self.listeners:
+            lst.close()
+
+    def fds_to_close_in_child(self) -> list[int]:
+        """The primary's own fds a new worker must not keep."""
+        fds = [fd for fd in (self._wake_r, self._wake_w) if fd >= 0]
+        if self._selector is not None and hasattr(self._selector, "fileno"):
+            fds.append(self._selector.fileno())
+        fds.extend(w.channel.fileno() for w in self.workers.values() if w.channel and not w.channel.closed)
+        return fds
+
+
+class ForkLauncher:
+    """Forks workers for a primary."""
+
+    def __init__(self, primary: Primary) -> None:
+        self.primary = primary
+
+    def spawn(self, worker: Worker) -> tuple[int, Channel | None]:
+        ours, theirs = _channel.pair()
+        close = [*self.primary.fds_to_close_in_child(), ours.fileno()]
+        spec = WorkerSpec(
+            id=worker.id,
+            generation=worker.generation,
+            primary_pid=os.getpid(),
+            listeners=tuple(lst.sock for lst in self.primary.listeners),
+        )
+        _flush_output()
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover - the child never returns from worker_main
+            worker_main(self.primary.config, spec, theirs, close)
+        theirs.close()
+        return pid, Channel(ours)
+
+    def kill(self, pid: int, sig: int) -> None:
+        try:
+            os.kill(pid, sig)
+        except ProcessLookupError:
+            pass
+
+
+def _flush_output() -> None:
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+
+
+def _exit_code(status: int) -> int | None:
+    return os.waitstatus_to_exitcode(status) if os.WIFEXITED(status) else None
+
+
+def describe_status(status: int) -> str:
+    if os.WIFSIGNALED(status):
+        sig = os.WTERMSIG(status)
+        try:
+            name = signal.Signals(sig).name
+        except ValueError:
+            name = str(sig)
+        return f"killed by {name}"
+    if os.WIFEXITED(status):
+        return f"exit code {os.WEXITSTATUS(status)}"
+    return f"status {status}"

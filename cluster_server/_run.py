@@ -1,0 +1,38 @@
+"""The library entry points: ``run`` (like ``uvicorn.run``) and ``serve``."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from . import _logging
+from ._config import Config
+from ._primary import Primary
+from ._sockets import bind_listeners
+
+
+def serve(config: Config) -> int:
+    """Bind, fork the workers and supervise them until stopped; returns the exit code.
+
+    Raises ``BindError``, ``AppLoadError`` or ``WorkerBootError`` when the
+    cluster cannot start. Does not touch logging configuration.
+    """
+    listeners = bind_listeners(config)
+    try:
+        primary = Primary(config, listeners)
+    except BaseException:
+        for lst in listeners:
+            lst.close()
+        raise
+    return primary.run()
+
+
+def run(app: Any, *, configure_logging: bool = True, **options: Any) -> int:
+    """Serve ``app`` (an import string or the app object) with a cluster of workers.
+
+    Takes the same options as the CLI (``workers=4``, ``port=8000``...). Raises
+    ``ConfigError`` for a bad option before anything starts.
+    """
+    config = Config(app=app, **options)
+    if configure_logging:
+        _logging.configure(config.log_level, config.access_log)
+    return serve(config)

@@ -1,0 +1,121 @@
+"""Listening sockets, bound once by the primary before any fork."""
+
+from __future__ import annotations
+
+import errno
+import ipaddress
+import os
+import socket
+import stat
+from dataclasses import dataclass
+
+from ._config import Config
+from ._errors import BindError
+
+
+@dataclass
+class Listener:
+    sock: socket.socket
+    #: how to show it to a human: "http://127.0.0.1:8000", "unix:/run/app.sock"
+    display: str
+    #: a Unix socket path we created and must remove on exit
+    unlink_path: str | None = None
+
+    def close(self) -> None:
+        self.sock.close()
+        if self.unlink_path is not None:
+            try:
+                os.unlink(self.unlink_path)
+            except FileNotFoundError:
+                pass
+
+
+def bind_listeners(config: Config) -> list[Listener]:
+    """Bind and listen on every socket the config names. Raises BindError."""
+    if config.fd is not None:
+        return [_from_fd(config.fd, config.backlog)]
+    if config.uds is not None:
+        return [_bind_unix(config.uds, config.backlog)]
+    return [_bind_tcp(config.host, config.port, config.backlog, config.ssl_certfile is not None)]
+
+
+def _family_of(host: str) -> socket.AddressFamily:
+    try:
+        addr = ipaddress.ip_address(host.strip("[]"))
+    except ValueError:
+        # A name: resolve it once, here, before any fork.
+        try:
+            info = socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)
+        except socket.gaierror as exc:
+            raise BindError(f"cannot resolve host {host!r} ({exc.strerror}); check --host") from None
+        return socket.AddressFamily(info[0][0])
+    return socket.AF_INET6 if addr.version == 6 else socket.AF_INET
+
+
+def _bind_tcp(host: str, port: int, backlog: int, tls: bool) -> Listener:
+    family = _family_of(host)
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host.strip("[]"), port))
+        sock.listen(backlog)
+    except OSError as exc:
+        sock.close()
+        raise BindError(_bind_message(exc, f"port {port} on {host}", port)) from None
+    bound_port = sock.getsockname()[1]
+    scheme = "https" if tls else "http"
+    shown = f"[{host.strip('[]')}]" if family == socket.AF_INET6 else host
+    return Listener(sock, f"{scheme}://{shown}:{bound_port}")
+
+
+def _bind_message(exc: OSError, what: str, port: int | None) -> str:
+    if exc.errno == errno.EADDRINUSE:
+        return f"{what} is in use by another process; pick another --port or stop that process"
+    if exc.errno == errno.EACCES:
+        if port is not None and port < 1024:
+            return (
+                f"permission denied binding {what}: ports below 1024 need root or "
+                "CAP_NET_BIND_SERVICE; pick --port 1024 or above"
+            )
+        return f"permission denied binding {what}; check the path's permissions"
+    if exc.errno == errno.EADDRNOTAVAIL:
+        return f"cannot bind {what}: the address is not on this machine; check --host"
+    return f"cannot bind {what}: {exc.strerror or exc}"
+
+
+def _bind_unix(path: str, backlog: int) -> Listener:
+    if os.path.exists(path):
+        if not stat.S_ISSOCK(os.stat(path).st_mode):
+            raise BindError(f"--uds {path} exists and is not a socket; remove it or pick another path")
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            probe.connect(path)
+        except OSError:
+            os.unlink(path)  # stale: nobody is listening on it
+        else:
+            raise BindError(f"unix socket {path} is in use by another process; stop it or pick another --uds")
+        finally:
+            probe.close()
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.bind(path)
+        sock.listen(backlog)
+    except OSError as exc:
+        sock.close()
+        raise BindError(_bind_message(exc, f"unix socket {path}", None)) from None
+    return Listener(sock, f"unix:{path}", unlink_path=path)
+
+
+def _from_fd(fd: int, backlog: int) -> Listener:
+    try:
+        sock = socket.socket(fileno=fd)
+    except OSError as exc:
+        raise BindError(f"--fd {fd} is not an open socket ({exc.strerror}); check the fd number") from None
+    if sock.type != socket.SOCK_STREAM:
+        sock.detach()
+        raise BindError(f"--fd {fd} is not a stream socket")
+    if not sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
+        sock.listen(backlog)
+    name = sock.getsockname()
+    shown = f"unix:{name}" if sock.family == socket.AF_UNIX else f"http://{name[0]}:{name[1]}"
+    return Listener(sock, f"fd {fd} ({shown})")

@@ -1,0 +1,218 @@
+"""The worker: what a forked child does, from fork hygiene to exit.
+
+Messages a worker sends on its channel (JSON objects, key ``t`` is the type):
+
+- ``{"t": "ready"}`` once lifespan startup finished and the sockets are served;
+- ``{"t": "hb", "r": requests, "c": open_connections}`` every heartbeat interval,
+  from the event loop;
+- ``{"t": "boot_error", "error": "..."}`` when the app cannot be loaded or its
+  lifespan startup fails (then the worker exits with status 3).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import logging
+import os
+import signal
+import socket
+import sys
+import traceback
+from dataclasses import dataclass
+from typing import Any, NoReturn
+
+import uvicorn
+
+from . import _proc
+from ._channel import Channel
+from ._config import Config
+from ._errors import AppLoadError, ChannelError
+from ._uvicorn_glue import WorkerServer, run_on_fresh_loop
+
+logger = logging.getLogger("cluster_server.worker")
+
+#: exit status of a worker that could not load the app or start it
+EXIT_BOOT_FAILURE = 3
+#: the signal the kernel sends a worker whose primary died (Linux)
+ORPHAN_SIGNAL = signal.SIGUSR2
+#: seconds an orphaned worker gets to finish before it is gone for good
+ORPHAN_GRACE = 1.0
+
+
+@dataclass(frozen=True)
+class WorkerSpec:
+    """What the primary tells a new worker, frozen at fork time."""
+
+    id: int
+    generation: int
+    primary_pid: int
+    listeners: tuple[socket.socket, ...]
+
+
+def load_app(config: Config) -> Any:
+    """Import ``config.app`` (or take the object), call it if it is a factory.
+
+    Raises AppLoadError with one line that says what is wrong and where.
+    """
+    app = config.app
+    if isinstance(app, str):
+        app = import_app(app, config.app_dir)
+    if config.factory:
+        try:
+            app = app()
+        except Exception as exc:
+            raise AppLoadError(f"app factory {config.app_name} raised {_describe(exc)}") from exc
+    return app
+
+
+def import_app(target: str, app_dir: str = ".") -> Any:
+    module_name, sep, attrs = target.partition(":")
+    if not sep or not module_name or not attrs:
+        raise AppLoadError(f"APP must look like 'module:attribute', not {target!r}")
+    path = os.path.abspath(app_dir)
+    if path not in sys.path:
+        sys.path.insert(0, path)
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        if exc.name is not None and module_name.startswith(exc.name):
+            raise AppLoadError(
+                f"cannot import {module_name!r}: no module named {exc.name!r}; "
+                "check the APP path or --app-dir"
+            ) from None
+        raise AppLoadError(f"importing {module_name!r} raised {_describe(exc)}") from exc
+    except SyntaxError as exc:
+        where = f"{exc.filename}:{exc.lineno}" if exc.filename else module_name
+        raise AppLoadError(f"syntax error in {where}: {exc.msg}") from None
+    except Exception as exc:
+        raise AppLoadError(f"importing {module_name!r} raised {_describe(exc)}") from exc
+    obj: Any = module
+    for attr in attrs.split("."):
+        try:
+            obj = getattr(obj, attr)
+        except AttributeError:
+            raise AppLoadError(
+                f"module {module_name!r} has no attribute {attrs!r}; check the name after ':' in APP"
+            ) from None
+    return obj
+
+
+def _describe(exc: BaseException) -> str:
+    """``ValueError: boom (at app.py:12)``: the exception and where it was raised."""
+    frames = traceback.extract_tb(exc.__traceback__)
+    where = f" (at {frames[-1].filename}:{frames[-1].lineno})" if frames else ""
+    return f"{type(exc).__name__}: {exc}{where}"
+
+
+def uvicorn_config(config: Config, app: Any) -> uvicorn.Config:
+    # Leave a little of the graceful timeout for lifespan shutdown before the
+    # primary's SIGKILL.
+    grace = max(config.graceful_timeout - min(1.0, config.graceful_timeout / 4), 0.0)
+    return uvicorn.Config(
+        app,
+        loop=config.loop,
+        http=config.http,
+        ws=config.ws,
+        lifespan=config.lifespan,
+        interface=config.interface,
+        root_path=config.root_path,
+        proxy_headers=config.proxy_headers,
+        forwarded_allow_ips=config.forwarded_allow_ips,
+        log_config=None,  # the CLI configured logging in the primary; we inherit it
+        log_level=config.log_level,
+        access_log=config.access_log,
+        timeout_keep_alive=config.timeout_keep_alive,
+        limit_concurrency=config.limit_concurrency,
+        backlog=config.backlog,
+        ssl_keyfile=config.ssl_keyfile,
+        ssl_certfile=config.ssl_certfile,
+        timeout_graceful_shutdown=grace,  # type: ignore[arg-type]
+        h11_max_incomplete_event_size=config.h11_max_incomplete_event_size,
+        workers=1,
+    )
+
+
+def worker_main(config: Config, spec: WorkerSpec, channel_sock: socket.socket, close_fds: list[int]) -> NoReturn:
+    """Entry point of a forked worker. Never returns: always ``os._exit``."""
+    code = 1
+    try:
+        _proc.after_fork_in_child(close_fds)
+        code = _run(config, spec, Channel(channel_sock))
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else 1
+    except BaseException:
+        logger.exception("worker %d crashed", spec.id)
+        code = 1
+    finally:
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+
+
+def _run(config: Config, spec: WorkerSpec, channel: Channel) -> int:
+    _proc.set_title(f"cluster-server: worker {spec.id} [{config.app_name}]")
+    _proc.set_parent_death_signal(ORPHAN_SIGNAL)
+    if os.getppid() != spec.primary_pid:
+        return 1  # the primary died before we could ask to be told
+    signal.signal(ORPHAN_SIGNAL, signal.SIG_DFL)  # until the server installs its handler
+
+    def report(msg: dict[str, Any]) -> None:
+        try:
+            channel.send(msg)
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # the primary is gone; the orphan path ends us
+
+    try:
+        if config.env_file is not None:
+            _proc.load_env_file(config.env_file)
+        app = load_app(config)
+        uconfig = uvicorn_config(config, app)
+        uconfig.load()
+    except AppLoadError as exc:
+        report({"t": "boot_error", "error": str(exc)})
+        return EXIT_BOOT_FAILURE
+    except SystemExit:  # uvicorn's Config.load exits on what it cannot load
+        report({"t": "boot_error", "error": f"uvicorn could not load {config.app_name}; see the log above"})
+        return EXIT_BOOT_FAILURE
+
+    server = WorkerServer(
+        uconfig,
+        on_ready=lambda: report({"t": "ready"}),
+        on_heartbeat=lambda s: report({"t": "hb", "r": s.total_requests, "c": s.open_connections}),
+        heartbeat_interval=config.heartbeat_interval,
+    )
+
+    def orphaned(*_: Any) -> None:
+        # The primary is gone: finish quickly, and never outlive it by more than ~2 s.
+        signal.alarm(int(ORPHAN_GRACE) + 1)
+        server.drain(ORPHAN_GRACE)
+
+    signal.signal(ORPHAN_SIGNAL, orphaned)
+
+    async def serve() -> None:
+        loop = asyncio.get_running_loop()
+
+        def on_channel() -> None:
+            try:
+                for msg, fds in channel.receive():
+                    for fd in fds:
+                        os.close(fd)
+                    if isinstance(msg, ChannelError):
+                        logger.warning("worker %d: dropped a message from the primary: %s", spec.id, msg)
+            except EOFError:
+                loop.remove_reader(channel.fileno())
+                orphaned()
+
+        loop.add_reader(channel.fileno(), on_channel)
+        await server.serve(sockets=list(spec.listeners))
+
+    try:
+        run_on_fresh_loop(serve(), uconfig)
+    except SystemExit as exc:
+        if not server.started:  # lifespan startup failed; uvicorn logged why
+            report({"t": "boot_error", "error": f"lifespan startup of {config.app_name} failed; see the log above"})
+            return EXIT_BOOT_FAILURE
+        return exc.code if isinstance(exc.code, int) else 1
+    return 0

@@ -1,0 +1,1 @@
+"""A small FastAPI app to run under cluster-server (see README.md)."""

@@ -1,0 +1,115 @@
+"""A real FastAPI app for cluster-server: lifespan state, JSON, a websocket, SSE.
+
+Run it from the repository root:
+
+    cluster-server examples.fastapi_app.main:app --workers 2
+
+Every response that matters carries the worker's pid, so you can see which
+worker answered and watch a rolling restart replace them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI, HTTPException, Query, Request, WebSocket, WebSocketDisconnect
+from fastapi.responses import StreamingResponse
+from pydantic import BaseModel, Field
+
+MAX_SLOW_SECONDS = 30.0
+
+
+class ItemIn(BaseModel):
+    name: str = Field(min_length=1, max_length=100)
+    price: float = Field(ge=0)
+
+
+class Item(ItemIn):
+    id: int
+
+
+@asynccontextmanager
+async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+    # Runs once per worker, after the fork: each worker has its own state.
+    app.state.started_at = time.time()
+    app.state.items = {1: Item(id=1, name="widget", price=2.5)}
+    app.state.next_id = 2
+    yield
+    app.state.items.clear()
+
+
+app = FastAPI(title="cluster-server example", lifespan=lifespan)
+
+
+@app.get("/")
+async def root(request: Request) -> dict[str, Any]:
+    return {
+        "message": "Hello from cluster-server",
+        "pid": os.getpid(),
+        "uptime": round(time.time() - request.app.state.started_at, 3),
+    }
+
+
+@app.get("/pid")
+async def pid() -> dict[str, int]:
+    return {"pid": os.getpid()}
+
+
+@app.get("/items/{item_id}")
+async def get_item(item_id: int, request: Request) -> Item:
+    item = request.app.state.items.get(item_id)
+    if item is None:
+        raise HTTPException(status_code=404, detail="item not found")
+    return item
+
+
+@app.post("/items", status_code=201)
+async def create_item(payload: ItemIn, request: Request) -> Item:
+    # Items live in this worker's memory only: another worker will not see them.
+    state = request.app.state
+    item = Item(id=state.next_id, **payload.model_dump())
+    state.items[item.id] = item
+    state.next_id += 1
+    return item
+
+
+@app.get("/slow")
+async def slow(seconds: float = Query(1.0, ge=0)) -> dict[str, float | int]:
+    """Hold the request open for a while: handy to watch a drain finish it."""
+    seconds = min(seconds, MAX_SLOW_SECONDS)
+    await asyncio.sleep(seconds)
+    return {"pid": os.getpid(), "slept": seconds}
+
+
+@app.websocket("/ws")
+async def websocket_echo(websocket: WebSocket) -> None:
+    await websocket.accept()
+    try:
+        while True:
+            await websocket.send_text(await websocket.receive_text())
+    except WebSocketDisconnect:
+        pass
+
+
+@app.get("/stream")
+async def stream(
+    count: int = Query(5, ge=1, le=1000), interval: float = Query(0.5, ge=0, le=10)
+) -> StreamingResponse:
+    """Server-sent events: `count` events, `interval` seconds apart."""
+
+    async def events() -> AsyncIterator[str]:
+        for i in range(count):
+            if i:
+                await asyncio.sleep(interval)
+            data = json.dumps({"n": i, "pid": os.getpid()})
+            yield f"id: {i}\ndata: {data}\n\n"
+
+    return StreamingResponse(
+        events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"}
+    )
