@@ -50,7 +50,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 from urllib.parse import urlsplit
 
 import httpx
@@ -565,11 +565,8 @@ def environment(tool: str) -> dict[str, Any]:
     wrk_version = None
     if tool == "wrk" and (wrk := shutil.which("wrk")):
         out = subprocess.run([wrk, "--version"], capture_output=True, text=True, timeout=10)
-        wrk_version = (
-            (out.stdout or out.stderr).splitlines()[0].strip()
-            if (out.stdout or out.stderr)
-            else None
-        )
+        text = (out.stdout or out.stderr).strip()
+        wrk_version = text.splitlines()[0] if text else None
     dists = (
         "cluster-server",
         "uvicorn",
@@ -601,7 +598,9 @@ def add_throughput_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--duration", type=positive_int, default=10, help="seconds of load (10)")
     p.add_argument("--connections", type=positive_int, default=64, help="open connections (64)")
     p.add_argument("--threads", type=positive_int, default=2, help="wrk threads (2)")
-    p.add_argument("--warmup", type=int, default=1, help="seconds of discarded load first (1)")
+    p.add_argument(
+        "--warmup", type=non_negative_int, default=1, help="seconds of discarded load first (1)"
+    )
 
 
 def measure_throughput(spec: ServerSpec, workers: int, args: argparse.Namespace) -> Row:
@@ -663,14 +662,14 @@ def describe_load(args: argparse.Namespace) -> str:
     return f"{what}{warmup}; GET / of {args.app}"
 
 
-# name -> (help, add_arguments, run)
-SCENARIOS: dict[
-    str,
-    tuple[
-        str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], list[Row]]
-    ],
-] = {
-    "throughput": (
+class Scenario(NamedTuple):
+    help: str
+    add_arguments: Callable[[argparse.ArgumentParser], None]
+    run: Callable[[argparse.Namespace], list[Row]]
+
+
+SCENARIOS: dict[str, Scenario] = {
+    "throughput": Scenario(
         "requests/s and p99 latency of a hello-world app under keep-alive load",
         add_throughput_args,
         scenario_throughput,
@@ -688,11 +687,21 @@ def positive_int(text: str) -> int:
     return value
 
 
+def non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0: {text}")
+    return value
+
+
 def int_list(text: str) -> list[int]:
     try:
-        return [positive_int(x) for x in text.split(",") if x.strip()]
+        values = [positive_int(x) for x in text.split(",") if x.strip()]
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a list like 1,2,4: {text}") from None
+        values = []
+    if not values:
+        raise argparse.ArgumentTypeError(f"expected a list like 1,2,4: {text}")
+    return values
 
 
 def server_list(text: str) -> list[str]:
@@ -730,8 +739,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="scenario", required=True)
-    for name, (help_text, add_args, _) in SCENARIOS.items():
-        add_args(sub.add_parser(name, parents=[common], help=help_text, description=help_text))
+    for name, scenario in SCENARIOS.items():
+        scenario.add_arguments(
+            sub.add_parser(name, parents=[common], help=scenario.help, description=scenario.help)
+        )
     return parser
 
 
@@ -746,14 +757,13 @@ def main(argv: list[str] | None = None) -> int:
     for sig in (signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, _exit_on_signal)
     args.tool, args.tool_reason = load_tool(args.load_tool)
-    _, _, run = SCENARIOS[args.scenario]
     env = environment(args.tool)
     log(
         f"bench: {args.scenario} on {env['cpu_count']} CPUs, python {env['python']},"
         f" load tool {args.tool}"
     )
     started = time.time()
-    rows = run(args)
+    rows = SCENARIOS[args.scenario].run(args)
     if args.json:
         config = {k: v for k, v in vars(args).items() if k not in ("json",)}
         payload = {

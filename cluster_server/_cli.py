@@ -92,10 +92,7 @@ def build_command(callback: Callable[..., Any] = _run_command) -> click.Command:
         "cluster-server",
         callback=callback,
         params=params,
-        help=(
-            "Serve APP ('module:attribute', an ASGI or WSGI app) with a primary process "
-            "and forked uvicorn workers."
-        ),
+        help=("Serve APP ('module:attribute', an ASGI or WSGI app) with a primary process and forked uvicorn workers."),
         context_settings={"max_content_width": 100, "help_option_names": ["-h", "--help"]},
     )
     click.version_option(__version__, "--version", prog_name="cluster-server")(cmd)

@@ -61,10 +61,16 @@ class Config:
     app: Any = field(default=None, metadata={"positional": True})
 
     # -- where to listen --------------------------------------------------------
-    host: str = option("127.0.0.1", "Bind socket to this host; use '::' for IPv6, '0.0.0.0' for all IPv4.", group="socket")
+    host: str = option(
+        "127.0.0.1", "Bind socket to this host; use '::' for IPv6, '0.0.0.0' for all IPv4.", group="socket"
+    )
     port: int = option(8000, "Bind socket to this port; 0 picks a free port.", group="socket", min=0, max=65535)
-    uds: str | None = option(None, "Bind to this Unix domain socket path instead of host/port.", group="socket", metavar="PATH")
-    fd: int | None = option(None, "Serve on this already-open listening file descriptor (inherited).", group="socket", min=0)
+    uds: str | None = option(
+        None, "Bind to this Unix domain socket path instead of host/port.", group="socket", metavar="PATH"
+    )
+    fd: int | None = option(
+        None, "Serve on this already-open listening file descriptor (inherited).", group="socket", min=0
+    )
     backlog: int = option(2048, "Listen backlog: connections the kernel queues before accept().", group="socket", min=1)
     ssl_keyfile: str | None = option(None, "TLS private key file.", group="socket", metavar="PATH")
     ssl_certfile: str | None = option(None, "TLS certificate file (PEM).", group="socket", metavar="PATH")
@@ -100,7 +106,9 @@ class Config:
     interface: InterfaceType = option("auto", "Application interface.", group="app")
     factory: bool = option(False, "Treat APP as a factory: call it with no arguments to get the app.", group="app")
     app_dir: str = option(".", "Look for APP in this directory (prepended to sys.path).", group="app", metavar="DIR")
-    env_file: str | None = option(None, "Load environment variables from this file in each worker.", group="app", metavar="PATH")
+    env_file: str | None = option(
+        None, "Load environment variables from this file in each worker.", group="app", metavar="PATH"
+    )
     root_path: str = option("", "ASGI root_path, for an app mounted below a path prefix.", group="app")
     lifespan: LifespanType = option("auto", "Run the ASGI lifespan protocol.", group="app")
 
@@ -114,7 +122,9 @@ class Config:
     forwarded_allow_ips: str | None = option(
         None, "Comma-separated IPs/networks trusted for proxy headers ('*' for all).", group="http"
     )
-    timeout_keep_alive: int = option(5, "Close idle keep-alive connections after this many seconds.", group="http", min=0)
+    timeout_keep_alive: int = option(
+        5, "Close idle keep-alive connections after this many seconds.", group="http", min=0
+    )
     limit_concurrency: int | None = option(
         None, "Per worker: answer 503 beyond this many concurrent connections/tasks.", group="http", min=1
     )
@@ -137,6 +147,12 @@ class Config:
             path = getattr(self, name)
             if path is not None and not os.path.isfile(path):
                 raise ConfigError(f"--{_flag(name)} {path}: no such file; check the path")
+        if isinstance(self.app, str):
+            module, sep, attr = self.app.partition(":")
+            if not (module and sep and attr):
+                raise ConfigError(f"APP must look like 'module:attribute' (e.g. main:app), not {self.app!r}")
+        elif self.app is None:
+            raise ConfigError("no APP given; pass 'module:attribute' (e.g. main:app)")
         if self.uds is not None and self.fd is not None:
             raise ConfigError("--uds and --fd are alternatives; give one of them")
 
@@ -192,7 +208,11 @@ def _check_field(name: str, spec: OptionSpec, tp: Any, value: Any) -> None:
             raise ConfigError(f"{flag} takes true or false, not {value!r}")
         return
     if base in (int, float):
-        if isinstance(value, bool) or not isinstance(value, int | float) or (base is int and not isinstance(value, int)):
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, int | float)
+            or (base is int and not isinstance(value, int))
+        ):
             raise ConfigError(f"{flag} takes a number, not {value!r}")
         if spec.min is not None and value < spec.min:
             raise ConfigError(f"{flag} {value} is below the minimum {spec.min:g}")
@@ -210,5 +230,3 @@ def options() -> list[tuple[dataclasses.Field[Any], OptionSpec]]:
 
 def env_vars(name: str, spec: OptionSpec) -> list[str]:
     return [ENV_PREFIX + name.upper(), *spec.env]
-
-

@@ -37,7 +37,7 @@ class WorkerBootError(ClusterServerError):
     exit_code = 3
 
 
-class IllegalTransition(ClusterServerError):  # noqa: N818 - reads as a sentence
+class IllegalTransition(ClusterServerError):
     """A worker state change that the state table forbids (a bug in cluster-server)."""
 
 

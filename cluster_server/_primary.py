@@ -12,6 +12,7 @@ so tests can drive the decisions with a fake launcher and a fake clock.
 from __future__ import annotations
 
 import collections
+import functools
 import logging
 import os
 import selectors
@@ -28,7 +29,7 @@ from ._config import Config
 from ._errors import AppLoadError, ChannelError, ClusterServerError, WorkerBootError
 from ._sockets import Listener
 from ._state import WorkerState, exit_state
-from ._worker import EXIT_BOOT_FAILURE, WorkerSpec, worker_main
+from ._worker import DUMP_SIGNAL, EXIT_BOOT_FAILURE, WorkerSpec, worker_main
 
 logger = logging.getLogger("cluster_server")
 
@@ -115,6 +116,18 @@ class Launcher(Protocol):
     def kill(self, pid: int, sig: int) -> None: ...
 
 
+class Component(Protocol):
+    """Something that plugs into the primary's loop (a scheduler, the control socket...).
+
+    Every method is optional; the primary calls the ones a component defines:
+    ``attach(primary)`` once the loop is set up; ``next_deadline() -> float | None``
+    and ``tick()`` for its timers; ``worker_event(event, worker)`` with event in
+    ``spawned ready draining exited``; ``worker_message(worker, msg, fds) -> bool``
+    for message types the primary does not know (True: handled, fds taken);
+    ``close()`` when the primary exits.
+    """
+
+
 class Primary:
     def __init__(
         self,
@@ -139,6 +152,7 @@ class Primary:
         self.exit_code = 0
         self.restarts = 0
         self.on_child_exit: dict[int, Callable[[int, int], None]] = {}
+        self.components: list[Any] = []
         self._signals: collections.deque[int] = collections.deque()
         self._selector: selectors.BaseSelector | None = None
         self._wake_r = self._wake_w = -1
@@ -151,10 +165,14 @@ class Primary:
         self._selector = selectors.DefaultSelector()
         self._install_signals()
         try:
+            for c in self.components:
+                _call(c, "attach", self)
             shown = ", ".join(lst.display for lst in self.listeners)
             logger.info(
                 "primary serving %s with %d worker%s (Press CTRL+C to quit)",
-                shown, len(self.slots), "" if len(self.slots) == 1 else "s",
+                shown,
+                len(self.slots),
+                "" if len(self.slots) == 1 else "s",
             )
             self.manage_workers()
             while not (self.stopping and not self.workers):
@@ -187,6 +205,10 @@ class Primary:
                 times.append(w.spawned_at + self.config.ready_timeout)
             elif w.state is _S.READY and self.config.worker_timeout:
                 times.append(w.last_heartbeat + self.config.worker_timeout)
+        for c in self.components:
+            t = _call(c, "next_deadline")
+            if t is not None:
+                times.append(t)
         return min(times) if times else None
 
     def tick(self) -> None:
@@ -194,14 +216,48 @@ class Primary:
         self.murder_workers()
         self.manage_workers()
         self.advance_roll()
+        for c in self.components:
+            _call(c, "tick")
+
+    def add_component(self, component: Any) -> None:
+        self.components.append(component)
+        if self._selector is not None:
+            _call(component, "attach", self)
+
+    def emit(self, event: str, w: Worker) -> None:
+        for c in self.components:
+            _call(c, "worker_event", event, w)
+
+    def add_reader(self, fileobj: Any, callback: Callable[[int], None], events: int = selectors.EVENT_READ) -> None:
+        """Watch ``fileobj`` in the primary's selector; ``callback(mask)`` runs on events."""
+        assert self._selector is not None
+        self._selector.register(fileobj, events, callback)
+
+    def modify_reader(self, fileobj: Any, events: int) -> None:
+        assert self._selector is not None
+        self._selector.modify(fileobj, events, self._selector.get_key(fileobj).data)
+
+    def remove_reader(self, fileobj: Any) -> None:
+        if self._selector is not None:
+            try:
+                self._selector.unregister(fileobj)
+            except (KeyError, ValueError):
+                pass
 
     # -- signals ------------------------------------------------------------
 
     def _install_signals(self) -> None:
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         signal.set_wakeup_fd(self._wake_w, warn_on_full_buffer=False)
-        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGQUIT, signal.SIGHUP, signal.SIGCHLD,
-                    signal.SIGTTIN, signal.SIGTTOU):
+        for sig in (
+            signal.SIGINT,
+            signal.SIGTERM,
+            signal.SIGQUIT,
+            signal.SIGHUP,
+            signal.SIGCHLD,
+            signal.SIGTTIN,
+            signal.SIGTTOU,
+        ):
             signal.signal(sig, self._queue_signal)
         assert self._selector is not None
         self._selector.register(self._wake_r, selectors.EVENT_READ, self._drain_wakeup)
@@ -266,8 +322,9 @@ class Primary:
         w.pid, w.channel = self.launcher.spawn(w)
         self.workers[w.pid] = w
         if w.channel is not None and self._selector is not None:
-            self._selector.register(w.channel, selectors.EVENT_READ, lambda mask, w=w: self._on_channel(w, mask))
+            self.add_reader(w.channel, functools.partial(self._on_channel, w))
         logger.info("%s spawned (generation %d)", w.name, generation)
+        self.emit("spawned", w)
         return w
 
     def reap_workers(self) -> None:
@@ -292,6 +349,7 @@ class Primary:
         self._forget_channel(w)
         level = logging.INFO if w.stop_reason in ("drain", "rolled", "scaled down") else logging.WARNING
         logger.log(level, "%s exited (%s)", w.name, w.exit_status)
+        self.emit("exited", w)
         self.worker_gone(w, status)
 
     def worker_gone(self, w: Worker, status: int) -> None:
@@ -328,9 +386,7 @@ class Primary:
             logger.error("worker %d could not start: %s", w.id, w.boot_error)
         delay = slot.respawn_at - now
         if delay > 0:
-            logger.warning(
-                "worker %d failed %d times in a row; restarting it in %.2f s", w.id, slot.failures, delay
-            )
+            logger.warning("worker %d failed %d times in a row; restarting it in %.2f s", w.id, slot.failures, delay)
 
     def murder_workers(self) -> None:
         """Kill workers past their deadline: hung, never ready, or draining too long."""
@@ -351,10 +407,12 @@ class Primary:
                 logger.error(
                     "%s sent no heartbeat for %.1f s (--worker-timeout %g): its event loop is blocked; "
                     "dumping its stack and replacing it",
-                    w.name, now - w.last_heartbeat, cfg.worker_timeout,
+                    w.name,
+                    now - w.last_heartbeat,
+                    cfg.worker_timeout,
                 )
                 w.stop_reason = "timeout"
-                self.launcher.kill(w.pid, signal.SIGUSR1)  # faulthandler dumps every thread
+                self.launcher.kill(w.pid, DUMP_SIGNAL)  # faulthandler dumps every thread
                 w.kill_at = now + DUMP_GRACE
 
     # -- messages -----------------------------------------------------------
@@ -372,33 +430,47 @@ class Primary:
             return
         try:
             for msg, fds in w.channel.receive():
-                for fd in fds:
-                    os.close(fd)
                 if isinstance(msg, ChannelError):
+                    _close_fds(fds)
                     logger.warning("%s: dropped a message: %s", w.name, msg)
                     continue
-                self.handle_message(w, msg)
+                self.handle_message(w, msg, fds)
         except EOFError:
             self._forget_channel(w)
 
     def _watch(self, w: Worker) -> None:
+        """Watch a worker's channel for writability only while it has queued messages."""
         if w.channel is not None and self._selector is not None and not w.channel.closed:
             events = selectors.EVENT_READ | (selectors.EVENT_WRITE if w.channel.pending else 0)
-            self._selector.modify(w.channel, events, self._selector.get_key(w.channel).data)
+            self.modify_reader(w.channel, events)
+
+    def send(self, w: Worker, msg: Message, fds: list[int] | None = None) -> bool:
+        """Send a message to a worker (fds are handed over). False if the worker is gone."""
+        if w.channel is None or w.channel.closed:
+            _close_fds(fds or [])
+            return False
+        try:
+            if not w.channel.send(msg, fds or ()):
+                self._watch(w)
+        except OSError:
+            self._forget_channel(w)
+            return False
+        return True
 
     def _forget_channel(self, w: Worker) -> None:
         if w.channel is None or w.channel.closed:
             return
-        if self._selector is not None:
-            try:
-                self._selector.unregister(w.channel)
-            except (KeyError, ValueError):
-                pass
+        self.remove_reader(w.channel)
         w.channel.close()
 
-    def handle_message(self, w: Worker, msg: Message) -> None:
+    def handle_message(self, w: Worker, msg: Message, fds: list[int] | None = None) -> None:
         """React to one message from a worker; anything unexpected is logged and dropped."""
         kind = msg.get("t")
+        if kind not in ("hb", "ready", "boot_error"):
+            for c in self.components:
+                if _call(c, "worker_message", w, msg, fds or []):
+                    return
+        _close_fds(fds or [])
         if kind == "hb":
             w.last_heartbeat = self.clock()
             r, c = msg.get("r"), msg.get("c")
@@ -420,6 +492,7 @@ class Primary:
         w.move(_S.READY)
         w.ready_at = w.last_heartbeat = now
         logger.info("%s ready in %.2f s", w.name, now - w.spawned_at)
+        self.emit("ready", w)
         slot = self.slots.get(w.id)
         if slot is not None and slot.replacement == w.pid:
             self._roll_step_done(slot, w)
@@ -460,9 +533,7 @@ class Primary:
             roll.current = slot.id
             slot.replacement = self.spawn_worker(slot, roll.generation).pid
             return
-        logger.info(
-            "rolling restart to generation %d done in %.2f s", roll.generation, self.clock() - roll.started_at
-        )
+        logger.info("rolling restart to generation %d done in %.2f s", roll.generation, self.clock() - roll.started_at)
         self.roll_state = None
         if self._roll_again is not None:
             again, self._roll_again = self._roll_again, None
@@ -483,7 +554,8 @@ class Primary:
         why = w.boot_error or f"it exited ({w.exit_status}) before it was ready"
         logger.error(
             "rolling restart to generation %d stopped: %s; the previous generation keeps serving",
-            w.generation, why,
+            w.generation,
+            why,
         )
         self.roll_state = None
         self._roll_again = None
@@ -511,6 +583,7 @@ class Primary:
             return
         w.move(_S.DRAINING)
         w.stop_reason = reason
+        self.emit("draining", w)
         w.kill_at = self.clock() + self.config.graceful_timeout
         self.launcher.kill(w.pid, signal.SIGTERM)
 
@@ -549,9 +622,18 @@ class Primary:
                 self.child_exited(pid, status)
         for w in list(self.workers.values()):
             self._forget_channel(w)
+        for c in self.components:
+            _call(c, "close")
         signal.set_wakeup_fd(-1)
-        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGQUIT, signal.SIGHUP, signal.SIGCHLD,
-                    signal.SIGTTIN, signal.SIGTTOU):
+        for sig in (
+            signal.SIGINT,
+            signal.SIGTERM,
+            signal.SIGQUIT,
+            signal.SIGHUP,
+            signal.SIGCHLD,
+            signal.SIGTTIN,
+            signal.SIGTTOU,
+        ):
             signal.signal(sig, signal.SIG_DFL)
         if self._selector is not None:
             self._selector.close()
@@ -596,6 +678,19 @@ class ForkLauncher:
         try:
             os.kill(pid, sig)
         except ProcessLookupError:
+            pass
+
+
+def _call(component: Any, method: str, *args: Any) -> Any:
+    fn = getattr(component, method, None)
+    return fn(*args) if fn is not None else None
+
+
+def _close_fds(fds: list[int]) -> None:
+    for fd in fds:
+        try:
+            os.close(fd)
+        except OSError:
             pass
 
 

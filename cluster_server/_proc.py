@@ -9,10 +9,7 @@ import random
 import signal
 import sys
 
-try:
-    from setproctitle import setproctitle as _setproctitle
-except ImportError:  # pragma: no cover - setproctitle is a dependency
-    _setproctitle = None
+from setproctitle import setproctitle as _setproctitle
 
 _PR_SET_PDEATHSIG = 1
 _PR_SET_CHILD_SUBREAPER = 36
@@ -33,8 +30,7 @@ PRIMARY_SIGNALS = (
 
 
 def set_title(title: str) -> None:
-    if _setproctitle is not None:
-        _setproctitle(title)
+    _setproctitle(title)
 
 
 def _prctl(option: int, arg: int) -> bool:

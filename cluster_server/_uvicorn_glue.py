@@ -49,6 +49,8 @@ class WorkerServer(uvicorn.Server):
         self._on_heartbeat = on_heartbeat
         self._heartbeat_interval = heartbeat_interval
         self._last_beat = 0.0
+        #: handlers for messages from the primary, by type ("t")
+        self.handlers: dict[str, Callable[[dict[str, Any], list[int]], None]] = {}
 
     @property
     def total_requests(self) -> int:

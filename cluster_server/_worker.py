@@ -12,6 +12,7 @@ Messages a worker sends on its channel (JSON objects, key ``t`` is the type):
 from __future__ import annotations
 
 import asyncio
+import faulthandler
 import importlib
 import logging
 import os
@@ -38,6 +39,8 @@ EXIT_BOOT_FAILURE = 3
 ORPHAN_SIGNAL = signal.SIGUSR2
 #: seconds an orphaned worker gets to finish before it is gone for good
 ORPHAN_GRACE = 1.0
+#: the signal that makes a worker dump every thread's stack to stderr
+DUMP_SIGNAL = signal.SIGUSR1
 
 
 @dataclass(frozen=True)
@@ -78,8 +81,7 @@ def import_app(target: str, app_dir: str = ".") -> Any:
     except ModuleNotFoundError as exc:
         if exc.name is not None and module_name.startswith(exc.name):
             raise AppLoadError(
-                f"cannot import {module_name!r}: no module named {exc.name!r}; "
-                "check the APP path or --app-dir"
+                f"cannot import {module_name!r}: no module named {exc.name!r}; check the APP path or --app-dir"
             ) from None
         raise AppLoadError(f"importing {module_name!r} raised {_describe(exc)}") from exc
     except SyntaxError as exc:
@@ -190,6 +192,9 @@ def _run(config: Config, spec: WorkerSpec, channel: Channel) -> int:
         server.drain(ORPHAN_GRACE)
 
     signal.signal(ORPHAN_SIGNAL, orphaned)
+    # A hung worker: the primary sends DUMP_SIGNAL, we print every thread's stack
+    # (from C, so it works while the event loop is blocked), then it kills us.
+    faulthandler.register(DUMP_SIGNAL, all_threads=True, chain=False)
 
     async def serve() -> None:
         loop = asyncio.get_running_loop()
@@ -197,10 +202,14 @@ def _run(config: Config, spec: WorkerSpec, channel: Channel) -> int:
         def on_channel() -> None:
             try:
                 for msg, fds in channel.receive():
-                    for fd in fds:
-                        os.close(fd)
-                    if isinstance(msg, ChannelError):
-                        logger.warning("worker %d: dropped a message from the primary: %s", spec.id, msg)
+                    handler = None if isinstance(msg, ChannelError) else server.handlers.get(str(msg.get("t")))
+                    if handler is None:
+                        for fd in fds:
+                            os.close(fd)
+                        logger.warning("worker %d: dropped a message from the primary: %.200s", spec.id, msg)
+                        continue
+                    assert not isinstance(msg, ChannelError)
+                    handler(msg, fds)
             except EOFError:
                 loop.remove_reader(channel.fileno())
                 orphaned()
@@ -212,7 +221,8 @@ def _run(config: Config, spec: WorkerSpec, channel: Channel) -> int:
         run_on_fresh_loop(serve(), uconfig)
     except SystemExit as exc:
         if not server.started:  # lifespan startup failed; uvicorn logged why
-            report({"t": "boot_error", "error": f"lifespan startup of {config.app_name} failed; see the log above"})
+            error = f"lifespan startup of {config.app_name} failed; see the log above"
+            report({"t": "boot_error", "error": error})
             return EXIT_BOOT_FAILURE
         return exc.code if isinstance(exc.code, int) else 1
     return 0

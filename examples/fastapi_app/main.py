@@ -63,7 +63,7 @@ async def pid() -> dict[str, int]:
 
 @app.get("/items/{item_id}")
 async def get_item(item_id: int, request: Request) -> Item:
-    item = request.app.state.items.get(item_id)
+    item: Item | None = request.app.state.items.get(item_id)
     if item is None:
         raise HTTPException(status_code=404, detail="item not found")
     return item
