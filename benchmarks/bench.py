@@ -284,9 +284,7 @@ def stop_process_group(proc: subprocess.Popen[bytes], grace: float = 10.0) -> No
 
 
 @contextlib.contextmanager
-def run_server(
-    spec: ServerSpec, app: str, workers: int, start_timeout: float
-) -> Iterator[RunningServer]:
+def run_server(spec: ServerSpec, app: str, workers: int, start_timeout: float) -> Iterator[RunningServer]:
     """Start ``spec`` in its own session on a free port, yield once it answers, always stop it.
 
     Raises Unavailable (not installed) or ServerFailed (exited / no answer in time); the
@@ -351,16 +349,13 @@ def _to_ms(value: str, unit: str) -> float:
 def parse_wrk(output: str) -> LoadResult:
     """Parse ``wrk --latency`` output."""
     percentiles = {
-        int(m[1]): _to_ms(m[2], m[3])
-        for m in re.finditer(r"^\s*(\d+)%\s+([\d.]+)(us|ms|s|m|h)\s*$", output, re.M)
+        int(m[1]): _to_ms(m[2], m[3]) for m in re.finditer(r"^\s*(\d+)%\s+([\d.]+)(us|ms|s|m|h)\s*$", output, re.M)
     }
     total = re.search(r"(\d+) requests in ([\d.]+)(us|ms|s|m|h)", output)
     rps = re.search(r"Requests/sec:\s+([\d.]+)", output)
     if not (total and rps):
         raise LoadFailed(f"cannot parse wrk output:\n{output}")
-    sock = re.search(
-        r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", output
-    )
+    sock = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", output)
     non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", output)
     return LoadResult(
         tool="wrk",
@@ -394,9 +389,7 @@ def wrk_load(url: str, duration: int, connections: int, threads: int) -> LoadRes
         "5s",
     ]
     try:
-        proc = subprocess.run(
-            [*cmd, url + "/"], capture_output=True, text=True, timeout=duration + 30
-        )
+        proc = subprocess.run([*cmd, url + "/"], capture_output=True, text=True, timeout=duration + 30)
     except subprocess.TimeoutExpired:
         raise LoadFailed(f"wrk overran its {duration + 30}s deadline") from None
     if proc.returncode != 0:
@@ -460,9 +453,7 @@ def python_load(url: str, duration: float, connections: int) -> LoadResult:
     latencies.sort()
 
     def pct(p: float) -> float | None:
-        return (
-            latencies[min(len(latencies) - 1, int(len(latencies) * p))] * 1e3 if latencies else None
-        )
+        return latencies[min(len(latencies) - 1, int(len(latencies) * p))] * 1e3 if latencies else None
 
     done = counts["ok"] + counts["non_2xx"]
     return LoadResult(
@@ -540,10 +531,7 @@ def print_table(rows: list[Row]) -> None:
         )
     widths = [max(len(row[i]) for row in table) for i in range(len(header))]
     for i, row in enumerate(table):
-        cells = [
-            c.ljust(w) if j == 0 else c.rjust(w)
-            for j, (c, w) in enumerate(zip(row, widths, strict=True))
-        ]
+        cells = [c.ljust(w) if j == 0 else c.rjust(w) for j, (c, w) in enumerate(zip(row, widths, strict=True))]
         print("  ".join(cells).rstrip())
         if i == 0:
             print("  ".join("-" * w for w in widths))
@@ -598,9 +586,7 @@ def add_throughput_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--duration", type=positive_int, default=10, help="seconds of load (10)")
     p.add_argument("--connections", type=positive_int, default=64, help="open connections (64)")
     p.add_argument("--threads", type=positive_int, default=2, help="wrk threads (2)")
-    p.add_argument(
-        "--warmup", type=non_negative_int, default=1, help="seconds of discarded load first (1)"
-    )
+    p.add_argument("--warmup", type=non_negative_int, default=1, help="seconds of discarded load first (1)")
 
 
 def measure_throughput(spec: ServerSpec, workers: int, args: argparse.Namespace) -> Row:
@@ -612,9 +598,7 @@ def measure_throughput(spec: ServerSpec, workers: int, args: argparse.Namespace)
             try:
                 if args.warmup > 0:
                     run_load(server.url, args.tool, args.warmup, args.connections, args.threads)
-                row.load = run_load(
-                    server.url, args.tool, args.duration, args.connections, args.threads
-                )
+                row.load = run_load(server.url, args.tool, args.duration, args.connections, args.threads)
             finally:
                 server.check_alive()  # a server that died under load explains a LoadFailed
         if row.pids_seen < workers:
@@ -708,9 +692,7 @@ def server_list(text: str) -> list[str]:
     names = [x.strip() for x in text.split(",") if x.strip()]
     unknown = [n for n in names if n not in SERVERS]
     if unknown or not names:
-        raise argparse.ArgumentTypeError(
-            f"unknown server(s) {', '.join(unknown)}; choose from {', '.join(SERVERS)}"
-        )
+        raise argparse.ArgumentTypeError(f"unknown server(s) {', '.join(unknown)}; choose from {', '.join(SERVERS)}")
     return names
 
 
@@ -722,13 +704,9 @@ def build_parser() -> argparse.ArgumentParser:
         default=list(SERVERS),
         help=f"comma-separated subset of {','.join(SERVERS)} (all)",
     )
-    common.add_argument(
-        "--workers", type=int_list, default=[2], help="worker counts, e.g. 1,2,4 (2)"
-    )
+    common.add_argument("--workers", type=int_list, default=[2], help="worker counts, e.g. 1,2,4 (2)")
     common.add_argument("--app", default=DEFAULT_APP, help=f"ASGI app to serve ({DEFAULT_APP})")
-    common.add_argument(
-        "--start-timeout", type=float, default=30.0, help="seconds a server has to answer (30)"
-    )
+    common.add_argument("--start-timeout", type=float, default=30.0, help="seconds a server has to answer (30)")
     common.add_argument(
         "--load-tool",
         choices=("auto", "wrk", "python"),
@@ -740,9 +718,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="scenario", required=True)
     for name, scenario in SCENARIOS.items():
-        scenario.add_arguments(
-            sub.add_parser(name, parents=[common], help=scenario.help, description=scenario.help)
-        )
+        scenario.add_arguments(sub.add_parser(name, parents=[common], help=scenario.help, description=scenario.help))
     return parser
 
 
@@ -758,10 +734,7 @@ def main(argv: list[str] | None = None) -> int:
         signal.signal(sig, _exit_on_signal)
     args.tool, args.tool_reason = load_tool(args.load_tool)
     env = environment(args.tool)
-    log(
-        f"bench: {args.scenario} on {env['cpu_count']} CPUs, python {env['python']},"
-        f" load tool {args.tool}"
-    )
+    log(f"bench: {args.scenario} on {env['cpu_count']} CPUs, python {env['python']}, load tool {args.tool}")
     started = time.time()
     rows = SCENARIOS[args.scenario].run(args)
     if args.json:

@@ -98,9 +98,7 @@ async def websocket_echo(websocket: WebSocket) -> None:
 
 
 @app.get("/stream")
-async def stream(
-    count: int = Query(5, ge=1, le=1000), interval: float = Query(0.5, ge=0, le=10)
-) -> StreamingResponse:
+async def stream(count: int = Query(5, ge=1, le=1000), interval: float = Query(0.5, ge=0, le=10)) -> StreamingResponse:
     """Server-sent events: `count` events, `interval` seconds apart."""
 
     async def events() -> AsyncIterator[str]:
@@ -110,6 +108,4 @@ async def stream(
             data = json.dumps({"n": i, "pid": os.getpid()})
             yield f"id: {i}\ndata: {data}\n\n"
 
-    return StreamingResponse(
-        events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"}
-    )
+    return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
