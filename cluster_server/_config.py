@@ -26,6 +26,14 @@ LifespanType = Literal["auto", "on", "off"]
 InterfaceType = Literal["auto", "asgi3", "asgi2", "wsgi"]
 LogLevelType = Literal["critical", "error", "warning", "info", "debug", "trace"]
 
+#: --graceful-timeout under --reload unless given: a websocket or a stream must
+#: not hold a reload up for long
+RELOAD_GRACEFUL_TIMEOUT = 3.0
+
+
+class DefaultValue(float):
+    """A default the user did not choose, so ``__post_init__`` may adapt it to other options."""
+
 
 @dataclass(frozen=True)
 class OptionSpec:
@@ -80,8 +88,9 @@ class Config:
         1, "Number of worker processes.", group="processes", min=1, max=1024, env=("WEB_CONCURRENCY",)
     )
     graceful_timeout: float = option(
-        30.0,
-        "Seconds a stopping worker gets to finish in-flight requests before SIGKILL.",
+        DefaultValue(30.0),
+        "Seconds a stopping worker gets to finish in-flight requests before SIGKILL "
+        f"(default {RELOAD_GRACEFUL_TIMEOUT:g} under --reload).",
         group="processes",
         min=0,
     )
@@ -100,6 +109,12 @@ class Config:
     )
     heartbeat_interval: float = option(
         1.0, "Seconds between heartbeats a worker sends from its event loop.", group="processes", min=0.05
+    )
+    preload: bool = option(
+        False,
+        "Import the app once in a template process and fork the workers from it (after gc.freeze(), "
+        "so they share its memory); SIGHUP re-creates the template from the new source first.",
+        group="processes",
     )
 
     # -- the app ----------------------------------------------------------------
@@ -132,11 +147,52 @@ class Config:
         None, "h11: largest request head in bytes (default: h11's 16 KiB).", group="http", min=1
     )
 
+    # -- reloading (development) ------------------------------------------------
+    reload: bool = option(
+        False,
+        "Development: when a watched file changes, replace the workers with ones running the new code "
+        "(the old ones serve until the new ones are ready).",
+        group="reload",
+    )
+    reload_dirs: tuple[str, ...] = option(
+        (),
+        "Watch this directory for --reload (repeatable; default: the current directory).",
+        group="reload",
+        flag="--reload-dir",
+        metavar="DIR",
+    )
+    reload_includes: tuple[str, ...] = option(
+        (),
+        "Also reload when a file matching this glob changes (repeatable; *.py always counts).",
+        group="reload",
+        flag="--reload-include",
+        metavar="GLOB",
+    )
+    reload_excludes: tuple[str, ...] = option(
+        (),
+        "Ignore files and directories matching this glob (repeatable; .git, __pycache__, virtualenvs "
+        "and editor swap files are always ignored).",
+        group="reload",
+        flag="--reload-exclude",
+        metavar="GLOB",
+    )
+    reload_delay: float = option(
+        0.02,
+        "Seconds without further changes before a reload starts (debounce).",
+        group="reload",
+        min=0,
+        max=10,
+        metavar="SECONDS",
+    )
+
     # -- logging ----------------------------------------------------------------
     log_level: LogLevelType = option("info", "Log level.", group="logging")
     access_log: bool = option(True, "Log each request in uvicorn's access-log format.", group="logging", negatable=True)
 
     def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            if typing.get_origin(_field_types()[f.name]) is tuple and isinstance(getattr(self, f.name), list):
+                object.__setattr__(self, f.name, tuple(getattr(self, f.name)))
         for f in dataclasses.fields(self):
             spec = f.metadata.get("option")
             if spec is not None:
@@ -155,6 +211,23 @@ class Config:
             raise ConfigError("no APP given; pass 'module:attribute' (e.g. main:app)")
         if self.uds is not None and self.fd is not None:
             raise ConfigError("--uds and --fd are alternatives; give one of them")
+        self._check_reload()
+
+    def _check_reload(self) -> None:
+        if not self.reload:
+            return
+        if self.preload:
+            raise ConfigError(
+                "--reload and --preload are alternatives: --reload already forks workers from a "
+                "template that imported the dependencies; drop --preload"
+            )
+        if not isinstance(self.app, str):
+            raise ConfigError("--reload needs APP as an import string ('module:attribute'), not an app object")
+        for d in self.reload_dirs:
+            if not os.path.isdir(d):
+                raise ConfigError(f"--reload-dir {d}: no such directory; check the path")
+        if type(self.graceful_timeout) is DefaultValue:
+            object.__setattr__(self, "graceful_timeout", RELOAD_GRACEFUL_TIMEOUT)
 
     def replace(self, **changes: Any) -> Config:
         """A copy with some options changed (validated again)."""
@@ -221,6 +294,10 @@ def _check_field(name: str, spec: OptionSpec, tp: Any, value: Any) -> None:
         return
     if base is str and not isinstance(value, str):
         raise ConfigError(f"{flag} takes text, not {value!r}")
+    if typing.get_origin(base) is tuple:
+        item = typing.get_args(base)[0]
+        if not isinstance(value, tuple) or not all(isinstance(v, item) for v in value):
+            raise ConfigError(f"{flag} takes a list of {item.__name__} values, not {value!r}")
 
 
 def options() -> list[tuple[dataclasses.Field[Any], OptionSpec]]:

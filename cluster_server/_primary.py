@@ -29,7 +29,7 @@ from ._config import Config
 from ._errors import AppLoadError, ChannelError, ClusterServerError, WorkerBootError
 from ._sockets import Listener
 from ._state import WorkerState, exit_state
-from ._worker import DUMP_SIGNAL, EXIT_BOOT_FAILURE, WorkerSpec, worker_main
+from ._worker import DUMP_SIGNAL, EXIT_BOOT_FAILURE, WorkerSpec, load_app, worker_main
 
 logger = logging.getLogger("cluster_server")
 
@@ -124,7 +124,9 @@ class Component(Protocol):
     and ``tick()`` for its timers; ``worker_event(event, worker)`` with event in
     ``spawned ready draining exited``; ``worker_message(worker, msg, fds) -> bool``
     for message types the primary does not know (True: handled, fds taken);
-    ``close()`` when the primary exits.
+    ``before_roll(reason) -> bool`` before a rolling restart starts (False: not
+    yet, the component calls ``roll`` again when ready); ``fds_to_close_in_child()``
+    for its own fds a forked process must not keep; ``close()`` when the primary exits.
     """
 
 
@@ -515,6 +517,11 @@ class Primary:
             self._roll_again = reason
             logger.info("rolling restart (%s) queued after the one in progress", reason)
             return False
+        for c in self.components:
+            # A component that must prepare first (a preload template re-importing
+            # the new code) answers False and calls roll() again when it is done.
+            if _call(c, "before_roll", reason) is False:
+                return False
         self.generation += 1
         pending = sorted(self.slots) if slots is None else sorted(s for s in slots if s in self.slots)
         self.roll_state = Roll(self.generation, reason, pending, started_at=self.clock())
@@ -649,14 +656,17 @@ class Primary:
         if self._selector is not None and hasattr(self._selector, "fileno"):
             fds.append(self._selector.fileno())
         fds.extend(w.channel.fileno() for w in self.workers.values() if w.channel and not w.channel.closed)
+        for c in self.components:
+            fds.extend(_call(c, "fds_to_close_in_child") or ())
         return fds
 
 
 class ForkLauncher:
     """Forks workers for a primary."""
 
-    def __init__(self, primary: Primary) -> None:
+    def __init__(self, primary: Primary, load: Callable[[Config], Any] = load_app) -> None:
         self.primary = primary
+        self.load = load  # how a new worker gets the app
 
     def spawn(self, worker: Worker) -> tuple[int, Channel | None]:
         ours, theirs = _channel.pair()
@@ -670,7 +680,7 @@ class ForkLauncher:
         _flush_output()
         pid = os.fork()
         if pid == 0:  # pragma: no cover - the child never returns from worker_main
-            worker_main(self.primary.config, spec, theirs, close)
+            worker_main(self.primary.config, spec, theirs, close, self.load)
         theirs.close()
         return pid, Channel(ours)
 
