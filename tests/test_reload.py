@@ -60,7 +60,8 @@ def versioned_app(version: str, startup_fails: bool = False) -> str:
         "                return\n"
         '            await send({"type": "websocket.send", "text": message.get("text") or ""})\n'
         '    body = f"{VERSION} {os.getpid()}".encode()\n'
-        '    await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"text/plain")]})\n'
+        '    headers = [(b"content-type", b"text/plain")]\n'
+        '    await send({"type": "http.response.start", "status": 200, "headers": headers})\n'
         '    await send({"type": "http.response.body", "body": body})\n'
     )
 
