@@ -110,16 +110,16 @@ class Config:
     heartbeat_interval: float = option(
         1.0, "Seconds between heartbeats a worker sends from its event loop.", group="processes", min=0.05
     )
-    preload: bool = option(
-        False,
-        "Import the app once in a template process and fork the workers from it (after gc.freeze(), "
-        "so they share its memory); SIGHUP re-creates the template from the new source first.",
-        group="processes",
-    )
 
     # -- the app ----------------------------------------------------------------
     interface: InterfaceType = option("auto", "Application interface.", group="app")
     factory: bool = option(False, "Treat APP as a factory: call it with no arguments to get the app.", group="app")
+    preload: bool = option(
+        False,
+        "Import the app once in a template process and fork the workers from it (after gc.freeze(), "
+        "so they share its memory); SIGHUP re-creates the template from the new source first.",
+        group="app",
+    )
     app_dir: str = option(".", "Look for APP in this directory (prepended to sys.path).", group="app", metavar="DIR")
     env_file: str | None = option(
         None, "Load environment variables from this file in each worker.", group="app", metavar="PATH"

@@ -314,7 +314,8 @@ class Reloader:
         if primary.stopping:
             return
         ours, theirs = _channel.pair()
-        close = [*primary.fds_to_close_in_child(), ours.fileno()]
+        # The watcher serves nothing: it does not keep the listening sockets either.
+        close = [*primary.fds_to_close_in_child(), ours.fileno(), *(lst.sock.fileno() for lst in primary.listeners)]
         primary_pid = os.getpid()
         for stream in (sys.stdout, sys.stderr):
             stream.flush()
