@@ -124,9 +124,11 @@ class Component(Protocol):
     and ``tick()`` for its timers; ``worker_event(event, worker)`` with event in
     ``spawned ready draining exited``; ``worker_message(worker, msg, fds) -> bool``
     for message types the primary does not know (True: handled, fds taken);
-    ``before_roll(reason) -> bool`` before a rolling restart starts (False: not
-    yet, the component calls ``roll`` again when ready); ``fds_to_close_in_child()``
-    for its own fds a forked process must not keep; ``close()`` when the primary exits.
+    ``cannot_start(error) -> bool`` when the first generation cannot start (True:
+    handled, the primary keeps running); ``before_roll(reason) -> bool`` before a
+    rolling restart starts (False: not yet, the component calls ``roll`` again
+    when ready); ``fds_to_close_in_child()`` for its own fds a forked process
+    must not keep; ``close()`` when the primary exits.
     """
 
 
@@ -607,6 +609,9 @@ class Primary:
 
     def fail(self, err: ClusterServerError) -> None:
         """Stop the cluster because it cannot run; ``run`` raises ``err``."""
+        for c in self.components:
+            if _call(c, "cannot_start", err):  # --reload waits for the fix instead
+                return
         if self.fatal is None:
             self.fatal = err
         self.stop(graceful=True, why="start-up failed")

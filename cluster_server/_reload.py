@@ -30,6 +30,7 @@ import importlib
 import importlib.machinery
 import importlib.util
 import logging
+import math
 import os
 import signal
 import socket
@@ -283,6 +284,7 @@ class Reloader:
         self.channel: Channel | None = None
         self.restart_at: float | None = None
         self.reloads = 0
+        self.waiting_for_fix = False
 
     # component hooks
     def attach(self, primary: Primary) -> None:
@@ -300,6 +302,20 @@ class Reloader:
 
     def fds_to_close_in_child(self) -> list[int]:
         return [self.channel.fileno()] if self.channel is not None and not self.channel.closed else []
+
+    def cannot_start(self, error: Exception) -> bool:
+        """The first generation cannot start (broken code): wait for a fix instead of exiting."""
+        primary = self.primary
+        assert primary is not None
+        if primary.ever_ready or primary.stopping:
+            return False
+        for slot in primary.slots.values():
+            if slot.pid is None and slot.replacement is None:
+                slot.respawn_at = math.inf  # the next reload's rolling restart fills it
+        if not self.waiting_for_fix:
+            self.waiting_for_fix = True
+            logger.error("the app cannot start; waiting for a change to try again:\n%s", error)
+        return True
 
     def close(self) -> None:
         self._close_channel()
@@ -384,6 +400,7 @@ class Reloader:
         count = max(count or 0, len(names))
         shown = ", ".join(names[:5]) + (f" and {count - 5} more" if count > 5 else "")
         self.reloads += 1
+        self.waiting_for_fix = False
         logger.info("reload: %s %s; rolling to a new generation", shown, why)
         primary.roll(f"reload: {shown} {why}")
 

@@ -278,6 +278,20 @@ def test_syntax_error_keeps_old_code_serving_and_fixing_it_reloads(
     server.wait_log("rolling restart to generation 3 done")
 
 
+def test_broken_code_at_start_waits_for_a_fix(
+    start_server: Callable[..., Server], write_app: Callable[..., Path]
+) -> None:
+    path = write_app("app", versioned_app("v1").replace("VERSION = ", "VERSION = = "))
+    server: Server = start_server("app:app", "--reload", "--workers", "2")
+    server.wait_log("the app cannot start; waiting for a change to try again")
+    server.wait_log("reload: watching")
+    assert server.log().count("SyntaxError") == 1
+    assert server.proc.poll() is None  # still running, unlike without --reload
+    path.write_text(versioned_app("v2"))
+    server.wait_log("all 2 workers ready")
+    assert serves(server, "v2")
+
+
 def test_import_error_shows_a_short_traceback(
     start_server: Callable[..., Server], write_app: Callable[..., Path]
 ) -> None:
