@@ -415,6 +415,9 @@ class Template:
         close = [*primary.fds_to_close_in_child(), ours.fileno()]
         listeners = tuple(lst.sock for lst in primary.listeners)
         primary_pid = os.getpid()
+        # The primary's own objects live as long as it does: freeze them so that its
+        # collections do not copy the pages it shares with the template and workers.
+        gc.freeze()
         _flush_output()
         pid = os.fork()
         if pid == 0:  # pragma: no cover - the child never returns
