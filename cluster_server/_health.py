@@ -3,13 +3,16 @@
 Two halves, one per process role:
 
 - worker side: :class:`HealthMiddleware` wraps the app and answers ``GET``/``HEAD``
-  on ``--health-path`` itself, before the app: ``200 ok`` while the cluster is
-  serving, ``503`` once the primary said it is shutting down (a ``{"t": "health",
-  "ok": false}`` message on the worker's channel, see :func:`health_handler`).
-- primary side: :class:`ShutdownDelay`, a component of the primary's loop. On
-  SIGTERM it tells every worker (and every worker spawned later) to answer 503,
-  keeps the cluster serving normally for ``--shutdown-delay`` seconds, then
-  stops it (drains every worker). A second SIGTERM drains at once.
+  on ``--health-path`` itself, before the app, with what the primary last told
+  the worker (``{"t": "health", "ok": bool, "status": text}`` on its channel,
+  see :func:`health_handler`): ``503 starting`` until every worker of the first
+  generation is ready, then ``200 ok``, then ``503 shutting down`` from the
+  moment the primary begins to stop.
+- primary side: :class:`ShutdownDelay`, a component of the primary's loop. It
+  says "ok" once the cluster first had all its workers ready (and to every
+  worker spawned later, while that holds). On SIGTERM it tells every worker to
+  answer 503, keeps the cluster serving normally for ``--shutdown-delay``
+  seconds, then stops it (drains every worker). A second SIGTERM drains at once.
 
 Why: an orchestrator sends SIGTERM and removes the replica from its load
 balancers *at the same time*, and the removal takes a while to reach every
@@ -37,13 +40,16 @@ ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 #: message type on the worker channel
 MESSAGE = "health"
+#: what the health path says, and why
+OK, STARTING, SHUTTING_DOWN = "ok", "starting", "shutting down"
 
 
 class HealthState:
-    """The worker's copy of the cluster's health, flipped by the primary's messages."""
+    """The worker's copy of the cluster's health, set by the primary's messages."""
 
     def __init__(self) -> None:
-        self.ok = True
+        self.ok = False
+        self.status = STARTING
 
 
 class HealthMiddleware:
@@ -61,7 +67,7 @@ class HealthMiddleware:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and scope.get("method") in ("GET", "HEAD") and self._requested(scope) == self.path:
             ok = self.state.ok
-            body = b"ok\n" if ok else b"shutting down\n"
+            body = f"{self.state.status}\n".encode()
             await send(
                 {
                     "type": "http.response.start",
@@ -87,20 +93,21 @@ class HealthMiddleware:
 
 
 def health_handler(state: HealthState) -> Callable[[dict[str, Any], list[int]], None]:
-    """The worker's handler for ``{"t": "health", "ok": bool}`` messages."""
+    """The worker's handler for ``{"t": "health", "ok": bool, "status": str}`` messages."""
 
     def handle(msg: dict[str, Any], fds: list[int]) -> None:
         for fd in fds:  # none expected; a handler owns what it is given
             os.close(fd)
-        ok = msg.get("ok")
+        ok, status = msg.get("ok"), msg.get("status")
         if isinstance(ok, bool):
             state.ok = ok
+            state.status = status[:100] if isinstance(status, str) and status else (OK if ok else SHUTTING_DOWN)
 
     return handle
 
 
 class ShutdownDelay:
-    """Primary component: on SIGTERM, fail the health path, serve on, then drain.
+    """Primary component: health "ok" once all workers were ready; on SIGTERM, fail it, serve on, then drain.
 
     Hooks (see ``Component`` in ``_primary.py``): ``defer_stop(why)`` is asked by
     ``Primary.handle_term`` and returns True when it stops the cluster later
@@ -110,7 +117,8 @@ class ShutdownDelay:
 
     def __init__(self, config: Config) -> None:
         self.delay = config.shutdown_delay
-        self.healthy = True
+        #: what the workers are told: STARTING until the cluster first had all its workers ready
+        self.status = STARTING
         #: when the delay ends and the drain starts (primary clock); None: not shutting down
         self.stop_at: float | None = None
         self.primary: Any = None
@@ -139,19 +147,26 @@ class ShutdownDelay:
         return self.stop_at
 
     def tick(self) -> None:
+        if self.status == STARTING and self.primary.ever_ready and not self.primary.stopping:
+            self._tell_all(OK)
         if self.stop_at is not None and not self.primary.stopping and self.primary.clock() >= self.stop_at:
             self.primary.stop(graceful=True, why=f"SIGTERM, after the {self.delay:g} s shutdown delay")
 
     def worker_event(self, event: str, worker: Any) -> None:
-        if event == "spawned" and not self.healthy:
-            self.primary.send(worker, {"t": MESSAGE, "ok": False})
-        elif event == "draining" and self.primary.stopping and self.healthy:
+        if event == "spawned" and self.status != STARTING:
+            self.primary.send(worker, self._message())
+        elif event == "draining" and self.primary.stopping:
             # Stopping without a delay: still tell every worker before it drains.
             self.mark_unhealthy()
 
     def mark_unhealthy(self) -> None:
-        if not self.healthy:
-            return
-        self.healthy = False
+        if self.status != SHUTTING_DOWN:
+            self._tell_all(SHUTTING_DOWN)
+
+    def _tell_all(self, status: str) -> None:
+        self.status = status
         for w in list(self.primary.workers.values()):
-            self.primary.send(w, {"t": MESSAGE, "ok": False})
+            self.primary.send(w, self._message())
+
+    def _message(self) -> dict[str, Any]:
+        return {"t": MESSAGE, "ok": self.status == OK, "status": self.status}

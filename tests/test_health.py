@@ -45,13 +45,15 @@ def _call(mw: HealthMiddleware, method: str, path: str, root_path: str = "") -> 
 def test_middleware_answers_the_health_path_before_the_app() -> None:
     state = HealthState()
     mw = HealthMiddleware(_app, "/healthz", state)
+    assert _call(mw, "GET", "/healthz") == (503, b"starting\n")  # until the primary says ok
+    health_handler(state)({"t": "health", "ok": True, "status": "ok"}, [])
     assert _call(mw, "GET", "/healthz") == (200, b"ok\n")
     assert _call(mw, "HEAD", "/healthz") == (200, b"")
     assert _call(mw, "GET", "/healthz", root_path="/api") == (200, b"ok\n")
     assert _call(mw, "GET", "/") == (200, b"from the app")
     assert _call(mw, "GET", "/healthz/x") == (200, b"from the app")
     assert _call(mw, "POST", "/healthz") == (200, b"from the app")
-    health_handler(state)({"t": "health", "ok": False}, [])
+    health_handler(state)({"t": "health", "ok": False, "status": "shutting down"}, [])
     assert _call(mw, "GET", "/healthz") == (503, b"shutting down\n")
     assert _call(mw, "GET", "/") == (200, b"from the app")
     health_handler(state)({"t": "health", "ok": "no"}, [])  # malformed: ignored
@@ -119,18 +121,50 @@ def _primary(delay: float, workers: int = 2) -> Made:
     primary.add_component(component)
     component.attach(primary)
     primary.manage_workers()
+    return primary, launcher, component, now
+
+
+OK = {"t": "health", "ok": True, "status": "ok"}
+DOWN = {"t": "health", "ok": False, "status": "shutting down"}
+
+
+def _all_ready(primary: Primary, launcher: FakeLauncher) -> None:
+    """Make every booting worker ready; the component then says ok to all of them."""
     for w in list(primary.workers.values()):
         primary.worker_ready(w)
-    return primary, launcher, component, now
+    primary.tick()
+    for pid in primary.workers:
+        assert launcher.received(pid) == [OK]
+
+
+def test_health_says_ok_once_every_first_worker_is_ready(make_primary: Callable[[float], Made]) -> None:
+    primary, launcher, _, _ = make_primary(5)
+    first, second = (primary.workers[pid] for pid in sorted(primary.workers))
+    primary.worker_ready(first)
+    primary.tick()
+    assert launcher.received(first.pid) == []  # one of two ready: still "starting"
+    primary.worker_ready(second)
+    primary.tick()
+    assert launcher.received(first.pid) == [OK]
+    assert launcher.received(second.pid) == [OK]
+    primary.tick()
+    assert launcher.received(first.pid) == []  # said once
+
+    # A replacement for a crashed worker is told at once: the cluster is serving.
+    primary.child_exited(first.pid, signal.SIGKILL)
+    primary.manage_workers()
+    new_pid = max(primary.workers)
+    assert launcher.received(new_pid) == [OK]
 
 
 def test_sigterm_fails_health_at_once_then_drains_after_the_delay(make_primary: Callable[[float], Made]) -> None:
     primary, launcher, component, now = make_primary(5)
+    _all_ready(primary, launcher)
     pids = sorted(primary.workers)
     primary.handle_term()
     assert not primary.stopping
     for pid in pids:
-        assert launcher.received(pid) == [{"t": "health", "ok": False}]
+        assert launcher.received(pid) == [DOWN]
     assert launcher.kills == []  # nobody drains during the delay
     assert primary.next_deadline() == pytest.approx(1005.0)
 
@@ -139,7 +173,7 @@ def test_sigterm_fails_health_at_once_then_drains_after_the_delay(make_primary: 
     primary.manage_workers()
     new_pid = max(primary.workers)
     assert new_pid not in pids
-    assert launcher.received(new_pid) == [{"t": "health", "ok": False}]
+    assert launcher.received(new_pid) == [DOWN]
 
     now[0] = 1004.9
     primary.tick()
@@ -153,6 +187,7 @@ def test_sigterm_fails_health_at_once_then_drains_after_the_delay(make_primary: 
 
 def test_second_sigterm_drains_at_once(make_primary: Callable[[float], Made]) -> None:
     primary, launcher, _, _ = make_primary(30)
+    _all_ready(primary, launcher)
     primary.handle_term()
     assert not primary.stopping
     primary.handle_term()
@@ -162,18 +197,20 @@ def test_second_sigterm_drains_at_once(make_primary: Callable[[float], Made]) ->
 
 def test_without_delay_sigterm_drains_at_once_and_still_fails_health(make_primary: Callable[[float], Made]) -> None:
     primary, launcher, _, _ = make_primary(0)
+    _all_ready(primary, launcher)
     primary.handle_term()
     assert primary.stopping
     for pid in primary.workers:
-        assert launcher.received(pid) == [{"t": "health", "ok": False}]
+        assert launcher.received(pid) == [DOWN]
 
 
 def test_sigint_fails_health_before_draining(make_primary: Callable[[float], Made]) -> None:
     primary, launcher, _, _ = make_primary(5)
+    _all_ready(primary, launcher)
     primary.handle_int()  # no delay for Ctrl+C, but the workers still hear it first
     assert primary.stopping
     for pid in primary.workers:
-        assert launcher.received(pid) == [{"t": "health", "ok": False}]
+        assert launcher.received(pid) == [DOWN]
 
 
 # -- a real server --------------------------------------------------------------------
@@ -207,8 +244,8 @@ def test_shutdown_delay_serves_on_with_503_health_then_drains(
     write_app("slowapp", SLOW_APP)
     server = start_server("slowapp:app", "--workers", "2", "--health-path", "/healthz", "--shutdown-delay", "1")
     server.wait_ready()
-    r = server.get("/healthz")
-    assert (r.status_code, r.text) == (200, "ok\n")
+    wait_until(lambda: server.get("/healthz").status_code == 200, 5, what="health path 200 once all are ready")
+    assert server.get("/healthz").text == "ok\n"
 
     # Ordinary requests, a new connection each, in a bounded loop until told to stop.
     ok_at: list[float] = []
@@ -274,3 +311,41 @@ def test_shutdown_delay_serves_on_with_503_health_then_drains(
     assert "after the 1 s shutdown delay" in log
     # The drain began no sooner than the delay allowed (the log line order says so).
     assert log.index("serving on for") < log.index("stopping (SIGTERM, after")
+
+
+# The first worker to start is ready at once; the others wait in lifespan
+# startup until the test creates the file "go" (bounded: 20 s).
+STAGGERED_APP = """
+import asyncio, os
+
+async def app(scope, receive, send):
+    if scope["type"] == "lifespan":
+        await receive()
+        try:
+            os.close(os.open("first", os.O_CREAT | os.O_EXCL))
+        except FileExistsError:
+            for _ in range(1000):
+                if os.path.exists("go"):
+                    break
+                await asyncio.sleep(0.02)
+        await send({"type": "lifespan.startup.complete"})
+        await receive()
+        await send({"type": "lifespan.shutdown.complete"})
+        return
+    await send({"type": "http.response.start", "status": 200, "headers": []})
+    await send({"type": "http.response.body", "body": b"app"})
+"""
+
+
+def test_health_path_says_starting_until_every_worker_is_ready(
+    start_server: Callable[..., Server], write_app: Callable[[str, str], Path], tmp_path: Path
+) -> None:
+    write_app("staggered", STAGGERED_APP)
+    server = start_server("staggered:app", "--workers", "2", "--health-path", "/healthz")
+    server.wait_log("ready in")  # one worker serves, the other is still starting
+    r = server.get("/healthz")
+    assert (r.status_code, r.text) == (503, "starting\n")
+    assert server.get("/").text == "app"  # the app itself is served meanwhile
+    (tmp_path / "go").touch()
+    server.wait_ready()
+    wait_until(lambda: server.get("/healthz").status_code == 200, 5, what="health path 200 once all are ready")
