@@ -117,6 +117,8 @@ class ShutdownDelay:
 
     def __init__(self, config: Config) -> None:
         self.delay = config.shutdown_delay
+        #: workers only handle health messages when they serve a health path
+        self.tell = config.health_path is not None
         #: what the workers are told: STARTING until the cluster first had all its workers ready
         self.status = STARTING
         #: when the delay ends and the drain starts (primary clock); None: not shutting down
@@ -153,7 +155,7 @@ class ShutdownDelay:
             self.primary.stop(graceful=True, why=f"SIGTERM, after the {self.delay:g} s shutdown delay")
 
     def worker_event(self, event: str, worker: Any) -> None:
-        if event == "spawned" and self.status != STARTING:
+        if event == "spawned" and self.status != STARTING and self.tell:
             self.primary.send(worker, self._message())
         elif event == "draining" and self.primary.stopping:
             # Stopping without a delay: still tell every worker before it drains.
@@ -165,6 +167,8 @@ class ShutdownDelay:
 
     def _tell_all(self, status: str) -> None:
         self.status = status
+        if not self.tell:
+            return
         for w in list(self.primary.workers.values()):
             self.primary.send(w, self._message())
 

@@ -97,11 +97,11 @@ Made = tuple[Primary, FakeLauncher, ShutdownDelay, list[float]]
 
 
 @pytest.fixture
-def make_primary() -> Iterator[Callable[[float], Made]]:
+def make_primary() -> Iterator[Callable[..., Made]]:
     made: list[Made] = []
 
-    def make(delay: float) -> Made:
-        made.append(_primary(delay))
+    def make(delay: float, health_path: str | None = "/healthz") -> Made:
+        made.append(_primary(delay, health_path))
         return made[-1]
 
     yield make
@@ -112,10 +112,10 @@ def make_primary() -> Iterator[Callable[[float], Made]]:
         launcher.close()
 
 
-def _primary(delay: float, workers: int = 2) -> Made:
+def _primary(delay: float, health_path: str | None = "/healthz") -> Made:
     now = [1000.0]
     launcher = FakeLauncher()
-    config = Config(app="m:app", workers=workers, shutdown_delay=delay, health_path="/healthz")
+    config = Config(app="m:app", workers=2, shutdown_delay=delay, health_path=health_path)
     primary = Primary(config, [], launcher=launcher, clock=lambda: now[0])
     component = ShutdownDelay(config)
     primary.add_component(component)
@@ -137,7 +137,7 @@ def _all_ready(primary: Primary, launcher: FakeLauncher) -> None:
         assert launcher.received(pid) == [OK]
 
 
-def test_health_says_ok_once_every_first_worker_is_ready(make_primary: Callable[[float], Made]) -> None:
+def test_health_says_ok_once_every_first_worker_is_ready(make_primary: Callable[..., Made]) -> None:
     primary, launcher, _, _ = make_primary(5)
     first, second = (primary.workers[pid] for pid in sorted(primary.workers))
     primary.worker_ready(first)
@@ -157,7 +157,7 @@ def test_health_says_ok_once_every_first_worker_is_ready(make_primary: Callable[
     assert launcher.received(new_pid) == [OK]
 
 
-def test_sigterm_fails_health_at_once_then_drains_after_the_delay(make_primary: Callable[[float], Made]) -> None:
+def test_sigterm_fails_health_at_once_then_drains_after_the_delay(make_primary: Callable[..., Made]) -> None:
     primary, launcher, component, now = make_primary(5)
     _all_ready(primary, launcher)
     pids = sorted(primary.workers)
@@ -185,7 +185,7 @@ def test_sigterm_fails_health_at_once_then_drains_after_the_delay(make_primary: 
     assert component.next_deadline() is None
 
 
-def test_second_sigterm_drains_at_once(make_primary: Callable[[float], Made]) -> None:
+def test_second_sigterm_drains_at_once(make_primary: Callable[..., Made]) -> None:
     primary, launcher, _, _ = make_primary(30)
     _all_ready(primary, launcher)
     primary.handle_term()
@@ -195,7 +195,7 @@ def test_second_sigterm_drains_at_once(make_primary: Callable[[float], Made]) ->
     assert len(launcher.kills) == 2
 
 
-def test_without_delay_sigterm_drains_at_once_and_still_fails_health(make_primary: Callable[[float], Made]) -> None:
+def test_without_delay_sigterm_drains_at_once_and_still_fails_health(make_primary: Callable[..., Made]) -> None:
     primary, launcher, _, _ = make_primary(0)
     _all_ready(primary, launcher)
     primary.handle_term()
@@ -204,13 +204,28 @@ def test_without_delay_sigterm_drains_at_once_and_still_fails_health(make_primar
         assert launcher.received(pid) == [DOWN]
 
 
-def test_sigint_fails_health_before_draining(make_primary: Callable[[float], Made]) -> None:
+def test_sigint_fails_health_before_draining(make_primary: Callable[..., Made]) -> None:
     primary, launcher, _, _ = make_primary(5)
     _all_ready(primary, launcher)
     primary.handle_int()  # no delay for Ctrl+C, but the workers still hear it first
     assert primary.stopping
     for pid in primary.workers:
         assert launcher.received(pid) == [DOWN]
+
+
+def test_delay_without_health_path_sends_workers_nothing(make_primary: Callable[..., Made]) -> None:
+    # Workers without --health-path have no handler for health messages.
+    primary, launcher, _, now = make_primary(2, health_path=None)
+    for w in list(primary.workers.values()):
+        primary.worker_ready(w)
+    primary.tick()
+    primary.handle_term()
+    assert not primary.stopping
+    now[0] += 2
+    primary.tick()
+    assert primary.stopping
+    for pid in primary.workers:
+        assert launcher.received(pid) == []
 
 
 # -- a real server --------------------------------------------------------------------
