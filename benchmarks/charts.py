@@ -42,8 +42,8 @@ PALETTE = ("#0072B2", "#E69F00", "#009E73", "#CC79A7", "#56B4E9", "#D55E00", "#F
 #: fixed colours for the servers bench.py knows, so every chart agrees
 SERVER_COLOURS = {"cluster-server": "#0072B2", "uvicorn": "#E69F00", "gunicorn": "#009E73", "granian": "#CC79A7"}
 
-WIDTH, HEIGHT = 760, 400
-LEFT, RIGHT, TOP, BOTTOM = 70, 20, 64, 92
+WIDTH, PLOT_HEIGHT = 760, 244
+LEFT, RIGHT, TOP = 70, 20, 64
 FONT = "font-family='system-ui, -apple-system, Segoe UI, Roboto, sans-serif'"
 
 
@@ -84,7 +84,9 @@ def grouped_bars(
     notes: Sequence[str] = (),
 ) -> str:
     """A grouped bar chart: one group per x label, one bar per series in each group."""
-    plot_w, plot_h = WIDTH - LEFT - RIGHT, HEIGHT - TOP - BOTTOM
+    plot_w, plot_h = WIDTH - LEFT - RIGHT, PLOT_HEIGHT
+    notes = list(notes[:2])
+    height = TOP + plot_h + 58 + 16 * len(notes)
     top = max((v for s in series for v in s.values if v is not None), default=0.0)
     ticks = nice_ticks(top * 1.08)
     y_max = ticks[-1]
@@ -93,9 +95,9 @@ def grouped_bars(
         return TOP + plot_h - (v / y_max) * plot_h
 
     out = [
-        f"<svg xmlns='http://www.w3.org/2000/svg' width='{WIDTH}' height='{HEIGHT}' "
-        f"viewBox='0 0 {WIDTH} {HEIGHT}' role='img' aria-label='{escape(title, quote=True)}' {FONT}>",
-        f"<rect width='{WIDTH}' height='{HEIGHT}' fill='#ffffff'/>",
+        f"<svg xmlns='http://www.w3.org/2000/svg' width='{WIDTH}' height='{height}' "
+        f"viewBox='0 0 {WIDTH} {height}' role='img' aria-label='{escape(title, quote=True)}' {FONT}>",
+        f"<rect width='{WIDTH}' height='{height}' fill='#ffffff'/>",
         f"<text x='{LEFT}' y='24' font-size='16' font-weight='600' fill='#111'>{escape(title)}</text>",
         f"<text x='{LEFT}' y='44' font-size='12' fill='#555'>{escape(subtitle)}</text>",
     ]
@@ -142,8 +144,8 @@ def grouped_bars(
         out.append(f"<rect x='{lx}' y='{ly - 10}' width='12' height='12' fill='{s.colour}'/>")
         out.append(f"<text x='{lx + 18}' y='{ly}' font-size='12' fill='#333'>{escape(s.name)}</text>")
         lx += 30 + 7 * len(s.name)
-    for i, note in enumerate(notes[:2]):
-        out.append(f"<text x='{LEFT}' y='{ly + 20 + 14 * i}' font-size='11' fill='#777'>{escape(note)}</text>")
+    for i, note in enumerate(notes):
+        out.append(f"<text x='{LEFT}' y='{ly + 22 + 16 * i}' font-size='11' fill='#777'>{escape(note)}</text>")
     out.append("</svg>")
     return "\n".join(out) + "\n"
 
