@@ -128,7 +128,9 @@ class Component(Protocol):
     handled, the primary keeps running); ``before_roll(reason) -> bool`` before a
     rolling restart starts (False: not yet, the component calls ``roll`` again
     when ready); ``fds_to_close_in_child()`` for its own fds a forked process
-    must not keep; ``close()`` when the primary exits.
+    must not keep; ``defer_stop(why) -> bool`` on SIGTERM (True: the component
+    stops the cluster later itself, e.g. after --shutdown-delay); ``close()``
+    when the primary exits.
     """
 
 
@@ -287,6 +289,8 @@ class Primary:
         pass  # reap_workers runs after every wake-up
 
     def handle_term(self) -> None:
+        if not self.stopping and any(_call(c, "defer_stop", "SIGTERM") for c in self.components):
+            return
         self.stop(graceful=True, why="SIGTERM")
 
     def handle_int(self) -> None:
