@@ -278,7 +278,8 @@ class _TemplateProcess:
 
     # serving spawn requests
     def serve(self) -> int:
-        timeout = STALE_POLL if self.deps else None
+        # about 2,000 stat() calls a second at most, however many modules the app needs
+        timeout = STALE_POLL * max(1.0, len(self.deps) / 2000) if self.deps else None
         while True:
             ready, _, _ = select.select([self.channel], [], [], timeout)
             if not ready:
