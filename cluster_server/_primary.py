@@ -127,8 +127,8 @@ class Component(Protocol):
     ``cannot_start(error) -> bool`` when the first generation cannot start (True:
     handled, the primary keeps running); ``before_roll(reason) -> bool`` before a
     rolling restart starts (False: not yet, the component calls ``roll`` again
-    when ready); ``fds_to_close_in_child()`` for its own fds a forked process
-    must not keep; ``defer_stop(why) -> bool`` on SIGTERM (True: the component
+    when ready); ``child_fds()``, fds of the primary's that a forked
+    process must close; ``defer_stop(why) -> bool`` on SIGTERM (True: the component
     stops the cluster later itself, e.g. after --shutdown-delay); ``close()``
     when the primary exits.
     """
@@ -666,7 +666,7 @@ class Primary:
             fds.append(self._selector.fileno())
         fds.extend(w.channel.fileno() for w in self.workers.values() if w.channel and not w.channel.closed)
         for c in self.components:
-            fds.extend(_call(c, "fds_to_close_in_child") or ())
+            fds.extend(_call(c, "child_fds") or ())
         return fds
 
 

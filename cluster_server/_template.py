@@ -592,7 +592,7 @@ class TemplateLauncher:
         if event in ("ready", "exited"):
             self.retire()
 
-    def fds_to_close_in_child(self) -> list[int]:
+    def child_fds(self) -> list[int]:
         everyone = [*self.templates, *([self.building] if self.building else [])]
         return [fd for t in everyone if (fd := t.fileno()) is not None]
 
