@@ -76,12 +76,13 @@ def test_template_workers_hold_only_their_own_channel(
     [template] = titled(server.pid, "template")
     [watcher] = titled(server.pid, "reload watcher")
     [worker] = [p for p in titled(server.pid, "worker") if f"[pid {p}] spawned (generation 2)" in server.log()]
-    listener = socket_inodes(template) & socket_inodes(server.pid)
-    assert len(listener) == 1  # the template keeps only the listening socket of the primary's...
-    assert socket_inodes(worker) & socket_inodes(template) == listener  # ...and shares nothing else
-    assert not socket_inodes(worker) & socket_inodes(watcher)
-    assert not socket_inodes(watcher) & listener  # the watcher serves nothing
-    assert not (socket_inodes(worker) - listener) & socket_inodes(server.pid)  # no sibling's channel end
+    primary, tmpl, work, watch = (socket_inodes(p) for p in (server.pid, template, worker, watcher))
+    listeners = tmpl & primary
+    assert len(listeners) == 1  # the template kept the listening socket, and nothing else of the primary's
+    assert work & primary <= listeners  # no other worker's channel, no primary end
+    assert work & tmpl <= listeners  # not the template's channel
+    assert not work & watch
+    assert not watch & primary  # the watcher serves nothing and holds no channel but its own
 
 
 def test_dependency_change_rebuilds_the_template_and_reloads(
