@@ -191,7 +191,7 @@ class Config:
         metavar="GLOB",
     )
     reload_delay: float = option(
-        0.02,
+        0.01,
         "Seconds without further changes before a reload starts (debounce).",
         group="reload",
         min=0,

@@ -198,20 +198,30 @@ class _FreshSourceLoader(importlib.machinery.SourceFileLoader):
         return super().get_code(fullname)
 
 
+_hooked: list[WatchRules] = []  # the rules fresh_import_hook was installed with, in this process
+
+
 def fresh_import_hook(rules: WatchRules) -> None:
-    """Import the project's modules through :class:`_FreshSourceLoader` from now on."""
-    file_finder_hook = importlib.machinery.FileFinder.path_hook(
-        (_FreshSourceLoader, importlib.machinery.SOURCE_SUFFIXES),
-        (importlib.machinery.ExtensionFileLoader, importlib.machinery.EXTENSION_SUFFIXES),
-        (importlib.machinery.SourcelessFileLoader, importlib.machinery.BYTECODE_SUFFIXES),
-    )
+    """Import the project's modules through :class:`_FreshSourceLoader` from now on,
+    and forget what the import system cached about the project's directories.
 
-    def hook(path: str) -> Any:
-        if not rules.in_project(path or os.getcwd()):
-            raise ImportError("not a project directory")
-        return file_finder_hook(path)
+    Installs the hook once per process (a template installs it, so its workers
+    only forget the caches).
+    """
+    if rules not in _hooked:
+        file_finder_hook = importlib.machinery.FileFinder.path_hook(
+            (_FreshSourceLoader, importlib.machinery.SOURCE_SUFFIXES),
+            (importlib.machinery.ExtensionFileLoader, importlib.machinery.EXTENSION_SUFFIXES),
+            (importlib.machinery.SourcelessFileLoader, importlib.machinery.BYTECODE_SUFFIXES),
+        )
 
-    sys.path_hooks.insert(0, hook)
+        def hook(path: str) -> Any:
+            if not rules.in_project(path or os.getcwd()):
+                raise ImportError("not a project directory")
+            return file_finder_hook(path)
+
+        sys.path_hooks.insert(0, hook)
+        _hooked.append(rules)
     for entry in list(sys.path_importer_cache):
         if rules.in_project(entry or os.getcwd()):
             del sys.path_importer_cache[entry]

@@ -197,6 +197,7 @@ class _TemplateProcess:
             count = len(set(sys.modules) - inherited)
             self.load = lambda config: load_project(rules, config)
             self.deps = _dependency_files(rules, self.config, inherited)
+            fresh_import_hook(rules)  # once here, so a worker has less to do
         if threading.active_count() > 1:
             send_blocking(self.channel, {"t": "error", "error": "importing the app started a thread", "threaded": True})
             return EXIT_THREADED
