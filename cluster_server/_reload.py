@@ -322,7 +322,7 @@ class Reloader:
         for slot in primary.slots.values():
             if slot.pid is None and slot.replacement is None:
                 slot.respawn_at = math.inf  # the next reload's rolling restart fills it
-        if not self.waiting_for_fix:
+        if not self.waiting_for_fix and not self.reloads:  # (a later one is the old code's, late)
             self.waiting_for_fix = True
             logger.error("the app cannot start; waiting for a change to try again:\n%s", error)
         return True

@@ -295,9 +295,9 @@ def test_broken_code_at_start_waits_for_a_fix(
 def test_import_error_shows_a_short_traceback(
     start_server: Callable[..., Server], write_app: Callable[..., Path]
 ) -> None:
+    write_app("helper", "def load():\n    return 1 / 0\n")  # before the start: its own save would reload
     path = write_app("app", versioned_app("v1"))
     server = start_reloading(start_server)
-    write_app("helper", "def load():\n    return 1 / 0\n")
     path.write_text("import helper\nhelper.load()\n" + versioned_app("v2"))
     server.wait_log("rolling restart to generation 2 stopped")
     tail = server.log().split("stopped:")[1]
