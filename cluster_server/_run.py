@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from . import _logging
+from . import _logging, _messaging
 from ._config import Config
 from ._primary import Primary
 from ._sockets import bind_listeners
@@ -19,6 +19,7 @@ def serve(config: Config) -> int:
     listeners = bind_listeners(config)
     try:
         primary = Primary(config, listeners)
+        primary.add_component(_messaging.Messaging())  # cluster.send/broadcast/request from apps
     except BaseException:
         for lst in listeners:
             lst.close()

@@ -25,7 +25,7 @@ from typing import Any, NoReturn
 
 import uvicorn
 
-from . import _proc
+from . import _messaging, _proc
 from ._channel import Channel
 from ._config import Config
 from ._errors import AppLoadError, ChannelError
@@ -166,6 +166,7 @@ def _run(config: Config, spec: WorkerSpec, channel: Channel) -> int:
         except (BrokenPipeError, ConnectionResetError):
             pass  # the primary is gone; the orphan path ends us
 
+    link = _messaging.enter_worker(spec.id, channel)  # cluster.is_worker, before the app is imported
     try:
         if config.env_file is not None:
             _proc.load_env_file(config.env_file)
@@ -198,6 +199,7 @@ def _run(config: Config, spec: WorkerSpec, channel: Channel) -> int:
 
     async def serve() -> None:
         loop = asyncio.get_running_loop()
+        link.serve(server, loop)
 
         def on_channel() -> None:
             try:
