@@ -45,8 +45,9 @@ WORKER_ID_ENV = "CLUSTER_SERVER_WORKER_ID"
 CHANNEL_FD_ENV = "CLUSTER_SERVER_CHANNEL_FD"
 #: the default start method, so one script runs unchanged under both
 START_METHOD_ENV = "CLUSTER_SERVER_START_METHOD"
-#: messages queued for one worker that does not read before new ones are dropped
-MAX_QUEUED = 10_000
+#: bytes queued for one worker that does not read (stopped, hung) before new messages
+#: to it are dropped: the primary's memory stays bounded whatever a worker does
+MAX_QUEUED_BYTES = 16 * 1024 * 1024
 #: how often a worker's exit is polled for where pidfds are not available
 POLL_EXIT = 0.05
 
@@ -533,11 +534,16 @@ class ClusterPrimary(Emitter):
         if ch is None or ch.closed:
             _close_fds(fds)
             return False
-        if ch.pending >= MAX_QUEUED:
+        if ch.pending_bytes >= MAX_QUEUED_BYTES:
             _close_fds(fds)
             if not w._queue_full_warned:
                 w._queue_full_warned = True
-                logger.warning("worker %d [pid %d] reads no messages: %d queued; dropping", w.id, w.pid, MAX_QUEUED)
+                logger.warning(
+                    "worker %d [pid %d] reads no messages: %d bytes queued for it; dropping new ones until it reads",
+                    w.id,
+                    w.pid,
+                    ch.pending_bytes,
+                )
             return False
         try:
             sent = ch.send(msg, fds)
@@ -634,6 +640,8 @@ class ClusterPrimary(Emitter):
         w._pending[rid] = fut
         try:
             if not self.send(w, {"t": "req", "id": rid, "data": data}):
+                if w.is_connected():
+                    raise RequestError(f"worker {w.id} reads no messages (its queue is full); request not sent")
                 raise DisconnectedError(f"worker {w.id} is disconnected")
             return await asyncio.wait_for(fut, timeout)
         except TimeoutError:

@@ -9,6 +9,7 @@ primary bound once, answering "Handled by <pid>". Ctrl+C stops everything.
 """
 
 import os
+import signal
 from http.server import BaseHTTPRequestHandler
 
 from cluster_server import cluster
@@ -37,8 +38,8 @@ if cluster.is_primary:
         cluster.fork()
 
     @cluster.on("exit")
-    def on_exit(worker: cluster.Worker, code: int | None, signal: object) -> None:
-        print(f"worker {worker.pid} died ({signal or code})", flush=True)
+    def on_exit(worker: cluster.Worker, code: int | None, sig: signal.Signals | None) -> None:
+        print(f"worker {worker.pid} died ({sig.name if sig else code})", flush=True)
 
     cluster.run()
 else:
