@@ -6,6 +6,7 @@ from typing import Any
 
 from . import _logging, _messaging
 from ._config import Config
+from ._health import ShutdownDelay
 from ._primary import Primary
 from ._sockets import bind_listeners
 
@@ -24,6 +25,8 @@ def serve(config: Config) -> int:
         for lst in listeners:
             lst.close()
         raise
+    if config.health_path is not None or config.shutdown_delay > 0:
+        primary.add_component(ShutdownDelay(config))
     return primary.run()
 
 
