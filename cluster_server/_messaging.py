@@ -113,6 +113,8 @@ class LoopLink(Endpoint):
         self._loop_thread = threading.get_ident()
         for kind in ("msg", "req", "res"):
             server.handlers[kind] = self.dispatch
+        if self.channel.pending:  # queued while the app was imported, before there was a loop
+            loop.add_writer(self.channel.fileno(), self._flush)
 
     def default_loop(self) -> asyncio.AbstractEventLoop | None:
         return self.loop
