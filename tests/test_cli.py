@@ -22,7 +22,34 @@ from cluster_server._cli import build_command, cli
 from cluster_server._config import options
 
 #: the uvicorn flags issue #2 promises, spelled as uvicorn spells them
-UVICORN_FLAGS = ["--host", "--port", "--uds", "--fd", "--workers", "--loop", "--http", "--ws", "--lifespan", "--interface", "--factory", "--app-dir", "--env-file", "--root-path", "--proxy-headers", "--no-proxy-headers", "--forwarded-allow-ips", "--log-level", "--access-log", "--no-access-log", "--timeout-keep-alive", "--limit-concurrency", "--backlog", "--ssl-keyfile", "--ssl-certfile", "--version"]
+UVICORN_FLAGS = [
+    "--host",
+    "--port",
+    "--uds",
+    "--fd",
+    "--workers",
+    "--loop",
+    "--http",
+    "--ws",
+    "--lifespan",
+    "--interface",
+    "--factory",
+    "--app-dir",
+    "--env-file",
+    "--root-path",
+    "--proxy-headers",
+    "--no-proxy-headers",
+    "--forwarded-allow-ips",
+    "--log-level",
+    "--access-log",
+    "--no-access-log",
+    "--timeout-keep-alive",
+    "--limit-concurrency",
+    "--backlog",
+    "--ssl-keyfile",
+    "--ssl-certfile",
+    "--version",
+]
 
 
 @pytest.fixture(autouse=True)
