@@ -49,7 +49,15 @@ def free_port() -> int:
 class Server:
     """A cluster-server process started by a test."""
 
-    def __init__(self, args: list[str], cwd: Path, env: dict[str, str], log: Path, port: int | None) -> None:
+    def __init__(
+        self,
+        args: list[str],
+        cwd: Path,
+        env: dict[str, str],
+        log: Path,
+        port: int | None,
+        pass_fds: tuple[int, ...] = (),
+    ) -> None:
         self.args, self.cwd, self.log_path, self.port = args, cwd, log, port
         self._log = open(log, "wb")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen(
@@ -59,6 +67,7 @@ class Server:
             stdout=self._log,
             stderr=subprocess.STDOUT,
             start_new_session=True,
+            pass_fds=pass_fds,
         )
 
     @property
@@ -124,11 +133,14 @@ def write_app(tmp_path: Path) -> Callable[[str, str], Path]:
 def start_server(tmp_path: Path) -> Iterator[Callable[..., Server]]:
     """Start ``cluster-server ARGS`` (cwd and --app-dir: the test's tmp dir); killed at the end.
 
-    A free ``--port`` is added unless the args name ``--port``, ``--uds`` or ``--fd``.
+    A free ``--port`` is added unless the args name ``--port``, ``--uds`` or ``--fd``;
+    ``pass_fds`` are inherited by the server (for ``--fd``).
     """
     servers: list[Server] = []
 
-    def start(*args: str, env: dict[str, str] | None = None, cwd: Path | None = None) -> Server:
+    def start(
+        *args: str, env: dict[str, str] | None = None, cwd: Path | None = None, pass_fds: tuple[int, ...] = ()
+    ) -> Server:
         argv = list(args)
         port = None
         if not any(a in argv for a in ("--port", "--uds", "--fd")):
@@ -140,7 +152,7 @@ def start_server(tmp_path: Path) -> Iterator[Callable[..., Server]]:
         if "WEB_CONCURRENCY" not in (env or {}):
             full_env.pop("WEB_CONCURRENCY", None)
         log = tmp_path / f"server-{len(servers)}.log"
-        server = Server(argv, cwd or tmp_path, full_env, log, port)
+        server = Server(argv, cwd or tmp_path, full_env, log, port, pass_fds)
         servers.append(server)
         return server
 
