@@ -493,6 +493,8 @@ class Primary:
             if w.state is not _S.BOOTING:
                 logger.warning("%s said ready twice; ignored", w.name)
                 return
+            if w.exit_status:
+                return  # read only after it was reaped (see child_exited): it serves nothing
             self.worker_ready(w)
         elif kind == "boot_error":
             err = msg.get("error")

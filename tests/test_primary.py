@@ -65,6 +65,7 @@ class FakeLauncher:
         self.events: list[tuple[str, Any, Any]] = []
         self.channels = channels
         self.peers: dict[int, socket.socket] = {}  # pid -> the worker's end of its channel
+        self.ours: list[Channel] = []
 
     def spawn(self, worker: Worker) -> tuple[int, Channel | None]:
         self.next_pid += 1
@@ -74,7 +75,8 @@ class FakeLauncher:
             return self.next_pid, None
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         self.peers[self.next_pid] = theirs
-        return self.next_pid, Channel(ours)
+        self.ours.append(Channel(ours))
+        return self.next_pid, self.ours[-1]
 
     def kill(self, pid: int, sig: int) -> None:
         self.kills.append((pid, sig))
@@ -86,6 +88,8 @@ class FakeLauncher:
     def close(self) -> None:
         for sock in self.peers.values():
             sock.close()
+        for ch in self.ours:
+            ch.close()
 
 
 class Cluster:
@@ -543,7 +547,8 @@ def test_garbage_on_a_real_channel_is_dropped(caplog_info: pytest.LogCaptureFixt
     assert caplog_info.text.count("dropped a message") == 4
     assert w.state is WorkerState.READY
     assert len(os.listdir("/proc/self/fd")) == fds_before, "the fd sent with garbage was closed"
-    c.launcher.close()
+    for sock in c.launcher.peers.values():
+        sock.close()
     c.p._on_channel(w, selectors.EVENT_READ)  # EOF: the channel is closed, nothing raised
     assert w.channel is not None and w.channel.closed
 
@@ -557,6 +562,7 @@ def test_boot_error_still_unread_when_the_exit_is_reaped() -> None:
     c.exit(w, exited(EXIT_BOOT_FAILURE))  # reaped before the selector saw the channel
     assert type(c.p.fatal) is AppLoadError
     assert str(c.p.fatal) == "module 'app' has no attribute 'nope'"
+    c.launcher.close()
 
 
 def test_components_see_events_and_unknown_messages() -> None:
@@ -584,3 +590,16 @@ def test_describe_status() -> None:
     assert describe_status(exited(3)) == "exit code 3"
     assert describe_status(killed(signal.SIGKILL)) == "killed by SIGKILL"
     assert describe_status(killed(signal.SIGTERM)) == "killed by SIGTERM"
+
+
+def test_ready_read_after_the_worker_was_reaped_does_not_count() -> None:
+    c = Cluster(workers=2, channels=True).start()
+    old = sorted(c.p.workers)
+    c.p.roll("test")
+    new = c.replacement(1)
+    c.launcher.peers[new.pid].send(encode({"t": "ready"}))  # then it dies at once
+    c.exit(new, killed(signal.SIGSEGV))
+    assert new.state is WorkerState.FAILED
+    assert c.p.roll_state is None, "the roll stops: its replacement never served"
+    assert sorted(c.p.workers) == old and c.launcher.kills == [], "the old workers keep serving"
+    c.launcher.close()
