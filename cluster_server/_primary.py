@@ -70,6 +70,10 @@ class Worker:
     requests: int = 0
     connections: int = 0
     boot_error: str | None = None
+    #: "load" (import / factory / uvicorn config) or "lifespan", from the boot_error message
+    boot_stage: str | None = None
+    #: SIGKILL was sent: no further deadlines, just wait for the reap
+    killed: bool = False
     #: draining: SIGKILL at this time; hung: SIGKILL after the stack dump
     kill_at: float | None = None
     #: why the primary is stopping it ("drain", "timeout", "rolled", ...), None if it was not asked
@@ -201,6 +205,8 @@ class Primary:
             if slot.pid is None and slot.replacement is None and not self.stopping:
                 times.append(slot.respawn_at)
         for w in self.workers.values():
+            if w.killed:
+                continue
             if w.kill_at is not None:
                 times.append(w.kill_at)
             elif w.state is _S.BOOTING:
@@ -349,6 +355,10 @@ class Primary:
         if w is None:
             return
         w.exit_status = describe_status(status)
+        if w.channel is not None and not w.channel.closed:
+            # Its last messages (a boot_error, say) may still be unread when the
+            # exit is reaped first: read them before closing the channel.
+            self._on_channel(w, selectors.EVENT_READ)
         w.move(exit_state(w.state))
         self._forget_channel(w)
         level = logging.INFO if w.stop_reason in ("drain", "rolled", "scaled down") else logging.WARNING
@@ -374,7 +384,7 @@ class Primary:
             if w.boot_error is not None:
                 err: ClusterServerError = (
                     AppLoadError(w.boot_error)
-                    if _exit_code(status) == EXIT_BOOT_FAILURE and "lifespan" not in w.boot_error
+                    if _exit_code(status) == EXIT_BOOT_FAILURE and w.boot_stage != "lifespan"
                     else WorkerBootError(w.boot_error)
                 )
             else:
@@ -397,16 +407,19 @@ class Primary:
         now = self.clock()
         cfg = self.config
         for w in list(self.workers.values()):
+            if w.killed:
+                continue
             if w.kill_at is not None:
                 if now >= w.kill_at:
                     logger.warning("%s did not stop in time; sending SIGKILL", w.name)
                     self.launcher.kill(w.pid, signal.SIGKILL)
-                    w.kill_at = None
+                    w.kill_at, w.killed = None, True
             elif w.state is _S.BOOTING and now - w.spawned_at >= cfg.ready_timeout:
                 w.boot_error = f"worker {w.id} was not ready within {cfg.ready_timeout:g} s (--ready-timeout)"
                 logger.error("%s was not ready within %g s; killing it", w.name, cfg.ready_timeout)
                 w.stop_reason = "ready timeout"
                 self.launcher.kill(w.pid, signal.SIGKILL)
+                w.killed = True
             elif w.state is _S.READY and cfg.worker_timeout and now - w.last_heartbeat >= cfg.worker_timeout:
                 logger.error(
                     "%s sent no heartbeat for %.1f s (--worker-timeout %g): its event loop is blocked; "
@@ -484,10 +497,14 @@ class Primary:
             if w.state is not _S.BOOTING:
                 logger.warning("%s said ready twice; ignored", w.name)
                 return
+            if w.exit_status:
+                return  # read only after it was reaped (see child_exited): it serves nothing
             self.worker_ready(w)
         elif kind == "boot_error":
             err = msg.get("error")
             w.boot_error = str(err)[:2000] if err is not None else "unknown error"
+            stage = msg.get("stage")
+            w.boot_stage = stage if isinstance(stage, str) else None
         else:
             logger.warning("%s sent an unknown message %.200r; ignored", w.name, msg)
 
@@ -579,7 +596,10 @@ class Primary:
             for pid in (slot.pid, slot.replacement):
                 if pid is not None and pid in self.workers:
                     self.drain_worker(self.workers[pid], "scaled down")
+            if self.roll_state is not None and self.roll_state.current == i:
+                self.roll_state.current = None  # that slot is gone: roll the next one
         self.manage_workers()
+        self.advance_roll()
 
     def drain_worker(self, w: Worker, reason: str = "drain") -> None:
         """Ask a worker to stop gracefully; SIGKILL it after --graceful-timeout."""
@@ -612,6 +632,7 @@ class Primary:
         self.stopping = True
         for w in self.workers.values():
             self.launcher.kill(w.pid, signal.SIGKILL)
+            w.killed = True
 
     def _shutdown(self) -> None:
         """Leave nothing behind: no worker, no socket file, no signal handler."""

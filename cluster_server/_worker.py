@@ -5,8 +5,9 @@ Messages a worker sends on its channel (JSON objects, key ``t`` is the type):
 - ``{"t": "ready"}`` once lifespan startup finished and the sockets are served;
 - ``{"t": "hb", "r": requests, "c": open_connections}`` every heartbeat interval,
   from the event loop;
-- ``{"t": "boot_error", "error": "..."}`` when the app cannot be loaded or its
-  lifespan startup fails (then the worker exits with status 3).
+- ``{"t": "boot_error", "error": "...", "stage": "load" | "lifespan"}`` when the
+  app cannot be loaded or its lifespan startup fails (then the worker exits
+  with status 3).
 
 Messages it handles (``server.handlers``): ``{"t": "health", "ok": bool}``
 (``--health-path`` answers 503 once ``ok`` is false; see ``_health.py``).
@@ -178,10 +179,11 @@ def _run(config: Config, spec: WorkerSpec, channel: Channel) -> int:
         uconfig = uvicorn_config(config, app)
         uconfig.load()
     except AppLoadError as exc:
-        report({"t": "boot_error", "error": str(exc)})
+        report({"t": "boot_error", "error": str(exc), "stage": "load"})
         return EXIT_BOOT_FAILURE
     except SystemExit:  # uvicorn's Config.load exits on what it cannot load
-        report({"t": "boot_error", "error": f"uvicorn could not load {config.app_name}; see the log above"})
+        error = f"uvicorn could not load {config.app_name}; see the log above"
+        report({"t": "boot_error", "error": error, "stage": "load"})
         return EXIT_BOOT_FAILURE
 
     server = WorkerServer(
@@ -232,7 +234,7 @@ def _run(config: Config, spec: WorkerSpec, channel: Channel) -> int:
     except SystemExit as exc:
         if not server.started:  # lifespan startup failed; uvicorn logged why
             error = f"lifespan startup of {config.app_name} failed; see the log above"
-            report({"t": "boot_error", "error": error})
+            report({"t": "boot_error", "error": error, "stage": "lifespan"})
             return EXIT_BOOT_FAILURE
         return exc.code if isinstance(exc.code, int) else 1
     return 0

@@ -50,7 +50,14 @@ class Server:
     """A cluster-server process started by a test."""
 
     def __init__(
-        self, args: list[str], cwd: Path, env: dict[str, str], log: Path, port: int | None, wrapper: Sequence[str] = ()
+        self,
+        args: list[str],
+        cwd: Path,
+        env: dict[str, str],
+        log: Path,
+        port: int | None,
+        wrapper: Sequence[str] = (),
+        pass_fds: tuple[int, ...] = (),
     ) -> None:
         self.args, self.cwd, self.log_path, self.port = args, cwd, log, port
         self._log = open(log, "wb")  # noqa: SIM115 - closed in stop()
@@ -61,6 +68,7 @@ class Server:
             stdout=self._log,
             stderr=subprocess.STDOUT,
             start_new_session=True,
+            pass_fds=pass_fds,
         )
 
     @property
@@ -126,13 +134,18 @@ def write_app(tmp_path: Path) -> Callable[[str, str], Path]:
 def start_server(tmp_path: Path) -> Iterator[Callable[..., Server]]:
     """Start ``cluster-server ARGS`` (cwd and --app-dir: the test's tmp dir); killed at the end.
 
-    A free ``--port`` is added unless the args name ``--port``, ``--uds`` or ``--fd``.
-    ``wrapper`` is a command to run it under (``["unshare", "--pid", "--fork"]``).
+    A free ``--port`` is added unless the args name ``--port``, ``--uds`` or ``--fd``;
+    ``pass_fds`` are inherited by the server (for ``--fd``); ``wrapper`` is a
+    command to run it under (``["unshare", "--pid", "--fork"]``).
     """
     servers: list[Server] = []
 
     def start(
-        *args: str, env: dict[str, str] | None = None, cwd: Path | None = None, wrapper: Sequence[str] = ()
+        *args: str,
+        env: dict[str, str] | None = None,
+        cwd: Path | None = None,
+        wrapper: Sequence[str] = (),
+        pass_fds: tuple[int, ...] = (),
     ) -> Server:
         argv = list(args)
         port = None
@@ -145,7 +158,7 @@ def start_server(tmp_path: Path) -> Iterator[Callable[..., Server]]:
         if "WEB_CONCURRENCY" not in (env or {}):
             full_env.pop("WEB_CONCURRENCY", None)
         log = tmp_path / f"server-{len(servers)}.log"
-        server = Server(argv, cwd or tmp_path, full_env, log, port, wrapper)
+        server = Server(argv, cwd or tmp_path, full_env, log, port, wrapper, pass_fds)
         servers.append(server)
         return server
 
