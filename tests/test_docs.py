@@ -80,3 +80,26 @@ def test_index_documents_every_signal_the_primary_handles() -> None:
     assert {"TERM", "INT", "QUIT", "HUP", "TTIN", "TTOU"} <= handled
     documented = set(re.findall(r"^\| `([A-Z]+)` \|", index, re.M))
     assert handled == documented
+
+
+def test_cli_reference_matches_help_output() -> None:
+    """Every flag `cluster-server --help` prints is in docs/cli.md, and nothing else is."""
+    import subprocess
+    import sys
+
+    out = subprocess.run(
+        [sys.executable, "-m", "cluster_server", "--help"],
+        capture_output=True,
+        text=True,
+        env={"COLUMNS": "200", "PATH": "/usr/bin:/bin"},
+        check=True,
+    ).stdout
+    # the option column: lines that start (after indentation) with a flag, e.g. "--a / --no-a INTEGER"
+    decls = [m.group(1) for m in re.finditer(r"(?m)^\s{2}(-[^\n]*?)(?:\s{2,}|$)", out)]
+    help_flags = {f for d in decls for f in re.findall(r"--[a-z][a-z0-9-]*", d)} - {"--help", "--version"}
+    cli_md = (ROOT / "docs" / "cli.md").read_text()
+    doc_flags = set(re.findall(r"`(--[a-z][a-z0-9-]*)", cli_md)) | set(re.findall(r" / (--no-[a-z0-9-]*)", cli_md))
+    doc_flags -= {"--help", "--version"}
+    assert help_flags, out
+    assert help_flags - doc_flags == set(), "in --help but not in docs/cli.md"
+    assert doc_flags - help_flags == set(), "in docs/cli.md but not in --help"
