@@ -7,6 +7,7 @@ from typing import Any
 from . import _logging
 from ._config import Config
 from ._primary import Primary
+from ._recycle import Recycler
 from ._sockets import bind_listeners
 
 
@@ -19,6 +20,8 @@ def serve(config: Config) -> int:
     listeners = bind_listeners(config)
     try:
         primary = Primary(config, listeners)
+        if Recycler.wanted(config):
+            primary.add_component(Recycler(config))
     except BaseException:
         for lst in listeners:
             lst.close()
