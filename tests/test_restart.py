@@ -8,6 +8,7 @@ roll and the old workers keep serving.
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import threading
 import time
@@ -296,7 +297,23 @@ def test_rolling_restart_under_load_loses_nothing(
     assert server.log().count("draining (rolled)") == 4
 
 
-def test_restart_serves_changed_code(start_server: Callable[..., Server], write_app: Callable[[str, str], Path]) -> None:
+def test_sighup_to_the_whole_process_group_rolls_instead_of_killing_workers(
+    start_server: Callable[..., Server], write_app: Callable[[str, str], Path]
+) -> None:
+    write_app("myapp", RESTART_APP)
+    server = start_server("myapp:app", "--workers", "2", "--no-access-log").wait_ready()
+    old = server.worker_pids()
+    with LoadLoop(server.url, threads=2) as load:
+        wait_until(lambda: load.count() > 20, 10, what="load running")
+        os.killpg(server.pid, signal.SIGHUP)  # the primary started its own session: pgid == pid
+        _generation_done(server, 2, old)
+    assert load.failures == []
+    assert "exited (exit code 0)" in server.log() and "killed by SIGHUP" not in server.log()
+
+
+def test_restart_serves_changed_code(
+    start_server: Callable[..., Server], write_app: Callable[[str, str], Path]
+) -> None:
     write_app("myapp", RESTART_APP)
     server = start_server("myapp:app", "--workers", "2", env=NO_PYC).wait_ready()
     assert server.get().text.startswith("v1 ")
