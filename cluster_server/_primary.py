@@ -587,9 +587,8 @@ class Primary:
         """A replacement died or timed out before it was ready: stop, keep what serves."""
         roll = self.roll_state
         why = w.boot_error or f"worker {w.id} exited ({w.exit_status}) before it was ready"
-        if roll is None:
-            logger.error("replacement %s failed: %s", w.name, why)
-            return
+        if roll is None or self.stopping:
+            return  # stopped meanwhile: nothing to keep going
         self.roll_state = None
         slot = self.slots.get(w.id)
         old = self.workers.get(slot.pid) if slot is not None and slot.pid is not None else None
