@@ -136,14 +136,14 @@ def test_max_requests_recycles_without_losing_a_request(
 ) -> None:
     write_app("myapp", RESTART_APP)
     server = start_server(
-        "myapp:app", "--workers", "2", "--no-access-log", "--max-requests", "300", "--heartbeat-interval", "0.2"
+        "myapp:app", "--workers", "2", "--no-access-log", "--max-requests", "150", "--heartbeat-interval", "0.2"
     ).wait_ready()
     first = set(server.worker_pids())
     with LoadLoop(server.url, threads=4, max_requests=1000) as load:
         server.wait_log("recycled worker", count=3, timeout=30)
     assert load.failures == [], load.failures[:5]
     log = server.log()
-    assert "served" in log and "(--max-requests 300)" in log
+    assert "served" in log and "(--max-requests 150)" in log
     assert "stopped" not in log
     wait_until(lambda: len(server.worker_pids()) == 2, 10)
     assert set(server.worker_pids()).isdisjoint(first)

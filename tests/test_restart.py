@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import signal
 import threading
 import time
@@ -182,6 +183,7 @@ def test_stop_during_a_roll_drops_it() -> None:
 
 RESTART_APP = """
 import os
+import re
 VERSION = "v1"
 
 async def app(scope, receive, send):
@@ -362,6 +364,29 @@ def test_replacement_that_is_not_ready_in_time_stops_the_roll(
     assert "not ready within 1 s (--ready-timeout)" in server.log()
     wait_until(lambda: server.worker_pids() == old, 5, what="the slow replacement killed")
     assert server.get().status_code == 200
+
+
+def test_old_worker_killed_mid_roll(
+    start_server: Callable[..., Server], write_app: Callable[[str, str], Path], tmp_path: Path
+) -> None:
+    slow_startup = RESTART_APP.replace(
+        'await send({"type": "lifespan.startup.complete"})',
+        'import asyncio, pathlib\n                if pathlib.Path("slow").exists(): await asyncio.sleep(0.5)\n'
+        '                await send({"type": "lifespan.startup.complete"})',
+    )
+    write_app("myapp", slow_startup)
+    server = start_server("myapp:app", "--workers", "2", "--no-access-log").wait_ready()
+    old = server.worker_pids()
+    slot2 = int(re.findall(r"worker 2 \[pid (\d+)\] ready", server.log())[0])
+    (tmp_path / "slow").touch()
+    server.signal(signal.SIGHUP)
+    server.wait_log("rolling restart to generation 2")
+    os.kill(slot2, signal.SIGKILL)  # slot 2 is not rolled yet: slot 1's replacement is booting
+    server.wait_log("killed by SIGKILL")
+    _generation_done(server, 2, old)
+    assert "stopped" not in server.log()
+    wait_until(lambda: len(server.worker_pids()) == 2, 10, what="two workers")
+    assert len({server.get(headers={"connection": "close"}).text for _ in range(20)}) == 2
 
 
 def test_sigttin_adds_and_sigttou_drains_a_worker(
