@@ -100,8 +100,11 @@ def _read_response(sock: socket.socket) -> bytes:
         int(line.split(b":")[1]) for line in head.split(b"\r\n") if line.lower().startswith(b"content-length")
     )
     while len(body) < length:
-        body += sock.recv(65536)
-    return data
+        chunk = sock.recv(65536)
+        if not chunk:
+            raise ConnectionError(f"closed after {head + body!r}")
+        body += chunk
+    return head + b"\r\n\r\n" + body
 
 
 def _headers(response: bytes) -> dict[str, str]:
