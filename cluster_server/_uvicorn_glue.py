@@ -88,8 +88,10 @@ class WorkerServer(uvicorn.Server):
 
     async def startup(self, sockets: list[socket.socket] | None = None) -> None:
         config: Any = self.config
-        if not getattr(config.http_protocol_class, "_cluster_server_drains", False):
-            config.http_protocol_class = draining_protocol(config.http_protocol_class, self)
+        # Wrap uvicorn's own class for this server (a config built before a fork
+        # may carry another server's wrapper).
+        base = getattr(config.http_protocol_class, "_cluster_server_base", config.http_protocol_class)
+        config.http_protocol_class = draining_protocol(base, self)
         await super().startup(sockets=sockets)
         if self.started and not self.should_exit:
             self._on_ready()
@@ -179,7 +181,7 @@ def draining_protocol(base: Any, server: WorkerServer) -> Any:
     """
 
     class DrainingProtocol(base):  # type: ignore[misc]
-        _cluster_server_drains = True
+        _cluster_server_base = base
         _drain_timer: asyncio.TimerHandle | None = None
 
         def connection_made(self, transport: asyncio.BaseTransport) -> None:
