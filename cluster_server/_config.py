@@ -123,6 +123,13 @@ class Config:
     max_worker_lifetime_jitter: float = option(
         0.0, "Add a random 0..N seconds to --max-worker-lifetime for each worker.", group="processes", min=0
     )
+    shutdown_delay: float = option(
+        0.0,
+        "After SIGTERM, keep serving this many seconds, with --health-path answering 503, before draining: "
+        "time for load balancers and Kubernetes to stop sending traffic.",
+        group="processes",
+        min=0,
+    )
 
     # -- the app ----------------------------------------------------------------
     interface: InterfaceType = option("auto", "Application interface.", group="app")
@@ -153,6 +160,13 @@ class Config:
     h11_max_incomplete_event_size: int | None = option(
         None, "h11: largest request head in bytes (default: h11's 16 KiB).", group="http", min=1
     )
+    health_path: str | None = option(
+        None,
+        "Answer GET/HEAD on this path in every worker, before the app: 200 'ok' while serving, "
+        "503 once the server is shutting down (for readiness and liveness probes).",
+        group="http",
+        metavar="PATH",
+    )
 
     # -- logging ----------------------------------------------------------------
     log_level: LogLevelType = option("info", "Log level.", group="logging")
@@ -175,6 +189,8 @@ class Config:
                 raise ConfigError(f"APP must look like 'module:attribute' (e.g. main:app), not {self.app!r}")
         elif self.app is None:
             raise ConfigError("no APP given; pass 'module:attribute' (e.g. main:app)")
+        if self.health_path is not None and not self.health_path.startswith("/"):
+            raise ConfigError(f"--health-path must start with '/' (e.g. /healthz), not {self.health_path!r}")
         if self.uds is not None and self.fd is not None:
             raise ConfigError("--uds and --fd are alternatives; give one of them")
 

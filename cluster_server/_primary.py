@@ -129,7 +129,9 @@ class Component(Protocol):
     and ``tick()`` for its timers; ``worker_event(event, worker)`` with event in
     ``spawned ready draining exited``; ``worker_message(worker, msg, fds) -> bool``
     for message types the primary does not know (True: handled, fds taken);
-    ``close()`` when the primary exits.
+    ``defer_stop(why) -> bool`` on SIGTERM (True: the component stops the
+    cluster later itself, e.g. after --shutdown-delay); ``close()`` when the
+    primary exits.
     """
 
 
@@ -289,6 +291,8 @@ class Primary:
         pass  # reap_workers runs after every wake-up
 
     def handle_term(self) -> None:
+        if not self.stopping and any(_call(c, "defer_stop", "SIGTERM") for c in self.components):
+            return
         self.stop(graceful=True, why="SIGTERM")
 
     def handle_int(self) -> None:

@@ -6,6 +6,7 @@ from typing import Any
 
 from . import _logging
 from ._config import Config
+from ._health import ShutdownDelay
 from ._primary import Primary
 from ._recycle import Recycler
 from ._sockets import bind_listeners
@@ -20,12 +21,14 @@ def serve(config: Config) -> int:
     listeners = bind_listeners(config)
     try:
         primary = Primary(config, listeners)
-        if Recycler.wanted(config):
-            primary.add_component(Recycler(config))
     except BaseException:
         for lst in listeners:
             lst.close()
         raise
+    if config.health_path is not None or config.shutdown_delay > 0:
+        primary.add_component(ShutdownDelay(config))
+    if Recycler.wanted(config):
+        primary.add_component(Recycler(config))
     return primary.run()
 
 

@@ -237,3 +237,9 @@ def _shutdown_when_open(ws: Any, interval: float = 0.02) -> None:
 def run_on_fresh_loop(main: Coroutine[Any, Any, None], uconfig: uvicorn.Config) -> None:
     """Run ``main`` on a new event loop of the configured kind (uvloop or asyncio)."""
     asyncio_run(main, loop_factory=uconfig.get_loop_factory())
+
+
+def wrap_loaded_app(uconfig: uvicorn.Config, wrap: Callable[[Any], Any]) -> None:
+    """Put an ASGI middleware around the app uvicorn loaded (after ``Config.load()``),
+    outside uvicorn's own wrappers (WSGI adapter, proxy headers...)."""
+    uconfig.loaded_app = wrap(uconfig.loaded_app)

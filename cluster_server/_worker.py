@@ -7,6 +7,9 @@ Messages a worker sends on its channel (JSON objects, key ``t`` is the type):
   from the event loop;
 - ``{"t": "boot_error", "error": "..."}`` when the app cannot be loaded or its
   lifespan startup fails (then the worker exits with status 3).
+
+Messages it handles (``server.handlers``): ``{"t": "health", "ok": bool}``
+(``--health-path`` answers 503 once ``ok`` is false; see ``_health.py``).
 """
 
 from __future__ import annotations
@@ -29,7 +32,8 @@ from . import _proc
 from ._channel import Channel
 from ._config import Config
 from ._errors import AppLoadError, ChannelError
-from ._uvicorn_glue import WorkerServer, run_on_fresh_loop
+from ._health import HealthMiddleware, HealthState, health_handler
+from ._uvicorn_glue import WorkerServer, run_on_fresh_loop, wrap_loaded_app
 
 logger = logging.getLogger("cluster_server.worker")
 
@@ -185,6 +189,10 @@ def _run(config: Config, spec: WorkerSpec, channel: Channel) -> int:
         on_heartbeat=lambda s: report({"t": "hb", "r": s.total_requests, "c": s.open_connections}),
         heartbeat_interval=config.heartbeat_interval,
     )
+    if (health_path := config.health_path) is not None:
+        health = HealthState()
+        wrap_loaded_app(uconfig, lambda app: HealthMiddleware(app, health_path, health))
+        server.handlers["health"] = health_handler(health)
 
     def orphaned(*_: Any) -> None:
         # The primary is gone: finish quickly, and never outlive it by more than ~2 s.

@@ -15,7 +15,7 @@ import subprocess
 import sys
 import textwrap
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -49,11 +49,13 @@ def free_port() -> int:
 class Server:
     """A cluster-server process started by a test."""
 
-    def __init__(self, args: list[str], cwd: Path, env: dict[str, str], log: Path, port: int | None) -> None:
+    def __init__(
+        self, args: list[str], cwd: Path, env: dict[str, str], log: Path, port: int | None, wrapper: Sequence[str] = ()
+    ) -> None:
         self.args, self.cwd, self.log_path, self.port = args, cwd, log, port
         self._log = open(log, "wb")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "cluster_server", *args],
+            [*wrapper, sys.executable, "-m", "cluster_server", *args],
             cwd=cwd,
             env=env,
             stdout=self._log,
@@ -125,10 +127,13 @@ def start_server(tmp_path: Path) -> Iterator[Callable[..., Server]]:
     """Start ``cluster-server ARGS`` (cwd and --app-dir: the test's tmp dir); killed at the end.
 
     A free ``--port`` is added unless the args name ``--port``, ``--uds`` or ``--fd``.
+    ``wrapper`` is a command to run it under (``["unshare", "--pid", "--fork"]``).
     """
     servers: list[Server] = []
 
-    def start(*args: str, env: dict[str, str] | None = None, cwd: Path | None = None) -> Server:
+    def start(
+        *args: str, env: dict[str, str] | None = None, cwd: Path | None = None, wrapper: Sequence[str] = ()
+    ) -> Server:
         argv = list(args)
         port = None
         if not any(a in argv for a in ("--port", "--uds", "--fd")):
@@ -140,7 +145,7 @@ def start_server(tmp_path: Path) -> Iterator[Callable[..., Server]]:
         if "WEB_CONCURRENCY" not in (env or {}):
             full_env.pop("WEB_CONCURRENCY", None)
         log = tmp_path / f"server-{len(servers)}.log"
-        server = Server(argv, cwd or tmp_path, full_env, log, port)
+        server = Server(argv, cwd or tmp_path, full_env, log, port, wrapper)
         servers.append(server)
         return server
 
