@@ -101,6 +101,28 @@ class Config:
     heartbeat_interval: float = option(
         1.0, "Seconds between heartbeats a worker sends from its event loop.", group="processes", min=0.05
     )
+    max_requests: int = option(
+        0,
+        "Recycle a worker after it served this many requests (a new worker is started and ready "
+        "before the old one drains); 0 disables.",
+        group="processes",
+        min=0,
+    )
+    max_requests_jitter: int = option(
+        0, "Add a random 0..N to --max-requests for each worker, so they do not recycle together.", group="processes", min=0
+    )
+    max_worker_memory: float = option(
+        0.0,
+        "Recycle a worker whose resident memory (RSS, sampled every second) exceeds this many MiB; 0 disables.",
+        group="processes",
+        min=0,
+    )
+    max_worker_lifetime: float = option(
+        0.0, "Recycle a worker after it served for this many seconds; 0 disables.", group="processes", min=0
+    )
+    max_worker_lifetime_jitter: float = option(
+        0.0, "Add a random 0..N seconds to --max-worker-lifetime for each worker.", group="processes", min=0
+    )
     shutdown_delay: float = option(
         0.0,
         "After SIGTERM, keep serving this many seconds, with --health-path answering 503, before draining: "

@@ -104,7 +104,11 @@ class Slot:
 
 @dataclass
 class Roll:
-    """A rolling restart in progress: one slot at a time, replacement first."""
+    """A rolling restart in progress: one slot at a time, replacement first.
+
+    A recycle (max requests, memory, lifetime) is a roll of one slot that keeps
+    the slot's generation.
+    """
 
     generation: int
     reason: str
@@ -112,6 +116,7 @@ class Roll:
     started_at: float
     current: int | None = None  # slot being rolled
     done: list[int] = field(default_factory=list)
+    recycle: bool = False
 
 
 class Launcher(Protocol):
@@ -151,7 +156,8 @@ class Primary:
         self.slots: dict[int, Slot] = {i: Slot(i) for i in range(1, config.workers + 1)}
         self.generation = 1
         self.roll_state: Roll | None = None
-        self._roll_again: str | None = None
+        #: rolls asked for while one ran: (reason, slots or None for all), run in order
+        self.roll_queue: list[tuple[str, list[int] | None]] = []
         self.ever_ready = False
         self.stopping = False
         self.fatal: ClusterServerError | None = None
@@ -528,18 +534,39 @@ class Primary:
     def roll(self, reason: str, slots: list[int] | None = None) -> bool:
         """Start a rolling restart: each slot gets a new worker, ready before the old one drains.
 
-        Returns False if one is already running (another is queued after it).
+        ``slots`` limits it to those slots (default: all). Returns False if one is
+        already running: this one is queued and starts when that one ends, whether
+        it succeeded or stopped (the code may have been fixed meanwhile). Queued
+        requests for every slot coalesce into one.
         """
         if self.stopping:
             return False
         if self.roll_state is not None:
-            self._roll_again = reason
+            if slots is None:
+                # A full roll covers everything queued so far.
+                self.roll_queue = [(reason, None)]
+            elif not any(q is None for _, q in self.roll_queue):
+                self.roll_queue.append((reason, list(slots)))
             logger.info("rolling restart (%s) queued after the one in progress", reason)
             return False
         self.generation += 1
-        pending = sorted(self.slots) if slots is None else sorted(s for s in slots if s in self.slots)
+        pending = sorted(self.slots) if slots is None else sorted(s for s in set(slots) if s in self.slots)
         self.roll_state = Roll(self.generation, reason, pending, started_at=self.clock())
         logger.info("rolling restart to generation %d (%s): %d worker(s)", self.generation, reason, len(pending))
+        self.advance_roll()
+        return True
+
+    def recycle(self, slot_id: int, reason: str) -> bool:
+        """Replace one slot's worker (replacement first), keeping its generation.
+
+        False (and nothing queued) if a roll is running or the slot is busy; the
+        caller asks again later.
+        """
+        slot = self.slots.get(slot_id)
+        if self.stopping or self.roll_state is not None or slot is None or slot.replacement is not None:
+            return False
+        self.roll_state = Roll(slot.generation, reason, [slot_id], started_at=self.clock(), recycle=True)
+        logger.info("recycling worker %d (%s)", slot_id, reason)
         self.advance_roll()
         return True
 
@@ -554,11 +581,18 @@ class Primary:
             roll.current = slot.id
             slot.replacement = self.spawn_worker(slot, roll.generation).pid
             return
-        logger.info("rolling restart to generation %d done in %.2f s", roll.generation, self.clock() - roll.started_at)
+        took = self.clock() - roll.started_at
+        if roll.recycle:
+            logger.info("recycled worker %s in %.2f s", ", ".join(map(str, roll.done)), took)
+        else:
+            logger.info("rolling restart to generation %d done in %.2f s", roll.generation, took)
         self.roll_state = None
-        if self._roll_again is not None:
-            again, self._roll_again = self._roll_again, None
-            self.roll(again)
+        self._next_roll()
+
+    def _next_roll(self) -> None:
+        while self.roll_queue and self.roll_state is None and not self.stopping:
+            reason, slots = self.roll_queue.pop(0)
+            self.roll(reason, slots)
 
     def _roll_step_done(self, slot: Slot, new: Worker) -> None:
         old_pid, slot.pid, slot.replacement = slot.pid, new.pid, None
@@ -571,17 +605,27 @@ class Primary:
             self.advance_roll()
 
     def _roll_failed(self, w: Worker) -> None:
+        """A replacement died or timed out before it was ready: stop, keep what serves."""
         roll = self.roll_state
-        why = w.boot_error or f"it exited ({w.exit_status}) before it was ready"
-        logger.error(
-            "rolling restart to generation %d stopped: %s; the previous generation keeps serving",
-            w.generation,
-            why,
-        )
+        why = w.boot_error or f"worker {w.id} exited ({w.exit_status}) before it was ready"
+        if roll is None or self.stopping:
+            return  # stopped meanwhile: nothing to keep going
         self.roll_state = None
-        self._roll_again = None
-        if roll is not None:
-            self.generation = max(self.generation, roll.generation)
+        slot = self.slots.get(w.id)
+        old = self.workers.get(slot.pid) if slot is not None and slot.pid is not None else None
+        keeps = f"{old.name} keeps serving" if old is not None else f"worker {w.id} will be restarted"
+        if roll.recycle:
+            logger.error("recycling worker %d stopped: %s; %s", w.id, why, keeps)
+        else:
+            logger.error(
+                "rolling restart to generation %d stopped: %s; %d of %d worker(s) were replaced, "
+                "the others keep serving their generation",
+                roll.generation,
+                why,
+                len(roll.done),
+                len(roll.done) + len(roll.pending) + 1,
+            )
+        self._next_roll()
 
     def scale(self, n: int) -> None:
         """Change the number of slots; removed slots' workers drain."""
@@ -591,13 +635,14 @@ class Primary:
         logger.info("scaling from %d to %d workers", current, n)
         for i in range(current + 1, n + 1):
             self.slots[i] = Slot(i, generation=self.generation)
+        roll = self.roll_state
         for i in range(current, n, -1):
             slot = self.slots.pop(i)
             for pid in (slot.pid, slot.replacement):
                 if pid is not None and pid in self.workers:
                     self.drain_worker(self.workers[pid], "scaled down")
-            if self.roll_state is not None and self.roll_state.current == i:
-                self.roll_state.current = None  # that slot is gone: roll the next one
+            if roll is not None and roll.current == i:
+                roll.current = None  # its replacement drains; go on with the next slot
         self.manage_workers()
         self.advance_roll()
 
@@ -607,6 +652,7 @@ class Primary:
             return
         w.move(_S.DRAINING)
         w.stop_reason = reason
+        logger.info("%s draining (%s)", w.name, reason)
         self.emit("draining", w)
         w.kill_at = self.clock() + self.config.graceful_timeout
         self.launcher.kill(w.pid, signal.SIGTERM)
@@ -616,6 +662,7 @@ class Primary:
             logger.info("stopping (%s): draining %d worker(s)", why, len(self.workers))
         self.stopping = True
         self.roll_state = None
+        self.roll_queue.clear()
         if graceful:
             for w in list(self.workers.values()):
                 self.drain_worker(w)

@@ -8,6 +8,7 @@ from . import _logging, _messaging
 from ._config import Config
 from ._health import ShutdownDelay
 from ._primary import Primary
+from ._recycle import Recycler
 from ._sockets import bind_listeners
 
 
@@ -27,6 +28,8 @@ def serve(config: Config) -> int:
         raise
     if config.health_path is not None or config.shutdown_delay > 0:
         primary.add_component(ShutdownDelay(config))
+    if Recycler.wanted(config):
+        primary.add_component(Recycler(config))
     return primary.run()
 
 
