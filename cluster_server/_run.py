@@ -8,6 +8,7 @@ from . import _logging
 from ._config import Config
 from ._primary import Primary
 from ._sockets import bind_listeners
+from ._tls import check_tls
 
 
 def serve(config: Config) -> int:
@@ -16,6 +17,7 @@ def serve(config: Config) -> int:
     Raises ``BindError``, ``AppLoadError`` or ``WorkerBootError`` when the
     cluster cannot start. Does not touch logging configuration.
     """
+    check_tls(config)  # a bad key or certificate: one error now, not a crash loop in every worker
     listeners = bind_listeners(config)
     try:
         primary = Primary(config, listeners)
