@@ -36,7 +36,7 @@ def check_tls(config: Config) -> ssl.SSLContext | None:
             ciphers=config.ssl_ciphers,
         )
     except ssl.SSLError as exc:
-        what = exc.reason or str(exc)
+        what = getattr(exc, "reason", None) or (exc.args[-1] if exc.args else exc)
         if "cipher" in str(exc).lower():
             raise ConfigError(f"--ssl-ciphers {config.ssl_ciphers!r}: OpenSSL accepts none of them ({what})") from None
         raise ConfigError(

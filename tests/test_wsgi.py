@@ -216,3 +216,25 @@ def test_flask_example(start_server: Any) -> None:
         if pids == set(workers):
             break
     assert pids == set(workers)
+
+
+@pytest.mark.parametrize("attr", ["application", "asgi_application"])
+def test_django_example(start_server: Any, attr: str) -> None:
+    """The same Django project as WSGI (through a2wsgi) and as ASGI, told apart by signature."""
+    pytest.importorskip("django")
+    server = start_server(f"examples.django_app.app:{attr}", "--workers", "2").wait_ready()
+    workers = server.worker_pids()
+    data = server.get("/").json()
+    assert data["message"].startswith("Hello from Django") and data["pid"] in workers
+    posted = httpx.post(server.url + "/form", data={"name": "Ada"}, timeout=10)
+    assert posted.status_code == 200 and posted.json()["greeting"] == "Hello, Ada!"
+    assert httpx.post(server.url + "/form", data={}, timeout=10).status_code == 400
+    assert server.get("/form").status_code == 405
+    arrived = []
+    with httpx.stream("GET", server.url + "/stream?count=5", timeout=10) as response:
+        lines = []
+        for line in response.iter_lines():
+            lines.append(line)
+            arrived.append(time.monotonic())
+    assert [line.split(" from ")[0] for line in lines] == [f"line {i}" for i in range(5)]
+    assert arrived[-1] - arrived[0] > 0.2  # 0.1 s apart at the source: streamed, not buffered
