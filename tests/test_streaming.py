@@ -136,3 +136,21 @@ def test_websocket_closed_with_1012_on_rolling_restart(start_server: Any, policy
     assert ws.close_code == 1012
     server.wait_log("rolling restart to generation 2 done")  # the replacement serves websockets again
     check_echo(server)
+
+
+@pytest.mark.parametrize(("http", "loop"), [("httptools", "uvloop"), ("h11", "asyncio")])
+def test_websocket_and_sse_outlive_the_request_header_timeout(
+    start_server: Any, tls_files: TLSFiles, http: str, loop: str
+) -> None:
+    """The request-head timer stops at the end of the head: upgraded and streaming connections live on."""
+    server = start_server(
+        EXAMPLE, "--http", http, "--loop", loop, "--timeout-request-header", "0.5", *tls_files.server_args()
+    ).wait_ready()
+    ctx = tls_files.client_context()
+    with connect(_ws_url(server, True), ssl=ctx, open_timeout=10) as ws:
+        time.sleep(1.2)
+        ws.send("still here")
+        assert ws.recv(timeout=10) == "still here"
+    with httpx.stream("GET", _base(server, True) + "/stream?count=3&interval=0.5", timeout=10, verify=ctx) as response:
+        events = [line for line in response.iter_lines() if line.startswith("data: ")]
+    assert len(events) == 3
