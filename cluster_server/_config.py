@@ -42,12 +42,15 @@ class OptionSpec:
     cli: bool = True
 
 
-def option(default: Any, help: str, *, group: str = "server", **spec: Any) -> Any:
-    """Declare a Config field: its default plus everything the CLI and docs need."""
+def option(default: Any, help: str, *, group: str = "server", secret: bool = False, **spec: Any) -> Any:
+    """Declare a Config field: its default plus everything the CLI and docs need.
+
+    ``secret=True`` keeps the value out of ``repr(config)``.
+    """
     meta = {"option": OptionSpec(help=help, group=group, **spec)}
     if isinstance(default, list | dict | set):
         raise TypeError("mutable defaults are not allowed in Config; use a tuple")
-    return field(default=default, metadata=meta)
+    return field(default=default, metadata=meta, repr=not secret)
 
 
 @dataclass(frozen=True)
@@ -75,7 +78,7 @@ class Config:
     ssl_keyfile: str | None = option(None, "TLS private key file.", group="socket", metavar="PATH")
     ssl_certfile: str | None = option(None, "TLS certificate file (PEM).", group="socket", metavar="PATH")
     ssl_keyfile_password: str | None = option(
-        None, "Password of an encrypted --ssl-keyfile (prefer the environment variable).", group="socket"
+        None, "Password of an encrypted --ssl-keyfile (prefer the environment variable).", group="socket", secret=True
     )
     ssl_ca_certs: str | None = option(
         None, "CA certificates file (PEM) to verify client certificates with.", group="socket", metavar="PATH"

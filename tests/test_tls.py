@@ -81,3 +81,26 @@ def test_bad_tls_material_is_one_error_at_start(tmp_path: Path, write_app: Any, 
     # TLS options without a certificate
     result = _cli("hello:app", "--ssl-ca-certs", str(tls_files.ca_certs), cwd=tmp_path)
     assert result.returncode == 2 and "need --ssl-certfile" in result.stderr, result.stderr
+
+
+def test_encrypted_key_with_password_from_the_environment(
+    start_server: Any, write_app: Any, tls_files: TLSFiles, tmp_path: Path
+) -> None:
+    from cryptography.hazmat.primitives import serialization
+
+    key = serialization.load_pem_private_key(tls_files.keyfile.read_bytes(), password=None)
+    encrypted = tmp_path / "encrypted.key"
+    encrypted.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.BestAvailableEncryption(b"s3cret"),
+        )
+    )
+    write_app("hello", HELLO_APP)
+    tls_args = ["--ssl-certfile", str(tls_files.certfile), "--ssl-keyfile", str(encrypted)]
+    result = _cli("hello:app", *tls_args, "--ssl-keyfile-password", "wrong", cwd=tmp_path)
+    assert result.returncode == 2 and "Error: cannot load the TLS key/certificate" in result.stderr, result.stderr
+    server = start_server("hello:app", *tls_args, env={"CLUSTER_SERVER_SSL_KEYFILE_PASSWORD": "s3cret"}).wait_ready()
+    response = httpx.get(f"https://127.0.0.1:{server.port}/", verify=tls_files.client_context(), timeout=10)
+    assert response.status_code == 200
