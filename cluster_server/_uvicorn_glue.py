@@ -129,7 +129,9 @@ def guard_request_head(uconfig: uvicorn.Config, timeout: float, max_size: int) -
 
     - it starts watching when the connection opens, and again when the first
       bytes of a new request arrive on a keep-alive connection (between
-      requests, uvicorn's own ``--timeout-keep-alive`` applies);
+      requests, uvicorn's own ``--timeout-keep-alive`` applies); a timer is
+      armed only for a head that did not arrive whole in one read, so the common
+      keep-alive request costs no timer;
     - the head is complete when uvicorn starts a new request cycle (or hands the
       connection to its websocket protocol): it stops watching;
     - after ``timeout`` seconds still watching (0: never), it closes the
@@ -150,11 +152,15 @@ def guard_request_head(uconfig: uvicorn.Config, timeout: float, max_size: int) -
 
         def connection_made(self, transport: asyncio.Transport) -> None:
             super().connection_made(transport)
-            self._cs_watch()
+            self._cs_watching = True
+            self._cs_arm()  # a connection that never sends anything is closed too
 
         def data_received(self, data: bytes) -> None:
             if not self._cs_watching and (self.cycle is None or self.cycle.response_complete):
-                self._cs_watch()  # the next request on a keep-alive connection begins
+                # The next request on a keep-alive connection begins. No timer yet: most
+                # heads arrive whole in one read, and then none is needed.
+                self._cs_watching = True
+                self._cs_head_bytes = 0
             before = self.cycle
             super().data_received(data)
             if not self._cs_watching:
@@ -168,14 +174,14 @@ def guard_request_head(uconfig: uvicorn.Config, timeout: float, max_size: int) -
                 self._cs_stop()
                 log.warning("%s: request head over %d bytes; answered 431", _peer(self), max_size)
                 self._cs_answer(431, "Request Header Fields Too Large", "Request head too large.")
+            elif self._cs_timer is None:
+                self._cs_arm()
 
         def connection_lost(self, exc: Exception | None) -> None:
             self._cs_stop()
             super().connection_lost(exc)
 
-        def _cs_watch(self) -> None:
-            self._cs_watching = True
-            self._cs_head_bytes = 0
+        def _cs_arm(self) -> None:
             if timeout > 0:
                 self._cs_timer = asyncio.get_running_loop().call_later(timeout, self._cs_expired)
 
