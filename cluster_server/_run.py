@@ -10,6 +10,7 @@ from ._health import ShutdownDelay
 from ._primary import Primary
 from ._recycle import Recycler
 from ._sockets import bind_listeners
+from ._tls import check_tls
 
 
 def serve(config: Config) -> int:
@@ -18,6 +19,7 @@ def serve(config: Config) -> int:
     Raises ``BindError``, ``AppLoadError`` or ``WorkerBootError`` when the
     cluster cannot start. Does not touch logging configuration.
     """
+    check_tls(config)  # a bad key or certificate: one error now, not a crash loop in every worker
     listeners = bind_listeners(config)
     try:
         primary = Primary(config, listeners)

@@ -34,7 +34,8 @@ from ._channel import Channel
 from ._config import Config
 from ._errors import AppLoadError, ChannelError
 from ._health import HealthMiddleware, HealthState, health_handler
-from ._uvicorn_glue import WorkerServer, run_on_fresh_loop, wrap_loaded_app
+from ._interface import adapt_app
+from ._uvicorn_glue import WorkerServer, guard_request_head, run_on_fresh_loop, wrap_loaded_app
 
 logger = logging.getLogger("cluster_server.worker")
 
@@ -116,13 +117,14 @@ def uvicorn_config(config: Config, app: Any) -> uvicorn.Config:
     # Leave a little of the graceful timeout for lifespan shutdown before the
     # primary's SIGKILL.
     grace = max(config.graceful_timeout - min(1.0, config.graceful_timeout / 4), 0.0)
+    app, detected = adapt_app(app, config)  # a WSGI app comes back wrapped in a2wsgi (ASGI 3)
     return uvicorn.Config(
         app,
         loop=config.loop,
         http=config.http,
-        ws=config.ws,
+        ws="none" if detected == "wsgi" else config.ws,
         lifespan=config.lifespan,
-        interface=config.interface,
+        interface="asgi3" if detected == "wsgi" else detected,
         root_path=config.root_path,
         proxy_headers=config.proxy_headers,
         forwarded_allow_ips=config.forwarded_allow_ips,
@@ -134,6 +136,10 @@ def uvicorn_config(config: Config, app: Any) -> uvicorn.Config:
         backlog=config.backlog,
         ssl_keyfile=config.ssl_keyfile,
         ssl_certfile=config.ssl_certfile,
+        ssl_keyfile_password=config.ssl_keyfile_password,
+        ssl_ca_certs=config.ssl_ca_certs,
+        ssl_cert_reqs=config.ssl_cert_reqs,
+        ssl_ciphers=config.ssl_ciphers,
         timeout_graceful_shutdown=grace,  # type: ignore[arg-type]
         h11_max_incomplete_event_size=config.h11_max_incomplete_event_size,
         workers=1,
@@ -178,6 +184,7 @@ def _run(config: Config, spec: WorkerSpec, channel: Channel) -> int:
         app = load_app(config)
         uconfig = uvicorn_config(config, app)
         uconfig.load()
+        guard_request_head(uconfig, config.timeout_request_header, config.max_request_head_size)
     except AppLoadError as exc:
         report({"t": "boot_error", "error": str(exc), "stage": "load"})
         return EXIT_BOOT_FAILURE

@@ -182,3 +182,51 @@ async def app(scope, receive, send):
     await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"text/plain")]})
     await send({"type": "http.response.body", "body": str(os.getpid()).encode()})
 """
+
+
+class TLSFiles:
+    """A throwaway CA and a server certificate for 127.0.0.1/localhost, as PEM files."""
+
+    def __init__(self, tmp: Path) -> None:
+        trustme = pytest.importorskip("trustme", reason="the TLS tests need trustme (pip install -e '.[test]')")
+        self.ca = trustme.CA()
+        server = self.ca.issue_cert("127.0.0.1", "localhost")
+        self.certfile, self.keyfile, self.ca_certs = tmp / "server.pem", tmp / "server.key", tmp / "ca.pem"
+        server.cert_chain_pems[0].write_to_path(str(self.certfile))
+        for pem in server.cert_chain_pems[1:]:
+            pem.write_to_path(str(self.certfile), append=True)
+        server.private_key_pem.write_to_path(str(self.keyfile))
+        self.ca.cert_pem.write_to_path(str(self.ca_certs))
+
+    def server_args(self) -> list[str]:
+        return ["--ssl-certfile", str(self.certfile), "--ssl-keyfile", str(self.keyfile)]
+
+    def client_context(self) -> Any:
+        import ssl
+
+        ctx = ssl.create_default_context()
+        self.ca.configure_trust(ctx)
+        return ctx
+
+
+@pytest.fixture
+def tls_files(tmp_path: Path) -> TLSFiles:
+    """Certificates for a TLS server (skips when trustme is not installed)."""
+    return TLSFiles(tmp_path)
+
+
+def scheduling_policies() -> list[str]:
+    """Every value of ``--scheduling`` this build has (just the shared socket where there is no such option)."""
+    import typing
+
+    from cluster_server._config import Config, unwrap_optional
+
+    hint = typing.get_type_hints(Config).get("scheduling")
+    if hint is None:
+        return ["shared"]
+    return [str(v) for v in typing.get_args(unwrap_optional(hint)[0]) if v != "auto"]
+
+
+def scheduling_args(policy: str) -> list[str]:
+    """The CLI arguments that select ``policy`` (none where there is no --scheduling option)."""
+    return [] if scheduling_policies() == ["shared"] and policy == "shared" else ["--scheduling", policy]

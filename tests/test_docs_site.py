@@ -25,6 +25,7 @@ import yaml
 
 from cluster_server._cli import cli
 from cluster_server._config import Config
+from cluster_server._errors import ConfigError
 from tests.conftest import ROOT
 
 DOCS = ROOT / "docs"
@@ -212,6 +213,10 @@ def test_command_lines_in_the_docs_parse() -> None:
                     continue  # checked once the branch that adds the flag is merged
                 ctx = cli.make_context("cluster-server", args)
                 params = dict(ctx.params)
-                Config(app=params.pop("app"), **params)
+                try:
+                    Config(app=params.pop("app"), **params)
+                except ConfigError as exc:  # example paths (certificates...) need not exist here
+                    if "no such file" not in str(exc):
+                        raise
                 checked += 1
     assert checked >= 5

@@ -53,7 +53,14 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     app.state.items.clear()
 
 
-app = FastAPI(title="cluster-server example", lifespan=lifespan)
+try:
+    # Serve Swagger UI and ReDoc (/docs, /redoc) from a package instead of a CDN, so the
+    # docs pages work offline; without fastapi-offline, FastAPI's CDN pages are used.
+    from fastapi_offline import FastAPIOffline as _make_app
+except ImportError:  # pragma: no cover - optional
+    _make_app = FastAPI
+
+app: FastAPI = _make_app(title="cluster-server example", lifespan=lifespan)
 
 
 def on_cluster_message(app: FastAPI, msg: Any) -> None:
