@@ -527,7 +527,8 @@ class TemplateLauncher:
         self.templates: list[Template] = []  # ready, by generation
         self.building: Template | None = None
         self.holding = False  # --preload start-up: the slots wait for the first template
-        self.roll_wanted: tuple[str, float] | None = None  # a roll waiting for a new template, and when
+        #: a roll waiting for a new template: (reason, slots or None for all, when it was asked for)
+        self.roll_wanted: tuple[str, list[int] | None, float] | None = None
         self.approved = False  # the next roll() may start: its template is ready
         self.stale_files: list[str] = []
         self.disabled: str | None = None  # why no template is used any more
@@ -577,13 +578,17 @@ class TemplateLauncher:
             while t.backlog:
                 self.template_message(t, t.backlog.pop(0))
 
-    def before_roll(self, reason: str) -> bool:
+    def before_roll(self, reason: str, slots: list[int] | None = None) -> bool:
         if self.kind != "preload" or self.disabled:
             return True
         if self.approved:
             self.approved = False
             return True
-        self.roll_wanted = (reason, self.primary.clock())
+        if self.roll_wanted is not None and (slots is None or self.roll_wanted[1] is None):
+            slots = None  # a full roll covers a partial one asked for meanwhile
+        elif self.roll_wanted is not None and self.roll_wanted[1] is not None:
+            slots = sorted({*self.roll_wanted[1], *(slots or [])})
+        self.roll_wanted = (reason, slots, self.primary.clock())
         if self.building is None:
             logger.info("%s: importing the new code in a new preload template before the rolling restart", reason)
             self.build(self.primary.generation + 1)
@@ -668,14 +673,14 @@ class TemplateLauncher:
                 if slot.respawn_at == math.inf:
                     slot.respawn_at = now
             self.primary.manage_workers()
-        elif self.roll_wanted is not None and t.started_at >= self.roll_wanted[1]:
-            reason, _ = self.roll_wanted
+        elif self.roll_wanted is not None and t.started_at >= self.roll_wanted[2]:
+            reason, slots, _ = self.roll_wanted
             self.roll_wanted = None
             t.generation = self.primary.generation + 1
             self._add(t)
             self.approved = True
             try:
-                self.primary.roll(reason)
+                self.primary.roll(reason, slots)
             finally:
                 self.approved = False
             self.retire()

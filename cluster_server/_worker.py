@@ -5,8 +5,9 @@ Messages a worker sends on its channel (JSON objects, key ``t`` is the type):
 - ``{"t": "ready"}`` once lifespan startup finished and the sockets are served;
 - ``{"t": "hb", "r": requests, "c": open_connections}`` every heartbeat interval,
   from the event loop;
-- ``{"t": "boot_error", "error": "..."}`` when the app cannot be loaded or its
-  lifespan startup fails (then the worker exits with status 3).
+- ``{"t": "boot_error", "error": "...", "stage": "load" | "lifespan"}`` when the
+  app cannot be loaded or its lifespan startup fails (then the worker exits
+  with status 3).
 
 Messages it handles (``server.handlers``): ``{"t": "health", "ok": bool}``
 (``--health-path`` answers 503 once ``ok`` is false; see ``_health.py``).
@@ -30,12 +31,13 @@ from typing import Any, NoReturn
 
 import uvicorn
 
-from . import _proc
+from . import _messaging, _proc
 from ._channel import Channel
 from ._config import Config
 from ._errors import AppLoadError, ChannelError
 from ._health import HealthMiddleware, HealthState, health_handler
-from ._uvicorn_glue import WorkerServer, run_on_fresh_loop, wrap_loaded_app
+from ._interface import adapt_app
+from ._uvicorn_glue import WorkerServer, guard_request_head, run_on_fresh_loop, wrap_loaded_app
 
 logger = logging.getLogger("cluster_server.worker")
 
@@ -119,13 +121,14 @@ def uvicorn_config(config: Config, app: Any) -> uvicorn.Config:
     # Leave a little of the graceful timeout for lifespan shutdown before the
     # primary's SIGKILL.
     grace = max(config.graceful_timeout - min(1.0, config.graceful_timeout / 4), 0.0)
+    app, detected = adapt_app(app, config)  # a WSGI app comes back wrapped in a2wsgi (ASGI 3)
     return uvicorn.Config(
         app,
         loop=config.loop,
         http=config.http,
-        ws=config.ws,
+        ws="none" if detected == "wsgi" else config.ws,
         lifespan=config.lifespan,
-        interface=config.interface,
+        interface="asgi3" if detected == "wsgi" else detected,
         root_path=config.root_path,
         proxy_headers=config.proxy_headers,
         forwarded_allow_ips=config.forwarded_allow_ips,
@@ -137,6 +140,10 @@ def uvicorn_config(config: Config, app: Any) -> uvicorn.Config:
         backlog=config.backlog,
         ssl_keyfile=config.ssl_keyfile,
         ssl_certfile=config.ssl_certfile,
+        ssl_keyfile_password=config.ssl_keyfile_password,
+        ssl_ca_certs=config.ssl_ca_certs,
+        ssl_cert_reqs=config.ssl_cert_reqs,
+        ssl_ciphers=config.ssl_ciphers,
         timeout_graceful_shutdown=grace,  # type: ignore[arg-type]
         h11_max_incomplete_event_size=config.h11_max_incomplete_event_size,
         workers=1,
@@ -199,17 +206,20 @@ def _run(config: Config, spec: WorkerSpec, channel: Channel, load: Callable[[Con
         except (BrokenPipeError, ConnectionResetError):
             pass  # the primary is gone; the orphan path ends us
 
+    link = _messaging.enter_worker(spec.id, channel)  # cluster.is_worker, before the app is imported
     try:
         if config.env_file is not None:
             _proc.load_env_file(config.env_file)
         app = load(config)
         uconfig = uvicorn_config(config, app)
         uconfig.load()
+        guard_request_head(uconfig, config.timeout_request_header, config.max_request_head_size)
     except AppLoadError as exc:
-        report({"t": "boot_error", "error": str(exc)})
+        report({"t": "boot_error", "error": str(exc), "stage": "load"})
         return EXIT_BOOT_FAILURE
     except SystemExit:  # uvicorn's Config.load exits on what it cannot load
-        report({"t": "boot_error", "error": f"uvicorn could not load {config.app_name}; see the log above"})
+        error = f"uvicorn could not load {config.app_name}; see the log above"
+        report({"t": "boot_error", "error": error, "stage": "load"})
         return EXIT_BOOT_FAILURE
 
     server = WorkerServer(
@@ -235,6 +245,7 @@ def _run(config: Config, spec: WorkerSpec, channel: Channel, load: Callable[[Con
 
     async def serve() -> None:
         loop = asyncio.get_running_loop()
+        link.serve(server, loop)
 
         def on_channel() -> None:
             try:
@@ -259,7 +270,7 @@ def _run(config: Config, spec: WorkerSpec, channel: Channel, load: Callable[[Con
     except SystemExit as exc:
         if not server.started:  # lifespan startup failed; uvicorn logged why
             error = f"lifespan startup of {config.app_name} failed; see the log above"
-            report({"t": "boot_error", "error": error})
+            report({"t": "boot_error", "error": error, "stage": "lifespan"})
             return EXIT_BOOT_FAILURE
         return exc.code if isinstance(exc.code, int) else 1
     return 0

@@ -1,217 +1,105 @@
-"""The documentation site builds strictly, and what the docs say about flags is true.
-
-- ``mkdocs build --strict``: every nav entry has its page, every page is in the
-  nav, every link and anchor resolves (see ``validation`` in mkdocs.yml).
-- The migration pages' flag tables name real flags: the uvicorn column is
-  checked against uvicorn's own CLI, the gunicorn column against gunicorn's
-  settings, the cluster-server column against ours.
-- Every ``cluster-server ...`` command line in a shell block parses.
-"""
+"""The generated CLI reference cannot drift from the option declarations."""
 
 from __future__ import annotations
 
-import importlib.util
 import re
-import shlex
-import shutil
-import subprocess
-import sys
-from collections.abc import Callable
-from pathlib import Path
+import signal
 
-import click
 import pytest
-import yaml
 
-from cluster_server._cli import cli
-from cluster_server._config import Config
-from tests.conftest import ROOT
+from cluster_server import _docs
+from cluster_server._config import env_vars, options
+from cluster_server._primary import Primary
+from cluster_server._state import TRANSITIONS
 
-DOCS = ROOT / "docs"
-
-#: Pages the nav names that other branches write (the lead merges them). Where one
-#: is missing, the strict build runs on a copy of docs/ with a stub in its place, so
-#: this branch's pages are still checked; once merged, nothing is stubbed.
-OTHER_BRANCHES = {
-    "index.md": "issue 2",
-    "cli.md": "issue 2",
-    "scheduling.md": "issue 3",
-    "restarts.md": "issue 4",
-    "reload.md": "issue 5",
-    "preload.md": "issue 5",
-    "node-mapping.md": "issue 6",
-    "operations.md": "issue 7",
-    "systemd.md": "issue 7",
-    "wsgi.md": "issue 8",
-    "tls.md": "issue 8",
-}
-
-#: Flags the docs name that other branches add; allowed to be missing until merged.
-PENDING_FLAGS = {
-    "--scheduling": "issue 3",
-    "--max-requests": "issue 4",
-    "--max-requests-jitter": "issue 4",
-    "--max-worker-memory": "issue 4",
-    "--max-worker-lifetime": "issue 4",
-    "--reload": "issue 5",
-    "--reload-dir": "issue 5",
-    "--reload-include": "issue 5",
-    "--reload-exclude": "issue 5",
-    "--reload-delay": "issue 5",
-    "--preload": "issue 5",
-    "--pidfile": "issue 7",
-    "--user": "issue 7",
-    "--group": "issue 7",
-    "--umask": "issue 7",
-    "--metrics-bind": "issue 7",
-    "--control-socket": "issue 7",
-    "--ssl-keyfile-password": "issue 8",
-    "--ssl-ca-certs": "issue 8",
-    "--ssl-cert-reqs": "issue 8",
-    "--ssl-ciphers": "issue 8",
-    "--wsgi-threads": "issue 8",
-    "--max-request-head-size": "issue 8",
-}
+from .conftest import ROOT
 
 
-def nav_pages(nav: list[object]) -> list[str]:
-    pages: list[str] = []
-    for item in nav:
-        if isinstance(item, str):
-            pages.append(item)
-        elif isinstance(item, dict):
-            for value in item.values():
-                pages.extend(nav_pages(value) if isinstance(value, list) else [value])
-    return pages
+def test_generated_docs_are_up_to_date() -> None:
+    stale = [str(p.relative_to(ROOT)) for p in _docs.stale()]
+    assert stale == [], f"{stale} out of date: run `python -m cluster_server._docs` and commit the result"
 
 
-def mkdocs_config() -> dict[str, object]:
-    config = yaml.safe_load((ROOT / "mkdocs.yml").read_text())
-    assert isinstance(config, dict)
-    return config
+def test_check_mode_reports_staleness(capsys: pytest.CaptureFixture[str]) -> None:
+    assert _docs.main(["--check"]) == 0
+    assert _docs.main(["--bogus"]) == 2
 
 
-def test_nav_pages_are_here_or_come_from_another_branch() -> None:
-    pages = nav_pages(mkdocs_config()["nav"])  # type: ignore[arg-type]
-    assert len(pages) == len(set(pages)), "a page is in the nav twice"
-    for page in pages:
-        assert (DOCS / page).is_file() or page in OTHER_BRANCHES, f"{page} is in the nav but nowhere"
+def test_every_option_and_env_var_is_documented() -> None:
+    cli_md = _docs.render_cli_md()
+    table = _docs.render_flag_table()
+    for f, spec in options():
+        flag = spec.flag or "--" + f.name.replace("_", "-")
+        assert f"`{flag}" in cli_md and f"`{flag}" in table, flag
+        for env in env_vars(f.name, spec):
+            assert f"`{env}`" in cli_md
+        assert spec.help.replace("|", "\\|") in cli_md
 
 
-@pytest.mark.skipif(importlib.util.find_spec("mkdocs") is None, reason="mkdocs not installed (pip install .[docs])")
-@pytest.mark.skipif(importlib.util.find_spec("material") is None, reason="mkdocs-material not installed")
-def test_mkdocs_build_strict(tmp_path: Path) -> None:
-    config_file = ROOT / "mkdocs.yml"
-    missing = [page for page in OTHER_BRANCHES if not (DOCS / page).exists()]
-    if missing:
-        docs = tmp_path / "docs"
-        shutil.copytree(DOCS, docs)
-        for page in missing:
-            title = page.removesuffix(".md").replace("-", " ").capitalize()
-            (docs / page).write_text(f"# {title}\n\nWritten on another branch ({OTHER_BRANCHES[page]}).\n")
-        text = config_file.read_text()
-        text = re.sub(r"(?m)^docs_dir: .*$", f"docs_dir: {docs}", text)
-        config_file = tmp_path / "mkdocs.yml"
-        config_file.write_text(text)
-    site = tmp_path / "site"
-    proc = subprocess.run(
-        [sys.executable, "-m", "mkdocs", "build", "--strict", "-f", str(config_file), "-d", str(site)],
+def test_readme_table_is_replaced_between_the_markers() -> None:
+    text = f"before\n{_docs.BEGIN}\nold table\n{_docs.END}\nafter\n"
+    new = _docs.render_readme(text)
+    assert new.startswith(f"before\n{_docs.BEGIN}\n| Option |")
+    assert new.endswith(f"|\n{_docs.END}\nafter\n")
+    assert "old table" not in new
+    assert _docs.render_readme(new) == new
+    with pytest.raises(ValueError, match="no flag-table markers"):
+        _docs.render_readme("no markers here")
+
+
+def test_tables_have_the_same_number_of_cells_on_every_row() -> None:
+    """An unescaped '|' would shift a row's cells on GitHub."""
+    for text in (_docs.render_cli_md(), _docs.render_flag_table()):
+        rows = [line for line in text.splitlines() if line.startswith("| ")]
+        widths = {len(re.split(r"(?<!\\)\|", row)) for row in rows}
+        assert len(widths) == 1, widths
+
+
+def test_ci_runs_the_readme_test_command() -> None:
+    readme = (ROOT / "README.md").read_text()
+    m = re.search(r"^pip install -e '\.\[test\]' && (python -m pytest.*)$", readme, re.M)
+    assert m, "the README's quick start names the test command"
+    ci = (ROOT / ".ci" / "run").read_text()
+    assert re.search(r"^pip install (--quiet )?-e '\.\[test\]'$", ci, re.M)
+    assert re.search(rf"^\s*{re.escape(m.group(1))}\s*$", ci, re.M), "CI runs exactly the README's test command"
+
+
+def test_index_state_table_matches_the_code() -> None:
+    index = (ROOT / "docs" / "index.md").read_text()
+    for state, moves in TRANSITIONS.items():
+        m = re.search(rf"^\| `{state.value}` \| [^|]+ \| (.+) \|$", index, re.M)
+        assert m, f"state {state.value} is not in docs/index.md's state table"
+        documented = set(re.findall(r"`(\w+)`", m.group(1)))
+        assert documented == {s.value for s in moves}, state
+
+
+def test_index_documents_every_signal_the_primary_handles() -> None:
+    index = (ROOT / "docs" / "index.md").read_text()
+    names = {name[len("handle_") :].upper() for name in dir(Primary) if name.startswith("handle_")}
+    handled = {n for n in names if hasattr(signal, "SIG" + n)} - {"CHLD"}
+    assert {"TERM", "INT", "QUIT", "HUP", "TTIN", "TTOU"} <= handled
+    documented = set(re.findall(r"^\| `([A-Z]+)` \|", index, re.M))
+    assert handled == documented
+
+
+def test_cli_reference_matches_help_output() -> None:
+    """Every flag `cluster-server --help` prints is in docs/cli.md, and nothing else is."""
+    import subprocess
+    import sys
+
+    out = subprocess.run(
+        [sys.executable, "-m", "cluster_server", "--help"],
         capture_output=True,
         text=True,
-        timeout=120,
-    )
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    for svg in ("throughput.svg", "latency-p99.svg"):
-        assert (site / "img" / svg).is_file()
-    assert 'src="../img/throughput.svg"' in (site / "benchmarks" / "index.html").read_text()
-
-
-# -- flags named in the docs ---------------------------------------------------------
-
-
-def our_flags() -> set[str]:
-    flags = set()
-    for param in cli.params:
-        if isinstance(param, click.Option):
-            flags.update(param.opts + param.secondary_opts)
-    return flags
-
-
-def uvicorn_flags() -> set[str]:
-    from uvicorn.main import main
-
-    return {o for p in main.params if isinstance(p, click.Option) for o in p.opts + p.secondary_opts}
-
-
-def gunicorn_flags() -> set[str]:
-    from gunicorn.config import KNOWN_SETTINGS
-
-    return {flag for setting in KNOWN_SETTINGS for flag in (setting.cli or [])}
-
-
-def table_column_flags(page: str, header: str) -> list[str]:
-    """Every ``--flag``/``-f`` in backticks in the column titled ``header`` of the page's tables."""
-    flags: list[str] = []
-    column = None
-    for line in (DOCS / page).read_text().splitlines():
-        if not line.startswith("|"):
-            column = None
-            continue
-        cells = [c.strip() for c in line.strip().strip("|").split("|")]
-        if column is None:
-            column = cells.index(header) if header in cells else -1
-            continue
-        if column < 0 or set(cells[0]) <= set("-: "):
-            continue
-        for code in re.findall(r"`([^`]+)`", cells[column]):
-            flags.extend(w for w in code.split() if re.fullmatch(r"--?[a-z][a-z0-9_-]*", w))
-    return flags
-
-
-def _unknown(named: list[str], known: set[str]) -> list[str]:
-    return sorted({f for f in named if f not in known and f not in PENDING_FLAGS})
-
-
-@pytest.mark.parametrize(
-    ("page", "peer", "peer_flags"),
-    [
-        ("migrating-from-uvicorn.md", "uvicorn", uvicorn_flags),
-        ("migrating-from-gunicorn.md", "gunicorn", gunicorn_flags),
-    ],
-)
-def test_migration_tables_name_real_flags(page: str, peer: str, peer_flags: Callable[[], set[str]]) -> None:
-    theirs = table_column_flags(page, peer)
-    ours = table_column_flags(page, "cluster-server")
-    assert len(theirs) > 20 and len(ours) > 20, "the flag tables were not found"
-    assert sorted(set(theirs) - peer_flags()) == [], f"not {peer} flags"
-    assert _unknown(ours, our_flags()) == [], "not cluster-server flags"
-
-
-def test_every_uvicorn_option_is_mapped() -> None:
-    named = set(table_column_flags("migrating-from-uvicorn.md", "uvicorn"))
-    from uvicorn.main import main
-
-    long_flags = {p.opts[0] for p in main.params if isinstance(p, click.Option)} - {"--version", "--help"}
-    assert sorted(long_flags - named) == []
-
-
-def test_command_lines_in_the_docs_parse() -> None:
-    """``cluster-server APP ...`` in shell blocks: every flag exists and every value is valid."""
-    checked = 0
-    for page in sorted(DOCS.glob("*.md")):
-        text = re.sub(r"\\\n\s*", " ", page.read_text())  # join continued lines
-        for block in re.findall(r"```sh\n(.*?)```", text, flags=re.S):
-            for line in block.splitlines():
-                words = shlex.split(line, comments=True)
-                while words and re.fullmatch(r"[A-Z_]+=.*", words[0]):
-                    words.pop(0)
-                if not words or words[0] != "cluster-server" or len(words) < 2 or words[1].startswith("-"):
-                    continue
-                args = words[1:]
-                if any(a in PENDING_FLAGS for a in args):
-                    continue  # checked once the branch that adds the flag is merged
-                ctx = cli.make_context("cluster-server", args)
-                params = dict(ctx.params)
-                Config(app=params.pop("app"), **params)
-                checked += 1
-    assert checked >= 5
+        env={"COLUMNS": "200", "PATH": "/usr/bin:/bin"},
+        check=True,
+    ).stdout
+    # the option column: lines that start (after indentation) with a flag, e.g. "--a / --no-a INTEGER"
+    decls = [m.group(1) for m in re.finditer(r"(?m)^\s{2}(-[^\n]*?)(?:\s{2,}|$)", out)]
+    help_flags = {f for d in decls for f in re.findall(r"--[a-z][a-z0-9-]*", d)} - {"--help", "--version"}
+    cli_md = (ROOT / "docs" / "cli.md").read_text()
+    doc_flags = set(re.findall(r"`(--[a-z][a-z0-9-]*)", cli_md)) | set(re.findall(r" / (--no-[a-z0-9-]*)", cli_md))
+    doc_flags -= {"--help", "--version"}
+    assert help_flags, out
+    assert help_flags - doc_flags == set(), "in --help but not in docs/cli.md"
+    assert doc_flags - help_flags == set(), "in docs/cli.md but not in --help"

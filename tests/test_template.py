@@ -172,11 +172,18 @@ def test_launcher_defers_a_preload_roll_until_the_new_template_is_ready() -> Non
     primary = Primary(Config(app="app:app", workers=1, preload=True), [])
     launcher = TemplateLauncher(primary, "preload")
     started: list[int] = []
-    launcher.build = lambda generation: started.append(generation)  # type: ignore[method-assign]
+
+    def build(generation: int) -> None:  # what build() does, without a process
+        started.append(generation)
+        launcher.building = Template(launcher, "preload", generation)
+
+    launcher.build = build  # type: ignore[method-assign]
     primary.add_component(launcher)
     assert primary.roll("SIGHUP") is False  # not yet: the template imports the new code first
     assert started == [2] and primary.generation == 1 and primary.roll_state is None
-    assert launcher.roll_wanted is not None and launcher.roll_wanted[0] == "SIGHUP"
+    assert launcher.roll_wanted is not None and launcher.roll_wanted[:2] == ("SIGHUP", None)
+    assert primary.roll("one slot", [1]) is False  # still building: a partial roll joins the full one
+    assert started == [2] and launcher.roll_wanted[:2] == ("one slot", None)
 
 
 # -- load errors -----------------------------------------------------------------------
