@@ -25,6 +25,7 @@ GROUP_TITLES = {
     "app": "Application",
     "http": "HTTP",
     "logging": "Logging",
+    "operations": "Operations",
 }
 
 
@@ -103,4 +104,10 @@ cli = build_command()
 
 
 def main(argv: list[str] | None = None) -> None:
-    cli.main(args=argv, prog_name="cluster-server")
+    args = sys.argv[1:] if argv is None else argv
+    if args[:1] == ["ctl"]:  # `cluster-server ctl ...`: APP is never a bare "ctl" (it needs a ':')
+        from ._ctl import main as ctl_main
+
+        ctl_main(args[1:])
+        return
+    cli.main(args=args, prog_name="cluster-server")

@@ -43,3 +43,7 @@ class IllegalTransition(ClusterServerError):
 
 class ChannelError(ClusterServerError):
     """A message on a worker channel could not be decoded (logged and dropped)."""
+
+
+class ControlError(ClusterServerError):
+    """``cluster-server ctl`` could not talk to a server, or the server refused the command."""

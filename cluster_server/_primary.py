@@ -124,7 +124,9 @@ class Component(Protocol):
     and ``tick()`` for its timers; ``worker_event(event, worker)`` with event in
     ``spawned ready draining exited``; ``worker_message(worker, msg, fds) -> bool``
     for message types the primary does not know (True: handled, fds taken);
-    ``close()`` when the primary exits.
+    ``handle_<signal>()`` for a signal the component installed with the
+    primary's ``_queue_signal``; ``fds_to_close_in_child() -> list[int]``, its
+    fds a new worker must not keep; ``close()`` when the primary exits.
     """
 
 
@@ -201,6 +203,8 @@ class Primary:
         for w in self.workers.values():
             if w.kill_at is not None:
                 times.append(w.kill_at)
+            elif w.stop_reason is not None:
+                pass  # already killed: reaping it is next
             elif w.state is _S.BOOTING:
                 times.append(w.spawned_at + self.config.ready_timeout)
             elif w.state is _S.READY and self.config.worker_timeout:
@@ -275,9 +279,13 @@ class Primary:
     def _handle_signals(self) -> None:
         while self._signals:
             sig = self._signals.popleft()
-            handler = getattr(self, f"handle_{signal.Signals(sig).name[3:].lower()}", None)
+            name = f"handle_{signal.Signals(sig).name[3:].lower()}"
+            handler = getattr(self, name, None)
             if handler is not None:
                 handler()
+            else:  # a signal a component installed (SIGUSR2: upgrade)
+                for c in self.components:
+                    _call(c, name)
 
     def handle_chld(self) -> None:
         pass  # reap_workers runs after every wake-up
@@ -398,6 +406,8 @@ class Primary:
                     logger.warning("%s did not stop in time; sending SIGKILL", w.name)
                     self.launcher.kill(w.pid, signal.SIGKILL)
                     w.kill_at = None
+            elif w.stop_reason is not None:
+                continue  # already killed (SIGKILL sent): reaping it is next
             elif w.state is _S.BOOTING and now - w.spawned_at >= cfg.ready_timeout:
                 w.boot_error = f"worker {w.id} was not ready within {cfg.ready_timeout:g} s (--ready-timeout)"
                 logger.error("%s was not ready within %g s; killing it", w.name, cfg.ready_timeout)
@@ -649,6 +659,8 @@ class Primary:
         if self._selector is not None and hasattr(self._selector, "fileno"):
             fds.append(self._selector.fileno())
         fds.extend(w.channel.fileno() for w in self.workers.values() if w.channel and not w.channel.closed)
+        for c in self.components:
+            fds.extend(_call(c, "fds_to_close_in_child") or ())
         return fds
 
 

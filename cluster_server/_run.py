@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from . import _logging
+from . import _logging, _operations
 from ._config import Config
 from ._primary import Primary
 from ._sockets import bind_listeners
@@ -16,9 +16,11 @@ def serve(config: Config) -> int:
     Raises ``BindError``, ``AppLoadError`` or ``WorkerBootError`` when the
     cluster cannot start. Does not touch logging configuration.
     """
+    _operations.prepare(config)
     listeners = bind_listeners(config)
     try:
         primary = Primary(config, listeners)
+        _operations.install(primary)
     except BaseException:
         for lst in listeners:
             lst.close()

@@ -25,10 +25,10 @@ from typing import Any, NoReturn
 
 import uvicorn
 
-from . import _proc
+from . import _privileges, _proc
 from ._channel import Channel
 from ._config import Config
-from ._errors import AppLoadError, ChannelError
+from ._errors import AppLoadError, ChannelError, ClusterServerError
 from ._uvicorn_glue import WorkerServer, run_on_fresh_loop
 
 logger = logging.getLogger("cluster_server.worker")
@@ -155,6 +155,11 @@ def worker_main(config: Config, spec: WorkerSpec, channel_sock: socket.socket, c
 
 def _run(config: Config, spec: WorkerSpec, channel: Channel) -> int:
     _proc.set_title(f"cluster-server: worker {spec.id} [{config.app_name}]")
+    try:  # --user/--group, before the parent-death signal: changing credentials clears it
+        _privileges.drop(config)
+    except ClusterServerError as exc:
+        channel.send({"t": "boot_error", "error": str(exc)})
+        return EXIT_BOOT_FAILURE
     _proc.set_parent_death_signal(ORPHAN_SIGNAL)
     if os.getppid() != spec.primary_pid:
         return 1  # the primary died before we could ask to be told
