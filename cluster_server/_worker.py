@@ -196,7 +196,13 @@ def _run(config: Config, spec: WorkerSpec, channel: Channel) -> int:
         signal.alarm(int(ORPHAN_GRACE) + 1)
         server.drain(ORPHAN_GRACE)
 
-    signal.signal(ORPHAN_SIGNAL, orphaned)
+    def orphan_signal(*_: Any) -> None:
+        # Only if the primary is really gone: the same signal sent to the whole process
+        # group (`systemctl kill -s USR2`, meant for the primary's upgrade) is ignored.
+        if os.getppid() != spec.primary_pid:
+            orphaned()
+
+    signal.signal(ORPHAN_SIGNAL, orphan_signal)
     # A hung worker: the primary sends DUMP_SIGNAL, we print every thread's stack
     # (from C, so it works while the event loop is blocked), then it kills us.
     faulthandler.register(DUMP_SIGNAL, all_threads=True, chain=False)

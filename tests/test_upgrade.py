@@ -49,6 +49,8 @@ def test_ctl_upgrade_hands_everything_over(
     old_workers = ready_pids(status(path))
     out = ctl(path, "upgrade").stdout
     assert out.startswith("upgrading: new primary is pid ")
+    again = ctl(path, "upgrade").stdout
+    assert again.startswith("an upgrade is already in progress") or again.startswith("not upgrading: the server is")
     new = _upgraded(srv, pidfile, old_workers, path)
     assert int(srv.get().text) in ready_pids(status(path))
     metrics = httpx.get(f"http://127.0.0.1:{mport}/metrics", timeout=5).text
@@ -69,13 +71,17 @@ def test_sigusr2_under_load_loses_nothing(
     old_workers = ready_pids(status(path))
     with LoadLoop(srv.url) as load:
         wait_until(lambda: load.count() > 100, 10, what="load running")
-        srv.signal(signal.SIGUSR2)
+        # To the whole process group, as `systemctl kill -s USR2` does: the workers ignore it.
+        os.killpg(srv.pid, signal.SIGUSR2)
         _upgraded(srv, pidfile, old_workers, path)
         n = load.count()
         wait_until(lambda: load.count() > n + 100, 10, what="load served by the new workers")
     assert load.failures == [], load.failures[:5]
     served = {int(p) for p in load.pids}
     assert set(old_workers) <= served and set(ready_pids(status(path))) <= served
+    log = srv.log()
+    handover = log.index("has every worker ready")
+    assert "Shutting down" not in log[:handover], "no old worker stopped before the new ones were ready"
 
 
 def test_a_failed_upgrade_keeps_the_old_primary_serving(
