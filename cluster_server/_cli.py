@@ -93,7 +93,10 @@ def build_command(callback: Callable[..., Any] = _run_command) -> click.Command:
         "cluster-server",
         callback=callback,
         params=params,
-        help=("Serve APP ('module:attribute', an ASGI or WSGI app) with a primary process and forked uvicorn workers."),
+        help=(
+            "Serve APP ('module:attribute', an ASGI or WSGI app) with a primary process and forked uvicorn workers."
+            "\n\nControl a running server with `cluster-server ctl` (see `cluster-server ctl --help`)."
+        ),
         context_settings={"max_content_width": 100, "help_option_names": ["-h", "--help"]},
     )
     click.version_option(__version__, "--version", prog_name="cluster-server")(cmd)

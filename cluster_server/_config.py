@@ -151,12 +151,19 @@ class Config:
         None,
         "Workers switch to this user (name or uid) before loading the app; the primary keeps its own.",
         group="operations",
+        metavar="NAME|UID",
     )
     group: str | None = option(
-        None, "Workers switch to this group (name or gid); default: the --user's group.", group="operations"
+        None,
+        "Workers switch to this group (name or gid); default: the --user's group.",
+        group="operations",
+        metavar="NAME|GID",
     )
     umask: str | None = option(
-        None, "File mode creation mask, in octal (e.g. 022), for the primary and its workers.", group="operations"
+        None,
+        "File mode creation mask, in octal (e.g. 022), for the primary and its workers.",
+        group="operations",
+        metavar="OCTAL",
     )
     pidfile: str | None = option(
         None, "Write the primary's pid to this file (removed at exit).", group="operations", metavar="PATH"

@@ -496,9 +496,29 @@ def _peer_allowed(conn: socket.socket) -> bool:
 
 
 def find_servers(directory: str | None = None) -> list[str]:
-    """Control sockets in the default directory with a live server behind them."""
+    """Control sockets in the default directory with a live server behind them.
+
+    Stale ones (left by a server that was killed) are removed on the way: a
+    socket appears at its final path only once it listens (it is renamed into
+    place), so "connection refused" there means nobody will ever answer.
+    """
     directory = directory or runtime_dir()
-    return [p for p in sorted(glob.glob(os.path.join(glob.escape(directory), "*.sock"))) if _alive(p)]
+    alive = []
+    for path in sorted(glob.glob(os.path.join(glob.escape(directory), "*.sock"))):
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        probe.settimeout(1.0)
+        try:
+            probe.connect(path)
+        except ConnectionRefusedError:
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+        except OSError:
+            pass
+        else:
+            alive.append(path)
+        finally:
+            probe.close()
+    return alive
 
 
 def resolve(path: str | None) -> str:

@@ -283,6 +283,9 @@ def test_default_socket_path_is_found_without_options(
     srv = start_server("hello:app", env=env).wait_ready()
     expected = runtime / "cluster-server" / f"127.0.0.1_{srv.port}.sock"
     assert expected.exists()
+    stale = socket.socket(socket.AF_UNIX)
+    stale.bind(str(runtime / "cluster-server" / "127.0.0.1_1.sock"))  # a killed server's leftover
+    stale.close()
     assert stat.S_IMODE(os.stat(runtime / "cluster-server").st_mode) == 0o700
     out = subprocess.run(
         [sys.executable, "-m", "cluster_server", "ctl", "status", "--json"],
@@ -293,6 +296,7 @@ def test_default_socket_path_is_found_without_options(
     )
     assert out.returncode == 0, out.stderr
     assert json.loads(out.stdout)["pid"] == srv.pid
+    assert sorted(os.listdir(runtime / "cluster-server")) == [expected.name], "the stale one is cleaned up"
 
 
 # -- the primary's side, with a fake launcher and a fake clock --------------------
