@@ -47,6 +47,7 @@ import socket
 import stat
 import struct
 import tempfile
+import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -121,6 +122,8 @@ def _alive(path: str) -> bool:
     probe.settimeout(1.0)
     try:
         probe.connect(path)
+    except BlockingIOError:
+        return True  # listening, with a full queue
     except OSError:
         return False
     finally:
@@ -153,7 +156,7 @@ def bind(path: str, *, replace_live: bool = False) -> socket.socket:
     try:
         sock.bind(tmp)
         os.chmod(tmp, 0o600)
-        sock.listen(16)
+        sock.listen(64)
         os.rename(tmp, path)
     except OSError as exc:
         sock.close()
@@ -512,6 +515,8 @@ def find_servers(directory: str | None = None) -> list[str]:
         except ConnectionRefusedError:
             with contextlib.suppress(OSError):
                 os.unlink(path)
+        except BlockingIOError:
+            alive.append(path)  # listening, with a full queue
         except OSError:
             pass
         else:
@@ -543,9 +548,17 @@ def request(path: str, req: dict[str, Any], timeout: float = 10.0) -> Any:
     """Send one request, return its result; ControlError says what went wrong."""
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     sock.settimeout(timeout)
+    deadline = time.monotonic() + timeout
     try:
         try:
-            sock.connect(path)
+            while True:
+                try:
+                    sock.connect(path)
+                    break
+                except BlockingIOError:  # a Unix socket's listen queue is full: try again shortly
+                    if time.monotonic() > deadline:
+                        raise ControlError(f"the server at {path} accepts no connection (its queue is full)") from None
+                    time.sleep(0.02)
         except FileNotFoundError:
             raise ControlError(
                 f"no cluster-server is running at {path} (no such socket); "

@@ -129,7 +129,7 @@ def _from_fd(fd: int, backlog: int, systemd: bool = False) -> Listener:
         sock.listen(backlog)
     name = sock.getsockname()
     shown = f"unix:{name}" if sock.family == socket.AF_UNIX else f"http://{name[0]}:{name[1]}"
-    return Listener(sock, f"{'systemd ' if systemd else ''}fd {fd} ({shown})")
+    return Listener(sock, f"fd {fd} ({shown}{', from systemd' if systemd else ''})")
 
 
 # -- sockets passed in: systemd socket activation, and upgrades -----------------

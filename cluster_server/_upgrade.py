@@ -51,6 +51,8 @@ logger = logging.getLogger("cluster_server")
 UPGRADE_SIGNAL = signal.SIGUSR2
 #: extra seconds, beyond --ready-timeout, the new primary gets to say it is ready
 EXTRA_READY_TIME = 10.0
+#: a new primary that closed its pipe without saying it is ready gets this long to exit
+PIPE_CLOSED_GRACE = 5.0
 
 
 class PidFile:
@@ -219,8 +221,13 @@ class Upgrader:
             data = b""
         if data.startswith(b"R"):
             self._succeeded()
-        else:
-            self._failed("closed its pipe before it was ready (see its log above)")
+            return
+        # It closed the pipe without a word: it is exiting. Its exit status (and
+        # its own error, logged before it) says more; wait a little for it.
+        self._close_pipe()
+        assert self.primary is not None
+        self.deadline = self.primary.clock() + PIPE_CLOSED_GRACE
+        self._pipe_closed = True
 
     def _child_exited(self, pid: int, status: int) -> None:
         from ._primary import describe_status
@@ -263,6 +270,7 @@ class Upgrader:
             return
         self._close_pipe()
         self.child_pid = self.deadline = None
+        self._pipe_closed = False
         logger.error("upgrade failed: the new primary (pid %d) %s; this primary keeps serving", pid, why)
         if exited:
             return
@@ -275,6 +283,7 @@ class Upgrader:
             self._abandoned, self.kill_at = pid, p.clock() + p.config.graceful_timeout + 5
 
     _abandoned: int | None = None
+    _pipe_closed = False
 
     def _close_pipe(self) -> None:
         if self.pipe_r is not None:
@@ -292,7 +301,10 @@ class Upgrader:
         assert p is not None
         now = p.clock()
         if self.deadline is not None and now >= self.deadline:
-            self._failed(f"was not ready within {p.config.ready_timeout + EXTRA_READY_TIME:g} s")
+            if self._pipe_closed:
+                self._failed("closed its pipe before it was ready (see its log above)")
+            else:
+                self._failed(f"was not ready within {p.config.ready_timeout + EXTRA_READY_TIME:g} s")
         if self.kill_at is not None and now >= self.kill_at:
             self.kill_at = None
             if self._abandoned is not None and self._abandoned in p.on_child_exit:

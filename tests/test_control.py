@@ -202,18 +202,21 @@ def test_stop_is_graceful(server: tuple[Server, str]) -> None:
     assert not os.path.exists(path), "the control socket is removed at exit"
 
 
-def test_garbage_and_silent_clients_do_not_disturb_the_primary(server: tuple[Server, str]) -> None:
+def test_garbage_and_silent_clients_do_not_disturb_the_primary(
+    server: tuple[Server, str], request: pytest.FixtureRequest
+) -> None:
     srv, path = server
-    silent = []
+    silent: list[socket.socket] = []
+    request.addfinalizer(lambda: [s.close() for s in silent])
     for _ in range(40):  # more than the 32 served at once: the oldest silent ones are pushed out
         s = socket.socket(socket.AF_UNIX)
-        s.connect(path)
         silent.append(s)
+        s.connect(path)  # blocking: waits while the listen queue is full
 
     def send(data: bytes) -> bytes:
         with socket.socket(socket.AF_UNIX) as s:
-            s.settimeout(5)
             s.connect(path)
+            s.settimeout(5)
             try:
                 s.sendall(data)
                 s.shutdown(socket.SHUT_WR)
@@ -251,8 +254,6 @@ def test_garbage_and_silent_clients_do_not_disturb_the_primary(server: tuple[Ser
             return True
 
     wait_until(lambda: all(closed(s) for s in silent), _control.IDLE_TIMEOUT + 5, interval=0.2, what="silent ones cut")
-    for s in silent:
-        s.close()
     assert srv.proc.poll() is None
     assert "Traceback" not in srv.log()
 

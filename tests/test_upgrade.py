@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 from collections.abc import Callable
 from pathlib import Path
@@ -99,7 +100,10 @@ def test_a_failed_upgrade_keeps_the_old_primary_serving(
     app.write_text("this is not python(\n")  # the new primary's workers cannot import it
     srv.signal(signal.SIGUSR2)
     srv.wait_log("upgrade failed: the new primary", timeout=30)
-    assert "syntax error in" in srv.log()
+    log = srv.log()
+    # the successor's own error first, then the old primary's verdict with its exit status
+    assert log.index("Error: syntax error in") < log.index("upgrade failed: the new primary")
+    assert re.search(r"upgrade failed: the new primary \(pid \d+\) exited \(exit code 3\) before it was ready", log)
     assert srv.proc.poll() is None
     assert _pid_in(pidfile) == srv.pid
     st = status(path)
