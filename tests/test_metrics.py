@@ -150,3 +150,32 @@ def test_parse_bind() -> None:
     for bad in ("9100", "host:", "host:99999", "host:x"):
         with pytest.raises(ConfigError, match="HOST:PORT"):
             _metrics.parse_bind(bad)
+
+
+class _Backlog:
+    """What the round-robin scheduler does to report its queue."""
+
+    def metrics_samples(self) -> list[tuple[str, str, str, dict[str, str], float]]:
+        return [("cluster_server_accept_backlog", "Connections accepted, not yet handed over", "gauge", {}, 7)]
+
+
+def test_components_can_add_samples() -> None:
+    from cluster_server._config import Config
+    from cluster_server._primary import Primary
+    from cluster_server._status import ClusterWatch
+
+    p = Primary(Config(app="m:app", workers=1), [], clock=lambda: 0.0)
+    watch = ClusterWatch()
+    watch.attach(p)
+    server = _metrics.MetricsServer("127.0.0.1:0", watch)
+    try:
+        server.primary = p
+        p.components += [watch, _Backlog()]
+        response = server.respond(b"GET /metrics HTTP/1.1\r\nHost: x")
+        head, _, body = response.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 200 OK")
+        families = {f.name: f for f in text_string_to_metric_families(body.decode())}
+        assert families["cluster_server_accept_backlog"].samples[0].value == 7
+        assert families["cluster_server_workers"].type == "gauge"
+    finally:
+        server.close()
