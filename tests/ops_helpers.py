@@ -10,19 +10,10 @@ import time
 from typing import Any
 
 import httpx
-import pytest
 
-from cluster_server import _control, _uvicorn_glue
+from cluster_server import _control
 
 from .conftest import ROOT
-
-#: "zero failed requests" while workers drain needs the drain that answers a
-#: connection accepted but not yet read (the restart branch); until it is merged
-#: these tests are skipped, and after it they run.
-needs_lossless_drain = pytest.mark.skipif(
-    not hasattr(_uvicorn_glue, "DRAIN_IDLE_WINDOW"),
-    reason="needs the lossless drain (idle window) of the rolling-restart work, not merged here yet",
-)
 
 
 def ctl(path: str, *args: str, check: bool = True, timeout: float = 20) -> subprocess.CompletedProcess[str]:

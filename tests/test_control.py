@@ -23,7 +23,7 @@ from cluster_server._primary import Primary, Worker
 from cluster_server._status import ClusterWatch
 
 from .conftest import HELLO_APP, Server, wait_until
-from .ops_helpers import LoadLoop, ctl, needs_lossless_drain, ready_pids, status
+from .ops_helpers import LoadLoop, ctl, ready_pids, status
 
 
 @pytest.fixture
@@ -134,7 +134,6 @@ def test_a_second_user_cannot_connect(
         shutil.rmtree(directory, ignore_errors=True)
 
 
-@needs_lossless_drain
 def test_scale_up_and_down_under_load_loses_nothing(
     start_server: Callable[..., Server], write_app: Callable[[str, str], Path], tmp_path: Path
 ) -> None:

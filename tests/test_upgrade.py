@@ -11,7 +11,7 @@ from pathlib import Path
 import httpx
 
 from .conftest import HELLO_APP, Server, free_port, wait_until
-from .ops_helpers import LoadLoop, ctl, needs_lossless_drain, ready_pids, status
+from .ops_helpers import LoadLoop, ctl, ready_pids, status
 
 
 def _pid_in(pidfile: Path) -> int:
@@ -63,7 +63,6 @@ def test_ctl_upgrade_hands_everything_over(
     wait_until(lambda: not pidfile.exists() and not os.path.exists(path), 20, what="the new primary cleaned up")
 
 
-@needs_lossless_drain
 def test_sigusr2_under_load_loses_nothing(
     start_server: Callable[..., Server], write_app: Callable[[str, str], Path], tmp_path: Path
 ) -> None:
