@@ -232,6 +232,7 @@ class ControlServer:
         try:
             if not self.explicit:
                 _private_dir(os.path.dirname(self.path))
+                find_servers(os.path.dirname(self.path))  # removes sockets left by killed servers
             self.sock = bind(self.path, replace_live=replace_live)
         except (BindError, OSError) as exc:
             if self.explicit:

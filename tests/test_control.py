@@ -280,8 +280,13 @@ def test_default_socket_path_is_found_without_options(
     runtime = Path(tempfile.mkdtemp(prefix="cs-run-"))  # short: a socket path has at most 107 bytes
     request.addfinalizer(lambda: shutil.rmtree(runtime, ignore_errors=True))
     env = {"XDG_RUNTIME_DIR": str(runtime)}
+    (runtime / "cluster-server").mkdir(mode=0o700)
+    left = socket.socket(socket.AF_UNIX)
+    left.bind(str(runtime / "cluster-server" / "127.0.0.1_2.sock"))  # left by a server that was killed
+    left.close()
     srv = start_server("hello:app", env=env).wait_ready()
     expected = runtime / "cluster-server" / f"127.0.0.1_{srv.port}.sock"
+    assert sorted(os.listdir(runtime / "cluster-server")) == [expected.name], "a new server cleans up"
     assert expected.exists()
     stale = socket.socket(socket.AF_UNIX)
     stale.bind(str(runtime / "cluster-server" / "127.0.0.1_1.sock"))  # a killed server's leftover
