@@ -262,6 +262,43 @@ class Config:
         metavar="SECONDS",
     )
 
+    # -- operations (see docs/operations.md) ------------------------------------
+    control_socket: str | None = option(
+        None,
+        "Unix socket (mode 0600) that `cluster-server ctl` talks to. Default: "
+        "<runtime dir>/cluster-server/<address>.sock; '' disables it.",
+        group="operations",
+        metavar="PATH",
+    )
+    no_control_socket: bool = option(False, "Open no control socket.", group="operations")
+    metrics_bind: str | None = option(
+        None,
+        "Serve Prometheus metrics at http://HOST:PORT/metrics from the primary.",
+        group="operations",
+        metavar="HOST:PORT",
+    )
+    user: str | None = option(
+        None,
+        "Workers switch to this user (name or uid) before loading the app; the primary keeps its own.",
+        group="operations",
+        metavar="NAME|UID",
+    )
+    group: str | None = option(
+        None,
+        "Workers switch to this group (name or gid); default: the --user's group.",
+        group="operations",
+        metavar="NAME|GID",
+    )
+    umask: str | None = option(
+        None,
+        "File mode creation mask, in octal (e.g. 022), for the primary and its workers.",
+        group="operations",
+        metavar="OCTAL",
+    )
+    pidfile: str | None = option(
+        None, "Write the primary's pid to this file (removed at exit).", group="operations", metavar="PATH"
+    )
+
     # -- logging ----------------------------------------------------------------
     log_level: LogLevelType = option("info", "Log level.", group="logging")
     access_log: bool = option(True, "Log each request in uvicorn's access-log format.", group="logging", negatable=True)

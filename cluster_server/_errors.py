@@ -56,3 +56,7 @@ class DisconnectedError(ClusterServerError):
 
 class ClusterRoleError(ClusterServerError):
     """A primary-only function was called in a worker, or a worker-only one in the primary."""
+
+
+class ControlError(ClusterServerError):
+    """``cluster-server ctl`` could not talk to a server, or the server refused the command."""

@@ -134,12 +134,13 @@ class Component(Protocol):
     ``spawned ready draining exited``; ``worker_message(worker, msg, fds) -> bool``
     for message types the primary does not know (True: handled, fds taken);
     ``cannot_start(error) -> bool`` when the first generation cannot start (True:
-    handled, the primary keeps running); ``before_roll(reason, slots) -> bool`` before a
-    rolling restart starts (False: not yet, the component calls ``roll`` again
-    when ready); ``child_fds()``, fds of the primary's that a forked
-    process must close; ``defer_stop(why) -> bool`` on SIGTERM (True: the component
-    stops the cluster later itself, e.g. after --shutdown-delay); ``close()``
-    when the primary exits.
+    handled, the primary keeps running); ``before_roll(reason, slots) -> bool``
+    before a rolling restart starts (False: not yet, the component calls
+    ``roll`` again when ready); ``handle_<signal>()`` for a signal the component
+    installed with the primary's ``_queue_signal``; ``fds_to_close_in_child() ->
+    list[int]``, its fds a new worker must not keep; ``defer_stop(why) -> bool``
+    on SIGTERM (True: the component stops the cluster later itself, e.g. after
+    --shutdown-delay); ``close()`` when the primary exits.
     """
 
 
@@ -293,9 +294,13 @@ class Primary:
     def _handle_signals(self) -> None:
         while self._signals:
             sig = self._signals.popleft()
-            handler = getattr(self, f"handle_{signal.Signals(sig).name[3:].lower()}", None)
+            name = f"handle_{signal.Signals(sig).name[3:].lower()}"
+            handler = getattr(self, name, None)
             if handler is not None:
                 handler()
+            else:  # a signal a component installed (SIGUSR2: upgrade)
+                for c in self.components:
+                    _call(c, name)
 
     def handle_chld(self) -> None:
         pass  # reap_workers runs after every wake-up
@@ -734,7 +739,7 @@ class Primary:
             fds.append(self._selector.fileno())
         fds.extend(w.channel.fileno() for w in self.workers.values() if w.channel and not w.channel.closed)
         for c in self.components:
-            fds.extend(_call(c, "child_fds") or ())
+            fds.extend(_call(c, "fds_to_close_in_child") or ())
         return fds
 
 

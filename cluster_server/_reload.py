@@ -310,7 +310,7 @@ class Reloader:
             self.restart_at = None
             self.start_watcher()
 
-    def child_fds(self) -> list[int]:
+    def fds_to_close_in_child(self) -> list[int]:
         return [self.channel.fileno()] if self.channel is not None and not self.channel.closed else []
 
     def cannot_start(self, error: Exception) -> bool:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from . import _logging, _messaging, _template
+from . import _logging, _messaging, _operations, _template
 from ._config import Config
 from ._health import ShutdownDelay
 from ._primary import Primary
@@ -20,10 +20,12 @@ def serve(config: Config) -> int:
     cluster cannot start. Does not touch logging configuration.
     """
     check_tls(config)  # a bad key or certificate: one error now, not a crash loop in every worker
+    _operations.prepare(config)
     listeners = bind_listeners(config)
     try:
         primary = Primary(config, listeners)
         primary.add_component(_messaging.Messaging())  # cluster.send/broadcast/request from apps
+        _operations.install(primary)
         _template.install(primary)  # --preload / --reload
     except BaseException:
         for lst in listeners:

@@ -54,7 +54,7 @@ import traceback
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Literal, NoReturn
 
-from . import _channel, _proc
+from . import _channel, _privileges, _proc
 from ._channel import Channel, Message, send_blocking
 from ._config import Config
 from ._errors import AppLoadError, ChannelError, ClusterServerError
@@ -170,6 +170,11 @@ class _TemplateProcess:
 
     def run(self) -> int:
         _proc.set_title(f"cluster-server: template [{self.config.app_name}]")
+        try:  # the app's imports run as --user, as in a worker; before the parent-death signal
+            _privileges.drop(self.config)  # (changing credentials clears it)
+        except ClusterServerError as exc:
+            send_blocking(self.channel, {"t": "error", "error": str(exc)})
+            return EXIT_BOOT_FAILURE
         _proc.set_parent_death_signal(signal.SIGKILL)
         if os.getppid() != self.primary_pid:
             return 1
@@ -598,7 +603,7 @@ class TemplateLauncher:
         if event in ("ready", "exited"):
             self.retire()
 
-    def child_fds(self) -> list[int]:
+    def fds_to_close_in_child(self) -> list[int]:
         everyone = [*self.templates, *([self.building] if self.building else [])]
         return [fd for t in everyone if (fd := t.fileno()) is not None]
 

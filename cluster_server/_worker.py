@@ -31,10 +31,10 @@ from typing import Any, NoReturn
 
 import uvicorn
 
-from . import _messaging, _proc
+from . import _messaging, _privileges, _proc
 from ._channel import Channel
 from ._config import Config
-from ._errors import AppLoadError, ChannelError
+from ._errors import AppLoadError, ChannelError, ClusterServerError
 from ._health import HealthMiddleware, HealthState, health_handler
 from ._interface import adapt_app
 from ._uvicorn_glue import WorkerServer, guard_request_head, run_on_fresh_loop, wrap_loaded_app
@@ -191,6 +191,13 @@ def _await_parent(pid: int, timeout: float) -> bool:
 
 def _run(config: Config, spec: WorkerSpec, channel: Channel, load: Callable[[Config], Any] = load_app) -> int:
     _proc.set_title(f"cluster-server: worker {spec.id} [{config.app_name}]")
+    # (before dropping privileges: cluster-server's own imports do not depend on --user's rights)
+    link = _messaging.enter_worker(spec.id, channel)  # cluster.is_worker, before the app is imported
+    try:  # --user/--group, before the parent-death signal: changing credentials clears it
+        _privileges.drop(config)
+    except ClusterServerError as exc:
+        channel.send({"t": "boot_error", "error": str(exc)})
+        return EXIT_BOOT_FAILURE
     # The parent-death signal fires when the *current* parent dies: set it only
     # once the primary is our parent, or a template's middle process would fire it.
     if not _await_parent(spec.primary_pid, REPARENT_TIMEOUT):
@@ -206,7 +213,6 @@ def _run(config: Config, spec: WorkerSpec, channel: Channel, load: Callable[[Con
         except (BrokenPipeError, ConnectionResetError):
             pass  # the primary is gone; the orphan path ends us
 
-    link = _messaging.enter_worker(spec.id, channel)  # cluster.is_worker, before the app is imported
     try:
         if config.env_file is not None:
             _proc.load_env_file(config.env_file)
@@ -238,7 +244,13 @@ def _run(config: Config, spec: WorkerSpec, channel: Channel, load: Callable[[Con
         signal.alarm(int(ORPHAN_GRACE) + 1)
         server.drain(ORPHAN_GRACE)
 
-    signal.signal(ORPHAN_SIGNAL, orphaned)
+    def orphan_signal(*_: Any) -> None:
+        # Only if the primary is really gone: the same signal sent to the whole process
+        # group (`systemctl kill -s USR2`, meant for the primary's upgrade) is ignored.
+        if os.getppid() != spec.primary_pid:
+            orphaned()
+
+    signal.signal(ORPHAN_SIGNAL, orphan_signal)
     # A hung worker: the primary sends DUMP_SIGNAL, we print every thread's stack
     # (from C, so it works while the event loop is blocked), then it kills us.
     faulthandler.register(DUMP_SIGNAL, all_threads=True, chain=False)
