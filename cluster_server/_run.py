@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from . import _logging, _messaging, _operations, _template
+from . import _launcher, _logging, _messaging, _operations
 from ._config import Config
 from ._health import ShutdownDelay
 from ._primary import Primary
@@ -26,7 +26,7 @@ def serve(config: Config) -> int:
         primary = Primary(config, listeners)
         primary.add_component(_messaging.Messaging())  # cluster.send/broadcast/request from apps
         _operations.install(primary)
-        _template.install(primary)  # --preload / --reload
+        _launcher.install(primary)  # --preload / --reload
     except BaseException:
         for lst in listeners:
             lst.close()

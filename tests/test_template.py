@@ -17,8 +17,9 @@ import pytest
 from cluster_server._channel import Channel
 from cluster_server._config import Config
 from cluster_server._errors import AppLoadError
+from cluster_server._launcher import Template, TemplateLauncher
 from cluster_server._primary import Primary
-from cluster_server._template import Template, TemplateLauncher, load_with_traceback, short_traceback
+from cluster_server._template import load_with_traceback, short_traceback
 
 from .conftest import Server, wait_until
 from .test_reload import one_shot, versioned_app
