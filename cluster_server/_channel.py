@@ -29,6 +29,7 @@ from collections.abc import Iterable, Iterator
 from typing import Any
 
 from ._errors import ChannelError
+from ._proc import close_all as _close_all
 
 #: Largest encoded message. SEQPACKET messages must fit the socket buffer whole.
 MAX_MESSAGE = 64 * 1024
@@ -188,14 +189,6 @@ def _fds_from(anc: list[tuple[int, int, bytes]]) -> list[int]:
             arr.frombytes(payload[: len(payload) - (len(payload) % _FD_SIZE)])
             fds.extend(arr)
     return fds
-
-
-def _close_all(fds: Iterable[int]) -> None:
-    for fd in fds:
-        try:
-            os.close(fd)
-        except OSError:
-            pass
 
 
 def send_blocking(channel: Channel, msg: Message, fds: Iterable[int] = (), timeout: float = 5.0) -> None:

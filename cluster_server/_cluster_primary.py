@@ -31,7 +31,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from . import _channel
+from . import _channel, _proc
 from ._channel import Channel, Message
 from ._cluster_worker import MainTarget, describe_exception, main_target, run_forked
 from ._errors import ChannelError, ClusterRoleError, DisconnectedError, RequestError
@@ -417,9 +417,7 @@ class ClusterPrimary(Emitter):
         target: MainTarget,
         args: Sequence[str],
     ) -> int:
-        for stream in (sys.stdout, sys.stderr):
-            with contextlib.suppress(OSError, ValueError, AttributeError):
-                stream.flush()
+        _proc.flush_output()
         primary_pid = os.getpid()
         pid = os.fork()
         if pid == 0:  # pragma: no cover - the child never returns
@@ -532,10 +530,10 @@ class ClusterPrimary(Emitter):
         """Send to a worker (fds are handed over). False if it is disconnected or not reading."""
         ch = w._channel
         if ch is None or ch.closed:
-            _close_fds(fds)
+            _proc.close_all(fds)
             return False
         if ch.pending_bytes >= MAX_QUEUED_BYTES:
-            _close_fds(fds)
+            _proc.close_all(fds)
             if not w._queue_full_warned:
                 w._queue_full_warned = True
                 logger.warning(
@@ -548,7 +546,7 @@ class ClusterPrimary(Emitter):
         try:
             sent = ch.send(msg, fds)
         except (TypeError, ValueError, ChannelError):
-            _close_fds(fds)  # could not be encoded: nothing was taken
+            _proc.close_all(fds)  # could not be encoded: nothing was taken
             raise
         except OSError:
             # Gone (mid-broadcast, say): it reads as a disconnect, on the next tick.
@@ -584,7 +582,7 @@ class ClusterPrimary(Emitter):
         try:
             for msg, fds in ch.receive():
                 if isinstance(msg, ChannelError):
-                    _close_fds(fds)
+                    _proc.close_all(fds)
                     logger.warning("worker %d [pid %d]: dropped a message: %s", w.id, w.pid, msg)
                     continue
                 try:
@@ -602,10 +600,10 @@ class ClusterPrimary(Emitter):
     def _handle(self, w: Worker, msg: Message, fds: list[int]) -> None:
         kind = msg.get("t")
         if kind == "res":
-            _close_fds(fds)
+            _proc.close_all(fds)
             self._resolve(w, msg)
             return
-        _close_fds(fds)  # a worker's messages carry no fds
+        _proc.close_all(fds)  # a worker's messages carry no fds
         if kind == "msg":
             data = msg.get("data")
             w.emit("message", data)
@@ -778,12 +776,6 @@ def _address(addr: Any) -> Any:
     if isinstance(addr, list):
         return tuple(addr)
     return addr
-
-
-def _close_fds(fds: Sequence[int]) -> None:
-    for fd in fds:
-        with contextlib.suppress(OSError):
-            os.close(fd)
 
 
 def require(role_ok: bool, message: str) -> None:

@@ -154,7 +154,7 @@ class Endpoint:
         finally:
             with self._lock:
                 self._pending.pop(rid, None)
-        _close_fds(fds)
+        _proc.close_all(fds)
         return value
 
     async def request(self, data: Any, timeout: float | None = 5.0) -> Any:
@@ -166,7 +166,7 @@ class Endpoint:
         finally:
             with self._lock:
                 self._pending.pop(rid, None)
-        _close_fds(fds)
+        _proc.close_all(fds)
         return value
 
     def listen(self, address: tuple[str, int] | str, backlog: int = 511) -> socket.socket:
@@ -187,7 +187,7 @@ class Endpoint:
                 self._pending.pop(rid, None)
         if not fds:
             raise BindError(f"the primary sent no socket for {address!r}")
-        _close_fds(fds[1:])
+        _proc.close_all(fds[1:])
         sock = socket.socket(fileno=fds[0])
         self._send({"t": "listening", "addr": name})
         return sock
@@ -302,7 +302,7 @@ class Endpoint:
         if kind == "res":
             self._resolve(msg, fds)
             return
-        _close_fds(fds)
+        _proc.close_all(fds)
         if kind == "msg":
             self._deliver(msg.get("data"))
         elif kind == "req":
@@ -398,18 +398,18 @@ class Endpoint:
         with self._lock:
             fut = self._pending.pop(rid, None) if isinstance(rid, int) else None
         if fut is None:
-            _close_fds(fds)
+            _proc.close_all(fds)
             logger.debug("worker %d: an answer nobody waits for (late?) %.200r", self.id, msg)
             return
         try:
             if "error" in msg:
-                _close_fds(fds)
+                _proc.close_all(fds)
                 err = str(msg["error"])
                 fut.set_exception(BindError(err) if msg.get("kind") == "bind" else RequestError(err))
             else:
                 fut.set_result((msg.get("data"), fds))
         except concurrent.futures.InvalidStateError:  # timed out meanwhile
-            _close_fds(fds)
+            _proc.close_all(fds)
 
     # -- disconnecting --------------------------------------------------------------
 
@@ -513,13 +513,13 @@ class ThreadLink(Endpoint):
             if not data and not fds:
                 break
             if flags & (socket.MSG_CTRUNC | socket.MSG_TRUNC):
-                _close_fds(fds)
+                _proc.close_all(fds)
                 logger.warning("worker %d: dropped a truncated message from the primary", self.id)
                 continue
             try:
                 msg = _channel.decode(data)
             except ChannelError as exc:
-                _close_fds(fds)
+                _proc.close_all(fds)
                 logger.warning("worker %d: dropped a message from the primary: %s", self.id, exc)
                 continue
             try:
@@ -536,7 +536,7 @@ class ThreadLink(Endpoint):
         if not expected:
             # Like Node: the primary is gone (or closed our channel without asking):
             # a worker does not outlive it.
-            _flush_output()
+            _proc.flush_output()
             os._exit(0)
 
 
@@ -590,7 +590,7 @@ def start_link(worker_id: int, sock: socket.socket, primary_pid: int | None) -> 
             raise DisconnectedError("the primary died before the worker started")
         link.start()
     except DisconnectedError:  # the primary is gone already: so are we
-        _flush_output()
+        _proc.flush_output()
         os._exit(0)
     return link
 
@@ -630,7 +630,7 @@ def run_forked(
     except BaseException:
         traceback.print_exc()
     finally:
-        _flush_output()
+        _proc.flush_output()
         os._exit(code)
 
 
@@ -648,7 +648,7 @@ def run_main(target: MainTarget, args: Sequence[str]) -> int:
     except KeyboardInterrupt:
         # Ctrl+C reaches every worker: die of SIGINT, as an interpreter does, but
         # without N copies of the same traceback.
-        _flush_output()
+        _proc.flush_output()
         signal.signal(signal.SIGINT, signal.SIG_DFL)
         os.kill(os.getpid(), signal.SIGINT)  # die of SIGINT, as an interpreter does
         return 130
@@ -665,19 +665,3 @@ def exit_code_of(exc: SystemExit) -> int:
         return exc.code
     print(exc.code, file=sys.stderr)
     return 1
-
-
-def _close_fds(fds: Sequence[int]) -> None:
-    for fd in fds:
-        try:
-            os.close(fd)
-        except OSError:
-            pass
-
-
-def _flush_output() -> None:
-    for stream in (sys.stdout, sys.stderr):
-        try:
-            stream.flush()
-        except (OSError, ValueError, AttributeError):
-            pass

@@ -25,11 +25,11 @@ the window. See docs/deployment.md.
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
 from ._config import Config
+from ._proc import close_all
 
 logger = logging.getLogger("cluster_server")
 
@@ -96,8 +96,7 @@ def health_handler(state: HealthState) -> Callable[[dict[str, Any], list[int]], 
     """The worker's handler for ``{"t": "health", "ok": bool, "status": str}`` messages."""
 
     def handle(msg: dict[str, Any], fds: list[int]) -> None:
-        for fd in fds:  # none expected; a handler owns what it is given
-            os.close(fd)
+        close_all(fds)  # none expected; a handler owns what it is given
         ok, status = msg.get("ok"), msg.get("status")
         if isinstance(ok, bool):
             state.ok = ok

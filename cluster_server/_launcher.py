@@ -23,8 +23,6 @@ from ._reload import Reloader, WatchRules, _stop_child
 from ._template import (
     Kind,
     TemplateError,
-    _close_fds,
-    _flush_output,
     load_project,
     load_with_traceback,
     template_main,
@@ -70,7 +68,7 @@ class Template:
         # The primary's own objects live as long as it does: freeze them so that its
         # collections do not copy the pages it shares with the template and workers.
         gc.freeze()
-        _flush_output()
+        _proc.flush_output()
         pid = os.fork()
         if pid == 0:  # pragma: no cover - the child never returns
             template_main(primary.config, self.kind, theirs, close, primary_pid, listeners, self.launcher.rules)
@@ -92,7 +90,7 @@ class Template:
         out: list[Message] = []
         try:
             for msg, fds in self.channel.receive():
-                _close_fds(fds)
+                _proc.close_all(fds)
                 if isinstance(msg, ChannelError):
                     logger.warning("%s: dropped a message: %s", self.name, msg)
                 else:
@@ -345,15 +343,13 @@ class TemplateLauncher:
         self.templates.sort(key=lambda x: (x.generation, x.started_at))
 
     def template_exited(self, t: Template, was: str, status: int) -> None:
-        from ._primary import describe_status
-
         if t is self.building:
             self.building = None
         if t in self.templates:
             self.templates.remove(t)
         if t.stopping or self.primary.stopping:
             return
-        how = describe_status(status)
+        how = _proc.describe_status(status)
         if was == "building":
             error = t.error or f"it exited ({how}) before it was ready"
             if t.threaded:

@@ -20,12 +20,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import threading
 from collections.abc import Sequence
 from typing import Any
 
-from . import _channel
+from . import _channel, _proc
 from ._channel import Channel, Message
 from ._cluster_worker import Endpoint
 from ._errors import ClusterRoleError, DisconnectedError
@@ -50,8 +49,7 @@ class Messaging:
         kind = msg.get("t")
         if kind not in MESSAGE_TYPES:
             return False
-        for fd in fds:  # these messages carry none
-            _close(fd)
+        _proc.close_all(fds)  # these messages carry none
         if kind == "bcast":
             out = {"t": "msg", "data": msg.get("data")}
             for other in list(self.primary.workers.values()):
@@ -177,10 +175,3 @@ def enter_worker(worker_id: int, channel: Channel) -> LoopLink:
     link = LoopLink(worker_id, channel)
     cluster._become_worker(link)
     return link
-
-
-def _close(fd: int) -> None:
-    try:
-        os.close(fd)
-    except OSError:
-        pass

@@ -17,7 +17,6 @@ import logging
 import os
 import selectors
 import signal
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -27,6 +26,9 @@ from . import _channel, _proc
 from ._channel import Channel, Message
 from ._config import Config
 from ._errors import AppLoadError, ChannelError, ClusterServerError, WorkerBootError
+from ._proc import close_all as _close_fds
+from ._proc import describe_status
+from ._proc import flush_output as _flush_output
 from ._sockets import Listener
 from ._state import WorkerState, exit_state
 from ._worker import DUMP_SIGNAL, EXIT_BOOT_FAILURE, WorkerSpec, load_app, worker_main
@@ -778,34 +780,5 @@ def _call(component: Any, method: str, *args: Any) -> Any:
     return fn(*args) if fn is not None else None
 
 
-def _close_fds(fds: list[int]) -> None:
-    for fd in fds:
-        try:
-            os.close(fd)
-        except OSError:
-            pass
-
-
-def _flush_output() -> None:
-    for stream in (sys.stdout, sys.stderr):
-        try:
-            stream.flush()
-        except (OSError, ValueError):
-            pass
-
-
 def _exit_code(status: int) -> int | None:
     return os.waitstatus_to_exitcode(status) if os.WIFEXITED(status) else None
-
-
-def describe_status(status: int) -> str:
-    if os.WIFSIGNALED(status):
-        sig = os.WTERMSIG(status)
-        try:
-            name = signal.Signals(sig).name
-        except ValueError:
-            name = str(sig)
-        return f"killed by {name}"
-    if os.WIFEXITED(status):
-        return f"exit code {os.WEXITSTATUS(status)}"
-    return f"status {status}"

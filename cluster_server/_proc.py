@@ -1,4 +1,4 @@
-"""Small process-level helpers: titles, parent-death signal, fork hygiene."""
+"""Small process-level helpers: titles, parent-death signal, fork hygiene, exit statuses."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import os
 import random
 import signal
 import sys
+from collections.abc import Iterable
 
 from setproctitle import setproctitle as _setproctitle
 
@@ -71,12 +72,40 @@ def after_fork_in_child(close_fds: list[int]) -> None:
     # they would kill or stop a worker mid-request.
     for sig in (signal.SIGHUP, signal.SIGTTIN, signal.SIGTTOU):
         signal.signal(sig, signal.SIG_IGN)
-    for fd in close_fds:
+    close_all(close_fds)
+    random.seed()
+
+
+def close_all(fds: Iterable[int]) -> None:
+    """Close every fd; one already closed (or never valid) is no error."""
+    for fd in fds:
         try:
             os.close(fd)
         except OSError:
             pass
-    random.seed()
+
+
+def flush_output() -> None:
+    """Flush stdout and stderr before a fork or ``os._exit`` (either may be closed, or None)."""
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError, AttributeError):
+            pass
+
+
+def describe_status(status: int) -> str:
+    """A wait status in words: ``exit code 3``, ``killed by SIGKILL``."""
+    if os.WIFSIGNALED(status):
+        sig = os.WTERMSIG(status)
+        try:
+            name = signal.Signals(sig).name
+        except ValueError:
+            name = str(sig)
+        return f"killed by {name}"
+    if os.WIFEXITED(status):
+        return f"exit code {os.WEXITSTATUS(status)}"
+    return f"status {status}"
 
 
 def load_env_file(path: str) -> None:

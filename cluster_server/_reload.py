@@ -343,8 +343,7 @@ class Reloader:
         # The watcher serves nothing: it does not keep the listening sockets either.
         close = [*primary.fds_to_close_in_child(), ours.fileno(), *(lst.sock.fileno() for lst in primary.listeners)]
         primary_pid = os.getpid()
-        for stream in (sys.stdout, sys.stderr):
-            stream.flush()
+        _proc.flush_output()
         pid = os.fork()
         if pid == 0:  # pragma: no cover - the child never returns
             watcher_main(self.rules, self.config.reload_delay, theirs, close, primary_pid)
@@ -361,8 +360,6 @@ class Reloader:
             self.channel = None
 
     def _watcher_exited(self, pid: int, status: int) -> None:
-        from ._primary import describe_status
-
         if pid != self.pid:
             return
         self.pid = None
@@ -371,7 +368,7 @@ class Reloader:
         if not self.primary.stopping:
             logger.error(
                 "reload: the file watcher exited (%s); restarting it in %g s",
-                describe_status(status),
+                _proc.describe_status(status),
                 WATCHER_RESTART_DELAY,
             )
             self.restart_at = self.primary.clock() + WATCHER_RESTART_DELAY
@@ -380,8 +377,7 @@ class Reloader:
         assert self.channel is not None
         try:
             for msg, fds in self.channel.receive():
-                for fd in fds:
-                    os.close(fd)
+                _proc.close_all(fds)
                 if isinstance(msg, ChannelError):
                     logger.warning("reload watcher: dropped a message: %s", msg)
                     continue

@@ -140,7 +140,7 @@ def template_main(
         logger.exception("the %s template crashed", kind)
     finally:
         logging.shutdown()
-        _flush_output()
+        _proc.flush_output()
         os._exit(code)
 
 
@@ -218,7 +218,7 @@ class _TemplateProcess:
         are not the project's, in import order."""
         assert self.rules is not None
         r, w = os.pipe()
-        _flush_output()
+        _proc.flush_output()
         pid = os.fork()
         if pid == 0:  # pragma: no cover - the throwaway child
             try:
@@ -293,7 +293,7 @@ class _TemplateProcess:
             try:
                 for msg, fds in self.channel.receive():
                     if isinstance(msg, ChannelError) or msg.get("t") != "spawn" or len(fds) != 1:
-                        _close_fds(fds)
+                        _proc.close_all(fds)
                         continue
                     self.spawn(msg, fds[0])
             except EOFError:
@@ -332,7 +332,7 @@ class _TemplateProcess:
     def double_fork(self, spec: WorkerSpec, fd: int) -> int:
         """Fork a worker that the primary (a child subreaper) inherits; return its pid."""
         r, w = os.pipe()
-        _flush_output()
+        _proc.flush_output()
         try:
             middle = os.fork()
         except OSError:
@@ -390,19 +390,3 @@ def _dependency_files(rules: WatchRules, config: Config, inherited: set[str]) ->
         except OSError:
             pass
     return files
-
-
-def _close_fds(fds: list[int]) -> None:
-    for fd in fds:
-        try:
-            os.close(fd)
-        except OSError:
-            pass
-
-
-def _flush_output() -> None:
-    for stream in (sys.stdout, sys.stderr):
-        try:
-            stream.flush()
-        except (OSError, ValueError):
-            pass

@@ -36,6 +36,7 @@ import signal
 import sys
 from typing import TYPE_CHECKING, Any
 
+from . import _proc
 from ._sockets import INHERIT_ENV, take_inherited
 
 if TYPE_CHECKING:
@@ -173,9 +174,7 @@ class Upgrader:
         env = dict(os.environ)
         r, w = os.pipe()  # both ends close-on-exec: only the child's copy of w is made inheritable
         os.set_blocking(r, False)
-        from ._primary import _flush_output
-
-        _flush_output()
+        _proc.flush_output()
         pid = os.fork()
         if pid == 0:  # pragma: no cover - the child execs or exits
             try:
@@ -230,12 +229,10 @@ class Upgrader:
         self._pipe_closed = True
 
     def _child_exited(self, pid: int, status: int) -> None:
-        from ._primary import describe_status
-
         if pid == self.child_pid:
-            self._failed(f"exited ({describe_status(status)}) before it was ready", exited=True)
+            self._failed(f"exited ({_proc.describe_status(status)}) before it was ready", exited=True)
         else:
-            logger.info("upgrade: abandoned new primary (pid %d) exited (%s)", pid, describe_status(status))
+            logger.info("upgrade: abandoned new primary (pid %d) exited (%s)", pid, _proc.describe_status(status))
 
     def _succeeded(self) -> None:
         p = self.primary

@@ -264,8 +264,7 @@ def _run(config: Config, spec: WorkerSpec, channel: Channel, load: Callable[[Con
                 for msg, fds in channel.receive():
                     handler = None if isinstance(msg, ChannelError) else server.handlers.get(str(msg.get("t")))
                     if handler is None:
-                        for fd in fds:
-                            os.close(fd)
+                        _proc.close_all(fds)
                         logger.warning("worker %d: dropped a message from the primary: %.200s", spec.id, msg)
                         continue
                     assert not isinstance(msg, ChannelError)
