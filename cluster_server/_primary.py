@@ -270,15 +270,7 @@ class Primary:
     def _install_signals(self) -> None:
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         signal.set_wakeup_fd(self._wake_w, warn_on_full_buffer=False)
-        for sig in (
-            signal.SIGINT,
-            signal.SIGTERM,
-            signal.SIGQUIT,
-            signal.SIGHUP,
-            signal.SIGCHLD,
-            signal.SIGTTIN,
-            signal.SIGTTOU,
-        ):
+        for sig in _proc.LOOP_SIGNALS:
             signal.signal(sig, self._queue_signal)
         assert self._selector is not None
         self._selector.register(self._wake_r, selectors.EVENT_READ, self._drain_wakeup)
@@ -716,15 +708,7 @@ class Primary:
         for c in self.components:
             _call(c, "close")
         signal.set_wakeup_fd(-1)
-        for sig in (
-            signal.SIGINT,
-            signal.SIGTERM,
-            signal.SIGQUIT,
-            signal.SIGHUP,
-            signal.SIGCHLD,
-            signal.SIGTTIN,
-            signal.SIGTTOU,
-        ):
+        for sig in _proc.LOOP_SIGNALS:
             signal.signal(sig, signal.SIG_DFL)
         if self._selector is not None:
             self._selector.close()

@@ -16,8 +16,8 @@ from setproctitle import setproctitle as _setproctitle
 _PR_SET_PDEATHSIG = 1
 _PR_SET_CHILD_SUBREAPER = 36
 
-#: Signals the primary handles; a new worker puts them back to their defaults.
-PRIMARY_SIGNALS = (
+#: Signals the primary's loop handles itself (``Primary.handle_<name>``).
+LOOP_SIGNALS = (
     signal.SIGINT,
     signal.SIGTERM,
     signal.SIGQUIT,
@@ -25,10 +25,10 @@ PRIMARY_SIGNALS = (
     signal.SIGCHLD,
     signal.SIGTTIN,
     signal.SIGTTOU,
-    signal.SIGUSR1,
-    signal.SIGUSR2,
-    signal.SIGWINCH,
 )
+#: Signals the primary may handle (its components install the others: SIGUSR2
+#: upgrades); a new worker puts them back to their defaults.
+PRIMARY_SIGNALS = (*LOOP_SIGNALS, signal.SIGUSR1, signal.SIGUSR2, signal.SIGWINCH)
 
 
 def set_title(title: str) -> None:
