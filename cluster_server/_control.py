@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import functools
 import glob
 import hashlib
 import json
@@ -51,6 +50,7 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from ._clients import Client, ClientServer
 from ._errors import BindError, ControlError
 
 if TYPE_CHECKING:
@@ -64,8 +64,6 @@ MAX_LINE = 64 * 1024
 #: a client is disconnected this long after it connected or finished its last request
 IDLE_TIMEOUT = 10.0
 MAX_CLIENTS = 32
-#: a client we are done with gets this long to stop sending before it is closed
-LINGER = 2.0
 #: sun_path is 108 bytes on Linux, with the final NUL
 MAX_PATH = 107
 _UCRED = struct.Struct("3i")
@@ -172,15 +170,12 @@ def bind(path: str, *, replace_live: bool = False) -> socket.socket:
 # -- the server ------------------------------------------------------------------
 
 
-class _Client:
+class _Client(Client):
     def __init__(self, sock: socket.socket, deadline: float) -> None:
-        self.sock = sock
-        self.inbuf = bytearray()
+        super().__init__(sock, deadline)
         self.outbuf = bytearray()
-        self.deadline = deadline
         self.eof = False
         self.close_when_flushed = False
-        self.lingering = False
 
 
 def _wants_input(c: _Client) -> bool:
@@ -189,7 +184,7 @@ def _wants_input(c: _Client) -> bool:
     return not (c.eof or c.close_when_flushed) and len(c.outbuf) < MAX_LINE and len(c.inbuf) <= MAX_LINE
 
 
-class ControlServer:
+class ControlServer(ClientServer[_Client]):
     """The control socket, as a primary component."""
 
     def __init__(
@@ -267,8 +262,7 @@ class ControlServer:
         self._inode = None
 
     def close(self) -> None:
-        for fd in list(self.clients):
-            self._drop(fd)
+        self._drop_all()
         if self.sock is not None:
             if self.primary is not None:
                 self.primary.remove_reader(self.sock)
@@ -281,18 +275,6 @@ class ControlServer:
         if self.sock is not None:
             fds.append(self.sock.fileno())
         return fds
-
-    # -- deadlines --
-
-    def next_deadline(self) -> float | None:
-        return min((c.deadline for c in self.clients.values()), default=None)
-
-    def tick(self) -> None:
-        assert self.primary is not None
-        now = self.primary.clock()
-        for fd, c in list(self.clients.items()):
-            if now >= c.deadline:
-                self._drop(fd)
 
     # -- I/O --
 
@@ -312,20 +294,13 @@ class ControlServer:
                 self._drop(min(self.clients, key=lambda fd: self.clients[fd].deadline))
             conn.setblocking(False)
             client = _Client(conn, self.primary.clock() + IDLE_TIMEOUT)
-            self.clients[conn.fileno()] = client
-            self.primary.add_reader(conn, functools.partial(self._on_client, conn.fileno()))
+            self._add(client)
             if not _peer_allowed(conn):
                 self._reply(client, {"ok": False, "error": "permission denied: not the server's user or root"})
                 client.close_when_flushed = True
                 self._after_write(conn.fileno(), client)
 
-    def _on_client(self, fd: int, mask: int) -> None:
-        client = self.clients.get(fd)
-        if client is None:
-            return
-        if client.lingering:
-            self._discard(fd, client)
-            return
+    def _serve(self, fd: int, client: _Client, mask: int) -> None:
         if mask & selectors.EVENT_WRITE and not self._flush(fd, client):
             return
         if mask & selectors.EVENT_READ and _wants_input(client):
@@ -395,45 +370,13 @@ class ControlServer:
             return
         assert self.primary is not None
         if client.close_when_flushed and not client.outbuf:
-            # Lingering close: closing a Unix socket with unread input resets the
-            # connection and the client would lose our last answer (an error, say).
-            # So: shut our side, discard what it still sends, close at its EOF.
-            try:
-                client.sock.shutdown(socket.SHUT_WR)
-            except OSError:
-                self._drop(fd)
-                return
-            client.lingering = True
-            client.deadline = min(client.deadline, self.primary.clock() + LINGER)
-            self.primary.modify_reader(client.sock, selectors.EVENT_READ)
-            self._discard(fd, client)
+            self._linger(fd, client)
             return
         events = (selectors.EVENT_WRITE if client.outbuf else 0) | (selectors.EVENT_READ if _wants_input(client) else 0)
         if not events:
             self._drop(fd)
             return
         self.primary.modify_reader(client.sock, events)
-
-    def _discard(self, fd: int, client: _Client) -> None:
-        for _ in range(16):  # bounded work per wake-up; the deadline ends it
-            try:
-                if not client.sock.recv(65536):
-                    break
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError:
-                break
-        else:
-            return
-        self._drop(fd)
-
-    def _drop(self, fd: int) -> None:
-        client = self.clients.pop(fd, None)
-        if client is None:
-            return
-        if self.primary is not None:
-            self.primary.remove_reader(client.sock)
-        client.sock.close()
 
     # -- commands --
 

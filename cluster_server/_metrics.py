@@ -17,13 +17,13 @@ scheduler reports ``cluster_server_accept_backlog`` that way.
 from __future__ import annotations
 
 import collections
-import functools
 import logging
 import selectors
 import socket
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
+from ._clients import Client, ClientServer
 from ._errors import BindError, ConfigError
 from ._sockets import _bind_message, _family_of
 from ._status import STATES
@@ -163,16 +163,13 @@ class _Collector:
         yield from extra.values()
 
 
-class _Client:
+class _Client(Client):
     def __init__(self, sock: socket.socket, deadline: float) -> None:
-        self.sock = sock
-        self.inbuf = bytearray()
+        super().__init__(sock, deadline)
         self.outbuf = b""
-        self.deadline = deadline
-        self.lingering = False
 
 
-class MetricsServer:
+class MetricsServer(ClientServer[_Client]):
     """The metrics endpoint, as a primary component."""
 
     def __init__(
@@ -219,22 +216,11 @@ class MetricsServer:
         self.active = False
 
     def close(self) -> None:
-        for fd in list(self.clients):
-            self._drop(fd)
+        self._drop_all()
         self.stop_listening()
 
     def fds_to_close_in_child(self) -> list[int]:
         return [*self.clients, *([self.sock.fileno()] if self.sock is not None else [])]
-
-    def next_deadline(self) -> float | None:
-        return min((c.deadline for c in self.clients.values()), default=None)
-
-    def tick(self) -> None:
-        assert self.primary is not None
-        now = self.primary.clock()
-        for fd, c in list(self.clients.items()):
-            if now >= c.deadline:
-                self._drop(fd)
 
     def _accept(self, mask: int) -> None:
         assert self.sock is not None and self.primary is not None
@@ -250,17 +236,9 @@ class MetricsServer:
                 conn.close()
                 continue
             conn.setblocking(False)
-            fd = conn.fileno()
-            self.clients[fd] = _Client(conn, self.primary.clock() + DEADLINE)
-            self.primary.add_reader(conn, functools.partial(self._on_client, fd))
+            self._add(_Client(conn, self.primary.clock() + DEADLINE))
 
-    def _on_client(self, fd: int, mask: int) -> None:
-        c = self.clients.get(fd)
-        if c is None:
-            return
-        if c.lingering:
-            self._discard(fd, c)
-            return
+    def _serve(self, fd: int, c: _Client, mask: int) -> None:
         if c.outbuf:
             self._write(fd, c)
             return
@@ -324,38 +302,7 @@ class MetricsServer:
         if c.outbuf:
             self.primary.modify_reader(c.sock, selectors.EVENT_WRITE)
             return
-        # Lingering close: closing with unread input would reset the connection,
-        # and the client could lose the response. Shut our side, read to its EOF.
-        try:
-            c.sock.shutdown(socket.SHUT_WR)
-        except OSError:
-            self._drop(fd)
-            return
-        c.lingering = True
-        c.deadline = min(c.deadline, self.primary.clock() + 2.0)
-        self.primary.modify_reader(c.sock, selectors.EVENT_READ)
-        self._discard(fd, c)
-
-    def _discard(self, fd: int, c: _Client) -> None:
-        for _ in range(16):  # bounded work per wake-up; the deadline ends it
-            try:
-                if not c.sock.recv(65536):
-                    break
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError:
-                break
-        else:
-            return
-        self._drop(fd)
-
-    def _drop(self, fd: int) -> None:
-        c = self.clients.pop(fd, None)
-        if c is None:
-            return
-        if self.primary is not None:
-            self.primary.remove_reader(c.sock)
-        c.sock.close()
+        self._linger(fd, c)
 
 
 def _response(

@@ -1,0 +1,113 @@
+"""Non-blocking clients served in the primary's loop: the control socket and the metrics endpoint.
+
+Both answer short exchanges from the primary's own selector loop, so neither
+may hold it up: sockets are non-blocking, work per wake-up is bounded, each
+client has a deadline (``tick`` drops it) and, once answered, a lingering close.
+:class:`ClientServer` is that shared part; a subclass accepts its clients and
+says what to do when one is readable or writable (``_serve``).
+"""
+
+from __future__ import annotations
+
+import functools
+import selectors
+import socket
+from typing import TYPE_CHECKING, Generic, TypeVar
+
+if TYPE_CHECKING:
+    from ._primary import Primary
+
+#: a client we are done with gets this long to stop sending before it is closed
+LINGER = 2.0
+#: bytes read per ``recv``
+READ_SIZE = 65536
+
+
+class Client:
+    """One connection: its socket, what it sent so far, and when it is cut off."""
+
+    def __init__(self, sock: socket.socket, deadline: float) -> None:
+        self.sock = sock
+        self.inbuf = bytearray()
+        self.deadline = deadline
+        #: answered and shut for writing: what it still sends is read and dropped
+        self.lingering = False
+
+
+C = TypeVar("C", bound=Client)
+
+
+class ClientServer(Generic[C]):
+    """Clients by fd, watched in the primary's selector (a base for primary components)."""
+
+    primary: Primary | None
+    clients: dict[int, C]
+
+    def next_deadline(self) -> float | None:
+        return min((c.deadline for c in self.clients.values()), default=None)
+
+    def tick(self) -> None:
+        assert self.primary is not None
+        now = self.primary.clock()
+        for fd, c in list(self.clients.items()):
+            if now >= c.deadline:
+                self._drop(fd)
+
+    def _add(self, client: C) -> None:
+        """Serve a new (non-blocking) client: ``_serve`` runs when it is ready."""
+        assert self.primary is not None
+        fd = client.sock.fileno()
+        self.clients[fd] = client
+        self.primary.add_reader(client.sock, functools.partial(self._on_client, fd))
+
+    def _on_client(self, fd: int, mask: int) -> None:
+        client = self.clients.get(fd)
+        if client is None:
+            return
+        if client.lingering:
+            self._discard(fd, client)
+            return
+        self._serve(fd, client, mask)
+
+    def _serve(self, fd: int, client: C, mask: int) -> None:
+        raise NotImplementedError
+
+    def _linger(self, fd: int, client: C) -> None:
+        """Close once answered. Closing a socket with unread input resets the
+        connection, and the client could lose our last answer (an error, say).
+        So: shut our side, discard what it still sends, close at its EOF."""
+        assert self.primary is not None
+        try:
+            client.sock.shutdown(socket.SHUT_WR)
+        except OSError:
+            self._drop(fd)
+            return
+        client.lingering = True
+        client.deadline = min(client.deadline, self.primary.clock() + LINGER)
+        self.primary.modify_reader(client.sock, selectors.EVENT_READ)
+        self._discard(fd, client)
+
+    def _discard(self, fd: int, client: C) -> None:
+        for _ in range(16):  # bounded work per wake-up; the deadline ends it
+            try:
+                if not client.sock.recv(READ_SIZE):
+                    break
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                break
+        else:
+            return
+        self._drop(fd)
+
+    def _drop(self, fd: int) -> None:
+        client = self.clients.pop(fd, None)
+        if client is None:
+            return
+        if self.primary is not None:
+            self.primary.remove_reader(client.sock)
+        client.sock.close()
+
+    def _drop_all(self) -> None:
+        for fd in list(self.clients):
+            self._drop(fd)
