@@ -108,6 +108,18 @@ def describe_status(status: int) -> str:
     return f"status {status}"
 
 
+_PAGE_SIZE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+
+
+def rss_bytes(pid: int) -> int | None:
+    """Resident set size of ``pid`` in bytes (Linux ``/proc/PID/statm``), None if unknown."""
+    try:
+        with open(f"/proc/{pid}/statm", "rb") as fh:
+            return int(fh.read().split()[1]) * _PAGE_SIZE
+    except (OSError, ValueError, IndexError):
+        return None
+
+
 def load_env_file(path: str) -> None:
     """Set variables from a dotenv-style file (KEY=VALUE, # comments, optional quotes)."""
     with open(path, encoding="utf-8") as fh:

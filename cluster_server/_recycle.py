@@ -22,13 +22,13 @@ the recycler tries it again after ``RETRY_DELAY`` seconds, doubling each time.
 from __future__ import annotations
 
 import logging
-import os
 import random
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from ._config import Config
+from ._proc import rss_bytes
 from ._state import WorkerState
 
 if TYPE_CHECKING:
@@ -43,16 +43,6 @@ RETRY_DELAY = 10.0
 RETRY_CAP = 600.0
 
 MIB = 1024 * 1024
-_PAGE_SIZE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
-
-
-def read_rss(pid: int) -> int | None:
-    """Resident set size of ``pid`` in bytes (Linux ``/proc/PID/statm``), None if unknown."""
-    try:
-        with open(f"/proc/{pid}/statm", "rb") as fh:
-            return int(fh.read().split()[1]) * _PAGE_SIZE
-    except (OSError, ValueError, IndexError):
-        return None
 
 
 @dataclass
@@ -74,7 +64,7 @@ class Recycler:
         config: Config,
         *,
         rng: random.Random | None = None,
-        rss: Callable[[int], int | None] = read_rss,
+        rss: Callable[[int], int | None] = rss_bytes,
     ) -> None:
         self.config = config
         self.rng = rng or random.Random()

@@ -20,6 +20,7 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from ._proc import rss_bytes
 from ._state import WorkerState
 from ._version import __version__
 
@@ -33,23 +34,12 @@ UNPLANNED = frozenset({"crash", "boot_failure", "timeout", "ready_timeout"})
 #: every state a row of ``ctl status`` can show (``backoff``: an empty slot waiting to restart)
 STATES = ("booting", "ready", "draining", "backoff")
 
-_PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
-
 
 def exit_reason(w: Worker) -> str:
     """Why a worker exited, as a metric label: the primary's reason, or crash / boot_failure."""
     if w.stop_reason:
         return w.stop_reason.replace(" ", "_")
     return "boot_failure" if w.state is WorkerState.FAILED else "crash"
-
-
-def rss_bytes(pid: int) -> int | None:
-    """Resident set size of a process (Linux /proc), None if unknown."""
-    try:
-        with open(f"/proc/{pid}/statm", "rb") as fh:
-            return int(fh.read().split()[1]) * _PAGE
-    except (OSError, ValueError, IndexError):
-        return None
 
 
 class ClusterWatch:
