@@ -167,10 +167,8 @@ def start_server(tmp_path: Path) -> Iterator[Callable[..., Server]]:
         server.stop()
 
 
-HELLO_APP = """
-import os
-
-async def app(scope, receive, send):
+#: How every test app answers the lifespan protocol: the first statements of its ``app``.
+LIFESPAN = """\
     if scope["type"] == "lifespan":
         while True:
             message = await receive()
@@ -179,9 +177,28 @@ async def app(scope, receive, send):
             else:
                 await send({"type": "lifespan.shutdown.complete"})
                 return
+"""
+
+
+def asgi_app(module: str, body: str) -> str:
+    """The source of a test app: ``module`` (imports, constants), then ``async def
+    app(scope, receive, send)`` that answers the lifespan protocol and runs ``body``
+    (its statements, at any indentation) for every other scope."""
+    return (
+        f"{textwrap.dedent(module).strip()}\n\n"
+        "async def app(scope, receive, send):\n"
+        f"{LIFESPAN}{textwrap.indent(textwrap.dedent(body).strip(), '    ')}\n"
+    )
+
+
+#: answers every request with the worker's pid
+HELLO_APP = asgi_app(
+    "import os",
+    """
     await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"text/plain")]})
     await send({"type": "http.response.body", "body": str(os.getpid()).encode()})
-"""
+    """,
+)
 
 
 class TLSFiles:

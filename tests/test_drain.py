@@ -21,22 +21,15 @@ import pytest
 from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import connect as ws_connect
 
-from tests.conftest import Server, wait_until
+from tests.conftest import Server, asgi_app, wait_until
 
-DRAIN_APP = """
-import asyncio, os, sys
+DRAIN_APP = asgi_app(
+    """
+    import asyncio, os, sys
 
-PID = str(os.getpid()).encode()
-
-async def app(scope, receive, send):
-    if scope["type"] == "lifespan":
-        while True:
-            message = await receive()
-            if message["type"] == "lifespan.startup":
-                await send({"type": "lifespan.startup.complete"})
-            else:
-                await send({"type": "lifespan.shutdown.complete"})
-                return
+    PID = str(os.getpid()).encode()
+    """,
+    """
     if scope["type"] == "websocket":
         await receive()
         await send({"type": "websocket.accept"})
@@ -59,7 +52,8 @@ async def app(scope, receive, send):
     await send({"type": "http.response.start", "status": 200,
                 "headers": [(b"content-type", b"text/plain"), (b"content-length", str(len(PID)).encode())]})
     await send({"type": "http.response.body", "body": PID})
-"""
+    """,
+)
 
 
 @pytest.fixture

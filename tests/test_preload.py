@@ -11,28 +11,25 @@ import subprocess
 from collections.abc import Callable
 from pathlib import Path
 
-from .conftest import Server, wait_until
+from .conftest import Server, asgi_app, wait_until
 
-APP = """
-import gc, os
 
-VERSION = {version!r}
-with open(os.environ["IMPORT_LOG"], "a") as f:
-    f.write(f"{{os.getpid()}}\\n")  # one line per process that imported the app
+def versioned_app(version: str) -> str:
+    """Answers its version, pid, parent pid and gc freeze count; notes each process that imports it."""
+    return asgi_app(
+        f"""
+        import gc, os
 
-async def app(scope, receive, send):
-    if scope["type"] == "lifespan":
-        while True:
-            message = await receive()
-            if message["type"] == "lifespan.startup":
-                await send({{"type": "lifespan.startup.complete"}})
-            else:
-                await send({{"type": "lifespan.shutdown.complete"}})
-                return
-    body = {{"version": VERSION, "pid": os.getpid(), "ppid": os.getppid(), "frozen": gc.get_freeze_count()}}
-    await send({{"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"application/json")]}})
-    await send({{"type": "http.response.body", "body": __import__("json").dumps(body).encode()}})
-"""
+        VERSION = {version!r}
+        with open(os.environ["IMPORT_LOG"], "a") as f:
+            f.write(f"{{os.getpid()}}\\n")  # one line per process that imported the app
+        """,
+        """
+        body = {"version": VERSION, "pid": os.getpid(), "ppid": os.getppid(), "frozen": gc.get_freeze_count()}
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"application/json")]})
+        await send({"type": "http.response.body", "body": __import__("json").dumps(body).encode()})
+        """,
+    )
 
 
 def one_shot(port: int) -> dict[str, int | str]:
@@ -56,7 +53,7 @@ def titled(primary: int, word: str) -> list[int]:
 def start_preloaded(
     start_server: Callable[..., Server], tmp_path: Path, *args: str, version: str = "v1"
 ) -> tuple[Server, Path]:
-    (tmp_path / "app.py").write_text(APP.format(version=version))
+    (tmp_path / "app.py").write_text(versioned_app(version))
     log = tmp_path / "imports.log"
     server = start_server("app:app", "--preload", *args, env={"IMPORT_LOG": str(log)})
     return server.wait_ready(), log
@@ -85,7 +82,7 @@ def test_preload_imports_the_app_once_and_forks_frozen_workers(
 def test_preload_sighup_serves_changed_code(start_server: Callable[..., Server], tmp_path: Path) -> None:
     server, log = start_preloaded(start_server, tmp_path, "--workers", "2")
     old_template = titled(server.pid, "template")
-    (tmp_path / "app.py").write_text(APP.format(version="v2"))
+    (tmp_path / "app.py").write_text(versioned_app("v2"))
     server.signal(signal.SIGHUP)
     server.wait_log("rolling restart to generation 2 done")
     wait_until(
@@ -102,7 +99,7 @@ def test_preload_sighup_with_broken_code_keeps_the_old_generation(
 ) -> None:
     server, _ = start_preloaded(start_server, tmp_path, "--workers", "2")
     workers = titled(server.pid, "worker")
-    source = APP.format(version="v2").replace("VERSION = ", "VERSION = = ")
+    source = versioned_app("v2").replace("VERSION = ", "VERSION = = ")
     (tmp_path / "app.py").write_text(source)
     server.signal(signal.SIGHUP)
     server.wait_log("not rolling: the new code failed to import")
@@ -111,7 +108,7 @@ def test_preload_sighup_with_broken_code_keeps_the_old_generation(
     assert "SyntaxError" in server.log()
     assert titled(server.pid, "worker") == workers
     assert one_shot(server.port or 0)["version"] == "v1"
-    (tmp_path / "app.py").write_text(APP.format(version="v3"))
+    (tmp_path / "app.py").write_text(versioned_app("v3"))
     server.signal(signal.SIGHUP)
     server.wait_log("rolling restart to generation 2 done")
     wait_until(lambda: one_shot(server.port or 0)["version"] == "v3", 10, what="v3 served")

@@ -18,22 +18,15 @@ import pytest
 from cluster_server import ConfigError
 from cluster_server._privileges import parse_umask, resolve
 
-from .conftest import HELLO_APP, Server
+from .conftest import HELLO_APP, Server, asgi_app
 
-PRIV_APP = """
-import json, os
+PRIV_APP = asgi_app(
+    """
+    import json, os
 
-SECRET = os.path.join(os.path.dirname(os.path.abspath(__file__)), "secret")
-
-async def app(scope, receive, send):
-    if scope["type"] == "lifespan":
-        while True:
-            message = await receive()
-            if message["type"] == "lifespan.startup":
-                await send({"type": "lifespan.startup.complete"})
-            else:
-                await send({"type": "lifespan.shutdown.complete"})
-                return
+    SECRET = os.path.join(os.path.dirname(os.path.abspath(__file__)), "secret")
+    """,
+    """
     try:
         with open(SECRET) as fh:
             secret = fh.read()
@@ -42,7 +35,8 @@ async def app(scope, receive, send):
     body = {"uid": os.getuid(), "euid": os.geteuid(), "gid": os.getgid(), "groups": os.getgroups(), "secret": secret}
     await send({"type": "http.response.start", "status": 200, "headers": []})
     await send({"type": "http.response.body", "body": json.dumps(body).encode()})
-"""
+    """,
+)
 
 
 @pytest.fixture

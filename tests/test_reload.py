@@ -8,7 +8,6 @@ import os
 import re
 import subprocess
 import sys
-import textwrap
 import threading
 import time
 from collections.abc import Callable
@@ -24,46 +23,38 @@ from cluster_server._errors import ConfigError
 from cluster_server._reload import WatchRules
 from cluster_server._uvicorn_glue import WorkerServer
 
-from .conftest import Server, wait_until
-
-LIFESPAN = """
-    if scope["type"] == "lifespan":
-        while True:
-            message = await receive()
-            if message["type"] == "lifespan.startup":
-                await send({"type": "lifespan.startup.complete"})
-            else:
-                await send({"type": "lifespan.shutdown.complete"})
-                return
-"""
+from .conftest import Server, asgi_app, wait_until
 
 
 def versioned_app(version: str, startup_fails: bool = False) -> str:
     """An ASGI app answering ``<version> <pid>``; it echoes on a websocket."""
-    lifespan = textwrap.indent(textwrap.dedent(LIFESPAN), "    ")
+    source = asgi_app(
+        f"""
+        import os
+
+        VERSION = {version!r}
+        """,
+        """
+        if scope["type"] == "websocket":
+            await receive()
+            await send({"type": "websocket.accept"})
+            while True:
+                message = await receive()
+                if message["type"] == "websocket.disconnect":
+                    return
+                await send({"type": "websocket.send", "text": message.get("text") or ""})
+        body = f"{VERSION} {os.getpid()}".encode()
+        headers = [(b"content-type", b"text/plain")]
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        await send({"type": "http.response.body", "body": body})
+        """,
+    )
     if startup_fails:
-        lifespan = lifespan.replace(
+        source = source.replace(
             'await send({"type": "lifespan.startup.complete"})',
             'await send({"type": "lifespan.startup.failed", "message": "no database"})\n                return',
         )
-    return (
-        "import os\n\n"
-        f"VERSION = {version!r}\n\n"
-        "async def app(scope, receive, send):\n"
-        f"{lifespan}\n"
-        '    if scope["type"] == "websocket":\n'
-        "        await receive()\n"
-        '        await send({"type": "websocket.accept"})\n'
-        "        while True:\n"
-        "            message = await receive()\n"
-        '            if message["type"] == "websocket.disconnect":\n'
-        "                return\n"
-        '            await send({"type": "websocket.send", "text": message.get("text") or ""})\n'
-        '    body = f"{VERSION} {os.getpid()}".encode()\n'
-        '    headers = [(b"content-type", b"text/plain")]\n'
-        '    await send({"type": "http.response.start", "status": 200, "headers": headers})\n'
-        '    await send({"type": "http.response.body", "body": body})\n'
-    )
+    return source
 
 
 def one_shot(port: int, path: str = "/") -> tuple[str, int]:

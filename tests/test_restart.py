@@ -21,7 +21,7 @@ import httpx
 import pytest
 
 from cluster_server._state import WorkerState
-from tests.conftest import HELLO_APP, Server, wait_until
+from tests.conftest import HELLO_APP, Server, asgi_app, wait_until
 from tests.fake_primary import KILLED, Harness
 
 R = WorkerState.READY
@@ -181,25 +181,19 @@ def test_stop_during_a_roll_drops_it() -> None:
 
 # -- real servers ------------------------------------------------------------------
 
-RESTART_APP = """
-import os
-import re
-VERSION = "v1"
-
-async def app(scope, receive, send):
-    if scope["type"] == "lifespan":
-        while True:
-            message = await receive()
-            if message["type"] == "lifespan.startup":
-                await send({"type": "lifespan.startup.complete"})
-            else:
-                await send({"type": "lifespan.shutdown.complete"})
-                return
+RESTART_APP = asgi_app(
+    """
+    import os
+    import re
+    VERSION = "v1"
+    """,
+    """
     body = f"{VERSION} {os.getpid()}".encode()
     await send({"type": "http.response.start", "status": 200,
                 "headers": [(b"content-type", b"text/plain"), (b"content-length", str(len(body)).encode())]})
     await send({"type": "http.response.body", "body": body})
-"""
+    """,
+)
 
 
 @dataclass

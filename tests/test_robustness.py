@@ -15,20 +15,11 @@ from typing import Any
 
 import pytest
 
-from .conftest import Server
+from .conftest import Server, asgi_app
 
-ECHO_APP = """
-import os
-
-async def app(scope, receive, send):
-    if scope["type"] == "lifespan":
-        while True:
-            message = await receive()
-            if message["type"] == "lifespan.startup":
-                await send({"type": "lifespan.startup.complete"})
-            else:
-                await send({"type": "lifespan.shutdown.complete"})
-                return
+ECHO_APP = asgi_app(
+    "import os",
+    """
     size = 0
     while True:
         message = await receive()
@@ -47,7 +38,8 @@ async def app(scope, receive, send):
     headers = [(b"content-type", b"text/plain"), (b"content-length", str(len(body)).encode())]
     await send({"type": "http.response.start", "status": 200, "headers": headers})
     await send({"type": "http.response.body", "body": body})
-"""
+    """,
+)
 
 HTTP_IMPLS = ["httptools", "h11"]
 

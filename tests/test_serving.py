@@ -21,26 +21,19 @@ from pathlib import Path
 import httpx
 import pytest
 
-from .conftest import HELLO_APP, ROOT, Server, free_port, wait_until
+from .conftest import HELLO_APP, ROOT, Server, asgi_app, free_port, wait_until
 
 StartServer = Callable[..., Server]
 WriteApp = Callable[[str, str], Path]
 
 #: "/" answers the worker's pid; "/slow?S" notes the request in ./started, sleeps S s,
 #: then answers "done <pid>". Run with the test's tmp dir as cwd.
-SLOW_APP = """
-import asyncio
-import os
-
-async def app(scope, receive, send):
-    if scope["type"] == "lifespan":
-        while True:
-            message = await receive()
-            if message["type"] == "lifespan.startup":
-                await send({"type": "lifespan.startup.complete"})
-            else:
-                await send({"type": "lifespan.shutdown.complete"})
-                return
+SLOW_APP = asgi_app(
+    """
+    import asyncio
+    import os
+    """,
+    """
     body = str(os.getpid())
     if scope["path"] == "/slow":
         with open("started", "a") as f:
@@ -49,7 +42,8 @@ async def app(scope, receive, send):
         body = "done " + body
     await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"text/plain")]})
     await send({"type": "http.response.body", "body": body.encode()})
-"""
+    """,
+)
 
 #: HELLO_APP, unless ./crash exists when a worker imports it
 CRASHY_APP = """

@@ -17,24 +17,16 @@ import pytest
 
 from cluster_server import _sockets, _systemd
 
-from .conftest import HELLO_APP, ROOT, Server
+from .conftest import HELLO_APP, ROOT, Server, asgi_app
 
-ENV_APP = """
-import json, os
-
-async def app(scope, receive, send):
-    if scope["type"] == "lifespan":
-        while True:
-            message = await receive()
-            if message["type"] == "lifespan.startup":
-                await send({"type": "lifespan.startup.complete"})
-            else:
-                await send({"type": "lifespan.shutdown.complete"})
-                return
+ENV_APP = asgi_app(
+    "import json, os",
+    """
     body = {k: os.environ.get(k) for k in ("LISTEN_FDS", "LISTEN_PID", "CLUSTER_SERVER_INHERIT")}
     await send({"type": "http.response.start", "status": 200, "headers": []})
     await send({"type": "http.response.body", "body": json.dumps(body).encode()})
-"""
+    """,
+)
 
 
 class ActivatedServer(Server):
