@@ -10,12 +10,16 @@ says what to do when one is readable or writable (``_serve``).
 from __future__ import annotations
 
 import functools
+import logging
 import selectors
 import socket
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Generic, TypeVar
 
 if TYPE_CHECKING:
     from ._primary import Primary
+
+logger = logging.getLogger("cluster_server")
 
 #: a client we are done with gets this long to stop sending before it is closed
 LINGER = 2.0
@@ -52,6 +56,19 @@ class ClientServer(Generic[C]):
         for fd, c in list(self.clients.items()):
             if now >= c.deadline:
                 self._drop(fd)
+
+    def _accepted(self, listener: socket.socket, limit: int, what: str) -> Iterator[socket.socket]:
+        """The connections waiting on ``listener`` (at most ``limit`` a wake-up), non-blocking."""
+        for _ in range(limit):
+            try:
+                conn, _ = listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:  # EMFILE and friends: try again on the next wake-up
+                logger.warning("%s: accept failed: %s", what, exc)
+                return
+            conn.setblocking(False)
+            yield conn
 
     def _add(self, client: C) -> None:
         """Serve a new (non-blocking) client: ``_serve`` runs when it is ready."""

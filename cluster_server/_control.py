@@ -280,19 +280,11 @@ class ControlServer(ClientServer[_Client]):
 
     def _accept(self, mask: int) -> None:
         assert self.sock is not None and self.primary is not None
-        for _ in range(MAX_CLIENTS):
-            try:
-                conn, _ = self.sock.accept()
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError as exc:  # EMFILE and friends: try again on the next wake-up
-                logger.warning("control socket: accept failed: %s", exc)
-                return
+        for conn in self._accepted(self.sock, MAX_CLIENTS, "control socket"):
             if len(self.clients) >= MAX_CLIENTS:
                 # Make room by dropping the client closest to its deadline (an idle one),
                 # so clients that say nothing cannot lock an operator out.
                 self._drop(min(self.clients, key=lambda fd: self.clients[fd].deadline))
-            conn.setblocking(False)
             client = _Client(conn, self.primary.clock() + IDLE_TIMEOUT)
             self._add(client)
             if not _peer_allowed(conn):

@@ -224,18 +224,10 @@ class MetricsServer(ClientServer[_Client]):
 
     def _accept(self, mask: int) -> None:
         assert self.sock is not None and self.primary is not None
-        for _ in range(MAX_CLIENTS):
-            try:
-                conn, _ = self.sock.accept()
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError as exc:
-                logger.warning("metrics: accept failed: %s", exc)
-                return
+        for conn in self._accepted(self.sock, MAX_CLIENTS, "metrics"):
             if len(self.clients) >= MAX_CLIENTS:
                 conn.close()
                 continue
-            conn.setblocking(False)
             self._add(_Client(conn, self.primary.clock() + DEADLINE))
 
     def _serve(self, fd: int, c: _Client, mask: int) -> None:
