@@ -144,16 +144,22 @@ class Endpoint:
             raise
         return rid, fut
 
-    def request_sync(self, data: Any, timeout: float | None = 5.0) -> Any:
-        self._check_may_block("cluster.request_sync()")
-        rid, fut = self._start_request({"t": "req", "data": data})
+    def _wait_answer(
+        self, rid: int, fut: concurrent.futures.Future[tuple[Any, list[int]]], timeout: float | None, late: str
+    ) -> tuple[Any, list[int]]:
+        """Block until request ``rid`` is answered: (data, fds); TimeoutError(``late``) after ``timeout`` s."""
         try:
-            value, fds = fut.result(timeout)
+            return fut.result(timeout)
         except concurrent.futures.TimeoutError:
-            raise TimeoutError(f"the primary did not answer within {timeout} s") from None
+            raise TimeoutError(late) from None
         finally:
             with self._lock:
                 self._pending.pop(rid, None)
+
+    def request_sync(self, data: Any, timeout: float | None = 5.0) -> Any:
+        self._check_may_block("cluster.request_sync()")
+        rid, fut = self._start_request({"t": "req", "data": data})
+        value, fds = self._wait_answer(rid, fut, timeout, f"the primary did not answer within {timeout} s")
         _proc.close_all(fds)
         return value
 
@@ -178,13 +184,8 @@ class Endpoint:
             host, port = address
             addr = [str(host), int(port)]
         rid, fut = self._start_request({"t": "listen", "addr": addr, "backlog": int(backlog)})
-        try:
-            name, fds = fut.result(LISTEN_TIMEOUT)
-        except concurrent.futures.TimeoutError:
-            raise TimeoutError(f"the primary did not answer a listen request within {LISTEN_TIMEOUT} s") from None
-        finally:
-            with self._lock:
-                self._pending.pop(rid, None)
+        late = f"the primary did not answer a listen request within {LISTEN_TIMEOUT} s"
+        name, fds = self._wait_answer(rid, fut, LISTEN_TIMEOUT, late)
         if not fds:
             raise BindError(f"the primary sent no socket for {address!r}")
         _proc.close_all(fds[1:])
