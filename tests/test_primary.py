@@ -31,6 +31,8 @@ from cluster_server._primary import (
 from cluster_server._state import WorkerState
 from cluster_server._worker import DUMP_SIGNAL, EXIT_BOOT_FAILURE
 
+from .fake_primary import FakeClock
+
 TERM, KILL = signal.SIGTERM, signal.SIGKILL
 
 
@@ -42,17 +44,6 @@ def exited(code: int) -> int:
 def killed(sig: int) -> int:
     """A wait status for a process killed by ``sig``."""
     return int(sig)
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
 
 
 class FakeLauncher:
