@@ -34,7 +34,7 @@ from typing import Any
 from . import _channel, _proc
 from ._channel import Channel, Message
 from ._cluster_worker import MainTarget, describe_exception, main_target, run_forked
-from ._errors import ChannelError, ClusterRoleError, DisconnectedError, RequestError
+from ._errors import ChannelError, DisconnectedError, RequestError
 
 logger = logging.getLogger("cluster_server.cluster")
 
@@ -776,8 +776,3 @@ def _address(addr: Any) -> Any:
     if isinstance(addr, list):
         return tuple(addr)
     return addr
-
-
-def require(role_ok: bool, message: str) -> None:
-    if not role_ok:
-        raise ClusterRoleError(message)

@@ -169,7 +169,6 @@ class Primary:
         self.stopping = False
         self.fatal: ClusterServerError | None = None
         self.exit_code = 0
-        self.restarts = 0
         self.on_child_exit: dict[int, Callable[[int, int], None]] = {}
         self.components: list[Any] = []
         self._signals: collections.deque[int] = collections.deque()
@@ -404,7 +403,6 @@ class Primary:
             slot.failures = 0
         slot.failures += 1
         slot.respawn_at = now + backoff_delay(slot.failures)
-        self.restarts += 1
         if w.boot_error:
             logger.error("worker %d could not start: %s", w.id, w.boot_error)
         delay = slot.respawn_at - now
