@@ -598,13 +598,11 @@ class ClusterPrimary(Emitter):
             self.close_channel(w)
 
     def _handle(self, w: Worker, msg: Message, fds: list[int]) -> None:
+        _proc.close_all(fds)  # a worker's messages carry no fds
         kind = msg.get("t")
         if kind == "res":
-            _proc.close_all(fds)
             self._resolve(w, msg)
-            return
-        _proc.close_all(fds)  # a worker's messages carry no fds
-        if kind == "msg":
+        elif kind == "msg":
             data = msg.get("data")
             w.emit("message", data)
             self.emit("message", w, data)

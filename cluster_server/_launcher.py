@@ -314,13 +314,8 @@ class TemplateLauncher:
                 self.reloader.reload(files, why="changed (a dependency)")
             return
         if self.holding:
-            self.holding = False
             self._add(t)
-            now = self.primary.clock()
-            for slot in self.primary.slots.values():
-                if slot.respawn_at == math.inf:
-                    slot.respawn_at = now
-            self.primary.manage_workers()
+            self._release_slots()
         elif self.roll_wanted is not None and t.started_at >= self.roll_wanted[2]:
             reason, slots, _ = self.roll_wanted
             self.roll_wanted = None
@@ -382,6 +377,7 @@ class TemplateLauncher:
         self.last_crash = now
 
     def _release_slots(self) -> None:
+        """The slots held for the first template may fill now."""
         if self.holding:
             self.holding = False
             for slot in self.primary.slots.values():

@@ -37,6 +37,8 @@ logger = logging.getLogger("cluster_server")
 MAX_REQUEST = 8 * 1024
 DEADLINE = 5.0
 MAX_CLIENTS = 16
+#: exit reasons always exported (as 0 until one happens); others appear when they do
+EXIT_REASONS = ("crash", "boot_failure", "timeout", "ready_timeout", "rolled", "scaled_down")
 
 
 def parse_bind(value: str) -> tuple[str, int]:
@@ -99,10 +101,10 @@ class _Collector:
             "Workers that exited, by reason: crash, boot_failure, timeout (hung), ready_timeout, rolled...",
             labels=["reason"],
         )
-        for reason in ("crash", "boot_failure", "timeout", "ready_timeout", "rolled", "scaled_down"):
+        for reason in EXIT_REASONS:
             restarts.add_metric([reason], watch.exits.get(reason, 0))
         for reason, n in sorted(watch.exits.items()):
-            if reason not in ("crash", "boot_failure", "timeout", "ready_timeout", "rolled", "scaled_down"):
+            if reason not in EXIT_REASONS:
                 restarts.add_metric([reason], n)
         yield restarts
 
