@@ -30,7 +30,7 @@ from ._proc import close_all as _close_fds
 from ._proc import describe_status
 from ._proc import flush_output as _flush_output
 from ._sockets import Listener
-from ._state import WorkerState, exit_state
+from ._state import WorkerState, check_transition, exit_state
 from ._worker import DUMP_SIGNAL, EXIT_BOOT_FAILURE, WorkerSpec, load_app, worker_main
 
 logger = logging.getLogger("cluster_server")
@@ -83,8 +83,6 @@ class Worker:
     exit_status: str = ""
 
     def move(self, new: WorkerState) -> None:
-        from ._state import check_transition
-
         self.state = check_transition(self.state, new)
 
     @property

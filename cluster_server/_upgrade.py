@@ -120,6 +120,10 @@ class Upgrader:
         self.deadline: float | None = None
         self.kill_at: float | None = None
         self.handed_over = False
+        #: the child closed the pipe without a word: ``deadline`` is its grace to exit
+        self._pipe_closed = False
+        #: a failed new primary we asked to stop, SIGKILLed at ``kill_at`` if still there
+        self._abandoned: int | None = None
         # the new side: the pipe to tell the predecessor on
         handed = take_inherited()
         self.ready_fd: int | None = int(handed["ready_fd"]) if handed and "ready_fd" in handed else None
@@ -278,9 +282,6 @@ class Upgrader:
         else:
             p.on_child_exit[pid] = self._child_exited
             self._abandoned, self.kill_at = pid, p.clock() + p.config.graceful_timeout + 5
-
-    _abandoned: int | None = None
-    _pipe_closed = False
 
     def _close_pipe(self) -> None:
         if self.pipe_r is not None:

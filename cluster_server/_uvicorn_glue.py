@@ -272,7 +272,6 @@ def guard_request_head(uconfig: uvicorn.Config, timeout: float, max_size: int) -
     ``server_state.default_headers`` are the internals this relies on.
     """
     base: Any = uconfig.http_protocol_class
-    log = logging.getLogger("cluster_server.worker")
 
     class RequestHeadGuard(base):  # type: ignore[misc]
         _cs_watching = False
@@ -301,7 +300,7 @@ def guard_request_head(uconfig: uvicorn.Config, timeout: float, max_size: int) -
             self._cs_head_bytes += len(data)
             if self._cs_head_bytes > max_size:
                 self._cs_stop()
-                log.warning("%s: request head over %d bytes; answered 431", _peer(self), max_size)
+                logger.warning("%s: request head over %d bytes; answered 431", _peer(self), max_size)
                 self._cs_answer(431, "Request Header Fields Too Large", "Request head too large.")
             elif self._cs_timer is None:
                 self._cs_arm()
@@ -327,7 +326,7 @@ def guard_request_head(uconfig: uvicorn.Config, timeout: float, max_size: int) -
             if transport.is_closing() or transport.get_protocol() is not self:
                 return
             if self._cs_head_bytes:
-                log.info("%s: no complete request head within %g s; answered 408", _peer(self), timeout)
+                logger.info("%s: no complete request head within %g s; answered 408", _peer(self), timeout)
                 self._cs_answer(408, "Request Timeout", "Request head not received in time.")
             else:
                 transport.close()  # opened and never used (a browser's preconnect, say)
