@@ -21,7 +21,6 @@ from cluster_server import _cli
 from cluster_server._config import RELOAD_GRACEFUL_TIMEOUT, Config
 from cluster_server._errors import ConfigError
 from cluster_server._reload import WatchRules
-from cluster_server._uvicorn_glue import WorkerServer
 
 from .conftest import Server, asgi_app, wait_until
 
@@ -356,10 +355,6 @@ def test_open_websocket_does_not_block_a_reload(
     server.wait_log(f"[pid {old_pid}] exited", timeout=RELOAD_GRACEFUL_TIMEOUT + 3)
 
 
-@pytest.mark.skipif(
-    not hasattr(WorkerServer, "begin_drain"),
-    reason="needs the drain that answers connections accepted but not yet read (issue 4)",
-)
 def test_no_failed_requests_while_polling_through_reloads(
     start_server: Callable[..., Server], write_app: Callable[..., Path]
 ) -> None:

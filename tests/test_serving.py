@@ -7,6 +7,7 @@ deadline; every request loop is bounded in count and time.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
@@ -47,6 +48,7 @@ SLOW_APP = asgi_app(
 
 #: HELLO_APP, unless ./crash exists when a worker imports it
 CRASHY_APP = """
+import contextlib
 import os
 
 if os.path.exists("crash"):
@@ -283,6 +285,9 @@ def run_cli(cwd: Path, *args: str, timeout: float = 30) -> tuple[int, str, str]:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.communicate()
         raise
+    finally:  # a primary that exited may have left a worker behind: nothing of it outlives the test
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(proc.pid, signal.SIGKILL)
     return proc.returncode, out, err
 
 
