@@ -271,7 +271,7 @@ def test_broadcast_reaches_every_worker(tmp_path: Path) -> None:
                 # worker 1 broadcasts to the others through the primary, then to all incl. itself
                 await ws[0].request("bcast")
                 await ws[0].request("bcast-self")
-                await asyncio.sleep(0.3)
+                # (a relayed message is on each channel before the primary's next request)
                 out("relayed", {w.id: await w.request("relayed") for w in ws})
                 cluster.disconnect()
             cluster.run(main)
@@ -521,14 +521,17 @@ def test_worker_async_and_sync_receive_forms(tmp_path: Path) -> None:
                 w = cluster.fork()
                 for i in range(6):
                     w.send(i)  # before the worker even runs: they wait in its inbox
-                results = asyncio.get_running_loop().create_future()
-                w.on("message", results.set_result)
+                loop = asyncio.get_running_loop()
+                results = loop.create_future()
+                w.once("message", results.set_result)
                 await asyncio.sleep(0.2)
                 for i in range(6, 9):
                     w.send(i)
                 out("worker", await asyncio.wait_for(results, 20))
+                listening = loop.create_future()
+                w.once("message", listening.set_result)
                 w.send("for the callback")
-                await asyncio.sleep(0.2)
+                await asyncio.wait_for(listening, 20)  # its disconnect listener is in place
                 w.disconnect()
                 await cluster.wait()
                 out("exit", w.exit_code)
@@ -559,6 +562,7 @@ def test_worker_async_and_sync_receive_forms(tmp_path: Path) -> None:
                 cluster.send(got)
                 got_cb = await asyncio.wait_for(seen, 10)
                 cluster.worker.on("disconnect", lambda: out("worker disconnect event"))
+                cluster.send("listening for the disconnect")
                 await cluster.disconnected()
                 try:
                     await cluster.recv()
