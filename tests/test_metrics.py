@@ -102,13 +102,8 @@ def test_the_responder_is_bounded_and_answers_only_metrics(
     assert huge.recv(100).startswith(b"HTTP/1.1 431")
     assert scrape(mport)["cluster_server_workers"][(("state", "ready"),)] == 1
     assert srv.get().status_code == 200
-    # The silent one is cut at its deadline.
-    silent.settimeout(_metrics.DEADLINE + 3)
-    assert silent.recv(1) == b""
-    for s in (silent, garbage, huge):
-        s.close()
 
-    # Many scrapes at once.
+    # Many scrapes at once, while the silent one waits out its deadline.
     errors: list[BaseException] = []
 
     def scrape_some() -> None:
@@ -124,6 +119,11 @@ def test_the_responder_is_bounded_and_answers_only_metrics(
     for t in threads:
         t.join(30)
     assert errors == []
+    # The silent one is cut at its deadline.
+    silent.settimeout(_metrics.DEADLINE + 3)
+    assert silent.recv(1) == b""
+    for s in (silent, garbage, huge):
+        s.close()
     assert srv.proc.poll() is None
 
 
