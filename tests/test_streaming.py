@@ -148,9 +148,11 @@ def test_websocket_and_sse_outlive_the_request_header_timeout(
     ).wait_ready()
     ctx = tls_files.client_context()
     with connect(_ws_url(server, True), ssl=ctx, open_timeout=10) as ws:
-        time.sleep(1.2)
+        # The stream takes 1.5 s, 3x the timeout; the websocket is idle meanwhile.
+        with httpx.stream(
+            "GET", _base(server, True) + "/stream?count=3&interval=0.5", timeout=10, verify=ctx
+        ) as response:
+            events = [line for line in response.iter_lines() if line.startswith("data: ")]
         ws.send("still here")
         assert ws.recv(timeout=10) == "still here"
-    with httpx.stream("GET", _base(server, True) + "/stream?count=3&interval=0.5", timeout=10, verify=ctx) as response:
-        events = [line for line in response.iter_lines() if line.startswith("data: ")]
     assert len(events) == 3
