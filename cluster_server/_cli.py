@@ -15,7 +15,7 @@ import click
 from click.core import ParameterSource
 
 from . import _logging
-from ._config import Config, OptionSpec, env_vars, options, unwrap_optional
+from ._config import Config, OptionSpec, cli_flag, env_vars, options, unwrap_optional
 from ._errors import ClusterServerError
 from ._run import serve
 from ._version import __version__
@@ -51,7 +51,7 @@ def click_type(tp: Any, spec: OptionSpec) -> Any:
 
 
 def build_option(name: str, tp: Any, default: Any, spec: OptionSpec) -> click.Option:
-    flag = spec.flag or "--" + name.replace("_", "-")
+    flag = cli_flag(name, spec)
     base, _ = unwrap_optional(tp)
     kwargs: dict[str, Any] = {
         "help": spec.help,

@@ -368,6 +368,11 @@ def _flag(name: str) -> str:
     return name.replace("_", "-")
 
 
+def cli_flag(name: str, spec: OptionSpec) -> str:
+    """The option's command-line flag: ``spec.flag``, else ``--field-name``."""
+    return spec.flag or f"--{_flag(name)}"
+
+
 @typing.no_type_check
 def _field_types() -> dict[str, Any]:
     global _TYPES
@@ -390,7 +395,7 @@ def unwrap_optional(tp: Any) -> tuple[Any, bool]:
 
 def _check_field(name: str, spec: OptionSpec, tp: Any, value: Any) -> None:
     base, optional = unwrap_optional(tp)
-    flag = spec.flag or f"--{_flag(name)}"
+    flag = cli_flag(name, spec)
     if value is None:
         if optional:
             return

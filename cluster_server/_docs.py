@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from ._cli import GROUP_TITLES
-from ._config import Config, OptionSpec, env_vars, options, unwrap_optional
+from ._config import Config, OptionSpec, cli_flag, env_vars, options, unwrap_optional
 
 ROOT = Path(__file__).resolve().parent.parent
 CLI_MD = ROOT / "docs" / "cli.md"
@@ -25,7 +25,7 @@ END = "<!-- END FLAGS -->"
 
 
 def flag_of(name: str, spec: OptionSpec, tp: Any) -> str:
-    flag = spec.flag or "--" + name.replace("_", "-")
+    flag = cli_flag(name, spec)
     base, _ = unwrap_optional(tp)
     if base is bool:
         return f"{flag} / --no-{flag[2:]}" if spec.negatable else flag
@@ -40,7 +40,7 @@ def default_of(value: Any, name: str, spec: OptionSpec) -> str:
     if value is None:
         return "—"
     if isinstance(value, bool):
-        flag = spec.flag or "--" + name.replace("_", "-")
+        flag = cli_flag(name, spec)
         if spec.negatable:
             return f"`{flag if value else '--no-' + flag[2:]}`"
         return "off" if not value else "on"
