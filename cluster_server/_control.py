@@ -115,15 +115,18 @@ def _private_dir(path: str) -> None:
         )
 
 
-def _alive(path: str) -> bool:
+def _probe(path: str) -> bool | None:
+    """Does a server listen on the socket at ``path``? None: cannot tell (no permission...)."""
     probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     probe.settimeout(1.0)
     try:
         probe.connect(path)
     except BlockingIOError:
         return True  # listening, with a full queue
+    except ConnectionRefusedError:
+        return False  # nobody will ever answer: a socket left by a killed server
     except OSError:
-        return False
+        return None
     finally:
         probe.close()
     return True
@@ -143,7 +146,7 @@ def bind(path: str, *, replace_live: bool = False) -> socket.socket:
     if os.path.lexists(path):
         if not stat.S_ISSOCK(os.lstat(path).st_mode):
             raise BindError(f"{path} exists and is not a socket; remove it or pick another --control-socket")
-        if not replace_live and _alive(path):
+        if not replace_live and _probe(path):
             raise BindError(
                 f"another cluster-server answers on control socket {path}; stop it or pick another --control-socket"
             )
@@ -444,21 +447,12 @@ def find_servers(directory: str | None = None) -> list[str]:
     directory = directory or runtime_dir()
     alive = []
     for path in sorted(glob.glob(os.path.join(glob.escape(directory), "*.sock"))):
-        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        probe.settimeout(1.0)
-        try:
-            probe.connect(path)
-        except ConnectionRefusedError:
+        listening = _probe(path)
+        if listening:
+            alive.append(path)
+        elif listening is False:
             with contextlib.suppress(OSError):
                 os.unlink(path)
-        except BlockingIOError:
-            alive.append(path)  # listening, with a full queue
-        except OSError:
-            pass
-        else:
-            alive.append(path)
-        finally:
-            probe.close()
     return alive
 
 
