@@ -25,6 +25,7 @@ WSType = Literal["auto", "none", "websockets", "websockets-sansio", "wsproto"]
 LifespanType = Literal["auto", "on", "off"]
 InterfaceType = Literal["auto", "asgi3", "asgi2", "wsgi"]
 LogLevelType = Literal["critical", "error", "warning", "info", "debug", "trace"]
+SchedulingType = Literal["shared", "round-robin", "least-busy", "reuseport"]
 
 
 @dataclass(frozen=True)
@@ -102,6 +103,15 @@ class Config:
         1.0, "Seconds between heartbeats a worker sends from its event loop.", group="processes", min=0.05
     )
 
+    scheduling: SchedulingType = option(
+        "round-robin",
+        "How connections reach workers: the primary hands each one to the next worker (round-robin) "
+        "or to the one with the fewest open connections (least-busy); or every worker accepts on "
+        "the shared socket (shared, the kernel picks); or each worker binds its own SO_REUSEPORT "
+        "socket (reuseport). See docs/scheduling.md.",
+        group="processes",
+    )
+
     # -- the app ----------------------------------------------------------------
     interface: InterfaceType = option("auto", "Application interface.", group="app")
     factory: bool = option(False, "Treat APP as a factory: call it with no arguments to get the app.", group="app")
@@ -155,6 +165,11 @@ class Config:
             raise ConfigError("no APP given; pass 'module:attribute' (e.g. main:app)")
         if self.uds is not None and self.fd is not None:
             raise ConfigError("--uds and --fd are alternatives; give one of them")
+        if self.scheduling == "reuseport" and (self.uds is not None or self.fd is not None):
+            raise ConfigError(
+                "--scheduling reuseport needs --host/--port (each worker binds its own socket); "
+                "with --uds or --fd use round-robin, least-busy or shared"
+            )
 
     def replace(self, **changes: Any) -> Config:
         """A copy with some options changed (validated again)."""

@@ -124,6 +124,7 @@ class Component(Protocol):
     and ``tick()`` for its timers; ``worker_event(event, worker)`` with event in
     ``spawned ready draining exited``; ``worker_message(worker, msg, fds) -> bool``
     for message types the primary does not know (True: handled, fds taken);
+    ``child_fds() -> list[int]``, fds of the primary's that a new worker must close;
     ``close()`` when the primary exits.
     """
 
@@ -454,6 +455,7 @@ class Primary:
                 self._watch(w)
         except OSError:
             self._forget_channel(w)
+            _close_fds(fds or [])  # not sent, not queued: still ours
             return False
         return True
 
@@ -649,6 +651,11 @@ class Primary:
         if self._selector is not None and hasattr(self._selector, "fileno"):
             fds.append(self._selector.fileno())
         fds.extend(w.channel.fileno() for w in self.workers.values() if w.channel and not w.channel.closed)
+        for w in self.workers.values():  # connections queued for other workers
+            if w.channel and not w.channel.closed:
+                fds.extend(w.channel.queued_fds())
+        for c in self.components:  # e.g. connections the scheduler holds
+            fds.extend(_call(c, "child_fds") or ())
         return fds
 
 

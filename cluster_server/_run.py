@@ -7,6 +7,7 @@ from typing import Any
 from . import _logging
 from ._config import Config
 from ._primary import Primary
+from ._scheduling import primary_components
 from ._sockets import bind_listeners
 
 
@@ -19,6 +20,8 @@ def serve(config: Config) -> int:
     listeners = bind_listeners(config)
     try:
         primary = Primary(config, listeners)
+        for component in primary_components(config):
+            primary.add_component(component)
     except BaseException:
         for lst in listeners:
             lst.close()

@@ -25,10 +25,10 @@ from typing import Any, NoReturn
 
 import uvicorn
 
-from . import _proc
-from ._channel import Channel
+from . import _proc, _scheduling
+from ._channel import Channel, FdsTruncated
 from ._config import Config
-from ._errors import AppLoadError, ChannelError
+from ._errors import AppLoadError, BindError, ChannelError
 from ._uvicorn_glue import WorkerServer, run_on_fresh_loop
 
 logger = logging.getLogger("cluster_server.worker")
@@ -178,6 +178,11 @@ def _run(config: Config, spec: WorkerSpec, channel: Channel) -> int:
     except SystemExit:  # uvicorn's Config.load exits on what it cannot load
         report({"t": "boot_error", "error": f"uvicorn could not load {config.app_name}; see the log above"})
         return EXIT_BOOT_FAILURE
+    try:
+        sockets = _scheduling.worker_sockets(config, spec.listeners)
+    except BindError as exc:
+        report({"t": "boot_error", "error": str(exc)})
+        return 1
 
     server = WorkerServer(
         uconfig,
@@ -202,6 +207,8 @@ def _run(config: Config, spec: WorkerSpec, channel: Channel) -> int:
         def on_channel() -> None:
             try:
                 for msg, fds in channel.receive():
+                    if isinstance(msg, FdsTruncated) and msg.message is not None:
+                        msg = {**msg.message, "ctrunc": True}  # the handler refuses what it lost
                     handler = None if isinstance(msg, ChannelError) else server.handlers.get(str(msg.get("t")))
                     if handler is None:
                         for fd in fds:
@@ -214,8 +221,11 @@ def _run(config: Config, spec: WorkerSpec, channel: Channel) -> int:
                 loop.remove_reader(channel.fileno())
                 orphaned()
 
+        if config.scheduling in _scheduling.HANDOFF:
+            handoff = _scheduling.WorkerHandOff(server, channel, least_busy=config.scheduling == "least-busy")
+            handoff.install(loop)
         loop.add_reader(channel.fileno(), on_channel)
-        await server.serve(sockets=list(spec.listeners))
+        await server.serve(sockets=sockets)
 
     try:
         run_on_fresh_loop(serve(), uconfig)
