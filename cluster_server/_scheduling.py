@@ -67,6 +67,13 @@ RETRY_FIRST = 0.05
 RETRY_CAP = 1.0
 #: the primary at its own fd limit stops accepting for this long
 ACCEPT_PAUSE = 0.1
+#: least-busy: a worker holding connections it has not acknowledged for this long, with no
+#: ack in between, is not running its event loop (a blocking request, CPU starvation): it
+#: gets new connections only when every worker is in that state
+STALL = 0.01
+#: a worker sends at most one ack/load report per this many seconds (the first at once):
+#: under load, one message then covers many connections, and the primary wakes less
+ACK_INTERVAL = 0.002
 #: errors that mean "out of fds or memory": stop accepting for a while
 _RESOURCE_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 MIGRATE_REQ = "/proc/sys/net/ipv4/tcp_migrate_req"
@@ -95,6 +102,7 @@ class _Peer:
         "handed",
         "limit",
         "open",
+        "progress_at",
         "taken",
         "unacked",
         "worker",
@@ -112,6 +120,8 @@ class _Peer:
         self.blocked_until = 0.0  # at its fd limit: no connections before this
         self.backoff = 0.0
         self.closing = False  # draining, refusing, or its channel broke: never route again
+        #: last sign of life: its last ack, or when it last got a batch while holding none
+        self.progress_at = 0.0
 
     @property
     def load(self) -> int:
@@ -141,6 +151,8 @@ class HandOff:
         # statistics, logged at close: how cheap is the accept path?
         self.accepted = 0
         self.rerouted = 0
+        self.messages = 0
+        self.wakeups = 0
         self.accept_ns = 0
         self._cpu_start = 0.0
 
@@ -231,10 +243,13 @@ class HandOff:
         if self.accepted:
             cpu = time.process_time() - self._cpu_start
             logger.info(
-                "%s: handed %d connection(s) to workers (%d re-routed); the accept path took %.1f us "
-                "per connection, the primary's CPU time %.1f us per connection",
+                "%s: accepted %d connection(s) in %d wake-ups, handed them over in %d message(s) "
+                "(%d re-routed); the accept path took %.1f us per connection, the primary's CPU "
+                "time was %.1f us per connection",
                 self.policy,
                 self.accepted,
+                self.wakeups,
+                self.messages,
                 self.rerouted,
                 self.accept_ns / 1e3 / self.accepted,
                 cpu * 1e6 / self.accepted,
@@ -259,6 +274,7 @@ class HandOff:
                     break
                 continue  # ECONNABORTED and friends: that one is gone, take the next
             fds.append(fd)
+        self.wakeups += 1
         if fds:
             self.accepted += len(fds)
             self.held.extend(fds)
@@ -279,7 +295,11 @@ class HandOff:
     def _update_accepting(self) -> None:
         assert self.primary is not None
         now = self.primary.clock()
-        want = not self.primary.stopping and now >= self._paused_until and self._room() > 0
+        want = (
+            not self.primary.stopping
+            and now >= self._paused_until
+            and (len(self.held) < self.hold_max or self._room() > 0)
+        )
         if want == self._accepting:
             return
         self._accepting = want
@@ -306,11 +326,14 @@ class HandOff:
             return None
         best: _Peer | None = None
         best_load = best_j = 0
+        stalled_after = now - STALL
         for i in range(n):
             j = (start + i) % n
             p = ring[j]
             if p.unacked < p.limit and p.blocked_until <= now and _channel_open(p.worker):
                 load = p.load
+                if p.unacked and p.progress_at < stalled_after:
+                    load += 1 << 30  # stalled: last resort
                 if best is None or load < best_load:
                     best, best_load, best_j = p, load, j
         if best is not None:
@@ -335,6 +358,8 @@ class HandOff:
             if peer is None:
                 break
             fd = held.popleft()
+            if not peer.unacked:
+                peer.progress_at = now  # holding nothing until now: not stalled
             peer.unacked += 1  # so that pick() sees it
             peer.handed += 1
             group = groups.get(peer)
@@ -362,7 +387,10 @@ class HandOff:
             self.held.extendleft(reversed(fds))
             return True  # held again; nothing to retry before the pause is over
         self._batch += 1
+        self.messages += 1
         bid = self._batch
+        if not peer.unacked:
+            peer.progress_at = self.primary.clock()
         peer.batches[bid] = fds
         peer.unacked += len(fds)
         peer.handed += len(fds)
@@ -392,6 +420,8 @@ class HandOff:
     def _on_ack(self, peer: _Peer, msg: Message) -> None:
         """Apply one ack. Raises TypeError on a malformed field (then nothing is applied)."""
         w = peer.worker
+        assert self.primary is not None
+        peer.progress_at = self.primary.clock()
         taken = _ints(msg.get("b", []), "b")
         draining = _ints(msg.get("r", []), "r")
         partial = msg.get("f", [])
@@ -567,10 +597,18 @@ class WorkerHandOff:
     it before it was told to stop; these were already on their way).
     """
 
-    def __init__(self, server: WorkerServer, channel: Channel, *, least_busy: bool) -> None:
+    def __init__(
+        self,
+        server: WorkerServer,
+        channel: Channel,
+        *,
+        least_busy: bool,
+        family: socket.AddressFamily = socket.AF_INET,
+    ) -> None:
         self.server = server
         self.channel = channel
         self.least_busy = least_busy
+        self.family = family  # of the connections handed over: saves socket() probing the fd
         self.loop: asyncio.AbstractEventLoop | None = None
         self.pending: list[_Batch] = []  # batches taken, not yet acknowledged
         self.refused: list[int] = []  # batches refused while draining
@@ -580,6 +618,7 @@ class WorkerHandOff:
         self.tasks: set[asyncio.Task[None]] = set()
         self._scheduled = False
         self._reported_open = -1
+        self._last_report = 0.0
         self._writer = False
 
     def install(self, loop: asyncio.AbstractEventLoop) -> None:
@@ -611,7 +650,7 @@ class WorkerHandOff:
             self.pending.append(batch)
             for i, fd in enumerate(fds):
                 try:
-                    sock = socket.socket(fileno=fd)
+                    sock = socket.socket(self.family, socket.SOCK_STREAM, fileno=fd)
                 except OSError as exc:  # not a socket: nothing we or anyone can serve
                     _close([fd])
                     batch.started += 1
@@ -640,14 +679,16 @@ class WorkerHandOff:
             self.connecting -= 1
 
     def _open_changed(self) -> None:
-        if not self._scheduled and self.loop is not None:
-            self._scheduled = True
-            self.loop.call_soon(self._flush)
+        self._schedule()
 
     def _schedule(self) -> None:
         if not self._scheduled and self.loop is not None:
             self._scheduled = True
-            self.loop.call_soon(self._flush)
+            wait = self._last_report + ACK_INTERVAL - self.loop.time()
+            if wait > 0:
+                self.loop.call_later(wait, self._flush)
+            else:
+                self.loop.call_soon(self._flush)
 
     def _flush(self) -> None:
         self._scheduled = False
@@ -674,6 +715,8 @@ class WorkerHandOff:
         if len(msg) > 1 or opened != self._reported_open:
             msg["k"], msg["o"] = self.taken, opened
             self._reported_open = opened
+            assert self.loop is not None
+            self._last_report = self.loop.time()
             self._send(msg)
         if waiting:
             self._schedule()

@@ -178,6 +178,7 @@ def _run(config: Config, spec: WorkerSpec, channel: Channel) -> int:
     except SystemExit:  # uvicorn's Config.load exits on what it cannot load
         report({"t": "boot_error", "error": f"uvicorn could not load {config.app_name}; see the log above"})
         return EXIT_BOOT_FAILURE
+    family = spec.listeners[0].family if spec.listeners else socket.AF_INET
     try:
         sockets = _scheduling.worker_sockets(config, spec.listeners)
     except BindError as exc:
@@ -222,7 +223,9 @@ def _run(config: Config, spec: WorkerSpec, channel: Channel) -> int:
                 orphaned()
 
         if config.scheduling in _scheduling.HANDOFF:
-            handoff = _scheduling.WorkerHandOff(server, channel, least_busy=config.scheduling == "least-busy")
+            handoff = _scheduling.WorkerHandOff(
+                server, channel, least_busy=config.scheduling == "least-busy", family=family
+            )
             handoff.install(loop)
         loop.add_reader(channel.fileno(), on_channel)
         await server.serve(sockets=sockets)

@@ -684,3 +684,22 @@ def test_rolling_restart_under_round_robin_loses_no_request(start_server: Any, w
         for t in threads:
             t.join(15)
     assert failures == []
+
+
+def test_least_busy_skips_a_stalled_worker_even_when_it_has_fewer_connections(conns: Any) -> None:
+    sched, primary, (w1, w2) = setup("least-busy", 2)
+    ready(sched, w2)
+    offer(sched, conns(5))
+    ack(sched, w2, b=primary.batches_for(w2), k=5, o=5)  # w2: 5 open
+    ready(sched, w1)
+    offer(sched, conns(1))
+    assert primary.sent[-1][0] is w1  # 0 open: it gets one, and acknowledges nothing
+    primary.now += _scheduling.STALL * 2  # its event loop is blocked
+    assert sched.peers[w1.pid].load < sched.peers[w2.pid].load
+    primary.sent.clear()
+    offer(sched, conns(3))
+    assert {dest for dest, _, _ in primary.sent} == {w2}
+    ack(sched, w1, b=primary.batches_for(w1) or list(sched.peers[w1.pid].batches), k=1, o=1)  # awake again
+    primary.sent.clear()
+    offer(sched, conns(1))
+    assert primary.sent[0][0] is w1
