@@ -71,9 +71,11 @@ ACCEPT_PAUSE = 0.1
 #: ack in between, is not running its event loop (a blocking request, CPU starvation): it
 #: gets new connections only when every worker is in that state
 STALL = 0.01
-#: a worker sends at most one ack/load report per this many seconds (the first at once):
-#: under load, one message then covers many connections, and the primary wakes less
-ACK_INTERVAL = 0.002
+#: least-busy: a worker sends at most one pure load report (connections closed, nothing
+#: to acknowledge) per this many seconds. Acks are never delayed: until the primary gets
+#: one it holds a reference to the connection, so a connection the worker already closed
+#: would not be closed (no FIN) before the ack arrives.
+REPORT_INTERVAL = 0.002
 #: errors that mean "out of fds or memory": stop accepting for a while
 _RESOURCE_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 MIGRATE_REQ = "/proc/sys/net/ipv4/tcp_migrate_req"
@@ -617,8 +619,10 @@ class WorkerHandOff:
         self.connecting = 0  # connects started, not finished
         self.tasks: set[asyncio.Task[None]] = set()
         self._scheduled = False
+        self._timer: asyncio.TimerHandle | None = None  # a rate-limited load report
         self._reported_open = -1
         self._last_report = 0.0
+        self._retries = 0
         self._writer = False
 
     def install(self, loop: asyncio.AbstractEventLoop) -> None:
@@ -679,25 +683,39 @@ class WorkerHandOff:
             self.connecting -= 1
 
     def _open_changed(self) -> None:
-        self._schedule()
+        """least-busy: a connection closed; report it soon, but not more often than REPORT_INTERVAL."""
+        if self._scheduled or self._timer is not None or self.loop is None:
+            return
+        wait = self._last_report + REPORT_INTERVAL - self.loop.time()
+        if wait > 0:
+            self._timer = self.loop.call_later(wait, self._flush)
+        else:
+            self._schedule()
 
     def _schedule(self) -> None:
+        """Flush at the end of this loop iteration (after the connects just started)."""
         if not self._scheduled and self.loop is not None:
             self._scheduled = True
-            wait = self._last_report + ACK_INTERVAL - self.loop.time()
-            if wait > 0:
-                self.loop.call_later(wait, self._flush)
-            else:
-                self.loop.call_soon(self._flush)
+            self.loop.call_soon(self._flush)
 
     def _flush(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
         self._scheduled = False
+        if self._retries < 3 and any(batch.started < batch.n for batch in self.pending):
+            # A connect has not run its first step yet (it is queued behind us): go after it,
+            # so that one ack covers every batch received in this iteration.
+            self._retries += 1
+            self._schedule()
+            return
+        self._retries = 0
         msg: dict[str, Any] = {"t": "ack"}
         acked: list[int] = []
         waiting: list[_Batch] = []
         for batch in self.pending:
             if batch.started < batch.n:
-                waiting.append(batch)  # a connect has not run its first step yet
+                waiting.append(batch)
             elif batch.refused:
                 self.fd_refused.append([batch.id, *batch.refused])
                 self.taken += batch.n - len(batch.refused)
@@ -718,7 +736,7 @@ class WorkerHandOff:
             assert self.loop is not None
             self._last_report = self.loop.time()
             self._send(msg)
-        if waiting:
+        if waiting and not self.server.should_exit:  # (a task cancelled at shutdown never starts)
             self._schedule()
 
     def _send(self, msg: dict[str, Any]) -> None:

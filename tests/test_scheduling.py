@@ -560,6 +560,7 @@ def start(start_server: Any, write_app: Any, policy: str, workers: int, *extra: 
 @pytest.mark.parametrize("policy", POLICIES)
 def test_every_policy_serves_http_and_websocket(start_server: Any, write_app: Any, policy: str) -> None:
     server = start(start_server, write_app, policy, 2)
+    assert server.log().count("Application startup complete") == 2  # lifespan runs under every policy
     assert fetch(server.url).status_code == 200
     with ws_connect(f"ws://127.0.0.1:{server.port}/ws", open_timeout=10) as ws:
         for i in range(3):
@@ -703,3 +704,102 @@ def test_least_busy_skips_a_stalled_worker_even_when_it_has_fewer_connections(co
     primary.sent.clear()
     offer(sched, conns(1))
     assert primary.sent[0][0] is w1
+
+
+# --------------------------------------------------------------------------- worker side, in-process
+
+
+class FakeServer:
+    """What WorkerHandOff needs of the uvicorn server: serve_accepted fails for chosen fds."""
+
+    def __init__(self, fail: dict[int, int] | None = None) -> None:
+        self.handlers: dict[str, Any] = {}
+        self.should_exit = False
+        self.served: list[socket.socket] = []
+        self.fail = fail or {}  # n-th connection (0-based) -> errno its first step raises
+        self.n = 0
+
+    @property
+    def open_connections(self) -> int:
+        return len(self.served)
+
+    def watch_closes(self, callback: Any) -> None:
+        self.on_close = callback
+
+    async def serve_accepted(self, sock: socket.socket) -> None:
+        n, self.n = self.n, self.n + 1
+        if n in self.fail:
+            raise OSError(self.fail[n], os.strerror(self.fail[n]))
+        self.served.append(sock)
+
+
+def run_worker_side(server: FakeServer, batches: list[tuple[dict[str, Any], int]]) -> list[dict[str, Any]]:
+    """Feed ``conn`` messages (with n fresh socket fds each) to a WorkerHandOff; return its acks."""
+    import asyncio
+
+    from cluster_server._channel import Channel, pair
+
+    ours, theirs = pair()
+    primary_end, worker_end = Channel(ours), Channel(theirs)
+    spare: list[socket.socket] = []
+
+    async def main() -> list[dict[str, Any]]:
+        handoff = _scheduling.WorkerHandOff(server, worker_end, least_busy=False)  # type: ignore[arg-type]
+        handoff.install(asyncio.get_running_loop())
+        for msg, n in batches:
+            fds = []
+            for _ in range(n):
+                a, b = socket.socketpair()
+                spare.append(b)
+                fds.append(a.detach())
+            server.handlers["conn"](msg, fds)
+        acks: list[dict[str, Any]] = []
+        for _ in range(100):
+            await asyncio.sleep(0.005)
+            acks.extend(m for m, _ in primary_end.receive() if isinstance(m, dict))
+        return acks
+
+    try:
+        return asyncio.run(main())
+    finally:
+        for s in [*spare, *server.served]:
+            s.close()
+        primary_end.close()
+        worker_end.close()
+
+
+def test_worker_acks_what_it_took_in_one_message() -> None:
+    server = FakeServer()
+    acks = run_worker_side(server, [({"t": "conn", "b": 1}, 2), ({"t": "conn", "b": 2}, 3)])
+    assert acks[0]["b"] == [1, 2] and acks[0]["k"] == 5
+    assert len(server.served) == 5
+
+
+def test_a_draining_worker_refuses_what_it_is_still_handed() -> None:
+    server = FakeServer()
+    server.should_exit = True
+    acks = run_worker_side(server, [({"t": "conn", "b": 7}, 2)])
+    assert acks == [{"t": "ack", "r": [7], "k": 0, "o": 0}]
+    assert server.served == []
+
+
+def test_a_worker_out_of_fds_refuses_those_it_could_not_take() -> None:
+    import errno
+
+    server = FakeServer(fail={1: errno.EMFILE, 2: errno.EMFILE})  # uvloop's dup failed for these
+    acks = run_worker_side(server, [({"t": "conn", "b": 3}, 4), ({"t": "conn", "b": 4, "ctrunc": True}, 1)])
+    (ack_msg,) = acks
+    assert ack_msg["f"] == [[4], [3, 1, 2]]  # batch 4: all (fds truncated); batch 3: indexes 1 and 2
+    assert ack_msg["k"] == 2 and "b" not in ack_msg
+    assert len(server.served) == 2
+
+
+def test_round_robin_over_a_unix_socket(start_server: Any, write_app: Any, tmp_path: Any) -> None:
+    write_app("schedapp", APP)
+    path = str(tmp_path / "app.sock")
+    server = start_server("schedapp:app", "--workers", "2", "--scheduling", "round-robin", "--uds", path)
+    server.wait_ready()
+    transport = httpx.HTTPTransport(uds=path)
+    with httpx.Client(transport=transport, base_url="http://localhost", timeout=10) as client:
+        pids = {client.get("/", headers={"connection": "close"}).text for _ in range(4)}
+    assert {int(p) for p in pids} == set(server.worker_pids())
