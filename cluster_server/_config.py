@@ -104,11 +104,11 @@ class Config:
     )
 
     scheduling: SchedulingType = option(
-        "round-robin",
-        "How connections reach workers: the primary hands each one to the next worker (round-robin) "
-        "or to the one with the fewest open connections (least-busy); or every worker accepts on "
-        "the shared socket (shared, the kernel picks); or each worker binds its own SO_REUSEPORT "
-        "socket (reuseport). See docs/scheduling.md.",
+        "least-busy",
+        "How connections reach workers: the primary hands each one to the worker with the fewest "
+        "open connections (least-busy) or to the next worker in turn (round-robin); or every worker "
+        "accepts on the shared socket and the kernel picks (shared); or each worker binds its own "
+        "SO_REUSEPORT socket (reuseport). See docs/scheduling.md.",
         group="processes",
     )
 

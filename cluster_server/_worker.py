@@ -6,7 +6,9 @@ Messages a worker sends on its channel (JSON objects, key ``t`` is the type):
 - ``{"t": "hb", "r": requests, "c": open_connections}`` every heartbeat interval,
   from the event loop;
 - ``{"t": "boot_error", "error": "..."}`` when the app cannot be loaded or its
-  lifespan startup fails (then the worker exits with status 3).
+  lifespan startup fails (then the worker exits with status 3);
+- ``{"t": "ack", ...}`` under ``--scheduling round-robin/least-busy``: which handed-over
+  connections it took or refused, and its load (see ``_scheduling.py``).
 """
 
 from __future__ import annotations
