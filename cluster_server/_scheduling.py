@@ -78,6 +78,8 @@ STALL = 0.01
 REPORT_INTERVAL = 0.002
 #: errors that mean "out of fds or memory": stop accepting for a while
 _RESOURCE_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+#: accept() errors about one connection only: skip it and accept the next
+_GONE_ERRNOS = frozenset({errno.ECONNABORTED, errno.EPROTO, errno.EPERM})
 MIGRATE_REQ = "/proc/sys/net/ipv4/tcp_migrate_req"
 
 
@@ -269,12 +271,13 @@ class HandOff:
             except (BlockingIOError, InterruptedError):
                 break
             except OSError as exc:
-                if exc.errno in _RESOURCE_ERRNOS:
-                    assert self.primary is not None
-                    self._paused_until = self.primary.clock() + ACCEPT_PAUSE
-                    logger.warning("primary cannot accept (%s); pausing accept for %g s", exc, ACCEPT_PAUSE)
-                    break
-                continue  # ECONNABORTED and friends: that one is gone, take the next
+                if exc.errno in _GONE_ERRNOS:
+                    continue  # that connection is gone (reset, refused by a firewall): take the next
+                assert self.primary is not None
+                self._paused_until = self.primary.clock() + ACCEPT_PAUSE
+                level = logging.WARNING if exc.errno in _RESOURCE_ERRNOS else logging.ERROR
+                logger.log(level, "primary cannot accept (%s); pausing accept for %g s", exc, ACCEPT_PAUSE)
+                break
             fds.append(fd)
         self.wakeups += 1
         if fds:

@@ -804,3 +804,22 @@ def test_round_robin_over_a_unix_socket(start_server: Any, write_app: Any, tmp_p
     with httpx.Client(transport=transport, base_url="http://localhost", timeout=10) as client:
         pids = {client.get("/", headers={"connection": "close"}).text for _ in range(4)}
     assert {int(p) for p in pids} == set(server.worker_pids())
+
+
+def test_accept_errors_pause_accepting_instead_of_spinning(caplog: Any) -> None:
+    lst = socket.socket()
+    lst.bind(("127.0.0.1", 0))  # bound, never listening: accept() fails with EINVAL every time
+    try:
+        primary = FakePrimary([types.SimpleNamespace(sock=lst)])
+        sched = HandOff("round-robin")
+        sched.attach(primary)  # type: ignore[arg-type]
+        with caplog.at_level(logging.WARNING, logger="cluster_server"):
+            primary.readers[lst](1)
+        assert "cannot accept" in caplog.text
+        assert lst not in primary.readers  # paused
+        assert sched.next_deadline() == pytest.approx(primary.now + _scheduling.ACCEPT_PAUSE)
+        primary.now += _scheduling.ACCEPT_PAUSE
+        sched.tick()
+        assert lst in primary.readers  # tries again after the pause
+    finally:
+        lst.close()
