@@ -512,6 +512,7 @@ class Row:
     pids_seen: int | None = None
     load: LoadResult | None = None
     ratio: float | None = None  # req/s relative to BASELINE with the same worker count
+    per_worker: list[int] | None = None  # spread: requests per worker, busiest first (charts.py)
     details: dict[str, Any] = field(default_factory=dict)  # scenario-specific results
 
 
@@ -660,6 +661,177 @@ def describe_load(args: argparse.Namespace) -> str:
         )
     warmup = f", after {args.warmup}s warm-up" if args.warmup > 0 else ""
     return f"{what}{warmup}; GET / of {args.app}"
+
+
+# restart: load with rolling restarts in the middle ------------------------------------
+
+#: wrk script: count responses per wall-clock second in each thread, print the sums at the end
+PER_SECOND_LUA = """
+counts = {}  -- a global: the main thread reads it with thread:get
+local threads = {}
+function setup(thread) table.insert(threads, thread) end
+function response(status, headers, body)
+  local s = os.time()
+  counts[s] = (counts[s] or 0) + 1
+end
+function done(summary, latency, requests)
+  local total = {}
+  for _, t in ipairs(threads) do
+    for s, n in pairs(t:get("counts")) do total[s] = (total[s] or 0) + n end
+  end
+  local keys = {}
+  for s in pairs(total) do table.insert(keys, s) end
+  table.sort(keys)
+  io.write("PER-SECOND")
+  for _, s in ipairs(keys) do io.write(" ", s, ":", total[s]) end
+  io.write("\\n")
+end
+"""
+
+RESTART_MODES = {"keep-alive": [], "close": ["-H", "Connection: close"]}
+
+
+@dataclass
+class RestartRow(Row):
+    mode: str = ""  # keep-alive, or close (a new connection per request)
+    restarts: int = 0
+    per_second: list[int] = field(default_factory=list)  # whole seconds only (first and last dropped)
+    replaced: bool | None = None  # every worker pid seen before the load was gone after it
+
+    @property
+    def min_per_second(self) -> int | None:
+        return min(self.per_second) if self.per_second else None
+
+
+def add_restart_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--duration", type=positive_int, default=10, help="seconds of load (10)")
+    p.add_argument("--connections", type=positive_int, default=64, help="open connections (64)")
+    p.add_argument("--threads", type=positive_int, default=2, help="wrk threads (2)")
+    p.add_argument("--restarts", type=positive_int, default=2, help="SIGHUPs, spread evenly over the run (2)")
+    p.add_argument(
+        "--modes",
+        type=lambda t: [m for m in t.split(",") if m in RESTART_MODES] or list(RESTART_MODES),
+        default=list(RESTART_MODES),
+        help="keep-alive, close (a new connection per request), or both (both)",
+    )
+
+
+def parse_per_second(output: str) -> list[int]:
+    m = re.search(r"^PER-SECOND((?: \d+:\d+)*)\s*$", output, re.M)
+    if not m:
+        return []
+    counts = [int(pair.split(":")[1]) for pair in m[1].split()]
+    return counts[1:-1]  # the first and last seconds are partial
+
+
+def measure_restart(spec: ServerSpec, workers: int, mode: str, args: argparse.Namespace) -> RestartRow:
+    row = RestartRow("restart", spec.name, workers, mode=mode)
+    wrk = shutil.which("wrk")
+    assert wrk is not None
+    try:
+        with run_server(spec, args.app, workers, args.start_timeout) as server, tempfile.TemporaryDirectory() as tmp:
+            row.command = server.command
+            before = probe_pids(server.url, workers, timeout=3)
+            row.pids_seen = len(before)
+            script = Path(tmp, "per_second.lua")
+            script.write_text(PER_SECOND_LUA)
+            cmd = [wrk, f"-t{args.threads}", f"-c{args.connections}", f"-d{args.duration}s", "--latency"]
+            cmd += ["--timeout", "5s", "-s", str(script), *RESTART_MODES[mode], server.url + "/"]
+            started = time.monotonic()
+            proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            try:
+                for i in range(1, args.restarts + 1):
+                    at = started + args.duration * i / (args.restarts + 1)
+                    time.sleep(max(0.0, at - time.monotonic()))
+                    server.check_alive()
+                    os.kill(server.proc.pid, signal.SIGHUP)
+                    row.restarts += 1
+                out, err = proc.communicate(timeout=args.duration + 30)
+            except subprocess.TimeoutExpired:
+                raise LoadFailed(f"wrk overran its {args.duration + 30}s deadline") from None
+            finally:
+                if proc.poll() is None:
+                    proc.kill()
+                    proc.wait()
+            if proc.returncode != 0:
+                raise LoadFailed(f"wrk exited with {proc.returncode}: {err.strip()}")
+            row.load = parse_wrk(out)
+            row.per_second = parse_per_second(out)
+            server.check_alive()
+            # give the last restart time to finish, then see who answers now
+            deadline = time.monotonic() + 15
+            after: set[str] = set()
+            while time.monotonic() < deadline:
+                after = probe_pids(server.url, workers, timeout=2)
+                if len(after) >= workers and after.isdisjoint(before):
+                    break
+                time.sleep(0.2)
+            row.replaced = bool(before) and after.isdisjoint(before)
+            if not row.replaced:
+                row.note = f"workers not all replaced: {len(before & after)} of {len(before)} pids still answer"
+    except Unavailable as exc:
+        row.status, row.note = "skipped", str(exc)
+    except (ServerFailed, LoadFailed) as exc:
+        row.status, row.note = "error", str(exc)
+    return row
+
+
+def print_restart_table(rows: list[RestartRow]) -> None:
+    header = ("server", "workers", "mode", "requests", "errors", "non-2xx", "socket errors", "min 1s req/s", "req/s")
+    table = [header]
+    for r in rows:
+        if r.status != "ok" or r.load is None:
+            table.append((r.server, str(r.workers), r.mode, r.status, *("-",) * 5))
+            continue
+        sock = ", ".join(f"{k} {v}" for k, v in r.load.socket_errors.items() if v) or "0"
+        low = r.min_per_second
+        table.append(
+            (
+                r.server,
+                str(r.workers),
+                r.mode,
+                f"{r.load.requests:,}",
+                str(r.load.errors),
+                str(r.load.non_2xx),
+                sock,
+                f"{low:,}" if low is not None else "-",
+                f"{r.load.requests_per_s:,.0f}",
+            )
+        )
+    widths = [max(len(row[i]) for row in table) for i in range(len(header))]
+    for i, row in enumerate(table):
+        cells = [c.ljust(w) if j < 3 else c.rjust(w) for j, (c, w) in enumerate(zip(row, widths, strict=True))]
+        print("  ".join(cells).rstrip())
+        if i == 0:
+            print("  ".join("-" * w for w in widths))
+    notes = [r for r in rows if r.note]
+    if notes:
+        print()
+        for r in notes:
+            print(f"{r.server} x{r.workers} {r.mode} [{r.status}]: {r.note}")
+
+
+def scenario_restart(args: argparse.Namespace) -> list[Row]:
+    if args.tool != "wrk":
+        sys.exit("bench: the restart scenario needs wrk (per-second counts come from a wrk script)")
+    rows: list[RestartRow] = []
+    for workers in args.workers:
+        for mode in args.modes:
+            for name in args.servers:
+                log(f"bench: restart {name} x{workers} {mode} ...")
+                row = measure_restart(server_spec(name), workers, mode, args)
+                if row.status == "ok" and row.load:
+                    low = row.min_per_second
+                    log(f"bench:   {row.load.requests:,} requests, {row.load.errors} errors, min 1s {low}")
+                else:
+                    log(f"bench:   {row.status}: {row.note.splitlines()[0] if row.note else ''}")
+                rows.append(row)
+    print_restart_table(rows)
+    print(
+        f"\nload: wrk -t{args.threads} -c{args.connections} -d{args.duration}s, GET / of {args.app};"
+        f" {args.restarts} SIGHUP(s) to the server's main process, evenly spread; close = -H 'Connection: close'"
+    )
+    return list(rows)
 
 
 # --------------------------------------------------------------------------- spread and mixed
@@ -903,7 +1075,7 @@ def combine_runs(kind: str, runs: list[Row]) -> Row:
     if kind == "spread":
         spreads = [r.details["spread"] for r in ok if r.details.get("spread") is not None]
         row.details["spread"] = median(spreads) if spreads else None
-        row.details["per_worker"] = ok[-1].details.get("per_worker")
+        row.details["per_worker"] = row.per_worker = ok[-1].details.get("per_worker")
     if len(ok) < len(runs):
         failed = [r for r in runs if r not in ok]
         row.note = (row.note + "; " if row.note else "") + f"{len(failed)} run(s) failed: {failed[0].note}"
@@ -992,6 +1164,11 @@ SCENARIOS: dict[str, Scenario] = {
         "requests/s and p99 latency of a hello-world app under keep-alive load",
         add_throughput_args,
         scenario_throughput,
+    ),
+    "restart": Scenario(
+        "requests lost, and the lowest 1-second throughput, under load with rolling restarts (SIGHUP)",
+        add_restart_args,
+        scenario_restart,
     ),
     "spread": Scenario(
         "how evenly workers share new connections (one per request): requests per worker, max/min",

@@ -12,6 +12,7 @@ from ._errors import (
     ChannelError,
     ClusterServerError,
     ConfigError,
+    ControlError,
     IllegalTransition,
     WorkerBootError,
 )
@@ -25,6 +26,7 @@ __all__ = [
     "ClusterServerError",
     "Config",
     "ConfigError",
+    "ControlError",
     "IllegalTransition",
     "WorkerBootError",
     "__version__",

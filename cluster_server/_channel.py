@@ -85,6 +85,7 @@ class Channel:
         self._fileno = sock.fileno()
         # (payload, fds) not yet taken by the kernel; the fds are ours until sent
         self._out: collections.deque[tuple[bytes, list[int]]] = collections.deque()
+        self._out_bytes = 0
         self.closed = False
 
     def fileno(self) -> int:
@@ -94,6 +95,11 @@ class Channel:
     def pending(self) -> int:
         """Messages queued because the peer's buffer was full."""
         return len(self._out)
+
+    @property
+    def pending_bytes(self) -> int:
+        """Bytes of the messages queued because the peer's buffer was full."""
+        return self._out_bytes
 
     def send(self, msg: Message, fds: Iterable[int] = ()) -> bool:
         """Send ``msg`` (and dup'd copies of ``fds``' ownership: the caller's fds are
@@ -105,12 +111,10 @@ class Channel:
         if self.closed:
             raise BrokenPipeError(errno.EPIPE, "channel is closed")
         item = (encode(msg), list(fds))
-        if self._out:
-            self._out.append(item)
-            return False
-        if self._try_send(item):
+        if not self._out and self._try_send(item):
             return True
         self._out.append(item)
+        self._out_bytes += len(item[0])
         return False
 
     def flush(self) -> bool:
@@ -118,7 +122,7 @@ class Channel:
         while self._out:
             if not self._try_send(self._out[0]):
                 return False
-            self._out.popleft()
+            self._out_bytes -= len(self._out.popleft()[0])
         return True
 
     def _try_send(self, item: tuple[bytes, list[int]]) -> bool:
@@ -147,6 +151,7 @@ class Channel:
         """Remove queued messages and hand back the fds they carried (caller owns them)."""
         fds = [fd for _, item_fds in self._out for fd in item_fds]
         self._out.clear()
+        self._out_bytes = 0
         return fds
 
     def receive(self) -> Iterator[tuple[Message | ChannelError, list[int]]]:

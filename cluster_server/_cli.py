@@ -25,6 +25,7 @@ GROUP_TITLES = {
     "app": "Application",
     "http": "HTTP",
     "logging": "Logging",
+    "operations": "Operations",
 }
 
 
@@ -92,7 +93,10 @@ def build_command(callback: Callable[..., Any] = _run_command) -> click.Command:
         "cluster-server",
         callback=callback,
         params=params,
-        help=("Serve APP ('module:attribute', an ASGI or WSGI app) with a primary process and forked uvicorn workers."),
+        help=(
+            "Serve APP ('module:attribute', an ASGI or WSGI app) with a primary process and forked uvicorn workers."
+            "\n\nControl a running server with `cluster-server ctl` (see `cluster-server ctl --help`)."
+        ),
         context_settings={"max_content_width": 100, "help_option_names": ["-h", "--help"]},
     )
     click.version_option(__version__, "--version", prog_name="cluster-server")(cmd)
@@ -103,4 +107,10 @@ cli = build_command()
 
 
 def main(argv: list[str] | None = None) -> None:
-    cli.main(args=argv, prog_name="cluster-server")
+    args = sys.argv[1:] if argv is None else argv
+    if args[:1] == ["ctl"]:  # `cluster-server ctl ...`: APP is never a bare "ctl" (it needs a ':')
+        from ._ctl import main as ctl_main
+
+        ctl_main(args[1:])
+        return
+    cli.main(args=args, prog_name="cluster-server")

@@ -43,12 +43,15 @@ class OptionSpec:
     cli: bool = True
 
 
-def option(default: Any, help: str, *, group: str = "server", **spec: Any) -> Any:
-    """Declare a Config field: its default plus everything the CLI and docs need."""
+def option(default: Any, help: str, *, group: str = "server", secret: bool = False, **spec: Any) -> Any:
+    """Declare a Config field: its default plus everything the CLI and docs need.
+
+    ``secret=True`` keeps the value out of ``repr(config)``.
+    """
     meta = {"option": OptionSpec(help=help, group=group, **spec)}
     if isinstance(default, list | dict | set):
         raise TypeError("mutable defaults are not allowed in Config; use a tuple")
-    return field(default=default, metadata=meta)
+    return field(default=default, metadata=meta, repr=not secret)
 
 
 @dataclass(frozen=True)
@@ -75,6 +78,20 @@ class Config:
     backlog: int = option(2048, "Listen backlog: connections the kernel queues before accept().", group="socket", min=1)
     ssl_keyfile: str | None = option(None, "TLS private key file.", group="socket", metavar="PATH")
     ssl_certfile: str | None = option(None, "TLS certificate file (PEM).", group="socket", metavar="PATH")
+    ssl_keyfile_password: str | None = option(
+        None, "Password of an encrypted --ssl-keyfile (prefer the environment variable).", group="socket", secret=True
+    )
+    ssl_ca_certs: str | None = option(
+        None, "CA certificates file (PEM) to verify client certificates with.", group="socket", metavar="PATH"
+    )
+    ssl_cert_reqs: int = option(
+        0,
+        "Client certificates: 0 not asked for, 1 verified if sent, 2 required (needs --ssl-ca-certs).",
+        group="socket",
+        min=0,
+        max=2,
+    )
+    ssl_ciphers: str = option("TLSv1", "TLS ciphers, in OpenSSL's cipher-list format.", group="socket")
 
     # -- processes --------------------------------------------------------------
     workers: int = option(
@@ -102,6 +119,38 @@ class Config:
     heartbeat_interval: float = option(
         1.0, "Seconds between heartbeats a worker sends from its event loop.", group="processes", min=0.05
     )
+    max_requests: int = option(
+        0,
+        "Recycle a worker after it served this many requests (a new worker is started and ready "
+        "before the old one drains); 0 disables.",
+        group="processes",
+        min=0,
+    )
+    max_requests_jitter: int = option(
+        0,
+        "Add a random 0..N to --max-requests for each worker, so they do not recycle together.",
+        group="processes",
+        min=0,
+    )
+    max_worker_memory: float = option(
+        0.0,
+        "Recycle a worker whose resident memory (RSS, sampled every second) exceeds this many MiB; 0 disables.",
+        group="processes",
+        min=0,
+    )
+    max_worker_lifetime: float = option(
+        0.0, "Recycle a worker after it served for this many seconds; 0 disables.", group="processes", min=0
+    )
+    max_worker_lifetime_jitter: float = option(
+        0.0, "Add a random 0..N seconds to --max-worker-lifetime for each worker.", group="processes", min=0
+    )
+    shutdown_delay: float = option(
+        0.0,
+        "After SIGTERM, keep serving this many seconds, with --health-path answering 503, before draining: "
+        "time for load balancers and Kubernetes to stop sending traffic.",
+        group="processes",
+        min=0,
+    )
 
     scheduling: SchedulingType = option(
         "least-busy",
@@ -121,6 +170,13 @@ class Config:
     )
     root_path: str = option("", "ASGI root_path, for an app mounted below a path prefix.", group="app")
     lifespan: LifespanType = option("auto", "Run the ASGI lifespan protocol.", group="app")
+    wsgi_threads: int = option(
+        10,
+        "Per worker: threads that run a WSGI app, so at most this many WSGI requests at once.",
+        group="app",
+        min=1,
+        max=1024,
+    )
 
     # -- HTTP -------------------------------------------------------------------
     loop: LoopType = option("auto", "Event loop implementation.", group="http")
@@ -141,6 +197,64 @@ class Config:
     h11_max_incomplete_event_size: int | None = option(
         None, "h11: largest request head in bytes (default: h11's 16 KiB).", group="http", min=1
     )
+    health_path: str | None = option(
+        None,
+        "Answer GET/HEAD on this path in every worker, before the app: 200 'ok' while serving, "
+        "503 once the server is shutting down (for readiness and liveness probes).",
+        group="http",
+        metavar="PATH",
+    )
+    timeout_request_header: float = option(
+        20.0,
+        "Close a connection that has not sent a complete request head this many seconds after "
+        "it opened (or after the first byte of a keep-alive request); 0 disables.",
+        group="http",
+        min=0,
+    )
+    max_request_head_size: int = option(
+        65536,
+        "Answer 431 and close when a request line plus headers exceed this many bytes "
+        "(httptools has no limit of its own; h11 also applies --h11-max-incomplete-event-size).",
+        group="http",
+        min=1024,
+    )
+
+    # -- operations (see docs/operations.md) ------------------------------------
+    control_socket: str | None = option(
+        None,
+        "Unix socket (mode 0600) that `cluster-server ctl` talks to. Default: "
+        "<runtime dir>/cluster-server/<address>.sock; '' disables it.",
+        group="operations",
+        metavar="PATH",
+    )
+    no_control_socket: bool = option(False, "Open no control socket.", group="operations")
+    metrics_bind: str | None = option(
+        None,
+        "Serve Prometheus metrics at http://HOST:PORT/metrics from the primary.",
+        group="operations",
+        metavar="HOST:PORT",
+    )
+    user: str | None = option(
+        None,
+        "Workers switch to this user (name or uid) before loading the app; the primary keeps its own.",
+        group="operations",
+        metavar="NAME|UID",
+    )
+    group: str | None = option(
+        None,
+        "Workers switch to this group (name or gid); default: the --user's group.",
+        group="operations",
+        metavar="NAME|GID",
+    )
+    umask: str | None = option(
+        None,
+        "File mode creation mask, in octal (e.g. 022), for the primary and its workers.",
+        group="operations",
+        metavar="OCTAL",
+    )
+    pidfile: str | None = option(
+        None, "Write the primary's pid to this file (removed at exit).", group="operations", metavar="PATH"
+    )
 
     # -- logging ----------------------------------------------------------------
     log_level: LogLevelType = option("info", "Log level.", group="logging")
@@ -153,7 +267,15 @@ class Config:
                 _check_field(f.name, spec, _field_types()[f.name], getattr(self, f.name))
         if (self.ssl_keyfile is None) != (self.ssl_certfile is None):
             raise ConfigError("--ssl-keyfile and --ssl-certfile go together; give both or neither")
-        for name in ("ssl_keyfile", "ssl_certfile", "env_file"):
+        if self.ssl_certfile is None and (
+            self.ssl_ca_certs is not None or self.ssl_cert_reqs or self.ssl_keyfile_password is not None
+        ):
+            raise ConfigError("--ssl-ca-certs, --ssl-cert-reqs and --ssl-keyfile-password need --ssl-certfile")
+        if self.ssl_cert_reqs and self.ssl_ca_certs is None:
+            raise ConfigError(
+                f"--ssl-cert-reqs {self.ssl_cert_reqs} verifies client certificates: give --ssl-ca-certs too"
+            )
+        for name in ("ssl_keyfile", "ssl_certfile", "ssl_ca_certs", "env_file"):
             path = getattr(self, name)
             if path is not None and not os.path.isfile(path):
                 raise ConfigError(f"--{_flag(name)} {path}: no such file; check the path")
@@ -163,6 +285,8 @@ class Config:
                 raise ConfigError(f"APP must look like 'module:attribute' (e.g. main:app), not {self.app!r}")
         elif self.app is None:
             raise ConfigError("no APP given; pass 'module:attribute' (e.g. main:app)")
+        if self.health_path is not None and not self.health_path.startswith("/"):
+            raise ConfigError(f"--health-path must start with '/' (e.g. /healthz), not {self.health_path!r}")
         if self.uds is not None and self.fd is not None:
             raise ConfigError("--uds and --fd are alternatives; give one of them")
         if self.scheduling == "reuseport" and (self.uds is not None or self.fd is not None):

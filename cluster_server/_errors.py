@@ -43,3 +43,20 @@ class IllegalTransition(ClusterServerError):
 
 class ChannelError(ClusterServerError):
     """A message on a worker channel could not be decoded (logged and dropped)."""
+
+
+class RequestError(ClusterServerError):
+    """A request got an error for an answer: the other side's handler raised, or it has none."""
+
+
+class DisconnectedError(ClusterServerError):
+    """The channel between primary and worker is closed: the worker exited or disconnected,
+    or the primary is gone. Nothing more can be sent on it."""
+
+
+class ClusterRoleError(ClusterServerError):
+    """A primary-only function was called in a worker, or a worker-only one in the primary."""
+
+
+class ControlError(ClusterServerError):
+    """``cluster-server ctl`` could not talk to a server, or the server refused the command."""

@@ -70,6 +70,10 @@ class Worker:
     requests: int = 0
     connections: int = 0
     boot_error: str | None = None
+    #: "load" (import / factory / uvicorn config) or "lifespan", from the boot_error message
+    boot_stage: str | None = None
+    #: SIGKILL was sent: no further deadlines, just wait for the reap
+    killed: bool = False
     #: draining: SIGKILL at this time; hung: SIGKILL after the stack dump
     kill_at: float | None = None
     #: why the primary is stopping it ("drain", "timeout", "rolled", ...), None if it was not asked
@@ -100,7 +104,11 @@ class Slot:
 
 @dataclass
 class Roll:
-    """A rolling restart in progress: one slot at a time, replacement first."""
+    """A rolling restart in progress: one slot at a time, replacement first.
+
+    A recycle (max requests, memory, lifetime) is a roll of one slot that keeps
+    the slot's generation.
+    """
 
     generation: int
     reason: str
@@ -108,6 +116,7 @@ class Roll:
     started_at: float
     current: int | None = None  # slot being rolled
     done: list[int] = field(default_factory=list)
+    recycle: bool = False
 
 
 class Launcher(Protocol):
@@ -124,8 +133,11 @@ class Component(Protocol):
     and ``tick()`` for its timers; ``worker_event(event, worker)`` with event in
     ``spawned ready draining exited``; ``worker_message(worker, msg, fds) -> bool``
     for message types the primary does not know (True: handled, fds taken);
-    ``child_fds() -> list[int]``, fds of the primary's that a new worker must close;
-    ``close()`` when the primary exits.
+    ``handle_<signal>()`` for a signal the component installed with the
+    primary's ``_queue_signal``; ``fds_to_close_in_child() -> list[int]``, its
+    fds a new worker must not keep; ``defer_stop(why) -> bool`` on SIGTERM
+    (True: the component stops the cluster later itself, e.g. after
+    --shutdown-delay); ``close()`` when the primary exits.
     """
 
 
@@ -146,7 +158,8 @@ class Primary:
         self.slots: dict[int, Slot] = {i: Slot(i) for i in range(1, config.workers + 1)}
         self.generation = 1
         self.roll_state: Roll | None = None
-        self._roll_again: str | None = None
+        #: rolls asked for while one ran: (reason, slots or None for all), run in order
+        self.roll_queue: list[tuple[str, list[int] | None]] = []
         self.ever_ready = False
         self.stopping = False
         self.fatal: ClusterServerError | None = None
@@ -200,6 +213,8 @@ class Primary:
             if slot.pid is None and slot.replacement is None and not self.stopping:
                 times.append(slot.respawn_at)
         for w in self.workers.values():
+            if w.killed:
+                continue
             if w.kill_at is not None:
                 times.append(w.kill_at)
             elif w.state is _S.BOOTING:
@@ -276,14 +291,20 @@ class Primary:
     def _handle_signals(self) -> None:
         while self._signals:
             sig = self._signals.popleft()
-            handler = getattr(self, f"handle_{signal.Signals(sig).name[3:].lower()}", None)
+            name = f"handle_{signal.Signals(sig).name[3:].lower()}"
+            handler = getattr(self, name, None)
             if handler is not None:
                 handler()
+            else:  # a signal a component installed (SIGUSR2: upgrade)
+                for c in self.components:
+                    _call(c, name)
 
     def handle_chld(self) -> None:
         pass  # reap_workers runs after every wake-up
 
     def handle_term(self) -> None:
+        if not self.stopping and any(_call(c, "defer_stop", "SIGTERM") for c in self.components):
+            return
         self.stop(graceful=True, why="SIGTERM")
 
     def handle_int(self) -> None:
@@ -346,6 +367,10 @@ class Primary:
         if w is None:
             return
         w.exit_status = describe_status(status)
+        if w.channel is not None and not w.channel.closed:
+            # Its last messages (a boot_error, say) may still be unread when the
+            # exit is reaped first: read them before closing the channel.
+            self._on_channel(w, selectors.EVENT_READ)
         w.move(exit_state(w.state))
         self._forget_channel(w)
         level = logging.INFO if w.stop_reason in ("drain", "rolled", "scaled down") else logging.WARNING
@@ -371,7 +396,7 @@ class Primary:
             if w.boot_error is not None:
                 err: ClusterServerError = (
                     AppLoadError(w.boot_error)
-                    if _exit_code(status) == EXIT_BOOT_FAILURE and "lifespan" not in w.boot_error
+                    if _exit_code(status) == EXIT_BOOT_FAILURE and w.boot_stage != "lifespan"
                     else WorkerBootError(w.boot_error)
                 )
             else:
@@ -394,16 +419,19 @@ class Primary:
         now = self.clock()
         cfg = self.config
         for w in list(self.workers.values()):
+            if w.killed:
+                continue
             if w.kill_at is not None:
                 if now >= w.kill_at:
                     logger.warning("%s did not stop in time; sending SIGKILL", w.name)
                     self.launcher.kill(w.pid, signal.SIGKILL)
-                    w.kill_at = None
+                    w.kill_at, w.killed = None, True
             elif w.state is _S.BOOTING and now - w.spawned_at >= cfg.ready_timeout:
                 w.boot_error = f"worker {w.id} was not ready within {cfg.ready_timeout:g} s (--ready-timeout)"
                 logger.error("%s was not ready within %g s; killing it", w.name, cfg.ready_timeout)
                 w.stop_reason = "ready timeout"
                 self.launcher.kill(w.pid, signal.SIGKILL)
+                w.killed = True
             elif w.state is _S.READY and cfg.worker_timeout and now - w.last_heartbeat >= cfg.worker_timeout:
                 logger.error(
                     "%s sent no heartbeat for %.1f s (--worker-timeout %g): its event loop is blocked; "
@@ -482,10 +510,14 @@ class Primary:
             if w.state is not _S.BOOTING:
                 logger.warning("%s said ready twice; ignored", w.name)
                 return
+            if w.exit_status:
+                return  # read only after it was reaped (see child_exited): it serves nothing
             self.worker_ready(w)
         elif kind == "boot_error":
             err = msg.get("error")
             w.boot_error = str(err)[:2000] if err is not None else "unknown error"
+            stage = msg.get("stage")
+            w.boot_stage = stage if isinstance(stage, str) else None
         else:
             logger.warning("%s sent an unknown message %.200r; ignored", w.name, msg)
 
@@ -509,18 +541,39 @@ class Primary:
     def roll(self, reason: str, slots: list[int] | None = None) -> bool:
         """Start a rolling restart: each slot gets a new worker, ready before the old one drains.
 
-        Returns False if one is already running (another is queued after it).
+        ``slots`` limits it to those slots (default: all). Returns False if one is
+        already running: this one is queued and starts when that one ends, whether
+        it succeeded or stopped (the code may have been fixed meanwhile). Queued
+        requests for every slot coalesce into one.
         """
         if self.stopping:
             return False
         if self.roll_state is not None:
-            self._roll_again = reason
+            if slots is None:
+                # A full roll covers everything queued so far.
+                self.roll_queue = [(reason, None)]
+            elif not any(q is None for _, q in self.roll_queue):
+                self.roll_queue.append((reason, list(slots)))
             logger.info("rolling restart (%s) queued after the one in progress", reason)
             return False
         self.generation += 1
-        pending = sorted(self.slots) if slots is None else sorted(s for s in slots if s in self.slots)
+        pending = sorted(self.slots) if slots is None else sorted(s for s in set(slots) if s in self.slots)
         self.roll_state = Roll(self.generation, reason, pending, started_at=self.clock())
         logger.info("rolling restart to generation %d (%s): %d worker(s)", self.generation, reason, len(pending))
+        self.advance_roll()
+        return True
+
+    def recycle(self, slot_id: int, reason: str) -> bool:
+        """Replace one slot's worker (replacement first), keeping its generation.
+
+        False (and nothing queued) if a roll is running or the slot is busy; the
+        caller asks again later.
+        """
+        slot = self.slots.get(slot_id)
+        if self.stopping or self.roll_state is not None or slot is None or slot.replacement is not None:
+            return False
+        self.roll_state = Roll(slot.generation, reason, [slot_id], started_at=self.clock(), recycle=True)
+        logger.info("recycling worker %d (%s)", slot_id, reason)
         self.advance_roll()
         return True
 
@@ -535,11 +588,18 @@ class Primary:
             roll.current = slot.id
             slot.replacement = self.spawn_worker(slot, roll.generation).pid
             return
-        logger.info("rolling restart to generation %d done in %.2f s", roll.generation, self.clock() - roll.started_at)
+        took = self.clock() - roll.started_at
+        if roll.recycle:
+            logger.info("recycled worker %s in %.2f s", ", ".join(map(str, roll.done)), took)
+        else:
+            logger.info("rolling restart to generation %d done in %.2f s", roll.generation, took)
         self.roll_state = None
-        if self._roll_again is not None:
-            again, self._roll_again = self._roll_again, None
-            self.roll(again)
+        self._next_roll()
+
+    def _next_roll(self) -> None:
+        while self.roll_queue and self.roll_state is None and not self.stopping:
+            reason, slots = self.roll_queue.pop(0)
+            self.roll(reason, slots)
 
     def _roll_step_done(self, slot: Slot, new: Worker) -> None:
         old_pid, slot.pid, slot.replacement = slot.pid, new.pid, None
@@ -552,17 +612,27 @@ class Primary:
             self.advance_roll()
 
     def _roll_failed(self, w: Worker) -> None:
+        """A replacement died or timed out before it was ready: stop, keep what serves."""
         roll = self.roll_state
-        why = w.boot_error or f"it exited ({w.exit_status}) before it was ready"
-        logger.error(
-            "rolling restart to generation %d stopped: %s; the previous generation keeps serving",
-            w.generation,
-            why,
-        )
+        why = w.boot_error or f"worker {w.id} exited ({w.exit_status}) before it was ready"
+        if roll is None or self.stopping:
+            return  # stopped meanwhile: nothing to keep going
         self.roll_state = None
-        self._roll_again = None
-        if roll is not None:
-            self.generation = max(self.generation, roll.generation)
+        slot = self.slots.get(w.id)
+        old = self.workers.get(slot.pid) if slot is not None and slot.pid is not None else None
+        keeps = f"{old.name} keeps serving" if old is not None else f"worker {w.id} will be restarted"
+        if roll.recycle:
+            logger.error("recycling worker %d stopped: %s; %s", w.id, why, keeps)
+        else:
+            logger.error(
+                "rolling restart to generation %d stopped: %s; %d of %d worker(s) were replaced, "
+                "the others keep serving their generation",
+                roll.generation,
+                why,
+                len(roll.done),
+                len(roll.done) + len(roll.pending) + 1,
+            )
+        self._next_roll()
 
     def scale(self, n: int) -> None:
         """Change the number of slots; removed slots' workers drain."""
@@ -572,12 +642,16 @@ class Primary:
         logger.info("scaling from %d to %d workers", current, n)
         for i in range(current + 1, n + 1):
             self.slots[i] = Slot(i, generation=self.generation)
+        roll = self.roll_state
         for i in range(current, n, -1):
             slot = self.slots.pop(i)
             for pid in (slot.pid, slot.replacement):
                 if pid is not None and pid in self.workers:
                     self.drain_worker(self.workers[pid], "scaled down")
+            if roll is not None and roll.current == i:
+                roll.current = None  # its replacement drains; go on with the next slot
         self.manage_workers()
+        self.advance_roll()
 
     def drain_worker(self, w: Worker, reason: str = "drain") -> None:
         """Ask a worker to stop gracefully; SIGKILL it after --graceful-timeout."""
@@ -585,6 +659,7 @@ class Primary:
             return
         w.move(_S.DRAINING)
         w.stop_reason = reason
+        logger.info("%s draining (%s)", w.name, reason)
         self.emit("draining", w)
         w.kill_at = self.clock() + self.config.graceful_timeout
         self.launcher.kill(w.pid, signal.SIGTERM)
@@ -594,6 +669,7 @@ class Primary:
             logger.info("stopping (%s): draining %d worker(s)", why, len(self.workers))
         self.stopping = True
         self.roll_state = None
+        self.roll_queue.clear()
         if graceful:
             for w in list(self.workers.values()):
                 self.drain_worker(w)
@@ -610,6 +686,7 @@ class Primary:
         self.stopping = True
         for w in self.workers.values():
             self.launcher.kill(w.pid, signal.SIGKILL)
+            w.killed = True
 
     def _shutdown(self) -> None:
         """Leave nothing behind: no worker, no socket file, no signal handler."""
@@ -654,8 +731,8 @@ class Primary:
         for w in self.workers.values():  # connections queued for other workers
             if w.channel and not w.channel.closed:
                 fds.extend(w.channel.queued_fds())
-        for c in self.components:  # e.g. connections the scheduler holds
-            fds.extend(_call(c, "child_fds") or ())
+        for c in self.components:
+            fds.extend(_call(c, "fds_to_close_in_child") or ())
         return fds
 
 

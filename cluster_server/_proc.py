@@ -60,6 +60,11 @@ def after_fork_in_child(close_fds: list[int]) -> None:
     # Ctrl+C goes to the whole foreground process group: the primary decides how
     # workers stop (it sends SIGTERM), so a worker ignores the terminal's SIGINT.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # SIGHUP / SIGTTIN / SIGTTOU sent to the whole group (``kill -HUP -PGID``, a
+    # terminal hang-up) are the primary's to act on (roll, scale); by default
+    # they would kill or stop a worker mid-request.
+    for sig in (signal.SIGHUP, signal.SIGTTIN, signal.SIGTTOU):
+        signal.signal(sig, signal.SIG_IGN)
     for fd in close_fds:
         try:
             os.close(fd)

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 from typing import Any
 
-from . import _logging
+from . import _logging, _messaging, _operations
 from ._config import Config
+from ._health import ShutdownDelay
 from ._primary import Primary
+from ._recycle import Recycler
 from ._scheduling import primary_components
 from ._sockets import bind_listeners
+from ._tls import check_tls
 
 
 def serve(config: Config) -> int:
@@ -17,15 +20,23 @@ def serve(config: Config) -> int:
     Raises ``BindError``, ``AppLoadError`` or ``WorkerBootError`` when the
     cluster cannot start. Does not touch logging configuration.
     """
+    check_tls(config)  # a bad key or certificate: one error now, not a crash loop in every worker
+    _operations.prepare(config)
     listeners = bind_listeners(config)
     try:
         primary = Primary(config, listeners)
+        primary.add_component(_messaging.Messaging())  # cluster.send/broadcast/request from apps
+        _operations.install(primary)
         for component in primary_components(config):
             primary.add_component(component)
     except BaseException:
         for lst in listeners:
             lst.close()
         raise
+    if config.health_path is not None or config.shutdown_delay > 0:
+        primary.add_component(ShutdownDelay(config))
+    if Recycler.wanted(config):
+        primary.add_component(Recycler(config))
     return primary.run()
 
 

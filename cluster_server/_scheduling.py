@@ -147,6 +147,7 @@ class HandOff:
         self.peers: dict[int, _Peer] = {}  # pid -> state, from ready until reaped
         self.ring: list[_Peer] = []  # READY peers that may be routed to, in readiness order
         self._next = 0  # where the rotation starts
+        self._next_forced = 0
         self.held: collections.deque[int] = collections.deque()  # fds no worker could take yet
         self._batch = 0
         self._accepting = False
@@ -225,7 +226,41 @@ class HandOff:
         if self.held or not self._accepting:
             self._pump()
 
-    def child_fds(self) -> list[int]:
+    def metrics_samples(self) -> list[tuple[str, str, str, dict[str, str], float]]:
+        """For the metrics endpoint (``--metrics``): what the hand-off is doing."""
+        unacked = sum(p.unacked for p in self.peers.values())
+        return [
+            (
+                "cluster_server_accept_backlog",
+                "Connections the primary accepted and has not handed to a worker yet",
+                "gauge",
+                {},
+                len(self.held),
+            ),
+            (
+                "cluster_server_handoff_unacknowledged",
+                "Connections handed to workers, not acknowledged yet",
+                "gauge",
+                {},
+                unacked,
+            ),
+            (
+                "cluster_server_connections_accepted_total",
+                "Connections the primary accepted",
+                "counter",
+                {},
+                self.accepted,
+            ),
+            (
+                "cluster_server_connections_rerouted_total",
+                "Connections given to another worker (refused, or their worker died before taking them)",
+                "counter",
+                {},
+                self.rerouted,
+            ),
+        ]
+
+    def fds_to_close_in_child(self) -> list[int]:
         """Connection fds a newly forked worker must close (they are the primary's)."""
         fds = list(self.held)
         for peer in self.peers.values():
@@ -235,7 +270,7 @@ class HandOff:
 
     def close(self) -> None:
         dropped = len(self.held) + sum(p.unacked for p in self.peers.values())
-        _close(self.child_fds())
+        _close(self.fds_to_close_in_child())
         self.held.clear()
         for peer in self.peers.values():
             peer.batches.clear()
@@ -262,6 +297,8 @@ class HandOff:
     # -- accepting ------------------------------------------------------------
 
     def _on_accept(self, accept: Callable[[], tuple[int, Any]], mask: int) -> None:
+        if not self._accepting:
+            return  # stopped in this same wake-up (an event handled before ours), e.g. the cluster stopping
         t0 = time.perf_counter_ns()
         room = min(ACCEPT_MAX, self._room())
         fds: list[int] = []
@@ -349,8 +386,25 @@ class HandOff:
         """Hand held connections to workers, oldest first, as far as their windows allow."""
         while self.held and self.ring and self._pump_once():
             pass  # a send failed and its connections came back: place them again
+        if self.held and not self.ring and self.primary is not None and self.primary.stopping:
+            self._last_resort()
         if update:
             self._update_accepting()
+
+    def _last_resort(self) -> None:
+        """The cluster is stopping (or upgraded) and no worker is READY: rather than close
+        what we hold, make a draining worker serve it (``force``: it does not refuse; its
+        drain answers the request with ``Connection: close``)."""
+        while self.held:
+            alive = [p for p in self.peers.values() if _channel_open(p.worker)]
+            if not alive:
+                return  # nobody left: close() drops them, as the kernel would its backlog
+            self._next_forced = (self._next_forced + 1) % len(alive)
+            peer = alive[self._next_forced]
+            fds = [self.held.popleft() for _ in range(min(MAX_FDS, len(self.held)))]
+            left = len(self.held)
+            if self._send(peer, fds, force=True) and len(self.held) > left:
+                return  # the primary is out of fds (dup failed): try again after the pause
 
     def _pump_once(self) -> bool:
         """One pass of ``_pump``; True when a send failed and its connections came back."""
@@ -381,7 +435,7 @@ class HandOff:
                     failed = True
         return failed
 
-    def _send(self, peer: _Peer, fds: list[int]) -> bool:
+    def _send(self, peer: _Peer, fds: list[int], force: bool = False) -> bool:
         """Hand ``fds`` to ``peer`` in one message; False when its channel is gone (they are held again)."""
         assert self.primary is not None
         try:
@@ -399,7 +453,8 @@ class HandOff:
         peer.batches[bid] = fds
         peer.unacked += len(fds)
         peer.handed += len(fds)
-        if not self.primary.send(peer.worker, {"t": "conn", "b": bid}, dups):
+        msg: Message = {"t": "conn", "b": bid, "force": True} if force else {"t": "conn", "b": bid}
+        if not self.primary.send(peer.worker, msg, dups):
             # Not delivered (the channel is gone): nobody else has these, re-route now.
             logger.warning("%s: channel closed; re-routing its connections", peer.worker.name)
             self._retire(peer)
@@ -648,7 +703,7 @@ class WorkerHandOff:
             # The kernel could not give us every fd (we are at RLIMIT_NOFILE): give them all back.
             _close(fds)
             self.fd_refused.append([bid])
-        elif self.server.should_exit:
+        elif self.server.should_exit and not msg.get("force"):
             _close(fds)
             self.refused.append(bid)
         else:

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import errno
 import ipaddress
+import json
 import os
 import socket
 import stat
 from dataclasses import dataclass
+from typing import Any
 
 from ._config import Config
 from ._errors import BindError
@@ -31,7 +33,14 @@ class Listener:
 
 
 def bind_listeners(config: Config) -> list[Listener]:
-    """Bind and listen on every socket the config names. Raises BindError."""
+    """Bind and listen on every socket the config names. Raises BindError.
+
+    Sockets handed over by a predecessor (an upgrade) or by systemd (socket
+    activation) come first: then nothing is bound.
+    """
+    inherited = inherited_listeners(config.backlog)
+    if inherited:
+        return inherited
     if config.fd is not None:
         return [_from_fd(config.fd, config.backlog)]
     if config.uds is not None:
@@ -115,16 +124,90 @@ def _bind_unix(path: str, backlog: int) -> Listener:
     return Listener(sock, f"unix:{path}", unlink_path=path)
 
 
-def _from_fd(fd: int, backlog: int) -> Listener:
+def _from_fd(fd: int, backlog: int, systemd: bool = False) -> Listener:
+    what = f"systemd's fd {fd}" if systemd else f"--fd {fd}"
     try:
         sock = socket.socket(fileno=fd)
     except OSError as exc:
-        raise BindError(f"--fd {fd} is not an open socket ({exc.strerror}); check the fd number") from None
+        raise BindError(f"{what} is not an open socket ({exc.strerror}); check the fd number") from None
     if sock.type != socket.SOCK_STREAM:
         sock.detach()
-        raise BindError(f"--fd {fd} is not a stream socket")
+        hint = "; use ListenStream= in the .socket unit" if systemd else ""
+        raise BindError(f"{what} is not a stream socket{hint}")
     if not sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
         sock.listen(backlog)
     name = sock.getsockname()
     shown = f"unix:{name}" if sock.family == socket.AF_UNIX else f"http://{name[0]}:{name[1]}"
-    return Listener(sock, f"fd {fd} ({shown})")
+    return Listener(sock, f"fd {fd} ({shown}{', from systemd' if systemd else ''})")
+
+
+# -- sockets passed in: systemd socket activation, and upgrades -----------------
+
+#: systemd's first passed fd (sd_listen_fds(3))
+SD_LISTEN_FDS_START = 3
+#: how an upgrading primary hands its sockets to its successor (JSON; see _upgrade.py)
+INHERIT_ENV = "CLUSTER_SERVER_INHERIT"
+
+
+def inherited_listeners(backlog: int) -> list[Listener]:
+    """Listening sockets this process was given, if any; the variables are removed."""
+    handed = take_inherited()
+    if handed is not None:
+        listeners = []
+        for item in handed.get("listeners", []):
+            os.set_inheritable(int(item["fd"]), False)
+            lst = _from_fd(int(item["fd"]), backlog)
+            lst.display = str(item.get("display") or lst.display)
+            # A Unix socket's file stays the predecessor's until the handover (_upgrade.py):
+            # a successor that fails must not remove it.
+            lst.unlink_path = None
+            listeners.append(lst)
+        return listeners
+    return [_from_fd(fd, backlog, systemd=True) for fd in listen_fds()]
+
+
+_inherited: dict[str, Any] | None = None
+_inherited_read = False
+
+
+def take_inherited() -> dict[str, Any] | None:
+    """What a predecessor handed over in CLUSTER_SERVER_INHERIT (read once, then unset).
+
+    Like LISTEN_PID, it names the pid it is meant for: a stale variable that
+    leaked into another process is ignored.
+    """
+    global _inherited, _inherited_read
+    if not _inherited_read:
+        _inherited_read = True
+        raw = os.environ.pop(INHERIT_ENV, None)
+        if raw:
+            try:
+                data = json.loads(raw)
+            except ValueError:
+                data = None
+            if isinstance(data, dict) and data.get("pid") == os.getpid():
+                _inherited = data
+    return _inherited
+
+
+def listen_fds(unset: bool = True) -> list[int]:
+    """The fds systemd passed (``LISTEN_FDS``), if ``LISTEN_PID`` is this process; like sd_listen_fds(3)."""
+    pid, count = os.environ.get("LISTEN_PID"), os.environ.get("LISTEN_FDS")
+    if unset:
+        for name in ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"):
+            os.environ.pop(name, None)
+    if not pid or not count:
+        return []
+    try:
+        if int(pid) != os.getpid():
+            return []
+        n = int(count)
+    except ValueError:
+        return []
+    fds = list(range(SD_LISTEN_FDS_START, SD_LISTEN_FDS_START + max(0, n)))
+    for fd in fds:
+        try:
+            os.set_inheritable(fd, False)
+        except OSError:
+            raise BindError(f"systemd passed fd {fd} (LISTEN_FDS={n}), but it is not open") from None
+    return fds

@@ -10,13 +10,20 @@ Tested against uvicorn 0.54 (pinned in pyproject.toml). What we rely on:
   the worker (``loop.connect_accepted_socket``); ``serve(sockets=[])`` still
   runs lifespan and the main loop;
 - protocols ``add``/``discard``/``remove`` themselves in ``server_state.connections``
-  (``watch_closes`` counts closes for ``--scheduling least-busy``).
+  (``watch_closes`` counts closes for ``--scheduling least-busy``);
+- for the drain: the HTTP protocols' ``cycle`` (``response_started``,
+  ``response_complete``, ``keep_alive``, ``default_headers``), ``shutdown()``,
+  ``handle_websocket_upgrade()``, ``server_state.default_headers``, and the
+  WebSocket protocols' ``handshake_complete`` / ``handshake_completed_event``.
+- the protocols' ``cycle``, ``transport`` and ``server_state.default_headers``
+  (``guard_request_head``).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import signal
 import socket
 import time
@@ -26,6 +33,15 @@ from typing import Any
 
 import uvicorn
 from uvicorn._compat import asyncio_run
+
+logger = logging.getLogger("cluster_server.worker")
+
+#: a connection that is idle when its worker starts draining (accepted but not
+#: yet read, or a keep-alive connection between requests) gets this long to send
+#: its next request, which is answered (with ``Connection: close``); uvicorn
+#: alone closes such connections at once, losing a request already on its way
+DRAIN_IDLE_WINDOW = 1.0
+CLOSE_HEADER = (b"connection", b"close")
 
 
 class WorkerServer(uvicorn.Server):
@@ -37,6 +53,15 @@ class WorkerServer(uvicorn.Server):
       seconds (from the loop itself: a blocked loop sends none);
     - SIGTERM drains; nothing is re-raised afterwards, so a cleanly drained
       worker exits 0 instead of looking killed by SIGTERM.
+
+    Draining (``shutdown``), for connections from the shared listening socket
+    and handed-over ones alike: the listeners close (other workers keep
+    accepting from the kernel's queue); a request in flight finishes and its
+    response carries ``Connection: close`` if it has not started yet; an idle
+    connection gets ``DRAIN_IDLE_WINDOW`` to send one more request, answered with
+    ``Connection: close``, and is closed after it; WebSockets get close code
+    1012; whatever still runs at uvicorn's ``timeout_graceful_shutdown`` is
+    cancelled, and the primary SIGKILLs at ``--graceful-timeout``.
     """
 
     def __init__(
@@ -52,6 +77,9 @@ class WorkerServer(uvicorn.Server):
         self._on_heartbeat = on_heartbeat
         self._heartbeat_interval = heartbeat_interval
         self._last_beat = 0.0
+        #: True once the graceful shutdown began; protocols read it
+        self.draining = False
+        self.drain_window = DRAIN_IDLE_WINDOW
         #: handlers for messages from the primary, by type ("t")
         self.handlers: dict[str, Callable[[dict[str, Any], list[int]], None]] = {}
         self._factory: Callable[[], asyncio.Protocol] | None = None
@@ -65,6 +93,11 @@ class WorkerServer(uvicorn.Server):
         return len(self.server_state.connections)
 
     async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        config: Any = self.config
+        # Wrap uvicorn's own class for this server (a config built before a fork
+        # may carry another server's wrapper).
+        base = getattr(config.http_protocol_class, "_cluster_server_base", config.http_protocol_class)
+        config.http_protocol_class = draining_protocol(base, self)
         await super().startup(sockets=sockets)
         if self.started and not self.should_exit:
             self._on_ready()
@@ -79,6 +112,28 @@ class WorkerServer(uvicorn.Server):
         if now - self._last_beat >= self._heartbeat_interval:
             self._last_beat = now
             self._on_heartbeat(self)
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        self.begin_drain()
+        await super().shutdown(sockets=sockets)
+
+    def begin_drain(self) -> None:
+        """From now on every response says ``Connection: close`` (uvicorn's
+        main loop, which refreshes the default headers, has ended)."""
+        if self.draining:
+            return
+        self.draining = True
+        state = self.server_state
+        if CLOSE_HEADER not in state.default_headers:
+            state.default_headers = [*state.default_headers, CLOSE_HEADER]
+        self.drain_window = min(DRAIN_IDLE_WINDOW, (self.config.timeout_graceful_shutdown or DRAIN_IDLE_WINDOW) / 2)
+        busy = sum(1 for c in state.connections if _busy(c))
+        logger.info(
+            "worker draining: %d connection(s), %d with a request in flight; idle ones get %.1f s for one more request",
+            len(state.connections),
+            busy,
+            self.drain_window,
+        )
 
     def drain(self, grace: float | None = None) -> None:
         """Begin a graceful shutdown (from the event loop or a signal handler)."""
@@ -153,6 +208,188 @@ class _WatchedSet(set[Any]):
         self._on_remove()
 
 
+def _busy(protocol: Any) -> bool:
+    """Is a request in flight on this HTTP connection (received, response not finished)?"""
+    cycle = getattr(protocol, "cycle", None)
+    return cycle is not None and not cycle.response_complete
+
+
+def draining_protocol(base: Any, server: WorkerServer) -> Any:
+    """``base`` (uvicorn's HTTP protocol class) with a drain that loses no request.
+
+    uvicorn's ``shutdown()`` closes a connection with no request in flight at
+    once; that loses the request a client sent just before (a keep-alive client
+    between two requests, or a connection accepted but not yet read). Here such
+    a connection gets ``server.drain_window`` to send it; it is answered with
+    ``Connection: close``, and the connection is closed when the window ends
+    with nothing in flight.
+    """
+
+    class DrainingProtocol(base):  # type: ignore[misc]
+        _cluster_server_base = base
+        _drain_timer: asyncio.TimerHandle | None = None
+
+        def connection_made(self, transport: asyncio.BaseTransport) -> None:
+            super().connection_made(transport)
+            if server.draining:  # accepted (or handed over) after the drain began
+                self.shutdown()
+
+        def shutdown(self) -> None:
+            cycle = getattr(self, "cycle", None)
+            if cycle is None or cycle.response_complete:
+                if self._drain_timer is None and not self.transport.is_closing():
+                    loop = asyncio.get_running_loop()
+                    self._drain_timer = loop.call_later(server.drain_window, self._drain_window_over)
+                return
+            if not cycle.response_started and CLOSE_HEADER not in cycle.default_headers:
+                cycle.default_headers = [*cycle.default_headers, CLOSE_HEADER]
+            super().shutdown()  # keep_alive = False: closed once the response is sent
+
+        def _drain_window_over(self) -> None:
+            if self.transport.is_closing():
+                return
+            cycle = getattr(self, "cycle", None)
+            if cycle is None or cycle.response_complete:
+                super().shutdown()  # nothing came: close it
+            # else a request arrived in the window; its response closes the connection
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            if self._drain_timer is not None:
+                self._drain_timer.cancel()
+            super().connection_lost(exc)
+
+        def handle_websocket_upgrade(self, *args: Any) -> None:
+            super().handle_websocket_upgrade(*args)
+            if server.draining:  # a WebSocket opened during the drain is closed with 1012 once open
+                _shutdown_when_open(self.transport.get_protocol())
+
+    DrainingProtocol.__name__ = DrainingProtocol.__qualname__ = f"Draining{base.__name__}"
+    return DrainingProtocol
+
+
+def _shutdown_when_open(ws: Any, interval: float = 0.02) -> None:
+    """Call ``ws.shutdown()`` (close code 1012) once its handshake completed."""
+    if ws.transport.is_closing():
+        return
+    event = getattr(ws, "handshake_completed_event", None)
+    done = event.is_set() if event is not None else getattr(ws, "handshake_complete", True)
+    if done:
+        ws.shutdown()
+    else:
+        asyncio.get_running_loop().call_later(interval, _shutdown_when_open, ws, interval)
+
+
 def run_on_fresh_loop(main: Coroutine[Any, Any, None], uconfig: uvicorn.Config) -> None:
     """Run ``main`` on a new event loop of the configured kind (uvloop or asyncio)."""
     asyncio_run(main, loop_factory=uconfig.get_loop_factory())
+
+
+def wrap_loaded_app(uconfig: uvicorn.Config, wrap: Callable[[Any], Any]) -> None:
+    """Put an ASGI middleware around the app uvicorn loaded (after ``Config.load()``),
+    outside uvicorn's own wrappers (WSGI adapter, proxy headers...)."""
+    uconfig.loaded_app = wrap(uconfig.loaded_app)
+
+
+def guard_request_head(uconfig: uvicorn.Config, timeout: float, max_size: int) -> None:
+    """Bound the time and the bytes a client may take to send a request head.
+
+    uvicorn waits forever for a request head: a client that opens a connection
+    and sends nothing, or sends headers a byte a second (slowloris), holds a
+    connection slot for good; and httptools keeps every header byte it is sent,
+    with no limit. After ``uconfig.load()``, this swaps ``http_protocol_class``
+    (h11 or httptools) for a subclass that watches each request head:
+
+    - it starts watching when the connection opens, and again when the first
+      bytes of a new request arrive on a keep-alive connection (between
+      requests, uvicorn's own ``--timeout-keep-alive`` applies); a timer is
+      armed only for a head that did not arrive whole in one read, so the common
+      keep-alive request costs no timer;
+    - the head is complete when uvicorn starts a new request cycle (or hands the
+      connection to its websocket protocol): it stops watching;
+    - after ``timeout`` seconds still watching (0: never), it closes the
+      connection, answering ``408`` first if the client had sent anything;
+    - past ``max_size`` bytes still watching, it answers ``431`` and closes.
+
+    Both uvicorn protocol classes keep the request in progress in ``self.cycle``
+    (None before the first); that attribute, ``transport`` and
+    ``server_state.default_headers`` are the internals this relies on.
+    """
+    base: Any = uconfig.http_protocol_class
+    log = logging.getLogger("cluster_server.worker")
+
+    class RequestHeadGuard(base):  # type: ignore[misc]
+        _cs_watching = False
+        _cs_head_bytes = 0
+        _cs_timer: asyncio.TimerHandle | None = None
+
+        def connection_made(self, transport: asyncio.Transport) -> None:
+            super().connection_made(transport)
+            self._cs_watching = True
+            self._cs_arm()  # a connection that never sends anything is closed too
+
+        def data_received(self, data: bytes) -> None:
+            if not self._cs_watching and (self.cycle is None or self.cycle.response_complete):
+                # The next request on a keep-alive connection begins. No timer yet: most
+                # heads arrive whole in one read, and then none is needed.
+                self._cs_watching = True
+                self._cs_head_bytes = 0
+            before = self.cycle
+            super().data_received(data)
+            if not self._cs_watching:
+                return
+            transport = self.transport
+            if self.cycle is not before or transport.is_closing() or transport.get_protocol() is not self:
+                self._cs_stop()  # the head is complete (or uvicorn answered/closed/upgraded)
+                return
+            self._cs_head_bytes += len(data)
+            if self._cs_head_bytes > max_size:
+                self._cs_stop()
+                log.warning("%s: request head over %d bytes; answered 431", _peer(self), max_size)
+                self._cs_answer(431, "Request Header Fields Too Large", "Request head too large.")
+            elif self._cs_timer is None:
+                self._cs_arm()
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            self._cs_stop()
+            super().connection_lost(exc)
+
+        def _cs_arm(self) -> None:
+            if timeout > 0:
+                self._cs_timer = asyncio.get_running_loop().call_later(timeout, self._cs_expired)
+
+        def _cs_stop(self) -> None:
+            self._cs_watching = False
+            if self._cs_timer is not None:
+                self._cs_timer.cancel()
+                self._cs_timer = None
+
+        def _cs_expired(self) -> None:
+            self._cs_timer = None
+            self._cs_watching = False
+            transport = self.transport
+            if transport.is_closing() or transport.get_protocol() is not self:
+                return
+            if self._cs_head_bytes:
+                log.info("%s: no complete request head within %g s; answered 408", _peer(self), timeout)
+                self._cs_answer(408, "Request Timeout", "Request head not received in time.")
+            else:
+                transport.close()  # opened and never used (a browser's preconnect, say)
+
+        def _cs_answer(self, status: int, reason: str, body: str) -> None:
+            head = [f"HTTP/1.1 {status} {reason}\r\n".encode("ascii")]
+            for name, value in self.server_state.default_headers:
+                head += [name, b": ", value, b"\r\n"]
+            head.append(
+                f"content-type: text/plain; charset=utf-8\r\ncontent-length: {len(body)}\r\n"
+                f"connection: close\r\n\r\n{body}".encode("ascii")
+            )
+            self.transport.write(b"".join(head))
+            self.transport.close()
+
+    RequestHeadGuard.__name__ = RequestHeadGuard.__qualname__ = f"RequestHeadGuard[{base.__name__}]"
+    uconfig.http_protocol_class = RequestHeadGuard
+
+
+def _peer(protocol: Any) -> str:
+    client = getattr(protocol, "client", None)
+    return f"{client[0]}:{client[1]}" if client else "a client"

@@ -5,10 +5,15 @@ Messages a worker sends on its channel (JSON objects, key ``t`` is the type):
 - ``{"t": "ready"}`` once lifespan startup finished and the sockets are served;
 - ``{"t": "hb", "r": requests, "c": open_connections}`` every heartbeat interval,
   from the event loop;
-- ``{"t": "boot_error", "error": "..."}`` when the app cannot be loaded or its
-  lifespan startup fails (then the worker exits with status 3);
+- ``{"t": "boot_error", "error": "...", "stage": "load" | "lifespan"}`` when the
+  app cannot be loaded or its lifespan startup fails (then the worker exits
+  with status 3);
 - ``{"t": "ack", ...}`` under ``--scheduling round-robin/least-busy``: which handed-over
   connections it took or refused, and its load (see ``_scheduling.py``).
+
+Messages it handles (``server.handlers``): ``{"t": "health", "ok": bool}``
+(``--health-path`` answers 503 once ``ok`` is false; see ``_health.py``);
+``{"t": "conn", "b": batch}`` with connection fds (``_scheduling.WorkerHandOff``).
 """
 
 from __future__ import annotations
@@ -27,11 +32,13 @@ from typing import Any, NoReturn
 
 import uvicorn
 
-from . import _proc, _scheduling
+from . import _messaging, _privileges, _proc, _scheduling
 from ._channel import Channel, FdsTruncated
 from ._config import Config
-from ._errors import AppLoadError, BindError, ChannelError
-from ._uvicorn_glue import WorkerServer, run_on_fresh_loop
+from ._errors import AppLoadError, BindError, ChannelError, ClusterServerError
+from ._health import HealthMiddleware, HealthState, health_handler
+from ._interface import adapt_app
+from ._uvicorn_glue import WorkerServer, guard_request_head, run_on_fresh_loop, wrap_loaded_app
 
 logger = logging.getLogger("cluster_server.worker")
 
@@ -113,13 +120,14 @@ def uvicorn_config(config: Config, app: Any) -> uvicorn.Config:
     # Leave a little of the graceful timeout for lifespan shutdown before the
     # primary's SIGKILL.
     grace = max(config.graceful_timeout - min(1.0, config.graceful_timeout / 4), 0.0)
+    app, detected = adapt_app(app, config)  # a WSGI app comes back wrapped in a2wsgi (ASGI 3)
     return uvicorn.Config(
         app,
         loop=config.loop,
         http=config.http,
-        ws=config.ws,
+        ws="none" if detected == "wsgi" else config.ws,
         lifespan=config.lifespan,
-        interface=config.interface,
+        interface="asgi3" if detected == "wsgi" else detected,
         root_path=config.root_path,
         proxy_headers=config.proxy_headers,
         forwarded_allow_ips=config.forwarded_allow_ips,
@@ -131,6 +139,10 @@ def uvicorn_config(config: Config, app: Any) -> uvicorn.Config:
         backlog=config.backlog,
         ssl_keyfile=config.ssl_keyfile,
         ssl_certfile=config.ssl_certfile,
+        ssl_keyfile_password=config.ssl_keyfile_password,
+        ssl_ca_certs=config.ssl_ca_certs,
+        ssl_cert_reqs=config.ssl_cert_reqs,
+        ssl_ciphers=config.ssl_ciphers,
         timeout_graceful_shutdown=grace,  # type: ignore[arg-type]
         h11_max_incomplete_event_size=config.h11_max_incomplete_event_size,
         workers=1,
@@ -157,6 +169,19 @@ def worker_main(config: Config, spec: WorkerSpec, channel_sock: socket.socket, c
 
 def _run(config: Config, spec: WorkerSpec, channel: Channel) -> int:
     _proc.set_title(f"cluster-server: worker {spec.id} [{config.app_name}]")
+    # (before dropping privileges: cluster-server's own imports do not depend on --user's rights)
+    link = _messaging.enter_worker(spec.id, channel)  # cluster.is_worker, before the app is imported
+    family = spec.listeners[0].family if spec.listeners else socket.AF_INET
+    try:  # this worker's own sockets (reuseport), bound before --user drops the right to low ports
+        sockets = _scheduling.worker_sockets(config, spec.listeners)
+    except BindError as exc:
+        channel.send({"t": "boot_error", "error": str(exc)})
+        return 1
+    try:  # --user/--group, before the parent-death signal: changing credentials clears it
+        _privileges.drop(config)
+    except ClusterServerError as exc:
+        channel.send({"t": "boot_error", "error": str(exc)})
+        return EXIT_BOOT_FAILURE
     _proc.set_parent_death_signal(ORPHAN_SIGNAL)
     if os.getppid() != spec.primary_pid:
         return 1  # the primary died before we could ask to be told
@@ -174,18 +199,14 @@ def _run(config: Config, spec: WorkerSpec, channel: Channel) -> int:
         app = load_app(config)
         uconfig = uvicorn_config(config, app)
         uconfig.load()
+        guard_request_head(uconfig, config.timeout_request_header, config.max_request_head_size)
     except AppLoadError as exc:
-        report({"t": "boot_error", "error": str(exc)})
+        report({"t": "boot_error", "error": str(exc), "stage": "load"})
         return EXIT_BOOT_FAILURE
     except SystemExit:  # uvicorn's Config.load exits on what it cannot load
-        report({"t": "boot_error", "error": f"uvicorn could not load {config.app_name}; see the log above"})
+        error = f"uvicorn could not load {config.app_name}; see the log above"
+        report({"t": "boot_error", "error": error, "stage": "load"})
         return EXIT_BOOT_FAILURE
-    family = spec.listeners[0].family if spec.listeners else socket.AF_INET
-    try:
-        sockets = _scheduling.worker_sockets(config, spec.listeners)
-    except BindError as exc:
-        report({"t": "boot_error", "error": str(exc)})
-        return 1
 
     server = WorkerServer(
         uconfig,
@@ -193,19 +214,30 @@ def _run(config: Config, spec: WorkerSpec, channel: Channel) -> int:
         on_heartbeat=lambda s: report({"t": "hb", "r": s.total_requests, "c": s.open_connections}),
         heartbeat_interval=config.heartbeat_interval,
     )
+    if (health_path := config.health_path) is not None:
+        health = HealthState()
+        wrap_loaded_app(uconfig, lambda app: HealthMiddleware(app, health_path, health))
+        server.handlers["health"] = health_handler(health)
 
     def orphaned(*_: Any) -> None:
         # The primary is gone: finish quickly, and never outlive it by more than ~2 s.
         signal.alarm(int(ORPHAN_GRACE) + 1)
         server.drain(ORPHAN_GRACE)
 
-    signal.signal(ORPHAN_SIGNAL, orphaned)
+    def orphan_signal(*_: Any) -> None:
+        # Only if the primary is really gone: the same signal sent to the whole process
+        # group (`systemctl kill -s USR2`, meant for the primary's upgrade) is ignored.
+        if os.getppid() != spec.primary_pid:
+            orphaned()
+
+    signal.signal(ORPHAN_SIGNAL, orphan_signal)
     # A hung worker: the primary sends DUMP_SIGNAL, we print every thread's stack
     # (from C, so it works while the event loop is blocked), then it kills us.
     faulthandler.register(DUMP_SIGNAL, all_threads=True, chain=False)
 
     async def serve() -> None:
         loop = asyncio.get_running_loop()
+        link.serve(server, loop)
 
         def on_channel() -> None:
             try:
@@ -237,7 +269,7 @@ def _run(config: Config, spec: WorkerSpec, channel: Channel) -> int:
     except SystemExit as exc:
         if not server.started:  # lifespan startup failed; uvicorn logged why
             error = f"lifespan startup of {config.app_name} failed; see the log above"
-            report({"t": "boot_error", "error": error})
+            report({"t": "boot_error", "error": error, "stage": "lifespan"})
             return EXIT_BOOT_FAILURE
         return exc.code if isinstance(exc.code, int) else 1
     return 0

@@ -15,7 +15,7 @@ import subprocess
 import sys
 import textwrap
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -49,16 +49,26 @@ def free_port() -> int:
 class Server:
     """A cluster-server process started by a test."""
 
-    def __init__(self, args: list[str], cwd: Path, env: dict[str, str], log: Path, port: int | None) -> None:
+    def __init__(
+        self,
+        args: list[str],
+        cwd: Path,
+        env: dict[str, str],
+        log: Path,
+        port: int | None,
+        wrapper: Sequence[str] = (),
+        pass_fds: tuple[int, ...] = (),
+    ) -> None:
         self.args, self.cwd, self.log_path, self.port = args, cwd, log, port
         self._log = open(log, "wb")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "cluster_server", *args],
+            [*wrapper, sys.executable, "-m", "cluster_server", *args],
             cwd=cwd,
             env=env,
             stdout=self._log,
             stderr=subprocess.STDOUT,
             start_new_session=True,
+            pass_fds=pass_fds,
         )
 
     @property
@@ -124,11 +134,19 @@ def write_app(tmp_path: Path) -> Callable[[str, str], Path]:
 def start_server(tmp_path: Path) -> Iterator[Callable[..., Server]]:
     """Start ``cluster-server ARGS`` (cwd and --app-dir: the test's tmp dir); killed at the end.
 
-    A free ``--port`` is added unless the args name ``--port``, ``--uds`` or ``--fd``.
+    A free ``--port`` is added unless the args name ``--port``, ``--uds`` or ``--fd``;
+    ``pass_fds`` are inherited by the server (for ``--fd``); ``wrapper`` is a
+    command to run it under (``["unshare", "--pid", "--fork"]``).
     """
     servers: list[Server] = []
 
-    def start(*args: str, env: dict[str, str] | None = None, cwd: Path | None = None) -> Server:
+    def start(
+        *args: str,
+        env: dict[str, str] | None = None,
+        cwd: Path | None = None,
+        wrapper: Sequence[str] = (),
+        pass_fds: tuple[int, ...] = (),
+    ) -> Server:
         argv = list(args)
         port = None
         if not any(a in argv for a in ("--port", "--uds", "--fd")):
@@ -140,7 +158,7 @@ def start_server(tmp_path: Path) -> Iterator[Callable[..., Server]]:
         if "WEB_CONCURRENCY" not in (env or {}):
             full_env.pop("WEB_CONCURRENCY", None)
         log = tmp_path / f"server-{len(servers)}.log"
-        server = Server(argv, cwd or tmp_path, full_env, log, port)
+        server = Server(argv, cwd or tmp_path, full_env, log, port, wrapper, pass_fds)
         servers.append(server)
         return server
 
@@ -164,3 +182,51 @@ async def app(scope, receive, send):
     await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"text/plain")]})
     await send({"type": "http.response.body", "body": str(os.getpid()).encode()})
 """
+
+
+class TLSFiles:
+    """A throwaway CA and a server certificate for 127.0.0.1/localhost, as PEM files."""
+
+    def __init__(self, tmp: Path) -> None:
+        trustme = pytest.importorskip("trustme", reason="the TLS tests need trustme (pip install -e '.[test]')")
+        self.ca = trustme.CA()
+        server = self.ca.issue_cert("127.0.0.1", "localhost")
+        self.certfile, self.keyfile, self.ca_certs = tmp / "server.pem", tmp / "server.key", tmp / "ca.pem"
+        server.cert_chain_pems[0].write_to_path(str(self.certfile))
+        for pem in server.cert_chain_pems[1:]:
+            pem.write_to_path(str(self.certfile), append=True)
+        server.private_key_pem.write_to_path(str(self.keyfile))
+        self.ca.cert_pem.write_to_path(str(self.ca_certs))
+
+    def server_args(self) -> list[str]:
+        return ["--ssl-certfile", str(self.certfile), "--ssl-keyfile", str(self.keyfile)]
+
+    def client_context(self) -> Any:
+        import ssl
+
+        ctx = ssl.create_default_context()
+        self.ca.configure_trust(ctx)
+        return ctx
+
+
+@pytest.fixture
+def tls_files(tmp_path: Path) -> TLSFiles:
+    """Certificates for a TLS server (skips when trustme is not installed)."""
+    return TLSFiles(tmp_path)
+
+
+def scheduling_policies() -> list[str]:
+    """Every value of ``--scheduling`` this build has (just the shared socket where there is no such option)."""
+    import typing
+
+    from cluster_server._config import Config, unwrap_optional
+
+    hint = typing.get_type_hints(Config).get("scheduling")
+    if hint is None:
+        return ["shared"]
+    return [str(v) for v in typing.get_args(unwrap_optional(hint)[0]) if v != "auto"]
+
+
+def scheduling_args(policy: str) -> list[str]:
+    """The CLI arguments that select ``policy`` (none where there is no --scheduling option)."""
+    return [] if scheduling_policies() == ["shared"] and policy == "shared" else ["--scheduling", policy]

@@ -403,7 +403,7 @@ def test_child_fds_and_close_cover_everything_held(conns: Any) -> None:
     ready(sched, w1)
     fds = conns(5)
     offer(sched, fds)
-    assert sorted(sched.child_fds()) == sorted(fds)
+    assert sorted(sched.fds_to_close_in_child()) == sorted(fds)
     sched.close()
     assert not any(is_open(fd) for fd in fds)
 
@@ -823,3 +823,61 @@ def test_accept_errors_pause_accepting_instead_of_spinning(caplog: Any) -> None:
         assert lst in primary.readers  # tries again after the pause
     finally:
         lst.close()
+
+
+def test_metrics_samples_report_the_backlog_and_counters(conns: Any) -> None:
+    sched, _, (w1,) = setup("round-robin", 1, window=2)
+    ready(sched, w1)
+    offer(sched, conns(5))  # 2 handed, 3 held
+    sched.accepted = 5
+    w1.move(WorkerState.EXITED)
+    sched.worker_event("exited", w1)  # its 2 come back: 5 held, 2 re-routed
+    samples = {name: (kind, value) for name, _, kind, _, value in sched.metrics_samples()}
+    assert samples["cluster_server_accept_backlog"] == ("gauge", 5)
+    assert samples["cluster_server_handoff_unacknowledged"] == ("gauge", 0)
+    assert samples["cluster_server_connections_accepted_total"] == ("counter", 5)
+    assert samples["cluster_server_connections_rerouted_total"] == ("counter", 2)
+
+
+def test_the_metrics_endpoint_shows_the_hand_off(start_server: Any, write_app: Any) -> None:
+    from .conftest import free_port
+
+    mport = free_port()
+    server = start(start_server, write_app, "least-busy", 2, "--metrics-bind", f"127.0.0.1:{mport}")
+    for _ in range(6):
+        fetch(server.url)
+    text = httpx.get(f"http://127.0.0.1:{mport}/metrics", timeout=10).text
+    values = {
+        line.split()[0]: float(line.split()[1]) for line in text.splitlines() if line.startswith("cluster_server_")
+    }
+    assert values["cluster_server_accept_backlog"] == 0
+    assert values["cluster_server_connections_accepted_total"] >= 6
+    assert values["cluster_server_connections_rerouted_total"] == 0
+
+
+def test_a_stopping_primary_gives_what_it_holds_to_a_draining_worker(conns: Any) -> None:
+    sched, primary, (w1, w2) = setup("least-busy", 2)
+    ready(sched, w1)
+    ready(sched, w2)
+    fds = conns(4)
+    offer(sched, fds)
+    primary.stopping = True  # stop or upgrade: every worker drains
+    for w in (w1, w2):
+        w.move(WorkerState.DRAINING)
+        sched.worker_event("draining", w)
+    primary.sent.clear()
+    b1 = list(sched.peers[w1.pid].batches)
+    ack(sched, w1, r=b1)  # w1 refuses what reached it after SIGTERM: no READY worker is left
+    _, msg, sent = primary.sent[0]
+    assert msg.get("force") is True and len(sent) == 2  # served by a draining worker, not closed
+    w2.move(WorkerState.EXITED)
+    sched.worker_event("exited", w2)
+    assert all(m.get("force") for _, m, _ in primary.sent[1:]) and all(d is w1 for d, _, _ in primary.sent[1:])
+    assert all(is_open(fd) for fd in fds)
+
+
+def test_a_forced_connection_is_served_by_a_draining_worker() -> None:
+    server = FakeServer()
+    server.should_exit = True
+    acks = run_worker_side(server, [({"t": "conn", "b": 9, "force": True}, 1)])
+    assert acks[0]["b"] == [9] and len(server.served) == 1

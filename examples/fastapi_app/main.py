@@ -22,6 +22,8 @@ from fastapi import FastAPI, HTTPException, Query, Request, WebSocket, WebSocket
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, Field
 
+from cluster_server import cluster
+
 MAX_SLOW_SECONDS = 30.0
 
 
@@ -40,11 +42,37 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     app.state.started_at = time.time()
     app.state.items = {1: Item(id=1, name="widget", price=2.5)}
     app.state.next_id = 2
+    # A per-worker cache that every worker drops when any worker takes a POST.
+    app.state.cache = {}
+    # cluster_server.cluster: in a cluster-server worker, messages to and from the
+    # primary and the other workers (under plain uvicorn, is_worker is False).
+    app.state.cluster = cluster
+    if cluster.is_worker:
+        cluster.on_message(lambda msg: on_cluster_message(app, msg))
     yield
     app.state.items.clear()
 
 
-app = FastAPI(title="cluster-server example", lifespan=lifespan)
+try:
+    # Serve Swagger UI and ReDoc (/docs, /redoc) from a package instead of a CDN, so the
+    # docs pages work offline; without fastapi-offline, FastAPI's CDN pages are used.
+    from fastapi_offline import FastAPIOffline as _make_app
+except ImportError:  # pragma: no cover - optional
+    _make_app = FastAPI
+
+app: FastAPI = _make_app(title="cluster-server example", lifespan=lifespan)
+
+
+def on_cluster_message(app: FastAPI, msg: Any) -> None:
+    """Another worker changed something: drop what we cached (runs on this worker's loop)."""
+    if isinstance(msg, dict) and msg.get("drop") == "report":
+        app.state.cache.pop("report", None)
+
+
+def drop_report_everywhere(app: FastAPI) -> None:
+    app.state.cache.pop("report", None)
+    if cluster.is_worker:
+        cluster.broadcast({"drop": "report"})  # to every other worker, through the primary
 
 
 @app.get("/")
@@ -76,7 +104,37 @@ async def create_item(payload: ItemIn, request: Request) -> Item:
     item = Item(id=state.next_id, **payload.model_dump())
     state.items[item.id] = item
     state.next_id += 1
+    drop_report_everywhere(request.app)
     return item
+
+
+@app.get("/report")
+async def report(request: Request) -> dict[str, Any]:
+    """Something "expensive", cached per worker until any worker takes a POST."""
+    cache = request.app.state.cache
+    cached = "report" in cache
+    if not cached:
+        items = request.app.state.items.values()
+        cache["report"] = {"count": len(items), "total": sum(i.price for i in items), "computed_at": time.time()}
+    return {"pid": os.getpid(), "cached": cached, **cache["report"]}
+
+
+@app.get("/hits")
+async def hits() -> dict[str, Any]:
+    """A cluster-wide counter, kept by the primary (a built-in request of cluster-server)."""
+    if not cluster.is_worker:
+        raise HTTPException(status_code=503, detail="not running under cluster-server")
+    total = await cluster.request({"op": "incr", "key": "hits"})
+    return {"pid": os.getpid(), "hits": total}
+
+
+@app.get("/cluster")
+async def cluster_info() -> dict[str, Any]:
+    """This worker's id and the primary's view of every worker."""
+    if not cluster.is_worker:
+        raise HTTPException(status_code=503, detail="not running under cluster-server")
+    assert cluster.worker is not None
+    return {"worker": cluster.worker.id, "pid": os.getpid(), "workers": await cluster.request({"op": "workers"})}
 
 
 @app.get("/slow")

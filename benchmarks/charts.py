@@ -1,0 +1,293 @@
+#!/usr/bin/env python3
+"""Render the JSON that ``bench.py ... --json`` writes as SVG charts for the docs.
+
+    python benchmarks/bench.py throughput --workers 1,2 --json benchmarks/results/throughput.json
+    python benchmarks/charts.py benchmarks/results/throughput.json            # -> docs/img/*.svg
+    python benchmarks/charts.py a.json b.json --out docs/img                  # rows of both, merged
+
+One chart set per scenario (the ``scenario`` key of the JSON):
+
+- ``throughput``: ``throughput.svg`` (req/s per worker count, a bar per server) and
+  ``latency-p99.svg`` (p99 latency, same layout);
+- ``spread``: ``spread.svg``, connections (or requests) per worker, a group per
+  policy/server, workers sorted busiest first. Each row needs ``per_worker``: a list of
+  counts, and is labelled by its ``policy`` (else ``server``) and ``workers``.
+
+Rows whose ``status`` is not ``ok`` are left out, and listed under the chart.
+
+The SVG is written by hand (about 150 lines here) rather than with matplotlib: no
+plotting stack to install for the docs, text stays selectable text, and the same
+input gives byte-identical files, so a regenerated chart shows up in a diff only
+when a number changed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from html import escape
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_OUT = ROOT / "docs" / "img"
+
+#: one colour per series, in order (Okabe-Ito: tells apart for colour-blind readers)
+PALETTE = ("#0072B2", "#E69F00", "#009E73", "#CC79A7", "#56B4E9", "#D55E00", "#F0E442", "#000000")
+#: fixed colours for the servers bench.py knows, so every chart agrees
+SERVER_COLOURS = {"cluster-server": "#0072B2", "uvicorn": "#E69F00", "gunicorn": "#009E73", "granian": "#CC79A7"}
+
+WIDTH, PLOT_HEIGHT = 760, 244
+LEFT, RIGHT, TOP = 70, 20, 64
+FONT = "font-family='system-ui, -apple-system, Segoe UI, Roboto, sans-serif'"
+
+
+@dataclass
+class Series:
+    name: str
+    values: list[float | None]  # one per group; None: not measured
+    colour: str
+
+
+def nice_ticks(top: float, count: int = 5) -> list[float]:
+    """0 and round steps (1, 2, 2.5 or 5 times a power of ten) up to at least ``top``."""
+    if top <= 0:
+        return [0.0, 1.0]
+    raw = top / count
+    power = 10 ** math.floor(math.log10(raw))
+    step = next(m * power for m in (1, 2, 2.5, 5, 10) if m * power >= raw)
+    n = math.ceil(top / step - 1e-9)
+    return [round(i * step, 10) for i in range(n + 1)]
+
+
+def short(value: float) -> str:
+    """35757 -> '35.8k'; 4.9 -> '4.9'."""
+    if value >= 1000:
+        text = f"{value / 1000:.1f}".rstrip("0").rstrip(".")
+        return f"{text}k"
+    if value >= 100 or value == int(value):
+        return f"{value:.0f}"
+    return f"{value:.2g}" if value < 1 else f"{value:.1f}"
+
+
+def grouped_bars(
+    title: str,
+    subtitle: str,
+    groups: Sequence[str],
+    series: Sequence[Series],
+    unit: str,
+    notes: Sequence[str] = (),
+) -> str:
+    """A grouped bar chart: one group per x label, one bar per series in each group."""
+    plot_w, plot_h = WIDTH - LEFT - RIGHT, PLOT_HEIGHT
+    notes = list(notes[:2])
+    height = TOP + plot_h + 58 + 16 * len(notes)
+    top = max((v for s in series for v in s.values if v is not None), default=0.0)
+    ticks = nice_ticks(top * 1.08)
+    y_max = ticks[-1]
+
+    def y(v: float) -> float:
+        return TOP + plot_h - (v / y_max) * plot_h
+
+    out = [
+        f"<svg xmlns='http://www.w3.org/2000/svg' width='{WIDTH}' height='{height}' "
+        f"viewBox='0 0 {WIDTH} {height}' role='img' aria-label='{escape(title, quote=True)}' {FONT}>",
+        f"<rect width='{WIDTH}' height='{height}' fill='#ffffff'/>",
+        f"<text x='{LEFT}' y='24' font-size='16' font-weight='600' fill='#111'>{escape(title)}</text>",
+        f"<text x='{LEFT}' y='44' font-size='12' fill='#555'>{escape(subtitle)}</text>",
+    ]
+    for t in ticks:
+        ty = y(t)
+        out.append(
+            f"<line x1='{LEFT}' y1='{ty:.1f}' x2='{WIDTH - RIGHT}' y2='{ty:.1f}' stroke='#e3e3e3' stroke-width='1'/>"
+        )
+        out.append(
+            f"<text x='{LEFT - 8}' y='{ty + 4:.1f}' font-size='11' fill='#555' text-anchor='end'>{short(t)}</text>"
+        )
+    out.append(
+        f"<text x='16' y='{TOP + plot_h / 2:.1f}' font-size='12' fill='#333' text-anchor='middle' "
+        f"transform='rotate(-90 16 {TOP + plot_h / 2:.1f})'>{escape(unit)}</text>"
+    )
+
+    group_w = plot_w / max(len(groups), 1)
+    bar_w = min(48.0, group_w * 0.8 / max(len(series), 1))
+    for gi, label in enumerate(groups):
+        x0 = LEFT + gi * group_w + (group_w - bar_w * len(series)) / 2
+        for si, s in enumerate(series):
+            value = s.values[gi]
+            if value is None:
+                continue
+            bx, by = x0 + si * bar_w, y(value)
+            out.append(
+                f"<rect x='{bx + 1:.1f}' y='{by:.1f}' width='{bar_w - 2:.1f}' height='{TOP + plot_h - by:.1f}' "
+                f"fill='{s.colour}'><title>{escape(s.name)}, {escape(label)}: {value:g} {escape(unit)}</title></rect>"
+            )
+            out.append(
+                f"<text x='{bx + bar_w / 2:.1f}' y='{by - 4:.1f}' font-size='10' fill='#333' "
+                f"text-anchor='middle'>{short(value)}</text>"
+            )
+        out.append(
+            f"<text x='{LEFT + (gi + 0.5) * group_w:.1f}' y='{TOP + plot_h + 18:.1f}' font-size='12' fill='#333' "
+            f"text-anchor='middle'>{escape(label)}</text>"
+        )
+    base = TOP + plot_h
+    out.append(f"<line x1='{LEFT}' y1='{base}' x2='{WIDTH - RIGHT}' y2='{base}' stroke='#888' stroke-width='1'/>")
+
+    # Legend, one row under the axis labels.
+    lx, ly = LEFT, TOP + plot_h + 44
+    for s in series:
+        out.append(f"<rect x='{lx}' y='{ly - 10}' width='12' height='12' fill='{s.colour}'/>")
+        out.append(f"<text x='{lx + 18}' y='{ly}' font-size='12' fill='#333'>{escape(s.name)}</text>")
+        lx += 30 + 7 * len(s.name)
+    for i, note in enumerate(notes):
+        out.append(f"<text x='{LEFT}' y='{ly + 22 + 16 * i}' font-size='11' fill='#777'>{escape(note)}</text>")
+    out.append("</svg>")
+    return "\n".join(out) + "\n"
+
+
+# --------------------------------------------------------------------------- scenarios
+
+
+def _subtitle(payload: dict[str, Any]) -> str:
+    env, cfg = payload.get("environment", {}), payload.get("config", {})
+    parts = [f"{env.get('cpu_count', '?')} CPUs", f"Python {env.get('python', '?')}"]
+    tool = cfg.get("tool") or env.get("load_tool")
+    if tool == "wrk":
+        parts.append(f"wrk {cfg.get('threads', '?')} threads, {cfg.get('connections', '?')} connections")
+    elif tool:
+        parts.append(f"{tool} load loop (client-bound)")
+    if cfg.get("duration"):
+        parts.append(f"{cfg['duration']} s per run")
+    if cfg.get("app"):
+        parts.append(str(cfg["app"]))
+    started = payload.get("started_at")
+    if isinstance(started, int | float):
+        parts.append(datetime.datetime.fromtimestamp(started, datetime.UTC).strftime("%Y-%m-%d"))
+    return " · ".join(parts)
+
+
+def _left_out(rows: list[dict[str, Any]]) -> list[str]:
+    bad = [r for r in rows if r.get("status") != "ok"]
+    if not bad:
+        return []
+    return ["not shown: " + "; ".join(f"{r.get('server')} x{r.get('workers')} ({r.get('status')})" for r in bad)]
+
+
+def _server_order(rows: list[dict[str, Any]]) -> list[str]:
+    names: list[str] = []
+    for r in rows:
+        if r.get("server") not in names:
+            names.append(r["server"])
+    return names
+
+
+def chart_throughput(payload: dict[str, Any]) -> dict[str, str]:
+    rows = payload["results"]
+    ok = [r for r in rows if r.get("status") == "ok" and r.get("load")]
+    workers = sorted({int(r["workers"]) for r in ok})
+    groups = [f"{w} worker{'s' if w != 1 else ''}" for w in workers]
+    servers = _server_order(ok)
+
+    def series_of(metric: Callable[[dict[str, Any]], float]) -> list[Series]:
+        out = []
+        for i, name in enumerate(servers):
+            by_workers = {int(r["workers"]): metric(r["load"]) for r in ok if r["server"] == name}
+            colour = SERVER_COLOURS.get(name, PALETTE[i % len(PALETTE)])
+            out.append(Series(name, [by_workers.get(w) for w in workers], colour))
+        return out
+
+    subtitle, notes = _subtitle(payload), _left_out(rows)
+    return {
+        "throughput.svg": grouped_bars(
+            "Throughput: requests per second (higher is better)",
+            subtitle,
+            groups,
+            series_of(lambda load: float(load["requests_per_s"])),
+            "requests / s",
+            notes,
+        ),
+        "latency-p99.svg": grouped_bars(
+            "Latency: 99th percentile (lower is better)",
+            subtitle,
+            groups,
+            series_of(lambda load: float(load["p99_ms"])),
+            "milliseconds",
+            notes,
+        ),
+    }
+
+
+def chart_spread(payload: dict[str, Any]) -> dict[str, str]:
+    rows = payload["results"]
+    ok = [r for r in rows if r.get("status") == "ok" and isinstance(r.get("per_worker"), list)]
+    groups = [f"{r.get('policy') or r['server']} ({r['workers']} workers)" for r in ok]
+    counts = [sorted((float(c) for c in r["per_worker"]), reverse=True) for r in ok]
+    most = max((len(c) for c in counts), default=0)
+    series = [
+        Series(
+            "busiest worker" if k == 0 else f"worker #{k + 1}",
+            [c[k] if k < len(c) else None for c in counts],
+            PALETTE[k % len(PALETTE)],
+        )
+        for k in range(most)
+    ]
+    return {
+        "spread.svg": grouped_bars(
+            "Spread: work per worker, busiest first (even is better)",
+            _subtitle(payload),
+            groups,
+            series,
+            str(payload.get("config", {}).get("unit", "count")),
+            _left_out(rows),
+        )
+    }
+
+
+CHARTS: dict[str, Callable[[dict[str, Any]], dict[str, str]]] = {
+    "throughput": chart_throughput,
+    "spread": chart_spread,
+}
+
+
+def load(paths: Sequence[Path]) -> dict[str, Any]:
+    """Read one or more bench.py JSON files of one scenario; the rows are concatenated."""
+    payloads = [json.loads(p.read_text()) for p in paths]
+    scenarios = {p.get("scenario") for p in payloads}
+    if len(scenarios) != 1:
+        raise SystemExit(f"charts: the files mix scenarios {sorted(map(str, scenarios))}; chart one at a time")
+    merged = dict(payloads[0])
+    merged["results"] = [row for p in payloads for row in p.get("results", [])]
+    return merged
+
+
+def render(paths: Sequence[Path], out_dir: Path) -> list[Path]:
+    payload = load(paths)
+    scenario = payload.get("scenario")
+    if scenario not in CHARTS:
+        raise SystemExit(f"charts: no chart for scenario {scenario!r}; known: {', '.join(CHARTS)}")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+    for name, svg in CHARTS[scenario](payload).items():
+        path = out_dir / name
+        path.write_text(svg)
+        written.append(path)
+    return written
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("json", nargs="+", type=Path, help="files written by bench.py --json (one scenario)")
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"directory for the SVG files ({DEFAULT_OUT})")
+    args = parser.parse_args(argv)
+    for path in render(args.json, args.out):
+        print(path)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

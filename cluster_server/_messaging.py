@@ -1,0 +1,186 @@
+"""Messaging for apps served by cluster-server: the primary's relay, the worker's link.
+
+An ASGI app in an HTTP worker uses ``cluster_server.cluster`` as any worker
+does (``send``, ``broadcast``, ``on_message``, ``recv``, ``messages``,
+``request``). Two pieces make that work here:
+
+- :class:`Messaging`, a component of the HTTP primary (``_primary.py``). It
+  handles the worker messages ``msg`` (logged at debug level: the HTTP primary
+  runs no user code), ``bcast`` (relayed as ``msg`` to every other worker with
+  an open channel, and to the sender too when it asks) and ``req``, which it
+  answers itself (see :meth:`Messaging.answer`). A worker gone mid-broadcast is
+  skipped (``primary.send`` returns False); nothing blocks.
+- :class:`LoopLink`, the worker's ``Endpoint``: the uvicorn event loop already
+  reads the channel (``server.handlers``), so messages are dispatched there, on
+  the loop, with no thread. Sends from other threads (a sync endpoint runs in a
+  thread pool) are handed to the loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import threading
+from collections.abc import Sequence
+from typing import Any
+
+from . import _channel
+from ._channel import Channel, Message
+from ._cluster_worker import Endpoint
+from ._errors import ClusterRoleError, DisconnectedError
+
+logger = logging.getLogger("cluster_server")
+
+#: the worker message types this component handles in the HTTP primary
+MESSAGE_TYPES = ("msg", "bcast", "req", "res")
+
+
+class Messaging:
+    """A component of the HTTP primary: relays broadcasts, answers built-in requests."""
+
+    def __init__(self) -> None:
+        self.primary: Any = None
+        self.counters: dict[str, int] = {}
+
+    def attach(self, primary: Any) -> None:
+        self.primary = primary
+
+    def worker_message(self, w: Any, msg: Message, fds: list[int]) -> bool:
+        kind = msg.get("t")
+        if kind not in MESSAGE_TYPES:
+            return False
+        for fd in fds:  # these messages carry none
+            _close(fd)
+        if kind == "bcast":
+            out = {"t": "msg", "data": msg.get("data")}
+            for other in list(self.primary.workers.values()):
+                if other is not w or msg.get("self"):
+                    self.primary.send(other, out)
+        elif kind == "msg":
+            logger.debug("%s sent the primary %.200r", w.name, msg.get("data"))
+        elif kind == "req":
+            rid = msg.get("id")
+            if isinstance(rid, int):
+                try:
+                    reply: Message = {"t": "res", "id": rid, "data": self.answer(msg.get("data"))}
+                except (ValueError, TypeError, KeyError) as exc:
+                    reply = {"t": "res", "id": rid, "error": f"the primary cannot answer: {exc}"}
+                self.primary.send(w, reply)
+        return True
+
+    def answer(self, data: Any) -> Any:
+        """The HTTP primary's built-in requests (``await cluster.request({...})``):
+
+        - ``{"op": "workers"}``: ``[{"id", "pid", "state", "generation"}, ...]``;
+        - ``{"op": "incr", "key": k, "by": n}``: add ``n`` (default 1) to the
+          cluster-wide counter ``k``; returns its new value;
+        - ``{"op": "get", "key": k}``: the counter's value (0 if never set).
+        """
+        if not isinstance(data, dict):
+            raise ValueError(f"a request is {{'op': ...}}, not {data!r:.100}")
+        op = data.get("op")
+        if op == "workers":
+            return [
+                {"id": w.id, "pid": w.pid, "state": w.state.value, "generation": w.generation}
+                for w in sorted(self.primary.workers.values(), key=lambda w: (w.id, w.generation))
+            ]
+        if op in ("incr", "get"):
+            key = data["key"]
+            if not isinstance(key, str):
+                raise TypeError(f"key must be a string, not {key!r:.100}")
+            if op == "incr":
+                by = data.get("by", 1)
+                if not isinstance(by, int) or isinstance(by, bool):
+                    raise TypeError(f"by must be an integer, not {by!r:.100}")
+                self.counters[key] = self.counters.get(key, 0) + by
+            return self.counters.get(key, 0)
+        raise ValueError(f"unknown op {op!r:.100}; expected 'workers', 'incr' or 'get'")
+
+
+class LoopLink(Endpoint):
+    """An HTTP worker's link: dispatch on the uvicorn loop, through the existing channel."""
+
+    def __init__(self, worker_id: int, channel: Channel) -> None:
+        super().__init__(worker_id)
+        self.channel = channel
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self._loop_thread: int | None = None
+
+    def serve(self, server: Any, loop: asyncio.AbstractEventLoop) -> None:
+        """Called on the worker's loop before it serves: take our message types."""
+        self.loop = loop
+        self._loop_thread = threading.get_ident()
+        for kind in ("msg", "req", "res"):
+            server.handlers[kind] = self.dispatch
+        if self.channel.pending:  # queued while the app was imported, before there was a loop
+            loop.add_writer(self.channel.fileno(), self._flush)
+
+    def default_loop(self) -> asyncio.AbstractEventLoop | None:
+        return self.loop
+
+    def _on_loop(self) -> bool:
+        return self._loop_thread is None or threading.get_ident() == self._loop_thread
+
+    def _check_may_block(self, what: str) -> None:
+        if self._loop_thread is not None and threading.get_ident() == self._loop_thread:
+            raise RuntimeError(f"{what} would block the event loop it waits on; use the async form")
+
+    def _send(self, msg: Message, fds: Sequence[int] = ()) -> None:
+        if not self.connected:
+            raise DisconnectedError(f"worker {self.id} is disconnected from its primary")
+        if self._on_loop():
+            self._send_now(msg, fds)
+            return
+        _channel.encode(msg)  # raise in the caller's thread if it cannot be sent
+        assert self.loop is not None
+        self.loop.call_soon_threadsafe(self._send_later, msg, list(fds))
+
+    def _send_now(self, msg: Message, fds: Sequence[int]) -> None:
+        try:
+            sent = self.channel.send(msg, fds)
+        except OSError as exc:
+            raise DisconnectedError(f"worker {self.id}'s channel to the primary is closed ({exc})") from None
+        if not sent and self.loop is not None:
+            self.loop.add_writer(self.channel.fileno(), self._flush)
+
+    def _send_later(self, msg: Message, fds: list[int]) -> None:
+        try:
+            self._send_now(msg, fds)
+        except DisconnectedError as exc:
+            logger.debug("%s", exc)
+
+    def _flush(self) -> None:
+        try:
+            done = self.channel.flush()
+        except OSError:
+            done = True
+        if done and self.loop is not None:
+            self.loop.remove_writer(self.channel.fileno())
+
+    def disconnect(self, asked: bool = False) -> None:
+        raise ClusterRoleError(
+            "cluster-server manages its HTTP workers: stop or restart them with signals (SIGTERM, SIGHUP)"
+        )
+
+    def listen(self, address: tuple[str, int] | str, backlog: int = 511) -> Any:
+        raise ClusterRoleError("cluster-server's HTTP workers already serve the sockets it bound: no cluster.listen")
+
+    def _close_transport(self) -> None:
+        pass  # the worker (_worker.py) owns the channel
+
+
+def enter_worker(worker_id: int, channel: Channel) -> LoopLink:
+    """In a new HTTP worker, before the app is imported: make ``cluster.is_worker`` true."""
+    from . import cluster
+
+    link = LoopLink(worker_id, channel)
+    cluster._become_worker(link)
+    return link
+
+
+def _close(fd: int) -> None:
+    try:
+        os.close(fd)
+    except OSError:
+        pass

@@ -1,0 +1,97 @@
+"""Helpers shared by the operations tests (control socket, metrics, upgrade...)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import threading
+import time
+from typing import Any
+
+import httpx
+
+from cluster_server import _control
+
+from .conftest import ROOT
+
+
+def ctl(path: str, *args: str, check: bool = True, timeout: float = 20) -> subprocess.CompletedProcess[str]:
+    """Run ``cluster-server ctl --control-socket PATH ARGS`` as a user would."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run(
+        [sys.executable, "-m", "cluster_server", "ctl", "--control-socket", path, *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=timeout,
+    )
+    if check and proc.returncode != 0:
+        raise AssertionError(f"ctl {' '.join(args)} exited {proc.returncode}: {proc.stdout}{proc.stderr}")
+    return proc
+
+
+def status(path: str) -> dict[str, Any]:
+    result: dict[str, Any] = _control.request(path, {"cmd": "status"}, timeout=5)
+    return result
+
+
+def ready_pids(st: dict[str, Any]) -> list[int]:
+    return sorted(r["pid"] for r in st["rows"] if r["state"] == "ready")
+
+
+class LoadLoop:
+    """Requests in background threads, a new connection each, until stopped.
+
+    Bounded: at most ``max_requests`` per thread and ``max_seconds`` in all.
+    Every failure (an exception or a status other than 200) is recorded.
+    """
+
+    def __init__(
+        self, url: str, threads: int = 2, max_requests: int = 20000, max_seconds: float = 40.0, path: str = "/"
+    ) -> None:
+        self.url = url + path
+        self.max_requests = max_requests
+        self.deadline = time.monotonic() + max_seconds
+        self.ok = 0
+        self.failures: list[str] = []
+        self.pids: set[str] = set()
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self._threads = [threading.Thread(target=self._run, daemon=True) for _ in range(threads)]
+
+    def __enter__(self) -> LoadLoop:
+        for t in self._threads:
+            t.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop()
+
+    def _run(self) -> None:
+        limits = httpx.Limits(max_keepalive_connections=0)
+        with httpx.Client(timeout=10, limits=limits) as client:
+            for _ in range(self.max_requests):
+                if self._stop.is_set() or time.monotonic() > self.deadline:
+                    return
+                try:
+                    r = client.get(self.url)
+                except httpx.HTTPError as exc:
+                    with self._lock:
+                        self.failures.append(f"{type(exc).__name__}: {exc}")
+                    continue
+                with self._lock:
+                    if r.status_code == 200:
+                        self.ok += 1
+                        self.pids.add(r.text)
+                    else:
+                        self.failures.append(f"status {r.status_code}")
+
+    def count(self) -> int:
+        with self._lock:
+            return self.ok
+
+    def stop(self) -> None:
+        self._stop.set()
+        for t in self._threads:
+            t.join(15)

@@ -1,0 +1,109 @@
+"""benchmarks/charts.py: bench.py's JSON in, SVG charts out."""
+
+from __future__ import annotations
+
+import json
+import xml.etree.ElementTree as ET
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from benchmarks import charts
+from tests.conftest import ROOT
+
+SVG = "{http://www.w3.org/2000/svg}"
+
+
+def row(server: str, workers: int, rps: float, p99: float, status: str = "ok") -> dict[str, Any]:
+    load = {"requests_per_s": rps, "p99_ms": p99} if status == "ok" else None
+    return {"scenario": "throughput", "server": server, "workers": workers, "status": status, "load": load}
+
+
+def payload(rows: list[dict[str, Any]], scenario: str = "throughput") -> dict[str, Any]:
+    return {
+        "scenario": scenario,
+        "started_at": 1796000000.0,
+        "environment": {"cpu_count": 2, "python": "3.11.7", "load_tool": "wrk"},
+        "config": {"tool": "wrk", "threads": 2, "connections": 64, "duration": 5, "app": "benchmarks.hello:app"},
+        "results": rows,
+    }
+
+
+def bars(svg: str) -> list[tuple[str, float]]:
+    """(tooltip, height) of every bar."""
+    root = ET.fromstring(svg)
+    return [
+        (rect.find(f"{SVG}title").text or "", float(rect.get("height", 0)))  # type: ignore[union-attr]
+        for rect in root.iter(f"{SVG}rect")
+        if rect.find(f"{SVG}title") is not None
+    ]
+
+
+def test_throughput_charts_have_a_bar_per_measured_row(tmp_path: Path) -> None:
+    rows = [
+        row("cluster-server", 1, 30000, 5.0),
+        row("uvicorn", 1, 15000, 10.0),
+        row("cluster-server", 2, 60000, 4.0),
+        row("uvicorn", 2, 0, 0, status="error"),
+    ]
+    src = tmp_path / "t.json"
+    src.write_text(json.dumps(payload(rows)))
+    written = charts.render([src], tmp_path / "img")
+    assert sorted(p.name for p in written) == ["latency-p99.svg", "throughput.svg"]
+
+    svg = (tmp_path / "img" / "throughput.svg").read_text()
+    got = dict(bars(svg))
+    assert set(got) == {
+        "cluster-server, 1 worker: 30000 requests / s",
+        "uvicorn, 1 worker: 15000 requests / s",
+        "cluster-server, 2 workers: 60000 requests / s",
+    }
+    # Heights are proportional to the values (same axis).
+    one = got["cluster-server, 1 worker: 30000 requests / s"]
+    assert got["uvicorn, 1 worker: 15000 requests / s"] == pytest.approx(one / 2, abs=0.2)
+    assert got["cluster-server, 2 workers: 60000 requests / s"] == pytest.approx(one * 2, abs=0.2)
+    assert "not shown: uvicorn x2 (error)" in svg
+    assert "2 CPUs" in svg and "wrk 2 threads, 64 connections" in svg
+
+    latency = dict(bars((tmp_path / "img" / "latency-p99.svg").read_text()))
+    assert latency["uvicorn, 1 worker: 10 milliseconds"] == pytest.approx(
+        2 * latency["cluster-server, 1 worker: 5 milliseconds"], abs=0.2
+    )
+
+
+def test_spread_chart_sorts_each_group_busiest_first(tmp_path: Path) -> None:
+    rows = [
+        {"server": "cluster-server", "policy": "shared", "workers": 3, "status": "ok", "per_worker": [10, 40, 20]},
+        {"server": "cluster-server", "policy": "round-robin", "workers": 3, "status": "ok", "per_worker": [23, 24, 23]},
+    ]
+    (svg,) = charts.chart_spread(payload(rows, "spread")).values()
+    got = bars(svg)
+    shared = [h for title, h in got if "shared (3 workers)" in title]
+    assert len(got) == 6 and len(shared) == 3
+    assert shared == sorted(shared, reverse=True)
+
+
+def test_output_is_deterministic_and_the_committed_charts_are_current(tmp_path: Path) -> None:
+    source = ROOT / "benchmarks" / "results" / "throughput-2cpu.json"
+    first = charts.render([source], tmp_path / "a")
+    second = charts.render([source], tmp_path / "b")
+    for a, b in zip(first, second, strict=True):
+        assert a.read_bytes() == b.read_bytes()
+        committed = ROOT / "docs" / "img" / a.name
+        assert committed.read_bytes() == a.read_bytes(), f"regenerate {committed}: python benchmarks/charts.py {source}"
+
+
+def test_mixed_scenarios_are_refused(tmp_path: Path) -> None:
+    (tmp_path / "a.json").write_text(json.dumps(payload([])))
+    (tmp_path / "b.json").write_text(json.dumps(payload([], "spread")))
+    with pytest.raises(SystemExit, match="mix scenarios"):
+        charts.render([tmp_path / "a.json", tmp_path / "b.json"], tmp_path)
+
+
+@pytest.mark.parametrize(("top", "expected"), [(0.0, [0.0, 1.0]), (9.0, [0, 2, 4, 6, 8, 10]), (38000, None)])
+def test_nice_ticks(top: float, expected: list[float] | None) -> None:
+    ticks = charts.nice_ticks(top)
+    if expected is not None:
+        assert ticks == expected
+    assert ticks[0] == 0 and ticks[-1] >= top and len(ticks) <= 8
