@@ -42,6 +42,7 @@ import re
 import shutil
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -299,7 +300,9 @@ def stop_process_group(proc: subprocess.Popen[bytes], grace: float = 10.0) -> No
 
 
 @contextlib.contextmanager
-def run_server(spec: ServerSpec, app: str, workers: int, start_timeout: float) -> Iterator[RunningServer]:
+def run_server(
+    spec: ServerSpec, app: str, workers: int, start_timeout: float, cwd: Path = ROOT
+) -> Iterator[RunningServer]:
     """Start ``spec`` in its own session on a free port, yield once it answers, always stop it.
 
     Raises Unavailable (not installed) or ServerFailed (exited / no answer in time); the
@@ -313,7 +316,7 @@ def run_server(spec: ServerSpec, app: str, workers: int, start_timeout: float) -
         with os.fdopen(fd, "wb") as log:
             proc = subprocess.Popen(
                 command,
-                cwd=ROOT,
+                cwd=cwd,
                 env=server_env(),
                 stdin=subprocess.DEVNULL,
                 stdout=log,
@@ -1183,6 +1186,425 @@ SCENARIOS: dict[str, Scenario] = {
 }
 
 
+# --------------------------------------------------------------------------- reload
+
+#: the FastAPI example, copied to a scratch project for each server so the repository is never edited
+EXAMPLE_DIR = ROOT / "examples" / "fastapi_app"
+RELOAD_APP = "fastapi_app.main:app"
+RELOAD_MARKER = "Hello from cluster-server"
+
+
+def reload_cmd(name: str, port: int, workers: int) -> list[str]:
+    """``NAME --reload`` on the copied example, with the server's own reload defaults."""
+    quiet = ("--log-level", "warning", "--no-access-log")
+    if name == "cluster-server":
+        require("cluster_server", "pip install -e .")
+        return [
+            PY,
+            "-m",
+            "cluster_server",
+            RELOAD_APP,
+            "--reload",
+            "--workers",
+            str(workers),
+            "--host",
+            HOST,
+            "--port",
+            str(port),
+            *uvicorn_style_fast_flags(),
+            *quiet,
+        ]
+    if name == "uvicorn":
+        require("uvicorn", "pip install uvicorn")
+        if workers != 1:
+            raise Unavailable("uvicorn --reload runs a single worker (it refuses --workers with --reload)")
+        return [
+            PY,
+            "-m",
+            "uvicorn",
+            RELOAD_APP,
+            "--reload",
+            "--host",
+            HOST,
+            "--port",
+            str(port),
+            *uvicorn_style_fast_flags(),
+            *quiet,
+        ]
+    if name == "granian":
+        require("granian", "pip install granian")
+        require("watchfiles", "pip install 'granian[reload]'")
+        loop = ["--loop", "uvloop"] if importable("uvloop") else []
+        return [
+            PY,
+            "-m",
+            "granian",
+            "--interface",
+            "asgi",
+            "--http",
+            "1",
+            "--reload",
+            "--workers",
+            str(workers),
+            "--host",
+            HOST,
+            "--port",
+            str(port),
+            *loop,
+            "--log-level",
+            "warning",
+            "--no-access-log",
+            RELOAD_APP,
+        ]
+    raise Unavailable(f"no reload mode for {name}")
+
+
+@dataclass
+class ReloadRow(Row):
+    saves: int = 0
+    latencies_ms: list[float] = field(default_factory=list)  # save -> first response with the new code
+    requests: int = 0  # answered by the poller's client during the run
+    failed: int = 0  # errors, timeouts, non-200 answers
+    failures: list[str] = field(default_factory=list)
+    longest_request_ms: float = 0.0  # the longest a single request waited (a stall shows here)
+
+    @property
+    def median_ms(self) -> float | None:
+        return statistics.median(self.latencies_ms) if self.latencies_ms else None
+
+
+class Poller:
+    """One client polling ``GET /`` back to back, a new connection per request (so every
+    request lands on whichever worker is accepting now), until stopped."""
+
+    def __init__(self, port: int) -> None:
+        self.port = port
+        self.seen: dict[str, float] = {}  # marker -> when the first response carrying it ended
+        self.requests = 0
+        self.failures: list[str] = []
+        self.longest = 0.0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> Poller:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(15)
+
+    def _run(self) -> None:
+        pattern = re.compile(re.escape(RELOAD_MARKER) + r"( r\d+)?")
+        while not self._stop.is_set():
+            started = time.perf_counter()
+            conn = http.client.HTTPConnection(HOST, self.port, timeout=10)
+            try:
+                conn.request("GET", "/", headers={"Connection": "close"})
+                resp = conn.getresponse()
+                body = resp.read().decode(errors="replace")
+                if resp.status != 200:
+                    raise http.client.HTTPException(f"status {resp.status}")
+            except (OSError, http.client.HTTPException) as exc:
+                self.failures.append(f"{time.perf_counter():.3f} {exc!r}")
+                time.sleep(0.005)
+                continue
+            finally:
+                conn.close()
+            ended = time.perf_counter()
+            self.requests += 1
+            self.longest = max(self.longest, ended - started)
+            m = pattern.search(body)
+            if m:
+                self.seen.setdefault(m[1] or "", ended)
+
+
+def measure_reload(name: str, workers: int, args: argparse.Namespace) -> ReloadRow:
+    row = ReloadRow("reload", name, workers)
+    try:
+        with tempfile.TemporaryDirectory(prefix="bench-reload-") as tmp:
+            project = Path(tmp, "fastapi_app")
+            project.mkdir()
+            (project / "__init__.py").write_text("")
+            source = (EXAMPLE_DIR / "main.py").read_text()
+            if RELOAD_MARKER not in source:
+                raise ServerFailed(f"{EXAMPLE_DIR / 'main.py'} no longer says {RELOAD_MARKER!r}")
+            main = project / "main.py"
+            main.write_text(source)
+            spec = ServerSpec(name, lambda _app, port, n: reload_cmd(name, port, n))
+            with run_server(spec, RELOAD_APP, workers, args.start_timeout, cwd=Path(tmp)) as server:
+                row.command = server.command
+                time.sleep(args.settle)  # the watcher starts after the server answers
+                with Poller(server.port) as poller:
+                    for i in range(1, args.saves + 1):
+                        marker = f" r{i}"
+                        saved = time.perf_counter()
+                        main.write_text(source.replace(RELOAD_MARKER, RELOAD_MARKER + marker))
+                        deadline = saved + args.reload_timeout
+                        while marker not in poller.seen and time.perf_counter() < deadline:
+                            time.sleep(0.001)
+                        server.check_alive()
+                        if marker not in poller.seen:
+                            why = f"no response with the new code within {args.reload_timeout:g}s"
+                            raise ServerFailed(f"save {i}: {why}")
+                        row.latencies_ms.append((poller.seen[marker] - saved) * 1e3)
+                        row.saves += 1
+                        time.sleep(args.interval)  # let the old generation drain before the next save
+                row.requests, row.failures = poller.requests, poller.failures
+                row.failed = len(poller.failures)
+                row.longest_request_ms = poller.longest * 1e3
+    except Unavailable as exc:
+        row.status, row.note = "skipped", str(exc)
+    except ServerFailed as exc:
+        row.status, row.note = "error", str(exc)
+    if row.failures:
+        row.note = (row.note + "; " if row.note else "") + "first failures: " + "; ".join(row.failures[:3])
+    return row
+
+
+def add_reload_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--saves", type=positive_int, default=7, help="file saves per server (7)")
+    p.add_argument("--interval", type=float, default=2.0, help="seconds between a reload and the next save (2)")
+    p.add_argument("--settle", type=float, default=2.0, help="seconds after start-up before the first save (2)")
+    p.add_argument("--reload-timeout", type=float, default=30.0, help="seconds a reload may take (30)")
+    p.set_defaults(workers=[1])  # uvicorn --reload runs one worker
+
+
+def scenario_reload(args: argparse.Namespace) -> list[Row]:
+    servers = [s for s in args.servers if s in ("cluster-server", "uvicorn", "granian")]
+    rows: list[ReloadRow] = []
+    for workers in args.workers:
+        for name in servers:
+            log(f"bench: reload {name} x{workers} ...")
+            row = measure_reload(name, workers, args)
+            if row.status == "ok":
+                log(f"bench:   median {row.median_ms:.0f} ms, max {max(row.latencies_ms):.0f} ms, {row.failed} failed")
+            else:
+                log(f"bench:   {row.status}: {row.note.splitlines()[0] if row.note else ''}")
+            rows.append(row)
+    base = {r.workers: r.median_ms for r in rows if r.server == BASELINE and r.status == "ok"}
+    if 1 in base:  # uvicorn reloads one worker whatever --workers says: compare everyone with it
+        base = {w: base.get(w, base[1]) for w in args.workers}
+    for r in rows:
+        if r.status == "ok" and r.median_ms and base.get(r.workers):
+            r.ratio = r.median_ms / base[r.workers]
+    header = ("server", "workers", "saves", "median ms", "max ms", "failed", "requests", "longest ms", "vs uvicorn")
+    table = [header]
+    for r in rows:
+        if r.status != "ok":
+            table.append((r.server, str(r.workers), r.status, *("-",) * 6))
+            continue
+        table.append(
+            (
+                r.server,
+                str(r.workers),
+                str(r.saves),
+                f"{r.median_ms:.0f}",
+                f"{max(r.latencies_ms):.0f}",
+                str(r.failed),
+                f"{r.requests:,}",
+                f"{r.longest_request_ms:.0f}",
+                f"{r.ratio:.2f}x" if r.ratio is not None else "-",
+            )
+        )
+    print_columns(table, left=1)
+    notes = [r for r in rows if r.note]
+    if notes:
+        print()
+        for r in notes:
+            print(f"{r.server} x{r.workers} [{r.status}]: {r.note}")
+    print(
+        f"\n{args.saves} saves of {EXAMPLE_DIR.relative_to(ROOT)}/main.py (a copy), {args.interval:g}s apart; "
+        "latency = save to the end of the first response with the new code, one client polling GET / "
+        "back to back with a new connection per request; each server with its own reload defaults"
+    )
+    return list(rows)
+
+
+def print_columns(table: list[tuple[str, ...]], left: int = 1) -> None:
+    """Print rows as aligned columns: the first ``left`` left-aligned, the rest right-aligned."""
+    widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
+    for i, row in enumerate(table):
+        cells = [c.ljust(w) if j < left else c.rjust(w) for j, (c, w) in enumerate(zip(row, widths, strict=True))]
+        print("  ".join(cells).rstrip())
+        if i == 0:
+            print("  ".join("-" * w for w in widths))
+
+
+# --------------------------------------------------------------------------- memory
+
+MEMORY_APP = "examples.fastapi_app.main:app"
+
+
+def memory_variants() -> dict[str, Callable[[str, int, int], list[str]]]:
+    def cs(preload: bool) -> Callable[[str, int, int], list[str]]:
+        def cmd(app: str, port: int, workers: int) -> list[str]:
+            return [*cluster_server_cmd(app, port, workers), *(["--preload"] if preload else [])]
+
+        return cmd
+
+    def gunicorn(preload: bool) -> Callable[[str, int, int], list[str]]:
+        def cmd(app: str, port: int, workers: int) -> list[str]:
+            return [*gunicorn_cmd(app, port, workers), *(["--preload"] if preload else [])]
+
+        return cmd
+
+    return {
+        "cluster-server --preload": cs(True),
+        "cluster-server": cs(False),
+        "uvicorn": uvicorn_cmd,
+        "gunicorn --preload": gunicorn(True),
+        "gunicorn": gunicorn(False),
+    }
+
+
+@dataclass
+class MemoryRow(Row):
+    processes: int = 0
+    pss_mib: float = 0.0  # sum of Pss over every process of the server
+    private_mib: float = 0.0  # sum of Private_Clean + Private_Dirty
+    rss_mib: float = 0.0  # sum of Rss (counts shared pages once per process)
+    per_process: list[dict[str, Any]] = field(default_factory=list)
+
+
+def session_pids(sid: int) -> list[int]:
+    """Every process in session ``sid`` (a server started with start_new_session)."""
+    pids = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[3]) == sid and fields[0] != "Z":  # fields[3] is the session id (field 6)
+            pids.append(int(entry))
+    return sorted(pids)
+
+
+def smaps_rollup(pid: int) -> dict[str, int]:
+    """kB values of /proc/PID/smaps_rollup (Rss, Pss, Private_Clean, ...)."""
+    values = {}
+    with open(f"/proc/{pid}/smaps_rollup") as f:
+        for line in f:
+            parts = line.split()
+            if len(parts) == 3 and parts[2] == "kB":
+                values[parts[0].rstrip(":")] = int(parts[1])
+    return values
+
+
+def process_title(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read().replace(b"\0", b" ").decode(errors="replace").strip()[:80]
+    except OSError:
+        return "?"
+
+
+def measure_memory(
+    name: str, command: Callable[[str, int, int], list[str]], workers: int, args: argparse.Namespace
+) -> MemoryRow:
+    row = MemoryRow("memory", name, workers)
+    try:
+        with run_server(ServerSpec(name, command), args.app, workers, args.start_timeout) as server:
+            row.command = server.command
+            row.pids_seen = len(probe_pids(server.url, workers, timeout=10))
+            # The same small warm-up for everyone: every route once per worker or so.
+            for path in ("/", "/pid", "/items/1") * (4 * workers):
+                with contextlib.suppress(httpx.HTTPError):
+                    httpx.get(server.url + path, headers={"Connection": "close"}, timeout=5)
+            time.sleep(args.settle)
+            server.check_alive()
+            for pid in session_pids(server.proc.pid):
+                try:
+                    m = smaps_rollup(pid)
+                except OSError:
+                    continue
+                row.per_process.append({"pid": pid, "title": process_title(pid), **m})
+            row.processes = len(row.per_process)
+            row.pss_mib = sum(p.get("Pss", 0) for p in row.per_process) / 1024
+            row.rss_mib = sum(p.get("Rss", 0) for p in row.per_process) / 1024
+            row.private_mib = sum(p.get("Private_Clean", 0) + p.get("Private_Dirty", 0) for p in row.per_process) / 1024
+        if row.pids_seen < workers:
+            row.note = f"only {row.pids_seen}/{workers} worker pids answered /pid"
+    except Unavailable as exc:
+        row.status, row.note = "skipped", str(exc)
+    except (ServerFailed, OSError) as exc:
+        row.status, row.note = "error", str(exc)
+    return row
+
+
+def add_memory_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--settle", type=float, default=1.0, help="seconds after the warm-up before measuring (1)")
+    p.add_argument(
+        "--variants",
+        type=lambda t: [v.strip() for v in t.split(",") if v.strip()],
+        default=None,
+        help="comma-separated subset of: " + ", ".join(memory_variants()),
+    )
+    p.set_defaults(workers=[4], app=MEMORY_APP)
+
+
+def scenario_memory(args: argparse.Namespace) -> list[Row]:
+    if not Path("/proc/self/smaps_rollup").exists():
+        sys.exit("bench: the memory scenario reads /proc/PID/smaps_rollup (Linux 4.14+)")
+    variants = memory_variants()
+    chosen = args.variants or list(variants)
+    unknown = [v for v in chosen if v not in variants]
+    if unknown:
+        sys.exit(f"bench: unknown memory variant(s) {', '.join(unknown)}; choose from {', '.join(variants)}")
+    rows: list[MemoryRow] = []
+    for workers in args.workers:
+        for name in chosen:
+            log(f"bench: memory {name} x{workers} ...")
+            row = measure_memory(name, variants[name], workers, args)
+            log(f"bench:   {row.pss_mib:.1f} MiB PSS" if row.status == "ok" else f"bench:   {row.status}")
+            rows.append(row)
+    base = {r.workers: r.pss_mib for r in rows if r.server == BASELINE and r.status == "ok"}
+    table = [("server", "workers", "processes", "PSS MiB", "private MiB", "RSS MiB", f"vs {BASELINE}")]
+    for r in rows:
+        if r.status != "ok":
+            table.append((r.server, str(r.workers), r.status, *("-",) * 4))
+            continue
+        ratio = f"{r.pss_mib / base[r.workers]:.2f}x" if base.get(r.workers) else "-"
+        table.append(
+            (
+                r.server,
+                str(r.workers),
+                str(r.processes),
+                f"{r.pss_mib:.1f}",
+                f"{r.private_mib:.1f}",
+                f"{r.rss_mib:.1f}",
+                ratio,
+            )
+        )
+    print_columns(table, left=1)
+    notes = [r for r in rows if r.note]
+    if notes:
+        print()
+        for r in notes:
+            print(f"{r.server} x{r.workers} [{r.status}]: {r.note}")
+    print(
+        f"\nPSS = sum of Pss in /proc/PID/smaps_rollup over every process of the server (primary or arbiter, "
+        f"template, workers), after {args.settle:g}s idle following a warm-up of a few requests per worker; "
+        f"app {args.app}"
+    )
+    return list(rows)
+
+
+SCENARIOS["reload"] = Scenario(
+    "save-to-first-new-response latency and failed requests of --reload, on the FastAPI example",
+    add_reload_args,
+    scenario_reload,
+)
+SCENARIOS["memory"] = Scenario(
+    "total PSS of N workers of the FastAPI example: --preload against uvicorn and gunicorn --preload",
+    add_memory_args,
+    scenario_memory,
+)
+
+
 # --------------------------------------------------------------------------- CLI
 
 
@@ -1226,7 +1648,8 @@ def server_list(text: str) -> list[str]:
     return names
 
 
-def build_parser() -> argparse.ArgumentParser:
+def common_options() -> argparse.ArgumentParser:
+    """The options every scenario takes (a fresh parser each: a scenario may change its defaults)."""
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument(
         "--servers",
@@ -1234,8 +1657,10 @@ def build_parser() -> argparse.ArgumentParser:
         default=list(SERVERS),
         help=f"comma-separated subset of {','.join(SERVERS)} (all)",
     )
-    common.add_argument("--workers", type=int_list, default=[2], help="worker counts, e.g. 1,2,4 (2)")
-    common.add_argument("--app", default=DEFAULT_APP, help=f"ASGI app to serve ({DEFAULT_APP})")
+    common.add_argument(
+        "--workers", type=int_list, default=[2], help="worker counts, e.g. 1,2,4 (default: %(default)s)"
+    )
+    common.add_argument("--app", default=DEFAULT_APP, help="ASGI app to serve (default: %(default)s)")
     common.add_argument("--start-timeout", type=float, default=30.0, help="seconds a server has to answer (30)")
     common.add_argument(
         "--load-tool",
@@ -1244,11 +1669,16 @@ def build_parser() -> argparse.ArgumentParser:
         help="load generator; auto = wrk when on PATH, else a Python keep-alive loop",
     )
     common.add_argument("--json", type=Path, metavar="PATH", help="write raw results here")
+    return common
 
+
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="scenario", required=True)
     for name, scenario in SCENARIOS.items():
-        scenario.add_arguments(sub.add_parser(name, parents=[common], help=scenario.help, description=scenario.help))
+        scenario.add_arguments(
+            sub.add_parser(name, parents=[common_options()], help=scenario.help, description=scenario.help)
+        )
     return parser
 
 

@@ -22,7 +22,9 @@ import collections
 import errno
 import json
 import os
+import select
 import socket
+import time
 from collections.abc import Iterable, Iterator
 from typing import Any
 
@@ -215,3 +217,20 @@ def _close_all(fds: Iterable[int]) -> None:
             os.close(fd)
         except OSError:
             pass
+
+
+def send_blocking(channel: Channel, msg: Message, fds: Iterable[int] = (), timeout: float = 5.0) -> None:
+    """Send ``msg`` and wait (at most ``timeout`` s) until the kernel took everything queued.
+
+    For a process with nothing else to do meanwhile (a template, the watcher), or
+    a short exchange of the primary's. Raises ``TimeoutError``, or ``OSError``
+    when the peer is gone.
+    """
+    if channel.send(msg, fds):
+        return
+    deadline = time.monotonic() + timeout
+    while not channel.flush():
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise TimeoutError(f"the peer did not read its channel within {timeout:g} s")
+        select.select([], [channel], [], remaining)

@@ -12,6 +12,7 @@ from collections.abc import Callable
 from typing import Any, Literal
 
 import click
+from click.core import ParameterSource
 
 from . import _logging
 from ._config import Config, OptionSpec, env_vars, options, unwrap_optional
@@ -24,6 +25,7 @@ GROUP_TITLES = {
     "processes": "Processes",
     "app": "Application",
     "http": "HTTP",
+    "reload": "Reloading (development)",
     "logging": "Logging",
     "operations": "Operations",
 }
@@ -31,6 +33,8 @@ GROUP_TITLES = {
 
 def click_type(tp: Any, spec: OptionSpec) -> Any:
     base, _ = unwrap_optional(tp)
+    if typing.get_origin(base) is tuple:  # a repeatable option: the type of one value
+        return click_type(typing.get_args(base)[0], spec)
     if typing.get_origin(base) is Literal:
         return click.Choice([str(c) for c in typing.get_args(base)])
     if base is int:
@@ -59,6 +63,13 @@ def build_option(name: str, tp: Any, default: Any, spec: OptionSpec) -> click.Op
         decls = [f"{flag}/--no-{flag[2:]}" if spec.negatable else flag, name]
         kwargs["is_flag"] = True
         kwargs["show_default"] = True
+    elif typing.get_origin(base) is tuple:
+        decls = [flag, name]
+        kwargs["type"] = click_type(tp, spec)
+        kwargs["multiple"] = True
+        kwargs["show_default"] = bool(default)
+        if spec.metavar:
+            kwargs["metavar"] = spec.metavar
     else:
         decls = [flag, name]
         kwargs["type"] = click_type(tp, spec)
@@ -74,6 +85,11 @@ def config_options() -> list[click.Option]:
 
 
 def _run_command(app: str, **values: Any) -> None:
+    ctx = click.get_current_context(silent=True)
+    if ctx is not None:
+        # Options left at their defaults are not passed on: Config applies its own
+        # defaults, some of which depend on other options (--graceful-timeout under --reload).
+        values = {k: v for k, v in values.items() if ctx.get_parameter_source(k) is not ParameterSource.DEFAULT}
     try:
         config = Config(app=app, **values)
         _logging.configure(config.log_level, config.access_log)

@@ -27,6 +27,14 @@ InterfaceType = Literal["auto", "asgi3", "asgi2", "wsgi"]
 LogLevelType = Literal["critical", "error", "warning", "info", "debug", "trace"]
 SchedulingType = Literal["shared", "round-robin", "least-busy", "reuseport"]
 
+#: --graceful-timeout under --reload unless given: a websocket or a stream must
+#: not hold a reload up for long
+RELOAD_GRACEFUL_TIMEOUT = 3.0
+
+
+class DefaultValue(float):
+    """A default the user did not choose, so ``__post_init__`` may adapt it to other options."""
+
 
 @dataclass(frozen=True)
 class OptionSpec:
@@ -98,8 +106,9 @@ class Config:
         1, "Number of worker processes.", group="processes", min=1, max=1024, env=("WEB_CONCURRENCY",)
     )
     graceful_timeout: float = option(
-        30.0,
-        "Seconds a stopping worker gets to finish in-flight requests before SIGKILL.",
+        DefaultValue(30.0),
+        "Seconds a stopping worker gets to finish in-flight requests before SIGKILL "
+        f"(default {RELOAD_GRACEFUL_TIMEOUT:g} under --reload).",
         group="processes",
         min=0,
     )
@@ -164,6 +173,12 @@ class Config:
     # -- the app ----------------------------------------------------------------
     interface: InterfaceType = option("auto", "Application interface.", group="app")
     factory: bool = option(False, "Treat APP as a factory: call it with no arguments to get the app.", group="app")
+    preload: bool = option(
+        False,
+        "Import the app once in a template process and fork the workers from it (after gc.freeze(), "
+        "so they share its memory); SIGHUP re-creates the template from the new source first.",
+        group="app",
+    )
     app_dir: str = option(".", "Look for APP in this directory (prepended to sys.path).", group="app", metavar="DIR")
     env_file: str | None = option(
         None, "Load environment variables from this file in each worker.", group="app", metavar="PATH"
@@ -219,6 +234,44 @@ class Config:
         min=1024,
     )
 
+    # -- reloading (development) ------------------------------------------------
+    reload: bool = option(
+        False,
+        "Development: when a watched file changes, replace the workers with ones running the new code "
+        "(the old ones serve until the new ones are ready).",
+        group="reload",
+    )
+    reload_dirs: tuple[str, ...] = option(
+        (),
+        "Watch this directory for --reload (repeatable; default: the current directory).",
+        group="reload",
+        flag="--reload-dir",
+        metavar="DIR",
+    )
+    reload_includes: tuple[str, ...] = option(
+        (),
+        "Also reload when a file matching this glob changes (repeatable; *.py always counts).",
+        group="reload",
+        flag="--reload-include",
+        metavar="GLOB",
+    )
+    reload_excludes: tuple[str, ...] = option(
+        (),
+        "Ignore files and directories matching this glob (repeatable; .git, __pycache__, virtualenvs "
+        "and editor swap files are always ignored).",
+        group="reload",
+        flag="--reload-exclude",
+        metavar="GLOB",
+    )
+    reload_delay: float = option(
+        0.01,
+        "Seconds without further changes before a reload starts (debounce).",
+        group="reload",
+        min=0,
+        max=10,
+        metavar="SECONDS",
+    )
+
     # -- operations (see docs/operations.md) ------------------------------------
     control_socket: str | None = option(
         None,
@@ -262,6 +315,9 @@ class Config:
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
+            if typing.get_origin(_field_types()[f.name]) is tuple and isinstance(getattr(self, f.name), list):
+                object.__setattr__(self, f.name, tuple(getattr(self, f.name)))
+        for f in dataclasses.fields(self):
             spec = f.metadata.get("option")
             if spec is not None:
                 _check_field(f.name, spec, _field_types()[f.name], getattr(self, f.name))
@@ -294,6 +350,23 @@ class Config:
                 "--scheduling reuseport needs --host/--port (each worker binds its own socket); "
                 "with --uds or --fd use round-robin, least-busy or shared"
             )
+        self._check_reload()
+
+    def _check_reload(self) -> None:
+        if not self.reload:
+            return
+        if self.preload:
+            raise ConfigError(
+                "--reload and --preload are alternatives: --reload already forks workers from a "
+                "template that imported the dependencies; drop --preload"
+            )
+        if not isinstance(self.app, str):
+            raise ConfigError("--reload needs APP as an import string ('module:attribute'), not an app object")
+        for d in self.reload_dirs:
+            if not os.path.isdir(d):
+                raise ConfigError(f"--reload-dir {d}: no such directory; check the path")
+        if type(self.graceful_timeout) is DefaultValue:
+            object.__setattr__(self, "graceful_timeout", RELOAD_GRACEFUL_TIMEOUT)
 
     def replace(self, **changes: Any) -> Config:
         """A copy with some options changed (validated again)."""
@@ -360,6 +433,10 @@ def _check_field(name: str, spec: OptionSpec, tp: Any, value: Any) -> None:
         return
     if base is str and not isinstance(value, str):
         raise ConfigError(f"{flag} takes text, not {value!r}")
+    if typing.get_origin(base) is tuple:
+        item = typing.get_args(base)[0]
+        if not isinstance(value, tuple) or not all(isinstance(v, item) for v in value):
+            raise ConfigError(f"{flag} takes a list of {item.__name__} values, not {value!r}")
 
 
 def options() -> list[tuple[dataclasses.Field[Any], OptionSpec]]:

@@ -29,7 +29,7 @@ from ._config import Config
 from ._errors import AppLoadError, ChannelError, ClusterServerError, WorkerBootError
 from ._sockets import Listener
 from ._state import WorkerState, exit_state
-from ._worker import DUMP_SIGNAL, EXIT_BOOT_FAILURE, WorkerSpec, worker_main
+from ._worker import DUMP_SIGNAL, EXIT_BOOT_FAILURE, WorkerSpec, load_app, worker_main
 
 logger = logging.getLogger("cluster_server")
 
@@ -133,10 +133,13 @@ class Component(Protocol):
     and ``tick()`` for its timers; ``worker_event(event, worker)`` with event in
     ``spawned ready draining exited``; ``worker_message(worker, msg, fds) -> bool``
     for message types the primary does not know (True: handled, fds taken);
-    ``handle_<signal>()`` for a signal the component installed with the
-    primary's ``_queue_signal``; ``fds_to_close_in_child() -> list[int]``, its
-    fds a new worker must not keep; ``defer_stop(why) -> bool`` on SIGTERM
-    (True: the component stops the cluster later itself, e.g. after
+    ``cannot_start(error) -> bool`` when the first generation cannot start (True:
+    handled, the primary keeps running); ``before_roll(reason, slots) -> bool``
+    before a rolling restart starts (False: not yet, the component calls
+    ``roll`` again when ready); ``handle_<signal>()`` for a signal the component
+    installed with the primary's ``_queue_signal``; ``fds_to_close_in_child() ->
+    list[int]``, its fds a new worker must not keep; ``defer_stop(why) -> bool``
+    on SIGTERM (True: the component stops the cluster later itself, e.g. after
     --shutdown-delay); ``close()`` when the primary exits.
     """
 
@@ -556,6 +559,11 @@ class Primary:
                 self.roll_queue.append((reason, list(slots)))
             logger.info("rolling restart (%s) queued after the one in progress", reason)
             return False
+        for c in self.components:
+            # A component that must prepare first (a preload template re-importing
+            # the new code) answers False and calls roll() again when it is done.
+            if _call(c, "before_roll", reason, slots) is False:
+                return False
         self.generation += 1
         pending = sorted(self.slots) if slots is None else sorted(s for s in set(slots) if s in self.slots)
         self.roll_state = Roll(self.generation, reason, pending, started_at=self.clock())
@@ -678,6 +686,9 @@ class Primary:
 
     def fail(self, err: ClusterServerError) -> None:
         """Stop the cluster because it cannot run; ``run`` raises ``err``."""
+        for c in self.components:
+            if _call(c, "cannot_start", err):  # --reload waits for the fix instead
+                return
         if self.fatal is None:
             self.fatal = err
         self.stop(graceful=True, why="start-up failed")
@@ -739,8 +750,9 @@ class Primary:
 class ForkLauncher:
     """Forks workers for a primary."""
 
-    def __init__(self, primary: Primary) -> None:
+    def __init__(self, primary: Primary, load: Callable[[Config], Any] = load_app) -> None:
         self.primary = primary
+        self.load = load  # how a new worker gets the app
 
     def spawn(self, worker: Worker) -> tuple[int, Channel | None]:
         ours, theirs = _channel.pair()
@@ -754,7 +766,7 @@ class ForkLauncher:
         _flush_output()
         pid = os.fork()
         if pid == 0:  # pragma: no cover - the child never returns from worker_main
-            worker_main(self.primary.config, spec, theirs, close)
+            worker_main(self.primary.config, spec, theirs, close, self.load)
         theirs.close()
         return pid, Channel(ours)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import os
 import random
 import signal
@@ -33,11 +34,16 @@ def set_title(title: str) -> None:
     _setproctitle(title)
 
 
+@functools.lru_cache(maxsize=1)
+def _libc() -> ctypes.CDLL:
+    # find_library costs about a millisecond: once per process tree (forks inherit it)
+    return ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+
+
 def _prctl(option: int, arg: int) -> bool:
     if not sys.platform.startswith("linux"):
         return False
-    libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
-    return bool(libc.prctl(option, arg, 0, 0, 0) == 0)
+    return bool(_libc().prctl(option, arg, 0, 0, 0) == 0)
 
 
 def set_parent_death_signal(sig: int) -> bool:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from . import _logging, _messaging, _operations
+from . import _launcher, _logging, _messaging, _operations
 from ._config import Config
 from ._health import ShutdownDelay
 from ._primary import Primary
@@ -27,6 +27,7 @@ def serve(config: Config) -> int:
         primary = Primary(config, listeners)
         primary.add_component(_messaging.Messaging())  # cluster.send/broadcast/request from apps
         _operations.install(primary)
+        _launcher.install(primary)  # --preload / --reload
         for component in primary_components(config):
             primary.add_component(component)
     except BaseException:

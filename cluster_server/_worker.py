@@ -26,7 +26,9 @@ import os
 import signal
 import socket
 import sys
+import time
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, NoReturn
 
@@ -50,6 +52,8 @@ ORPHAN_SIGNAL = signal.SIGUSR2
 ORPHAN_GRACE = 1.0
 #: the signal that makes a worker dump every thread's stack to stderr
 DUMP_SIGNAL = signal.SIGUSR1
+#: a worker forked by a template waits this long to be re-parented to the primary
+REPARENT_TIMEOUT = 2.0
 
 
 @dataclass(frozen=True)
@@ -149,12 +153,22 @@ def uvicorn_config(config: Config, app: Any) -> uvicorn.Config:
     )
 
 
-def worker_main(config: Config, spec: WorkerSpec, channel_sock: socket.socket, close_fds: list[int]) -> NoReturn:
-    """Entry point of a forked worker. Never returns: always ``os._exit``."""
+def worker_main(
+    config: Config,
+    spec: WorkerSpec,
+    channel_sock: socket.socket,
+    close_fds: list[int],
+    load: Callable[[Config], Any] = load_app,
+) -> NoReturn:
+    """Entry point of a forked worker. Never returns: always ``os._exit``.
+
+    ``load`` returns the app (a template passes the app it preloaded, or an
+    importer that reloads the project's modules).
+    """
     code = 1
     try:
         _proc.after_fork_in_child(close_fds)
-        code = _run(config, spec, Channel(channel_sock))
+        code = _run(config, spec, Channel(channel_sock), load)
     except SystemExit as exc:
         code = exc.code if isinstance(exc.code, int) else 1
     except BaseException:
@@ -167,7 +181,18 @@ def worker_main(config: Config, spec: WorkerSpec, channel_sock: socket.socket, c
         os._exit(code)
 
 
-def _run(config: Config, spec: WorkerSpec, channel: Channel) -> int:
+def _await_parent(pid: int, timeout: float) -> bool:
+    """Wait until ``pid`` is our parent: a worker double-forked by a template is
+    re-parented to the primary (a child subreaper) once the middle process exits."""
+    deadline = time.monotonic() + timeout
+    while os.getppid() != pid:
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.0005)
+    return True
+
+
+def _run(config: Config, spec: WorkerSpec, channel: Channel, load: Callable[[Config], Any] = load_app) -> int:
     _proc.set_title(f"cluster-server: worker {spec.id} [{config.app_name}]")
     # (before dropping privileges: cluster-server's own imports do not depend on --user's rights)
     link = _messaging.enter_worker(spec.id, channel)  # cluster.is_worker, before the app is imported
@@ -182,6 +207,10 @@ def _run(config: Config, spec: WorkerSpec, channel: Channel) -> int:
     except ClusterServerError as exc:
         channel.send({"t": "boot_error", "error": str(exc)})
         return EXIT_BOOT_FAILURE
+    # The parent-death signal fires when the *current* parent dies: set it only
+    # once the primary is our parent, or a template's middle process would fire it.
+    if not _await_parent(spec.primary_pid, REPARENT_TIMEOUT):
+        return 1
     _proc.set_parent_death_signal(ORPHAN_SIGNAL)
     if os.getppid() != spec.primary_pid:
         return 1  # the primary died before we could ask to be told
@@ -196,7 +225,7 @@ def _run(config: Config, spec: WorkerSpec, channel: Channel) -> int:
     try:
         if config.env_file is not None:
             _proc.load_env_file(config.env_file)
-        app = load_app(config)
+        app = load(config)
         uconfig = uvicorn_config(config, app)
         uconfig.load()
         guard_request_head(uconfig, config.timeout_request_header, config.max_request_head_size)

@@ -237,8 +237,8 @@ def test_version_and_help() -> None:
     assert result.stdout == f"cluster-server, version {__version__}\n"
     result = invoke(["--help"])
     assert result.exit_code == 0
-    for f, _ in options():
-        assert "--" + f.name.replace("_", "-") in result.stdout
+    for f, spec in options():
+        assert (spec.flag or "--" + f.name.replace("_", "-")) in result.stdout
     assert "WEB_CONCURRENCY" in result.stdout
     assert invoke(["-h"]).stdout == result.stdout
 

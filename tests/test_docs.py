@@ -29,7 +29,7 @@ def test_every_option_and_env_var_is_documented() -> None:
     cli_md = _docs.render_cli_md()
     table = _docs.render_flag_table()
     for f, spec in options():
-        flag = "--" + f.name.replace("_", "-")
+        flag = spec.flag or "--" + f.name.replace("_", "-")
         assert f"`{flag}" in cli_md and f"`{flag}" in table, flag
         for env in env_vars(f.name, spec):
             assert f"`{env}`" in cli_md
