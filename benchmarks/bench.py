@@ -119,11 +119,12 @@ def uvicorn_style_fast_flags() -> list[str]:
     return flags
 
 
-def cluster_server_cmd(app: str, port: int, workers: int) -> list[str]:
+def cluster_server_cmd(app: str, port: int, workers: int, policy: str | None = None) -> list[str]:
     require("cluster_server", "pip install -e .")
     return [
         *(PY, "-m", "cluster_server", app),
         *("--workers", str(workers), "--host", HOST, "--port", str(port)),
+        *(("--scheduling", policy) if policy else ()),
         *uvicorn_style_fast_flags(),
         *("--log-level", "warning", "--no-access-log"),
     ]
@@ -185,6 +186,20 @@ SERVERS: dict[str, ServerSpec] = {
         ServerSpec("granian", granian_cmd),
     )
 }
+
+
+#: cluster-server's --scheduling policies; ``cluster-server:POLICY`` names one in --servers
+POLICIES = ("shared", "round-robin", "least-busy", "reuseport")
+
+
+def server_spec(name: str) -> ServerSpec:
+    """``SERVERS[name]``, or ``cluster-server:POLICY`` for cluster-server with ``--scheduling POLICY``."""
+    if name in SERVERS:
+        return SERVERS[name]
+    base, _, policy = name.partition(":")
+    if base != "cluster-server" or policy not in POLICIES:
+        raise KeyError(name)
+    return ServerSpec(name, functools.partial(cluster_server_cmd, policy=policy))
 
 
 def free_port() -> int:
@@ -500,6 +515,8 @@ class Row:
     pids_seen: int | None = None
     load: LoadResult | None = None
     ratio: float | None = None  # req/s relative to BASELINE with the same worker count
+    per_worker: list[int] | None = None  # spread: requests per worker, busiest first (charts.py)
+    details: dict[str, Any] = field(default_factory=dict)  # scenario-specific results
 
 
 def fill_ratios(rows: list[Row]) -> None:
@@ -625,7 +642,7 @@ def scenario_throughput(args: argparse.Namespace) -> list[Row]:
     for workers in args.workers:
         for name in args.servers:
             log(f"bench: throughput {name} x{workers} ...")
-            row = measure_throughput(SERVERS[name], workers, args)
+            row = measure_throughput(server_spec(name), workers, args)
             if row.status == "ok" and row.load:
                 log(f"bench:   {row.load.requests_per_s:,.0f} req/s")
             else:
@@ -805,7 +822,7 @@ def scenario_restart(args: argparse.Namespace) -> list[Row]:
         for mode in args.modes:
             for name in args.servers:
                 log(f"bench: restart {name} x{workers} {mode} ...")
-                row = measure_restart(SERVERS[name], workers, mode, args)
+                row = measure_restart(server_spec(name), workers, mode, args)
                 if row.status == "ok" and row.load:
                     low = row.min_per_second
                     log(f"bench:   {row.load.requests:,} requests, {row.load.errors} errors, min 1s {low}")
@@ -818,6 +835,325 @@ def scenario_restart(args: argparse.Namespace) -> list[Row]:
         f" {args.restarts} SIGHUP(s) to the server's main process, evenly spread; close = -H 'Connection: close'"
     )
     return list(rows)
+
+
+# --------------------------------------------------------------------------- spread and mixed
+
+#: servers the scheduling scenarios compare by default: every policy, and uvicorn --workers
+SCHEDULING_SERVERS = [*(f"cluster-server:{p}" for p in POLICIES), "uvicorn"]
+
+# wrk Lua: a new connection per request; count the answers by body (the worker's pid).
+SPREAD_LUA = """
+wrk.headers["Connection"] = "close"
+wrk.path = "/pid"
+counts = {}
+threads = {}
+function setup(thread) table.insert(threads, thread) end
+function response(status, headers, body)
+  if status == 200 then counts[body] = (counts[body] or 0) + 1 end
+end
+function done(summary, latency, requests)
+  local total = {}
+  for _, t in ipairs(threads) do
+    for k, v in pairs(t:get("counts")) do total[k] = (total[k] or 0) + v end
+  end
+  for k, v in pairs(total) do io.write(string.format("pid %s %d\\n", k, v)) end
+end
+"""
+
+# wrk Lua: a new connection per request; every EVERY-th request of each connection slot
+# blocks its worker's event loop for MS milliseconds (/block), the others are hello-world.
+MIXED_LUA = """
+wrk.headers["Connection"] = "close"
+local n = 0
+local fast, slow
+function init(args)
+  fast = wrk.format("GET", "/")
+  slow = wrk.format("GET", "/block?ms={ms}")
+  n = math.random({every}) -- threads start out of phase
+end
+function request()
+  n = n + 1
+  if n % {every} == 0 then return slow end
+  return fast
+end
+"""
+
+
+def wrk_script_load(url: str, duration: int, connections: int, threads: int, script: str) -> LoadResult:
+    """wrk with a Lua script (its extra output stays in ``raw``)."""
+    wrk = shutil.which("wrk")
+    assert wrk is not None
+    with tempfile.NamedTemporaryFile("w", suffix=".lua", prefix="bench-") as fh:
+        fh.write(script)
+        fh.flush()
+        cmd = [wrk, f"-t{threads}", f"-c{connections}", f"-d{duration}s", "--latency", "--timeout", "5s", "-s", fh.name]
+        try:
+            proc = subprocess.run([*cmd, url + "/"], capture_output=True, text=True, timeout=duration + 30)
+        except subprocess.TimeoutExpired:
+            raise LoadFailed(f"wrk overran its {duration + 30}s deadline") from None
+    if proc.returncode != 0:
+        raise LoadFailed(f"wrk exited with {proc.returncode}: {proc.stderr.strip()}")
+    return parse_wrk(proc.stdout)
+
+
+def python_close_load(
+    url: str, duration: float, connections: int, slow_every: int = 0, slow_path: str = ""
+) -> tuple[LoadResult, dict[str, int]]:
+    """Fallback without wrk: ``connections`` threads, a new connection per request to
+    ``/pid`` (every ``slow_every``-th to ``slow_path``); counts answers by body."""
+    parts = urlsplit(url)
+    host, port = parts.hostname or HOST, parts.port
+    start = time.monotonic()
+    stop_at = start + duration
+    lock = threading.Lock()
+    latencies: list[float] = []
+    bodies: dict[str, int] = {}
+    failures = {"non_2xx": 0, "errors": 0}
+
+    def client(offset: int) -> None:
+        mine: list[float] = []
+        seen: dict[str, int] = {}
+        bad = errors = 0
+        n = offset
+        while time.monotonic() < stop_at:
+            n += 1
+            path = slow_path if slow_every and n % slow_every == 0 else "/pid"
+            conn = http.client.HTTPConnection(host, port, timeout=5)
+            t0 = time.perf_counter()
+            try:
+                conn.request("GET", path, headers={"Connection": "close"})
+                resp = conn.getresponse()
+                body = resp.read().decode(errors="replace")
+            except (OSError, http.client.HTTPException):
+                errors += 1
+                time.sleep(0.01)
+                continue
+            finally:
+                conn.close()
+            mine.append(time.perf_counter() - t0)
+            if resp.status == 200:
+                if path == "/pid":
+                    seen[body] = seen.get(body, 0) + 1
+            else:
+                bad += 1
+        with lock:
+            latencies.extend(mine)
+            for k, v in seen.items():
+                bodies[k] = bodies.get(k, 0) + v
+            failures["non_2xx"] += bad
+            failures["errors"] += errors
+
+    threads = [threading.Thread(target=client, args=(i,), daemon=True) for i in range(connections)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=max(0.0, stop_at - time.monotonic()) + 10)
+    elapsed = time.monotonic() - start
+    if any(t.is_alive() for t in threads):
+        raise LoadFailed("python load threads did not finish in time")
+    latencies.sort()
+
+    def pct(p: float) -> float | None:
+        return latencies[min(len(latencies) - 1, int(len(latencies) * p))] * 1e3 if latencies else None
+
+    result = LoadResult(
+        tool="python",
+        requests=len(latencies),
+        duration_s=elapsed,
+        requests_per_s=len(latencies) / elapsed,
+        p50_ms=pct(0.50),
+        p99_ms=pct(0.99),
+        non_2xx=failures["non_2xx"],
+        socket_errors={"errors": failures["errors"]},
+    )
+    return result, bodies
+
+
+def add_scheduling_args(p: argparse.ArgumentParser) -> None:
+    # Defaults here: every cluster-server policy and uvicorn, at 2 and 4 workers.
+    p.set_defaults(servers=list(SCHEDULING_SERVERS), workers=[2, 4])
+    p.add_argument("--duration", type=positive_int, default=5, help="seconds of load per run (5)")
+    p.add_argument("--connections", type=positive_int, default=32, help="concurrent connections (32)")
+    p.add_argument("--threads", type=positive_int, default=2, help="wrk threads (2)")
+    p.add_argument("--repeat", type=positive_int, default=3, help="runs per server, interleaved; medians (3)")
+    p.add_argument("--warmup", type=non_negative_int, default=1, help="seconds of discarded load first (1)")
+
+
+def add_spread_args(p: argparse.ArgumentParser) -> None:
+    add_scheduling_args(p)
+
+
+def add_mixed_args(p: argparse.ArgumentParser) -> None:
+    add_scheduling_args(p)
+    p.add_argument("--slow-ms", type=positive_int, default=50, help="how long a slow request blocks its worker (50)")
+    p.add_argument(
+        "--slow-every", type=positive_int, default=200, help="one request in this many is slow (200, i.e. 0.5%%)"
+    )
+
+
+def parse_pid_counts(raw: str) -> dict[str, int]:
+    return {m[1]: int(m[2]) for m in re.finditer(r"^pid (\S+) (\d+)$", raw, re.M)}
+
+
+def spread_of(counts: dict[str, int], workers: int) -> float | None:
+    """Busiest worker's requests over the least busy one's (a worker that got none: infinite)."""
+    if not counts:
+        return None
+    values = sorted(counts.values())
+    if len(values) < workers or values[0] == 0:
+        return float("inf")
+    return values[-1] / values[0]
+
+
+def measure_scheduling(kind: str, spec: ServerSpec, workers: int, args: argparse.Namespace) -> Row:
+    """One run of ``spread`` or ``mixed``: a new connection per request."""
+    row = Row(kind, spec.name, workers)
+    try:
+        with run_server(spec, args.app, workers, args.start_timeout) as server:
+            row.command = server.command
+            row.pids_seen = len(probe_pids(server.url, workers, timeout=5))
+            try:
+                if args.warmup > 0:
+                    run_load(server.url, args.tool, args.warmup, args.connections, args.threads)
+                if kind == "spread":
+                    if args.tool == "wrk":
+                        load = (server.url, args.duration, args.connections, args.threads)
+                        row.load = wrk_script_load(*load, SPREAD_LUA)
+                        counts = parse_pid_counts(row.load.raw)
+                    else:
+                        row.load, counts = python_close_load(server.url, args.duration, args.connections)
+                    row.details["per_worker"] = sorted(counts.values(), reverse=True)
+                    row.details["spread"] = spread_of(counts, workers)
+                else:
+                    path = f"/block?ms={args.slow_ms}"
+                    if args.tool == "wrk":
+                        script = MIXED_LUA.replace("{ms}", str(args.slow_ms)).replace("{every}", str(args.slow_every))
+                        row.load = wrk_script_load(server.url, args.duration, args.connections, args.threads, script)
+                    else:
+                        row.load, _ = python_close_load(
+                            server.url, args.duration, args.connections, args.slow_every, path
+                        )
+            finally:
+                server.check_alive()
+        if row.pids_seen < workers:
+            row.note = f"only {row.pids_seen}/{workers} worker pids answered /pid before load"
+    except Unavailable as exc:
+        row.status, row.note = "skipped", str(exc)
+    except (ServerFailed, LoadFailed) as exc:
+        row.status, row.note = "error", str(exc)
+    return row
+
+
+def median(values: list[float]) -> float:
+    values = sorted(values)
+    mid = len(values) // 2
+    return values[mid] if len(values) % 2 else (values[mid - 1] + values[mid]) / 2
+
+
+def combine_runs(kind: str, runs: list[Row]) -> Row:
+    """Medians over repeated runs of one server; every run stays in ``details["runs"]``."""
+    ok = [r for r in runs if r.status == "ok" and r.load is not None]
+    if not ok:
+        return runs[-1]
+    best = ok[0]
+    row = Row(kind, best.server, best.workers, command=best.command, pids_seen=min(r.pids_seen or 0 for r in ok))
+    row.note = "; ".join(sorted({r.note for r in runs if r.note}))
+    assert best.load is not None
+    loads = [r.load for r in ok if r.load is not None]
+    row.load = LoadResult(
+        tool=best.load.tool,
+        requests=sum(x.requests for x in loads),
+        duration_s=sum(x.duration_s for x in loads),
+        requests_per_s=median([x.requests_per_s for x in loads]),
+        p50_ms=median([x.p50_ms for x in loads if x.p50_ms is not None]) if loads[0].p50_ms is not None else None,
+        p99_ms=median([x.p99_ms for x in loads if x.p99_ms is not None]) if loads[0].p99_ms is not None else None,
+        non_2xx=sum(x.non_2xx for x in loads),
+        socket_errors={k: sum(x.socket_errors.get(k, 0) for x in loads) for k in loads[0].socket_errors},
+    )
+    row.details["runs"] = [
+        {"requests_per_s": x.requests_per_s, "p50_ms": x.p50_ms, "p99_ms": x.p99_ms, **r.details}
+        for r, x in zip(ok, loads, strict=True)
+    ]
+    if kind == "spread":
+        spreads = [r.details["spread"] for r in ok if r.details.get("spread") is not None]
+        row.details["spread"] = median(spreads) if spreads else None
+        row.details["per_worker"] = row.per_worker = ok[-1].details.get("per_worker")
+    if len(ok) < len(runs):
+        failed = [r for r in runs if r not in ok]
+        row.note = (row.note + "; " if row.note else "") + f"{len(failed)} run(s) failed: {failed[0].note}"
+    return row
+
+
+def run_scheduling(kind: str, args: argparse.Namespace) -> list[Row]:
+    if args.tool == "python":
+        log(f"bench: using the Python load loop ({args.tool_reason}): client-bound, compare servers only")
+    rows = []
+    for workers in args.workers:
+        runs: dict[str, list[Row]] = {name: [] for name in args.servers}
+        for i in range(args.repeat):  # interleaved, so a noisy neighbour hits every server alike
+            for name in args.servers:
+                log(f"bench: {kind} {name} x{workers} run {i + 1}/{args.repeat} ...")
+                row = measure_scheduling(kind, server_spec(name), workers, args)
+                if row.status == "ok" and row.load:
+                    extra = f", spread {row.details['spread']:.2f}" if row.details.get("spread") else ""
+                    log(f"bench:   {row.load.requests_per_s:,.0f} req/s, p99 {row.load.p99_ms} ms{extra}")
+                else:
+                    log(f"bench:   {row.status}: {row.note.splitlines()[0] if row.note else ''}")
+                runs[name].append(row)
+                if row.status == "skipped":
+                    break
+        rows.extend(combine_runs(kind, runs[name]) for name in args.servers)
+    fill_ratios(rows)
+    print_scheduling_table(kind, rows)
+    what = (
+        "a new connection per request to /pid"
+        if kind == "spread"
+        else f"a new connection per request; 1 in {args.slow_every} blocks its worker for {args.slow_ms} ms"
+    )
+    load = f"wrk -t{args.threads} -c{args.connections} -d{args.duration}s" if args.tool == "wrk" else "Python loop"
+    print(f"\nload: {load}, {what}; median of {args.repeat} interleaved run(s); {args.app}")
+    return rows
+
+
+def print_scheduling_table(kind: str, rows: list[Row]) -> None:
+    if kind == "spread":
+        header: tuple[str, ...] = ("server", "workers", "req/s", "max/min", "per worker (last run)", "errors")
+    else:
+        header = ("server", "workers", "req/s", "p50 ms", "p99 ms", "errors")
+    table = [header]
+    for r in rows:
+        if r.status != "ok" or r.load is None:
+            table.append((r.server, str(r.workers), r.status, *("-",) * (len(header) - 3)))
+            continue
+        if kind == "spread":
+            spread = r.details.get("spread")
+            shown = "-" if spread is None else ("inf" if spread == float("inf") else f"{spread:.2f}")
+            per = "/".join(str(c) for c in r.details.get("per_worker") or [])
+            cells = (f"{r.load.requests_per_s:,.0f}", shown, per, str(r.load.errors))
+        else:
+            p50 = "-" if r.load.p50_ms is None else f"{r.load.p50_ms:.2f}"
+            p99 = "-" if r.load.p99_ms is None else f"{r.load.p99_ms:.2f}"
+            cells = (f"{r.load.requests_per_s:,.0f}", p50, p99, str(r.load.errors))
+        table.append((r.server, str(r.workers), *cells))
+    widths = [max(len(row[i]) for row in table) for i in range(len(header))]
+    for i, row in enumerate(table):
+        print("  ".join(c.ljust(w) if j == 0 else c.rjust(w) for j, (c, w) in enumerate(zip(row, widths, strict=True))))
+        if i == 0:
+            print("  ".join("-" * w for w in widths))
+    notes = [r for r in rows if r.note]
+    if notes:
+        print()
+        for r in notes:
+            print(f"{r.server} x{r.workers} [{r.status}]: {r.note}")
+
+
+def scenario_spread(args: argparse.Namespace) -> list[Row]:
+    return run_scheduling("spread", args)
+
+
+def scenario_mixed(args: argparse.Namespace) -> list[Row]:
+    return run_scheduling("mixed", args)
 
 
 class Scenario(NamedTuple):
@@ -836,6 +1172,16 @@ SCENARIOS: dict[str, Scenario] = {
         "requests lost, and the lowest 1-second throughput, under load with rolling restarts (SIGHUP)",
         add_restart_args,
         scenario_restart,
+    ),
+    "spread": Scenario(
+        "how evenly workers share new connections (one per request): requests per worker, max/min",
+        add_spread_args,
+        scenario_spread,
+    ),
+    "mixed": Scenario(
+        "p50/p99 latency when a few requests block their worker, a new connection per request",
+        add_mixed_args,
+        scenario_mixed,
     ),
 }
 
@@ -1288,9 +1634,17 @@ def int_list(text: str) -> list[int]:
 
 def server_list(text: str) -> list[str]:
     names = [x.strip() for x in text.split(",") if x.strip()]
-    unknown = [n for n in names if n not in SERVERS]
+    unknown = []
+    for n in names:
+        try:
+            server_spec(n)
+        except KeyError:
+            unknown.append(n)
     if unknown or not names:
-        raise argparse.ArgumentTypeError(f"unknown server(s) {', '.join(unknown)}; choose from {', '.join(SERVERS)}")
+        raise argparse.ArgumentTypeError(
+            f"unknown server(s) {', '.join(unknown)}; choose from {', '.join(SERVERS)},"
+            f" or cluster-server:POLICY with POLICY one of {', '.join(POLICIES)}"
+        )
     return names
 
 

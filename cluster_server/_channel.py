@@ -61,6 +61,18 @@ def decode(data: bytes) -> Message:
     return msg
 
 
+class FdsTruncated(ChannelError):
+    """A message arrived without all its fds (``MSG_CTRUNC``): the receiver is at its fd limit.
+
+    ``message`` is the decoded message (None if it was not valid), so the
+    receiver can refuse what it was sent; the fds that did arrive come with it.
+    """
+
+    def __init__(self, text: str, message: Message | None) -> None:
+        super().__init__(text)
+        self.message = message
+
+
 def pair() -> tuple[socket.socket, socket.socket]:
     """A connected (primary end, worker end) socket pair."""
     a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
@@ -134,6 +146,10 @@ class Channel:
             os.close(fd)
         return True
 
+    def queued_fds(self) -> list[int]:
+        """The fds of queued messages (still owned by the channel)."""
+        return [fd for _, item_fds in self._out for fd in item_fds]
+
     def take_pending_fds(self) -> list[int]:
         """Remove queued messages and hand back the fds they carried (caller owns them)."""
         fds = [fd for _, item_fds in self._out for fd in item_fds]
@@ -159,9 +175,14 @@ class Channel:
             if not data and not fds:
                 raise EOFError
             if flags & socket.MSG_CTRUNC:
-                # The kernel dropped fds (EMFILE on our side, or too many): say so;
-                # the sender keeps what it can re-send (see the "n" field convention).
-                yield ChannelError(f"file descriptors were truncated (got {len(fds)}); at the fd limit?"), fds
+                # The kernel dropped fds (EMFILE on our side, or too many): say so, with
+                # the message itself, so the receiver can tell the sender what to re-send.
+                try:
+                    truncated: Message | None = decode(data)
+                except ChannelError:
+                    truncated = None
+                text = f"file descriptors were truncated (got {len(fds)}); at the fd limit?"
+                yield FdsTruncated(text, truncated), fds
                 continue
             if flags & socket.MSG_TRUNC:
                 _close_all(fds)

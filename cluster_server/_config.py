@@ -25,6 +25,7 @@ WSType = Literal["auto", "none", "websockets", "websockets-sansio", "wsproto"]
 LifespanType = Literal["auto", "on", "off"]
 InterfaceType = Literal["auto", "asgi3", "asgi2", "wsgi"]
 LogLevelType = Literal["critical", "error", "warning", "info", "debug", "trace"]
+SchedulingType = Literal["shared", "round-robin", "least-busy", "reuseport"]
 
 #: --graceful-timeout under --reload unless given: a websocket or a stream must
 #: not hold a reload up for long
@@ -158,6 +159,15 @@ class Config:
         "time for load balancers and Kubernetes to stop sending traffic.",
         group="processes",
         min=0,
+    )
+
+    scheduling: SchedulingType = option(
+        "least-busy",
+        "How connections reach workers: the primary hands each one to the worker with the fewest "
+        "open connections (least-busy) or to the next worker in turn (round-robin); or every worker "
+        "accepts on the shared socket and the kernel picks (shared); or each worker binds its own "
+        "SO_REUSEPORT socket (reuseport). See docs/scheduling.md.",
+        group="processes",
     )
 
     # -- the app ----------------------------------------------------------------
@@ -335,6 +345,11 @@ class Config:
             raise ConfigError(f"--health-path must start with '/' (e.g. /healthz), not {self.health_path!r}")
         if self.uds is not None and self.fd is not None:
             raise ConfigError("--uds and --fd are alternatives; give one of them")
+        if self.scheduling == "reuseport" and (self.uds is not None or self.fd is not None):
+            raise ConfigError(
+                "--scheduling reuseport needs --host/--port (each worker binds its own socket); "
+                "with --uds or --fd use round-robin, least-busy or shared"
+            )
         self._check_reload()
 
     def _check_reload(self) -> None:

@@ -476,6 +476,7 @@ class Primary:
                 self._watch(w)
         except OSError:
             self._forget_channel(w)
+            _close_fds(fds or [])  # not sent, not queued: still ours
             return False
         return True
 
@@ -720,6 +721,9 @@ class Primary:
         if self._selector is not None and hasattr(self._selector, "fileno"):
             fds.append(self._selector.fileno())
         fds.extend(w.channel.fileno() for w in self.workers.values() if w.channel and not w.channel.closed)
+        for w in self.workers.values():  # connections queued for other workers
+            if w.channel and not w.channel.closed:
+                fds.extend(w.channel.queued_fds())
         for c in self.components:
             fds.extend(_call(c, "fds_to_close_in_child") or ())
         return fds

@@ -9,6 +9,7 @@ from ._config import Config
 from ._health import ShutdownDelay
 from ._primary import Primary
 from ._recycle import Recycler
+from ._scheduling import primary_components
 from ._sockets import bind_listeners
 from ._tls import check_tls
 
@@ -27,6 +28,8 @@ def serve(config: Config) -> int:
         primary.add_component(_messaging.Messaging())  # cluster.send/broadcast/request from apps
         _operations.install(primary)
         _launcher.install(primary)  # --preload / --reload
+        for component in primary_components(config):
+            primary.add_component(component)
     except BaseException:
         for lst in listeners:
             lst.close()

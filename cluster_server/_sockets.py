@@ -45,6 +45,8 @@ def bind_listeners(config: Config) -> list[Listener]:
         return [_from_fd(config.fd, config.backlog)]
     if config.uds is not None:
         return [_bind_unix(config.uds, config.backlog)]
+    if config.scheduling == "reuseport":
+        return [_bind_tcp(config.host, config.port, config.backlog, config.ssl_certfile is not None, reserve=True)]
     return [_bind_tcp(config.host, config.port, config.backlog, config.ssl_certfile is not None)]
 
 
@@ -61,13 +63,20 @@ def _family_of(host: str) -> socket.AddressFamily:
     return socket.AF_INET6 if addr.version == 6 else socket.AF_INET
 
 
-def _bind_tcp(host: str, port: int, backlog: int, tls: bool) -> Listener:
+def _bind_tcp(host: str, port: int, backlog: int, tls: bool, reserve: bool = False) -> Listener:
+    """Bind host:port and listen; with ``reserve`` (``--scheduling reuseport``), bind with
+    SO_REUSEPORT and do not listen: the socket only holds the port (and proves it free)
+    while each worker listens on its own SO_REUSEPORT socket. A bound socket that does
+    not listen gets no connections from the kernel's reuseport group."""
     family = _family_of(host)
     sock = socket.socket(family, socket.SOCK_STREAM)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reserve:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         sock.bind((host.strip("[]"), port))
-        sock.listen(backlog)
+        if not reserve:
+            sock.listen(backlog)
     except OSError as exc:
         sock.close()
         raise BindError(_bind_message(exc, f"port {port} on {host}", port)) from None

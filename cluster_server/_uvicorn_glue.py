@@ -7,7 +7,10 @@ Tested against uvicorn 0.54 (pinned in pyproject.toml). What we rely on:
 - ``Server.server_state`` (``total_requests``, ``connections``);
 - ``config.http_protocol_class(config=, server_state=, app_state=)``, the
   factory uvicorn itself builds in ``startup``, to serve connections handed to
-  the worker (``loop.connect_accepted_socket``);
+  the worker (``loop.connect_accepted_socket``); ``serve(sockets=[])`` still
+  runs lifespan and the main loop;
+- protocols ``add``/``discard``/``remove`` themselves in ``server_state.connections``
+  (``watch_closes`` counts closes for ``--scheduling least-busy``);
 - for the drain: the HTTP protocols' ``cycle`` (``response_started``,
   ``response_complete``, ``keep_alive``, ``default_headers``), ``shutdown()``,
   ``handle_websocket_upgrade()``, ``server_state.default_headers``, and the
@@ -24,7 +27,7 @@ import logging
 import signal
 import socket
 import time
-from collections.abc import Callable, Coroutine, Generator
+from collections.abc import Awaitable, Callable, Coroutine, Generator
 from types import FrameType
 from typing import Any
 
@@ -79,6 +82,7 @@ class WorkerServer(uvicorn.Server):
         self.drain_window = DRAIN_IDLE_WINDOW
         #: handlers for messages from the primary, by type ("t")
         self.handlers: dict[str, Callable[[dict[str, Any], list[int]], None]] = {}
+        self._factory: Callable[[], asyncio.Protocol] | None = None
 
     @property
     def total_requests(self) -> int:
@@ -150,6 +154,27 @@ class WorkerServer(uvicorn.Server):
         # A second SIGTERM keeps draining: the primary escalates with SIGKILL.
         self.should_exit = True
 
+    def serve_accepted(self, sock: socket.socket) -> Awaitable[Any]:
+        """Serve a connection accepted elsewhere (handed over by the primary), TLS if configured.
+
+        Returns ``loop.connect_accepted_socket(...)``: its first step (run when
+        awaited) takes the fd over; uvloop dups it there, so EMFILE shows up there.
+        """
+        if self._factory is None:
+            self._factory = self.protocol_factory()
+        loop = asyncio.get_running_loop()
+        return loop.connect_accepted_socket(self._factory, sock, ssl=self.config.ssl)
+
+    def watch_closes(self, callback: Callable[[], None]) -> None:
+        """Call ``callback`` whenever a connection leaves ``server_state.connections``.
+
+        uvicorn's protocols ``add`` themselves in ``connection_made`` and
+        ``discard``/``remove`` themselves in ``connection_lost`` (an HTTP protocol
+        upgrading to a WebSocket one swaps places, which also calls back). Call
+        before serving.
+        """
+        self.server_state.connections = _WatchedSet(callback)
+
     def protocol_factory(self) -> Callable[[], asyncio.Protocol]:
         """The factory uvicorn's own ``startup`` builds, for handed-over connections."""
         config: Any = self.config
@@ -163,6 +188,24 @@ class WorkerServer(uvicorn.Server):
             return proto
 
         return create_protocol
+
+
+class _WatchedSet(set[Any]):
+    """A set that reports removals (uvicorn's ``server_state.connections``)."""
+
+    __slots__ = ("_on_remove",)
+
+    def __init__(self, on_remove: Callable[[], None]) -> None:
+        super().__init__()
+        self._on_remove = on_remove
+
+    def discard(self, item: Any) -> None:
+        super().discard(item)
+        self._on_remove()
+
+    def remove(self, item: Any) -> None:
+        super().remove(item)
+        self._on_remove()
 
 
 def _busy(protocol: Any) -> bool:

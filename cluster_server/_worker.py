@@ -7,10 +7,13 @@ Messages a worker sends on its channel (JSON objects, key ``t`` is the type):
   from the event loop;
 - ``{"t": "boot_error", "error": "...", "stage": "load" | "lifespan"}`` when the
   app cannot be loaded or its lifespan startup fails (then the worker exits
-  with status 3).
+  with status 3);
+- ``{"t": "ack", ...}`` under ``--scheduling round-robin/least-busy``: which handed-over
+  connections it took or refused, and its load (see ``_scheduling.py``).
 
 Messages it handles (``server.handlers``): ``{"t": "health", "ok": bool}``
-(``--health-path`` answers 503 once ``ok`` is false; see ``_health.py``).
+(``--health-path`` answers 503 once ``ok`` is false; see ``_health.py``);
+``{"t": "conn", "b": batch}`` with connection fds (``_scheduling.WorkerHandOff``).
 """
 
 from __future__ import annotations
@@ -31,10 +34,10 @@ from typing import Any, NoReturn
 
 import uvicorn
 
-from . import _messaging, _privileges, _proc
-from ._channel import Channel
+from . import _messaging, _privileges, _proc, _scheduling
+from ._channel import Channel, FdsTruncated
 from ._config import Config
-from ._errors import AppLoadError, ChannelError, ClusterServerError
+from ._errors import AppLoadError, BindError, ChannelError, ClusterServerError
 from ._health import HealthMiddleware, HealthState, health_handler
 from ._interface import adapt_app
 from ._uvicorn_glue import WorkerServer, guard_request_head, run_on_fresh_loop, wrap_loaded_app
@@ -193,6 +196,12 @@ def _run(config: Config, spec: WorkerSpec, channel: Channel, load: Callable[[Con
     _proc.set_title(f"cluster-server: worker {spec.id} [{config.app_name}]")
     # (before dropping privileges: cluster-server's own imports do not depend on --user's rights)
     link = _messaging.enter_worker(spec.id, channel)  # cluster.is_worker, before the app is imported
+    family = spec.listeners[0].family if spec.listeners else socket.AF_INET
+    try:  # this worker's own sockets (reuseport), bound before --user drops the right to low ports
+        sockets = _scheduling.worker_sockets(config, spec.listeners)
+    except BindError as exc:
+        channel.send({"t": "boot_error", "error": str(exc)})
+        return 1
     try:  # --user/--group, before the parent-death signal: changing credentials clears it
         _privileges.drop(config)
     except ClusterServerError as exc:
@@ -262,6 +271,8 @@ def _run(config: Config, spec: WorkerSpec, channel: Channel, load: Callable[[Con
         def on_channel() -> None:
             try:
                 for msg, fds in channel.receive():
+                    if isinstance(msg, FdsTruncated) and msg.message is not None:
+                        msg = {**msg.message, "ctrunc": True}  # the handler refuses what it lost
                     handler = None if isinstance(msg, ChannelError) else server.handlers.get(str(msg.get("t")))
                     if handler is None:
                         _proc.close_all(fds)
@@ -273,8 +284,13 @@ def _run(config: Config, spec: WorkerSpec, channel: Channel, load: Callable[[Con
                 loop.remove_reader(channel.fileno())
                 orphaned()
 
+        if config.scheduling in _scheduling.HANDOFF:
+            handoff = _scheduling.WorkerHandOff(
+                server, channel, least_busy=config.scheduling == "least-busy", family=family
+            )
+            handoff.install(loop)
         loop.add_reader(channel.fileno(), on_channel)
-        await server.serve(sockets=list(spec.listeners))
+        await server.serve(sockets=sockets)
 
     try:
         run_on_fresh_loop(serve(), uconfig)

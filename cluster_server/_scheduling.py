@@ -1,0 +1,816 @@
+"""Connection scheduling: who accepts a connection, and which worker serves it.
+
+``--scheduling`` picks one of (see docs/scheduling.md for the trade-offs and numbers):
+
+- ``shared``: every worker accepts on the listening socket it inherited; the
+  kernel decides who wins each connection (uneven: it favours the busiest).
+- ``round-robin``: only the primary accepts. It hands each connection's fd to
+  the next READY worker over that worker's channel (``SCM_RIGHTS``).
+- ``least-busy``: like round-robin, but the READY worker with the fewest open
+  connections gets the next one.
+- ``reuseport``: each worker binds its own ``SO_REUSEPORT`` socket; the kernel
+  hashes connections over them.
+
+The hand-off protocol (JSON over the worker channel, fds alongside)::
+
+    primary -> worker  {"t": "conn", "b": BATCH}  with 1..253 connection fds
+    worker -> primary  {"t": "ack",
+                        "b": [BATCH, ...],          taken, every fd of the batch
+                        "r": [BATCH, ...],          refused: the worker is draining
+                        "f": [[BATCH, I, ...], ...] refused fds I of BATCH (all if none
+                                                    listed): the worker is at its fd limit
+                        "k": TAKEN, "o": OPEN}      fds taken in total, connections open now
+
+Like Node's cluster, the primary keeps its own copy of every fd it hands out
+until the worker acknowledges it, and gives it to another worker when that one
+refuses it, is reaped, or could not be sent to. A worker never gets more than
+``WINDOW`` unacknowledged connections; when no worker can take one, the primary
+holds up to ``HOLD_MAX`` connections and then stops accepting, which leaves
+new connections in the kernel's backlog (backpressure).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import errno
+import functools
+import logging
+import os
+import resource
+import socket
+import time
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING, Any
+
+from ._channel import MAX_FDS, Channel, Message
+from ._errors import BindError
+
+if TYPE_CHECKING:
+    from ._config import Config
+    from ._primary import Primary, Worker
+    from ._uvicorn_glue import WorkerServer
+
+logger = logging.getLogger("cluster_server")
+
+#: policies where the primary accepts and hands connections over
+HANDOFF = ("round-robin", "least-busy")
+
+#: most connections a worker may have been handed and not yet acknowledged
+WINDOW = 128
+#: most connections the primary holds when no worker can take them (then it stops accepting)
+HOLD_MAX = 1024
+#: most accept() calls per wake-up, so acks, signals and timers are not starved
+ACCEPT_MAX = 512
+#: a worker at its fd limit gets no connections for this long, doubling up to RETRY_CAP
+RETRY_FIRST = 0.05
+RETRY_CAP = 1.0
+#: the primary at its own fd limit stops accepting for this long
+ACCEPT_PAUSE = 0.1
+#: least-busy: a worker holding connections it has not acknowledged for this long, with no
+#: ack in between, is not running its event loop (a blocking request, CPU starvation): it
+#: gets new connections only when every worker is in that state
+STALL = 0.01
+#: least-busy: a worker sends at most one pure load report (connections closed, nothing
+#: to acknowledge) per this many seconds. Acks are never delayed: until the primary gets
+#: one it holds a reference to the connection, so a connection the worker already closed
+#: would not be closed (no FIN) before the ack arrives.
+REPORT_INTERVAL = 0.002
+#: errors that mean "out of fds or memory": stop accepting for a while
+_RESOURCE_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+#: accept() errors about one connection only: skip it and accept the next
+_GONE_ERRNOS = frozenset({errno.ECONNABORTED, errno.EPROTO, errno.EPERM})
+MIGRATE_REQ = "/proc/sys/net/ipv4/tcp_migrate_req"
+
+
+def primary_components(config: Config) -> list[Any]:
+    """The primary-side components the configured policy needs."""
+    if config.scheduling in HANDOFF:
+        return [HandOff(config.scheduling)]
+    if config.scheduling == "reuseport":
+        return [ReusePortCheck()]
+    return []
+
+
+# --------------------------------------------------------------------------- primary side
+
+
+class _Peer:
+    """The hand-off state of one worker, as the primary sees it."""
+
+    __slots__ = (
+        "backoff",
+        "batches",
+        "blocked_until",
+        "closing",
+        "handed",
+        "limit",
+        "open",
+        "progress_at",
+        "taken",
+        "unacked",
+        "worker",
+    )
+
+    def __init__(self, worker: Worker, window: int) -> None:
+        self.worker = worker
+        #: most unacknowledged fds it may have: the window, smaller after it hit its fd limit
+        self.limit = window
+        self.batches: dict[int, list[int]] = {}  # batch id -> our copies of its fds, until acked
+        self.unacked = 0  # fds in ``batches``
+        self.handed = 0  # fds handed over in total, less those refused
+        self.taken = 0  # fds the worker had taken at its last report ("k")
+        self.open = 0  # connections open in the worker at its last report ("o")
+        self.blocked_until = 0.0  # at its fd limit: no connections before this
+        self.backoff = 0.0
+        self.closing = False  # draining, refusing, or its channel broke: never route again
+        #: last sign of life: its last ack, or when it last got a batch while holding none
+        self.progress_at = 0.0
+
+    @property
+    def load(self) -> int:
+        """Open connections now: those at its last report plus those handed since."""
+        return self.open + self.handed - self.taken
+
+
+class HandOff:
+    """Primary component for ``round-robin`` and ``least-busy``: accept, route, hold, re-route."""
+
+    def __init__(self, policy: str, *, window: int = WINDOW, hold_max: int = HOLD_MAX) -> None:
+        if policy not in HANDOFF:
+            raise ValueError(f"HandOff does not do {policy!r}")
+        self.policy = policy
+        self.least_busy = policy == "least-busy"
+        self.window = window
+        self.hold_max = hold_max
+        self.primary: Primary | None = None
+        self.peers: dict[int, _Peer] = {}  # pid -> state, from ready until reaped
+        self.ring: list[_Peer] = []  # READY peers that may be routed to, in readiness order
+        self._next = 0  # where the rotation starts
+        self._next_forced = 0
+        self.held: collections.deque[int] = collections.deque()  # fds no worker could take yet
+        self._batch = 0
+        self._accepting = False
+        self._paused_until = 0.0
+        self._listeners: list[tuple[socket.socket, Callable[[int], None]]] = []
+        # statistics, logged at close: how cheap is the accept path?
+        self.accepted = 0
+        self.rerouted = 0
+        self.messages = 0
+        self.wakeups = 0
+        self.accept_ns = 0
+        self._cpu_start = 0.0
+
+    # -- Component hooks ------------------------------------------------------
+
+    def attach(self, primary: Primary) -> None:
+        self.primary = primary
+        for lst in primary.listeners:
+            lst.sock.setblocking(False)
+            accept = lst.sock._accept  # type: ignore[attr-defined]  # (fd, addr): no socket object
+            self._listeners.append((lst.sock, functools.partial(self._on_accept, accept)))
+        self._cpu_start = time.process_time()
+        hold = _fd_budget()
+        if hold < self.hold_max:
+            logger.info("holding at most %d connections in the primary (RLIMIT_NOFILE)", hold)
+            self.hold_max = hold
+        logger.info("scheduling: %s (the primary accepts and hands connections to workers)", self.policy)
+        self._update_accepting()
+
+    def worker_event(self, event: str, w: Worker) -> None:
+        if event == "ready":
+            self.peers[w.pid] = _Peer(w, self.window)
+            self.ring.append(self.peers[w.pid])
+        elif event == "draining":
+            if w.pid in self.peers:
+                self._retire(self.peers[w.pid])
+        elif event == "exited":
+            peer = self.peers.pop(w.pid, None)
+            if peer is not None:
+                self._retire(peer)
+                n = peer.unacked
+                for bid in sorted(peer.batches):
+                    self._reroute(peer, peer.batches.pop(bid))
+                if n:
+                    logger.warning("%s exited holding %d unacknowledged connection(s): re-routed", w.name, n)
+        else:
+            return
+        self._pump()
+
+    def worker_message(self, w: Worker, msg: Message, fds: list[int]) -> bool:
+        if msg.get("t") != "ack":
+            return False
+        _close(fds)  # an ack carries no fds; anything attached is junk
+        peer = self.peers.get(w.pid)
+        if peer is None:
+            logger.warning("%s sent an ack but was never handed connections; ignored", w.name)
+            return True
+        try:
+            self._on_ack(peer, msg)
+        except (TypeError, ValueError) as exc:
+            logger.warning("%s sent a malformed ack (%s): %.200r; ignored", w.name, exc, msg)
+        if self.held or not self._accepting:  # an ack only frees room
+            self._pump()
+        return True
+
+    def next_deadline(self) -> float | None:
+        assert self.primary is not None
+        now = self.primary.clock()
+        times = [p.blocked_until for p in self.ring if p.blocked_until > now]
+        if self._paused_until > now:
+            times.append(self._paused_until)
+        return min(times) if times else None
+
+    def tick(self) -> None:
+        # Runs after every wake-up of the primary: only work when a timer may have expired.
+        if self.held or not self._accepting:
+            self._pump()
+
+    def metrics_samples(self) -> list[tuple[str, str, str, dict[str, str], float]]:
+        """For the metrics endpoint (``--metrics``): what the hand-off is doing."""
+        unacked = sum(p.unacked for p in self.peers.values())
+        return [
+            (
+                "cluster_server_accept_backlog",
+                "Connections the primary accepted and has not handed to a worker yet",
+                "gauge",
+                {},
+                len(self.held),
+            ),
+            (
+                "cluster_server_handoff_unacknowledged",
+                "Connections handed to workers, not acknowledged yet",
+                "gauge",
+                {},
+                unacked,
+            ),
+            (
+                "cluster_server_connections_accepted_total",
+                "Connections the primary accepted",
+                "counter",
+                {},
+                self.accepted,
+            ),
+            (
+                "cluster_server_connections_rerouted_total",
+                "Connections given to another worker (refused, or their worker died before taking them)",
+                "counter",
+                {},
+                self.rerouted,
+            ),
+        ]
+
+    def fds_to_close_in_child(self) -> list[int]:
+        """Connection fds a newly forked worker must close (they are the primary's)."""
+        fds = list(self.held)
+        for peer in self.peers.values():
+            for batch in peer.batches.values():
+                fds.extend(batch)
+        return fds
+
+    def close(self) -> None:
+        dropped = len(self.held) + sum(p.unacked for p in self.peers.values())
+        _close(self.fds_to_close_in_child())
+        self.held.clear()
+        for peer in self.peers.values():
+            peer.batches.clear()
+        for sock, _ in self._listeners:
+            if self.primary is not None:
+                self.primary.remove_reader(sock)
+        if dropped:
+            logger.warning("closed %d connection(s) no worker took before the primary stopped", dropped)
+        if self.accepted:
+            cpu = time.process_time() - self._cpu_start
+            logger.info(
+                "%s: accepted %d connection(s) in %d wake-ups, handed them over in %d message(s) "
+                "(%d re-routed); the accept path took %.1f us per connection, the primary's CPU "
+                "time was %.1f us per connection",
+                self.policy,
+                self.accepted,
+                self.wakeups,
+                self.messages,
+                self.rerouted,
+                self.accept_ns / 1e3 / self.accepted,
+                cpu * 1e6 / self.accepted,
+            )
+
+    # -- accepting ------------------------------------------------------------
+
+    def _on_accept(self, accept: Callable[[], tuple[int, Any]], mask: int) -> None:
+        if not self._accepting:
+            return  # stopped in this same wake-up (an event handled before ours), e.g. the cluster stopping
+        t0 = time.perf_counter_ns()
+        room = min(ACCEPT_MAX, self._room())
+        fds: list[int] = []
+        while len(fds) < room:
+            try:
+                fd, _ = accept()
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError as exc:
+                if exc.errno in _GONE_ERRNOS:
+                    continue  # that connection is gone (reset, refused by a firewall): take the next
+                assert self.primary is not None
+                self._paused_until = self.primary.clock() + ACCEPT_PAUSE
+                level = logging.WARNING if exc.errno in _RESOURCE_ERRNOS else logging.ERROR
+                logger.log(level, "primary cannot accept (%s); pausing accept for %g s", exc, ACCEPT_PAUSE)
+                break
+            fds.append(fd)
+        self.wakeups += 1
+        if fds:
+            self.accepted += len(fds)
+            self.held.extend(fds)
+            self._pump(update=False)
+        self._update_accepting()
+        self.accept_ns += time.perf_counter_ns() - t0
+
+    def _room(self) -> int:
+        """How many more connections the primary can place: worker windows plus hold space."""
+        assert self.primary is not None
+        now = self.primary.clock()
+        room = self.hold_max - len(self.held)
+        for p in self.ring:
+            if p.blocked_until <= now and _channel_open(p.worker):
+                room += p.limit - p.unacked
+        return room
+
+    def _update_accepting(self) -> None:
+        assert self.primary is not None
+        now = self.primary.clock()
+        want = (
+            not self.primary.stopping
+            and now >= self._paused_until
+            and (len(self.held) < self.hold_max or self._room() > 0)
+        )
+        if want == self._accepting:
+            return
+        self._accepting = want
+        for sock, callback in self._listeners:
+            if want:
+                self.primary.add_reader(sock, callback)
+            else:
+                self.primary.remove_reader(sock)
+
+    # -- routing --------------------------------------------------------------
+
+    def pick(self, now: float) -> _Peer | None:
+        """The peer the next connection goes to, or None when nobody can take one."""
+        ring = self.ring
+        n = len(ring)
+        start = self._next
+        if not self.least_busy:
+            for i in range(n):
+                j = (start + i) % n
+                p = ring[j]
+                if p.unacked < p.limit and p.blocked_until <= now and _channel_open(p.worker):
+                    self._next = j + 1
+                    return p
+            return None
+        best: _Peer | None = None
+        best_load = best_j = 0
+        stalled_after = now - STALL
+        for i in range(n):
+            j = (start + i) % n
+            p = ring[j]
+            if p.unacked < p.limit and p.blocked_until <= now and _channel_open(p.worker):
+                load = p.load
+                if p.unacked and p.progress_at < stalled_after:
+                    load += 1 << 30  # stalled: last resort
+                if best is None or load < best_load:
+                    best, best_load, best_j = p, load, j
+        if best is not None:
+            self._next = best_j + 1
+        return best
+
+    def _pump(self, update: bool = True) -> None:
+        """Hand held connections to workers, oldest first, as far as their windows allow."""
+        while self.held and self.ring and self._pump_once():
+            pass  # a send failed and its connections came back: place them again
+        if self.held and not self.ring and self.primary is not None and self.primary.stopping:
+            self._last_resort()
+        if update:
+            self._update_accepting()
+
+    def _last_resort(self) -> None:
+        """The cluster is stopping (or upgraded) and no worker is READY: rather than close
+        what we hold, make a draining worker serve it (``force``: it does not refuse; its
+        drain answers the request with ``Connection: close``)."""
+        while self.held:
+            alive = [p for p in self.peers.values() if _channel_open(p.worker)]
+            if not alive:
+                return  # nobody left: close() drops them, as the kernel would its backlog
+            self._next_forced = (self._next_forced + 1) % len(alive)
+            peer = alive[self._next_forced]
+            fds = [self.held.popleft() for _ in range(min(MAX_FDS, len(self.held)))]
+            left = len(self.held)
+            if self._send(peer, fds, force=True) and len(self.held) > left:
+                return  # the primary is out of fds (dup failed): try again after the pause
+
+    def _pump_once(self) -> bool:
+        """One pass of ``_pump``; True when a send failed and its connections came back."""
+        assert self.primary is not None
+        now = self.primary.clock()
+        held = self.held
+        groups: dict[_Peer, list[int]] = {}
+        while held:
+            peer = self.pick(now)
+            if peer is None:
+                break
+            fd = held.popleft()
+            if not peer.unacked:
+                peer.progress_at = now  # holding nothing until now: not stalled
+            peer.unacked += 1  # so that pick() sees it
+            peer.handed += 1
+            group = groups.get(peer)
+            if group is None:
+                groups[peer] = [fd]
+            else:
+                group.append(fd)
+        failed = False
+        for peer, fds in groups.items():
+            peer.unacked -= len(fds)  # _send counts them again, batch by batch
+            peer.handed -= len(fds)
+            for i in range(0, len(fds), MAX_FDS):
+                if not self._send(peer, fds[i : i + MAX_FDS]):
+                    failed = True
+        return failed
+
+    def _send(self, peer: _Peer, fds: list[int], force: bool = False) -> bool:
+        """Hand ``fds`` to ``peer`` in one message; False when its channel is gone (they are held again)."""
+        assert self.primary is not None
+        try:
+            dups = [os.dup(fd) for fd in fds]  # the channel closes what it sends; we keep ours
+        except OSError as exc:
+            logger.warning("primary cannot dup a connection (%s); holding it and pausing accept", exc)
+            self._paused_until = self.primary.clock() + ACCEPT_PAUSE
+            self.held.extendleft(reversed(fds))
+            return True  # held again; nothing to retry before the pause is over
+        self._batch += 1
+        self.messages += 1
+        bid = self._batch
+        if not peer.unacked:
+            peer.progress_at = self.primary.clock()
+        peer.batches[bid] = fds
+        peer.unacked += len(fds)
+        peer.handed += len(fds)
+        msg: Message = {"t": "conn", "b": bid, "force": True} if force else {"t": "conn", "b": bid}
+        if not self.primary.send(peer.worker, msg, dups):
+            # Not delivered (the channel is gone): nobody else has these, re-route now.
+            logger.warning("%s: channel closed; re-routing its connections", peer.worker.name)
+            self._retire(peer)
+            self._reroute(peer, peer.batches.pop(bid))
+            return False
+        return True
+
+    def _retire(self, peer: _Peer) -> None:
+        """Never route to ``peer`` again (its unacknowledged batches stay until it answers or is reaped)."""
+        peer.closing = True
+        if peer in self.ring:
+            i = self.ring.index(peer)
+            del self.ring[i]
+            if self._next > i:
+                self._next -= 1
+
+    def _reroute(self, peer: _Peer, fds: list[int]) -> None:
+        peer.unacked -= len(fds)
+        peer.handed -= len(fds)
+        self.rerouted += len(fds)
+        self.held.extendleft(reversed(fds))
+
+    def _on_ack(self, peer: _Peer, msg: Message) -> None:
+        """Apply one ack. Raises TypeError on a malformed field (then nothing is applied)."""
+        w = peer.worker
+        assert self.primary is not None
+        peer.progress_at = self.primary.clock()
+        taken = _ints(msg.get("b", []), "b")
+        draining = _ints(msg.get("r", []), "r")
+        partial = msg.get("f", [])
+        if not isinstance(partial, list) or not all(isinstance(x, list) and x for x in partial):
+            raise TypeError("'f' is not a list of [batch, index...] lists")
+        parsed = [(_int(x[0], "f"), _ints(x[1:], "f")) for x in partial]
+        counts = None
+        if "k" in msg or "o" in msg:
+            counts = _int(msg.get("k"), "k"), _int(msg.get("o"), "o")
+        for bid in taken:
+            fds = peer.batches.pop(bid, None)
+            if fds is None:
+                logger.warning("%s acknowledged batch %r, which it does not hold; ignored", w.name, bid)
+                continue
+            peer.unacked -= len(fds)
+            _close(fds)
+            peer.backoff = 0.0
+            if peer.limit < self.window:
+                peer.limit = min(self.window, peer.limit * 2)
+        for bid in draining:
+            fds = peer.batches.pop(bid, None)
+            if fds is None:
+                logger.warning("%s refused batch %r, which it does not hold; ignored", w.name, bid)
+                continue
+            if not peer.closing:
+                logger.info("%s is stopping and refused %d connection(s): re-routing them", w.name, len(fds))
+            self._retire(peer)
+            self._reroute(peer, fds)
+        for bid, indexes in parsed:
+            fds = peer.batches.pop(bid, None)
+            if fds is None:
+                logger.warning("%s refused batch %r, which it does not hold; ignored", w.name, bid)
+                continue
+            refused = sorted({i for i in indexes if 0 <= i < len(fds)}) if indexes else range(len(fds))
+            back = [fds[i] for i in refused]
+            keep = set(refused)
+            _close([fd for i, fd in enumerate(fds) if i not in keep])
+            peer.unacked -= len(fds) - len(back)
+            self._reroute(peer, back)
+            # Send it no more than it could take: a batch larger than its free fds
+            # would be refused whole (MSG_CTRUNC) again and again.
+            peer.limit = max(1, min(peer.limit, len(fds)) // 2, len(fds) - len(back))
+            assert self.primary is not None
+            first = peer.backoff == 0.0  # warn once per episode, not for every retry
+            peer.backoff = min(max(RETRY_FIRST, peer.backoff * 2), RETRY_CAP)
+            peer.blocked_until = self.primary.clock() + peer.backoff
+            logger.log(
+                logging.WARNING if first else logging.DEBUG,
+                "%s is at its file-descriptor limit and refused %d connection(s): re-routing them; "
+                "it gets none for %.2f s (raise its RLIMIT_NOFILE / ulimit -n)",
+                w.name,
+                len(back),
+                peer.backoff,
+            )
+        if counts is not None:
+            peer.taken, peer.open = counts
+
+
+def _int(value: Any, key: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{key!r} holds {value!r}, not an integer")
+    return value
+
+
+def _ints(values: Any, key: str) -> list[int]:
+    if not isinstance(values, list):
+        raise TypeError(f"{key!r} is not a list")
+    return [_int(v, key) for v in values]
+
+
+def _channel_open(w: Worker) -> bool:
+    return w.channel is not None and not w.channel.closed
+
+
+def _close(fds: Iterable[int]) -> None:
+    for fd in fds:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+
+
+def _fd_budget() -> int:
+    """How many connections the primary may hold without nearing its own fd limit."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        return HOLD_MAX
+    return max(16, min(HOLD_MAX, soft // 4))
+
+
+class ReusePortCheck:
+    """Primary component for ``reuseport``: warn when restarts can reset queued connections."""
+
+    def attach(self, primary: Primary) -> None:
+        logger.info("scheduling: reuseport (each worker binds its own SO_REUSEPORT socket)")
+        warning = migrate_req_warning()
+        if warning:
+            logger.warning("%s", warning)
+
+
+def migrate_req_warning(path: str = MIGRATE_REQ) -> str | None:
+    """Why restarts can lose connections under reuseport, or None when the kernel migrates them."""
+    try:
+        with open(path) as fh:
+            value = fh.read().strip()
+    except OSError:
+        return (
+            "--scheduling reuseport: this kernel has no net.ipv4.tcp_migrate_req (Linux 5.14+): "
+            "connections queued on a stopping worker's socket are reset during restarts"
+        )
+    if value == "0":
+        return (
+            "--scheduling reuseport: net.ipv4.tcp_migrate_req is 0, so connections queued on a "
+            "stopping worker's socket are reset during restarts; set it to 1 "
+            "(sysctl -w net.ipv4.tcp_migrate_req=1) or use --scheduling round-robin"
+        )
+    return None
+
+
+# --------------------------------------------------------------------------- worker side
+
+
+def worker_sockets(config: Config, inherited: Iterable[socket.socket]) -> list[socket.socket]:
+    """The listening sockets this worker serves itself, after fork.
+
+    ``shared``: the inherited ones. ``round-robin``/``least-busy``: none (the
+    primary hands connections over; the inherited copies are closed).
+    ``reuseport``: a new ``SO_REUSEPORT`` socket per reserved address. Raises BindError.
+    """
+    inherited = list(inherited)
+    if config.scheduling == "shared":
+        return inherited
+    if config.scheduling in HANDOFF:
+        for sock in inherited:
+            sock.close()
+        return []
+    own: list[socket.socket] = []
+    try:
+        for reserved in inherited:
+            addr = reserved.getsockname()
+            sock = socket.socket(reserved.family, socket.SOCK_STREAM)
+            own.append(sock)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            sock.bind(addr)
+            sock.listen(config.backlog)
+    except OSError as exc:
+        for sock in own:
+            sock.close()
+        raise BindError(f"worker could not bind its SO_REUSEPORT socket: {exc}") from None
+    for sock in inherited:
+        sock.close()
+    return own
+
+
+class _Batch:
+    __slots__ = ("id", "n", "refused", "started")
+
+    def __init__(self, bid: int, n: int) -> None:
+        self.id = bid
+        self.n = n
+        self.started = 0  # connections whose connect_accepted_socket ran its first step
+        self.refused: list[int] = []  # indexes the worker could not take (fd limit)
+
+
+class WorkerHandOff:
+    """Worker side of round-robin/least-busy: serve handed-over fds, acknowledge them.
+
+    An ack waits until each connection of a batch went through the first step of
+    ``loop.connect_accepted_socket`` (where uvloop dups the fd and can hit EMFILE):
+    what failed there is refused back to the primary, not lost. A worker that is
+    stopping refuses whatever it is still handed (the primary stopped routing to
+    it before it was told to stop; these were already on their way).
+    """
+
+    def __init__(
+        self,
+        server: WorkerServer,
+        channel: Channel,
+        *,
+        least_busy: bool,
+        family: socket.AddressFamily = socket.AF_INET,
+    ) -> None:
+        self.server = server
+        self.channel = channel
+        self.least_busy = least_busy
+        self.family = family  # of the connections handed over: saves socket() probing the fd
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.pending: list[_Batch] = []  # batches taken, not yet acknowledged
+        self.refused: list[int] = []  # batches refused while draining
+        self.fd_refused: list[list[int]] = []  # [batch, index...] refused at the fd limit
+        self.taken = 0
+        self.connecting = 0  # connects started, not finished
+        self.tasks: set[asyncio.Task[None]] = set()
+        self._scheduled = False
+        self._timer: asyncio.TimerHandle | None = None  # a rate-limited load report
+        self._reported_open = -1
+        self._last_report = 0.0
+        self._retries = 0
+        self._writer = False
+
+    def install(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.server.handlers["conn"] = self.on_conn
+        if self.least_busy:
+            self.server.watch_closes(self._open_changed)
+
+    @property
+    def open(self) -> int:
+        return self.server.open_connections + self.connecting
+
+    def on_conn(self, msg: dict[str, Any], fds: list[int]) -> None:
+        bid = msg.get("b")
+        if isinstance(bid, bool) or not isinstance(bid, int):
+            _close(fds)
+            logger.warning("worker: a 'conn' message without a batch number: %.200r; dropped", msg)
+            return
+        if msg.get("ctrunc"):
+            # The kernel could not give us every fd (we are at RLIMIT_NOFILE): give them all back.
+            _close(fds)
+            self.fd_refused.append([bid])
+        elif self.server.should_exit and not msg.get("force"):
+            _close(fds)
+            self.refused.append(bid)
+        else:
+            assert self.loop is not None
+            batch = _Batch(bid, len(fds))
+            self.pending.append(batch)
+            for i, fd in enumerate(fds):
+                try:
+                    sock = socket.socket(self.family, socket.SOCK_STREAM, fileno=fd)
+                except OSError as exc:  # not a socket: nothing we or anyone can serve
+                    _close([fd])
+                    batch.started += 1
+                    logger.warning("worker: handed fd is not a socket (%s); closed", exc)
+                    continue
+                self.connecting += 1
+                task = self.loop.create_task(self._connect(sock, batch, i))
+                self.tasks.add(task)
+                task.add_done_callback(self.tasks.discard)
+        self._schedule()
+
+    async def _connect(self, sock: socket.socket, batch: _Batch, index: int) -> None:
+        batch.started += 1
+        try:
+            await self.server.serve_accepted(sock)
+        except OSError as exc:
+            sock.close()
+            if exc.errno in _RESOURCE_ERRNOS and batch in self.pending:
+                batch.refused.append(index)  # not acknowledged yet: the primary re-routes it
+            else:
+                logger.debug("worker: a handed connection failed to start: %s", exc)
+        except Exception as exc:  # TLS handshake failures and the like: the client's problem
+            sock.close()
+            logger.debug("worker: a handed connection failed to start: %s", exc)
+        finally:
+            self.connecting -= 1
+
+    def _open_changed(self) -> None:
+        """least-busy: a connection closed; report it soon, but not more often than REPORT_INTERVAL."""
+        if self._scheduled or self._timer is not None or self.loop is None:
+            return
+        wait = self._last_report + REPORT_INTERVAL - self.loop.time()
+        if wait > 0:
+            self._timer = self.loop.call_later(wait, self._flush)
+        else:
+            self._schedule()
+
+    def _schedule(self) -> None:
+        """Flush at the end of this loop iteration (after the connects just started)."""
+        if not self._scheduled and self.loop is not None:
+            self._scheduled = True
+            self.loop.call_soon(self._flush)
+
+    def _flush(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self._scheduled = False
+        if self._retries < 3 and any(batch.started < batch.n for batch in self.pending):
+            # A connect has not run its first step yet (it is queued behind us): go after it,
+            # so that one ack covers every batch received in this iteration.
+            self._retries += 1
+            self._schedule()
+            return
+        self._retries = 0
+        msg: dict[str, Any] = {"t": "ack"}
+        acked: list[int] = []
+        waiting: list[_Batch] = []
+        for batch in self.pending:
+            if batch.started < batch.n:
+                waiting.append(batch)
+            elif batch.refused:
+                self.fd_refused.append([batch.id, *batch.refused])
+                self.taken += batch.n - len(batch.refused)
+            else:
+                acked.append(batch.id)
+                self.taken += batch.n
+        self.pending = waiting
+        if acked:
+            msg["b"] = acked
+        if self.refused:
+            msg["r"], self.refused = self.refused, []
+        if self.fd_refused:
+            msg["f"], self.fd_refused = self.fd_refused, []
+        opened = self.open
+        if len(msg) > 1 or opened != self._reported_open:
+            msg["k"], msg["o"] = self.taken, opened
+            self._reported_open = opened
+            assert self.loop is not None
+            self._last_report = self.loop.time()
+            self._send(msg)
+        if waiting and not self.server.should_exit:  # (a task cancelled at shutdown never starts)
+            self._schedule()
+
+    def _send(self, msg: dict[str, Any]) -> None:
+        try:
+            self.channel.send(msg)
+            if self.channel.pending and not self._writer and self.loop is not None:
+                self._writer = True
+                self.loop.add_writer(self.channel.fileno(), self._writable)
+        except OSError:
+            pass  # the primary is gone; the orphan path ends this worker
+
+    def _writable(self) -> None:
+        try:
+            done = self.channel.flush()
+        except OSError:
+            done = True
+        if done and self.loop is not None:
+            self._writer = False
+            self.loop.remove_writer(self.channel.fileno())
