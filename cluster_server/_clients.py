@@ -9,6 +9,7 @@ says what to do when one is readable or writable (``_serve``).
 
 from __future__ import annotations
 
+import abc
 import functools
 import logging
 import selectors
@@ -41,7 +42,7 @@ class Client:
 C = TypeVar("C", bound=Client)
 
 
-class ClientServer(Generic[C]):
+class ClientServer(abc.ABC, Generic[C]):
     """Clients by fd, watched in the primary's selector (a base for primary components)."""
 
     primary: Primary | None
@@ -86,8 +87,9 @@ class ClientServer(Generic[C]):
             return
         self._serve(fd, client, mask)
 
+    @abc.abstractmethod
     def _serve(self, fd: int, client: C, mask: int) -> None:
-        raise NotImplementedError
+        """Read from / write to one client; the subclass's protocol."""
 
     def _linger(self, fd: int, client: C) -> None:
         """Close once answered. Closing a socket with unread input resets the

@@ -37,6 +37,7 @@ type           direction  meaning
 
 from __future__ import annotations
 
+import abc
 import array
 import asyncio
 import collections
@@ -82,7 +83,7 @@ def describe_exception(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}"
 
 
-class Endpoint:
+class Endpoint(abc.ABC):
     """A worker's end of its link to the primary; the transport is a subclass."""
 
     def __init__(self, worker_id: int) -> None:
@@ -108,17 +109,19 @@ class Endpoint:
 
     # -- what a transport provides ------------------------------------------------
 
+    @abc.abstractmethod
     def _send(self, msg: Message, fds: Sequence[int] = ()) -> None:
-        raise NotImplementedError
+        """Put one message (and fds) on the wire."""
 
+    @abc.abstractmethod
     def _close_transport(self) -> None:
-        raise NotImplementedError
+        """Close the underlying channel."""
 
     def default_loop(self) -> asyncio.AbstractEventLoop | None:
         """Where ``async def`` callbacks registered outside any event loop run."""
         return None
 
-    def _check_may_block(self, what: str) -> None:
+    def _check_may_block(self, what: str) -> None:  # noqa: B027 - optional hook
         """Raise if blocking here would deadlock the dispatcher."""
 
     # -- sending ------------------------------------------------------------------
