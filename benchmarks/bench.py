@@ -530,6 +530,25 @@ def fill_ratios(rows: list[Row]) -> None:
             r.ratio = r.load.requests_per_s / base[r.workers]
 
 
+def print_columns(table: list[tuple[str, ...]], left: int = 1) -> None:
+    """Print rows as aligned columns: the first ``left`` left-aligned, the rest right-aligned."""
+    widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
+    for i, row in enumerate(table):
+        cells = [c.ljust(w) if j < left else c.rjust(w) for j, (c, w) in enumerate(zip(row, widths, strict=True))]
+        print("  ".join(cells).rstrip())
+        if i == 0:
+            print("  ".join("-" * w for w in widths))
+
+
+def print_notes(rows: list[Any], label: Callable[[Any], str] = lambda r: "") -> None:
+    """After a table: one line per row that carries a note (why it failed, what it skipped)."""
+    notes = [r for r in rows if r.note]
+    if notes:
+        print()
+        for r in notes:
+            print(f"{r.server} x{r.workers}{label(r)} [{r.status}]: {r.note}")
+
+
 def print_table(rows: list[Row]) -> None:
     header = ("server", "workers", "req/s", "p99 ms", "errors", f"vs {BASELINE}")
     table = [header]
@@ -549,17 +568,8 @@ def print_table(rows: list[Row]) -> None:
                 ratio,
             )
         )
-    widths = [max(len(row[i]) for row in table) for i in range(len(header))]
-    for i, row in enumerate(table):
-        cells = [c.ljust(w) if j == 0 else c.rjust(w) for j, (c, w) in enumerate(zip(row, widths, strict=True))]
-        print("  ".join(cells).rstrip())
-        if i == 0:
-            print("  ".join("-" * w for w in widths))
-    notes = [r for r in rows if r.note]
-    if notes:
-        print()
-        for r in notes:
-            print(f"{r.server} x{r.workers} [{r.status}]: {r.note}")
+    print_columns(table, left=1)
+    print_notes(rows)
 
 
 def version_of(dist: str) -> str | None:
@@ -801,17 +811,8 @@ def print_restart_table(rows: list[RestartRow]) -> None:
                 f"{r.load.requests_per_s:,.0f}",
             )
         )
-    widths = [max(len(row[i]) for row in table) for i in range(len(header))]
-    for i, row in enumerate(table):
-        cells = [c.ljust(w) if j < 3 else c.rjust(w) for j, (c, w) in enumerate(zip(row, widths, strict=True))]
-        print("  ".join(cells).rstrip())
-        if i == 0:
-            print("  ".join("-" * w for w in widths))
-    notes = [r for r in rows if r.note]
-    if notes:
-        print()
-        for r in notes:
-            print(f"{r.server} x{r.workers} {r.mode} [{r.status}]: {r.note}")
+    print_columns(table, left=3)
+    print_notes(rows, lambda r: f" {r.mode}")
 
 
 def scenario_restart(args: argparse.Namespace) -> list[Row]:
@@ -1136,16 +1137,8 @@ def print_scheduling_table(kind: str, rows: list[Row]) -> None:
             p99 = "-" if r.load.p99_ms is None else f"{r.load.p99_ms:.2f}"
             cells = (f"{r.load.requests_per_s:,.0f}", p50, p99, str(r.load.errors))
         table.append((r.server, str(r.workers), *cells))
-    widths = [max(len(row[i]) for row in table) for i in range(len(header))]
-    for i, row in enumerate(table):
-        print("  ".join(c.ljust(w) if j == 0 else c.rjust(w) for j, (c, w) in enumerate(zip(row, widths, strict=True))))
-        if i == 0:
-            print("  ".join("-" * w for w in widths))
-    notes = [r for r in rows if r.note]
-    if notes:
-        print()
-        for r in notes:
-            print(f"{r.server} x{r.workers} [{r.status}]: {r.note}")
+    print_columns(table, left=1)
+    print_notes(rows)
 
 
 def scenario_spread(args: argparse.Namespace) -> list[Row]:
@@ -1408,27 +1401,13 @@ def scenario_reload(args: argparse.Namespace) -> list[Row]:
             )
         )
     print_columns(table, left=1)
-    notes = [r for r in rows if r.note]
-    if notes:
-        print()
-        for r in notes:
-            print(f"{r.server} x{r.workers} [{r.status}]: {r.note}")
+    print_notes(rows)
     print(
         f"\n{args.saves} saves of {EXAMPLE_DIR.relative_to(ROOT)}/main.py (a copy), {args.interval:g}s apart; "
         "latency = save to the end of the first response with the new code, one client polling GET / "
         "back to back with a new connection per request; each server with its own reload defaults"
     )
     return list(rows)
-
-
-def print_columns(table: list[tuple[str, ...]], left: int = 1) -> None:
-    """Print rows as aligned columns: the first ``left`` left-aligned, the rest right-aligned."""
-    widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
-    for i, row in enumerate(table):
-        cells = [c.ljust(w) if j < left else c.rjust(w) for j, (c, w) in enumerate(zip(row, widths, strict=True))]
-        print("  ".join(cells).rstrip())
-        if i == 0:
-            print("  ".join("-" * w for w in widths))
 
 
 # --------------------------------------------------------------------------- memory
@@ -1580,11 +1559,7 @@ def scenario_memory(args: argparse.Namespace) -> list[Row]:
             )
         )
     print_columns(table, left=1)
-    notes = [r for r in rows if r.note]
-    if notes:
-        print()
-        for r in notes:
-            print(f"{r.server} x{r.workers} [{r.status}]: {r.note}")
+    print_notes(rows)
     print(
         f"\nPSS = sum of Pss in /proc/PID/smaps_rollup over every process of the server (primary or arbiter, "
         f"template, workers), after {args.settle:g}s idle following a warm-up of a few requests per worker; "

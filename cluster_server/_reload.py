@@ -188,13 +188,14 @@ class _FreshSourceLoader(importlib.machinery.SourceFileLoader):
     """A source loader that drops a ``.pyc`` not written after its source's last change."""
 
     def get_code(self, fullname: str) -> Any:
-        try:
-            source_mtime = os.stat(self.path).st_mtime_ns
-            cached = importlib.util.cache_from_source(self.path)
-            if os.stat(cached).st_mtime_ns <= source_mtime:
-                os.unlink(cached)  # stale or ambiguous: compile from source, write a new one
-        except (OSError, NotImplementedError, ValueError):
-            pass
+        if sys.implementation.cache_tag is not None:  # None: this Python writes no .pyc at all
+            try:
+                source_mtime = os.stat(self.path).st_mtime_ns
+                cached = importlib.util.cache_from_source(self.path)
+                if os.stat(cached).st_mtime_ns <= source_mtime:
+                    os.unlink(cached)  # stale or ambiguous: compile from source, write a new one
+            except (OSError, ValueError):
+                pass  # no source or no .pyc (yet): nothing stale to drop
         return super().get_code(fullname)
 
 
