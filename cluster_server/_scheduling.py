@@ -6,20 +6,25 @@
   kernel decides who wins each connection (uneven: it favours the busiest).
 - ``round-robin``: only the primary accepts. It hands each connection's fd to
   the next READY worker over that worker's channel (``SCM_RIGHTS``).
-- ``least-busy``: like round-robin, but the READY worker with the fewest open
-  connections gets the next one.
+- ``least-busy``: like round-robin, but the READY worker with the fewest busy
+  connections (a request in progress, or none received yet; idle keep-alive
+  connections and WebSockets do not count) gets the next one. A worker whose
+  event loop does not answer goes last; once one was seen blocked, connections
+  queue in the primary rather than in busy workers (``BUSY_MAX``).
 - ``reuseport``: each worker binds its own ``SO_REUSEPORT`` socket; the kernel
   hashes connections over them.
 
 The hand-off protocol (JSON over the worker channel, fds alongside)::
 
-    primary -> worker  {"t": "conn", "b": BATCH}  with 1..253 connection fds
+    primary -> worker  {"t": "conn", "b": BATCH,  with 1..253 connection fds
+                        "q": 1}                     least-busy is queueing (BUSY_MAX applies)
     worker -> primary  {"t": "ack",
                         "b": [BATCH, ...],          taken, every fd of the batch
                         "r": [BATCH, ...],          refused: the worker is draining
                         "f": [[BATCH, I, ...], ...] refused fds I of BATCH (all if none
                                                     listed): the worker is at its fd limit
                         "k": TAKEN, "o": OPEN}      fds taken in total, connections open now
+                                                    (least-busy: busy ones, see BUSY_MAX)
 
 Like Node's cluster, the primary keeps its own copy of every fd it hands out
 until the worker acknowledges it, and gives it to another worker when that one
@@ -71,11 +76,25 @@ ACCEPT_PAUSE = 0.1
 #: ack in between, is not running its event loop (a blocking request, CPU starvation): it
 #: gets new connections only when every worker is in that state
 STALL = 0.01
-#: least-busy: a worker sends at most one pure load report (connections closed, nothing
-#: to acknowledge) per this many seconds. Acks are never delayed: until the primary gets
-#: one it holds a reference to the connection, so a connection the worker already closed
-#: would not be closed (no FIN) before the ack arrives.
-REPORT_INTERVAL = 0.002
+#: least-busy, once a worker's event loop was seen blocked (it held connections and sent
+#: no ack for BLOCKED: longer than STALL, so a busy machine's scheduling delays do not
+#: count), for QUEUE_FOR seconds: a worker with BUSY_MAX busy connections (a request in
+#: progress, or none received yet) gets no more. Connections wait in the
+#: primary instead, first come first served by whichever worker frees up first, rather
+#: than inside one worker, where the next blocking request would stall them all. Off
+#: while no loop blocks: then it would only cost a report per connection at full load.
+BUSY_MAX = 2
+BLOCKED = 0.03
+QUEUE_FOR = 10.0
+#: when no worker has been under BUSY_MAX for this long (long-lived requests: streams,
+#: long polls), the next connection goes to the least busy worker anyway
+HOLD_WAIT = 0.02
+#: least-busy: a worker sends at most one pure load report (connections no longer busy,
+#: nothing to acknowledge) per this many seconds; acks carry the load too, and a drop
+#: below BUSY_MAX while the primary is queueing is reported at once. Acks are never
+#: delayed: until the primary gets one it holds a reference to the connection, so a
+#: connection the worker already closed would not be closed (no FIN) before the ack arrives.
+REPORT_INTERVAL = 0.02
 #: errors that mean "out of fds or memory": stop accepting for a while
 _RESOURCE_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 #: accept() errors about one connection only: skip it and accept the next
@@ -148,6 +167,8 @@ class HandOff:
         self.ring: list[_Peer] = []  # READY peers that may be routed to, in readiness order
         self._next = 0  # where the rotation starts
         self._next_forced = 0
+        self._queue_until = 0.0  # least-busy: BUSY_MAX applies until then (a loop was seen blocked)
+        self._full_since = 0.0  # least-busy: since when every worker is at BUSY_MAX (0: not)
         self.held: collections.deque[int] = collections.deque()  # fds no worker could take yet
         self._batch = 0
         self._accepting = False
@@ -219,6 +240,8 @@ class HandOff:
         times = [p.blocked_until for p in self.ring if p.blocked_until > now]
         if self._paused_until > now:
             times.append(self._paused_until)
+        if self.held and self._full_since and self._full_since + HOLD_WAIT > now:
+            times.append(self._full_since + HOLD_WAIT)  # (after it, only an ack frees a stalled worker)
         return min(times) if times else None
 
     def tick(self) -> None:
@@ -376,10 +399,23 @@ class HandOff:
                 load = p.load
                 if p.unacked and p.progress_at < stalled_after:
                     load += 1 << 30  # stalled: last resort
+                    if now - p.progress_at >= BLOCKED:
+                        self._saw_blocked(p, now)
                 if best is None or load < best_load:
                     best, best_load, best_j = p, load, j
-        if best is not None:
-            self._next = best_j + 1
+        if best is None:
+            return None
+        if best_load >= BUSY_MAX and now < self._queue_until:
+            # Every worker is busy or stalled: hold it for the first one that frees up. After
+            # HOLD_WAIT with none under BUSY_MAX (long-lived requests keep them busy), a busy
+            # one that still runs its loop takes it; one that does not never does.
+            if not self._full_since:
+                self._full_since = now
+            if now < self._full_since + HOLD_WAIT or best_load >= 1 << 30:  # (next_deadline's sum)
+                return None
+        else:
+            self._full_since = 0.0
+        self._next = best_j + 1
         return best
 
     def _pump(self, update: bool = True) -> None:
@@ -454,6 +490,8 @@ class HandOff:
         peer.unacked += len(fds)
         peer.handed += len(fds)
         msg: Message = {"t": "conn", "b": bid, "force": True} if force else {"t": "conn", "b": bid}
+        if self.primary.clock() < self._queue_until:
+            msg["q"] = 1
         if not self.primary.send(peer.worker, msg, dups):
             # Not delivered (the channel is gone): nobody else has these, re-route now.
             logger.warning("%s: channel closed; re-routing its connections", peer.worker.name)
@@ -461,6 +499,20 @@ class HandOff:
             self._reroute(peer, peer.batches.pop(bid))
             return False
         return True
+
+    def _saw_blocked(self, peer: _Peer, now: float) -> None:
+        """``peer`` held connections and did not run its event loop for BLOCKED: this app has
+        requests that block it. Queue connections in the primary (BUSY_MAX) for a while."""
+        if now >= self._queue_until:
+            logger.info(
+                "%s's event loop was blocked for %.0f ms or more: for the next %g s, a worker with %d busy "
+                "connections gets no more while the primary can hold them (--scheduling least-busy)",
+                peer.worker.name,
+                (now - peer.progress_at) * 1e3,
+                QUEUE_FOR,
+                BUSY_MAX,
+            )
+        self._queue_until = now + QUEUE_FOR
 
     def _retire(self, peer: _Peer) -> None:
         """Never route to ``peer`` again (its unacknowledged batches stay until it answers or is reaped)."""
@@ -481,7 +533,10 @@ class HandOff:
         """Apply one ack. Raises TypeError on a malformed field (then nothing is applied)."""
         w = peer.worker
         assert self.primary is not None
-        peer.progress_at = self.primary.clock()
+        now = self.primary.clock()
+        if self.least_busy and peer.unacked and now - peer.progress_at >= BLOCKED:
+            self._saw_blocked(peer, now)
+        peer.progress_at = now
         taken = _ints(msg.get("b", []), "b")
         draining = _ints(msg.get("r", []), "r")
         partial = msg.get("f", [])
@@ -679,7 +734,9 @@ class WorkerHandOff:
         self._scheduled = False
         self._timer: asyncio.TimerHandle | None = None  # a rate-limited load report
         self._reported_open = -1
-        self._last_report = 0.0
+        #: the primary applies BUSY_MAX (it said so in its last "conn"): report drops below it at once
+        self.queueing = False
+        self._last_flush = 0.0
         self._retries = 0
         self._writer = False
 
@@ -687,14 +744,18 @@ class WorkerHandOff:
         self.loop = loop
         self.server.handlers["conn"] = self.on_conn
         if self.least_busy:
-            self.server.watch_closes(self._open_changed)
+            self.server.watch_busy(self._open_changed)
 
     @property
     def open(self) -> int:
-        return self.server.open_connections + self.connecting
+        """least-busy's load: busy connections (see ``WorkerServer.watch_busy``) and those
+        being taken over; round-robin: open connections."""
+        server = self.server
+        return (server.busy_connections if server.tracking_busy else server.open_connections) + self.connecting
 
     def on_conn(self, msg: dict[str, Any], fds: list[int]) -> None:
         bid = msg.get("b")
+        self.queueing = bool(msg.get("q"))
         if isinstance(bid, bool) or not isinstance(bid, int):
             _close(fds)
             logger.warning("worker: a 'conn' message without a batch number: %.200r; dropped", msg)
@@ -741,10 +802,17 @@ class WorkerHandOff:
             self.connecting -= 1
 
     def _open_changed(self) -> None:
-        """least-busy: a connection closed; report it soon, but not more often than REPORT_INTERVAL."""
-        if self._scheduled or self._timer is not None or self.loop is None:
+        """least-busy: a connection stopped being busy. Report it at once when the primary
+        is queueing and saw us at BUSY_MAX (it may hold connections for us); else soon,
+        but not more often than REPORT_INTERVAL."""
+        if self._scheduled or self.loop is None:
             return
-        wait = self._last_report + REPORT_INTERVAL - self.loop.time()
+        if self.queueing and self._reported_open >= BUSY_MAX > self.open:
+            self._schedule()
+            return
+        if self._timer is not None:
+            return
+        wait = self._last_flush + REPORT_INTERVAL - self.loop.time()
         if wait > 0:
             self._timer = self.loop.call_later(wait, self._flush)
         else:
@@ -761,6 +829,8 @@ class WorkerHandOff:
             self._timer.cancel()
             self._timer = None
         self._scheduled = False
+        assert self.loop is not None
+        self._last_flush = self.loop.time()
         if self._retries < 3 and any(batch.started < batch.n for batch in self.pending):
             # A connect has not run its first step yet (it is queued behind us): go after it,
             # so that one ack covers every batch received in this iteration.
@@ -791,8 +861,6 @@ class WorkerHandOff:
         if len(msg) > 1 or opened != self._reported_open:
             msg["k"], msg["o"] = self.taken, opened
             self._reported_open = opened
-            assert self.loop is not None
-            self._last_report = self.loop.time()
             self._send(msg)
         if waiting and not self.server.should_exit:  # (a task cancelled at shutdown never starts)
             self._schedule()

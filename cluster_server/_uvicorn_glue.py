@@ -9,8 +9,11 @@ Tested against uvicorn 0.54 (pinned in pyproject.toml). What we rely on:
   factory uvicorn itself builds in ``startup``, to serve connections handed to
   the worker (``loop.connect_accepted_socket``); ``serve(sockets=[])`` still
   runs lifespan and the main loop;
-- protocols ``add``/``discard``/``remove`` themselves in ``server_state.connections``
-  (``watch_closes`` counts closes for ``--scheduling least-busy``);
+- for ``watch_busy`` (``--scheduling least-busy``): protocols ``add`` and
+  ``discard`` themselves in ``server_state.connections``; an HTTP protocol's
+  ``timeout_keep_alive_task`` is set exactly while its connection is idle
+  between requests (armed when a response completes with nothing pipelined,
+  cleared when data arrives or the connection closes cleanly);
 - for the drain: the HTTP protocols' ``cycle`` (``response_started``,
   ``response_complete``, ``keep_alive``, ``default_headers``), ``shutdown()``,
   ``handle_websocket_upgrade()``, ``server_state.default_headers``, and the
@@ -83,6 +86,11 @@ class WorkerServer(uvicorn.Server):
         #: handlers for messages from the primary, by type ("t")
         self.handlers: dict[str, Callable[[dict[str, Any], list[int]], None]] = {}
         self._factory: Callable[[], asyncio.Protocol] | None = None
+        #: least-busy: counts behind ``busy_connections`` (see ``watch_busy``)
+        self.tracking_busy = False
+        self.idle_connections = 0
+        self.websockets: set[Any] = set()
+        self._on_not_busy: Callable[[], None] = _nothing
 
     @property
     def total_requests(self) -> int:
@@ -97,7 +105,11 @@ class WorkerServer(uvicorn.Server):
         # Wrap uvicorn's own class for this server (a config built before a fork
         # may carry another server's wrapper).
         base = getattr(config.http_protocol_class, "_cluster_server_base", config.http_protocol_class)
-        config.http_protocol_class = draining_protocol(base, self)
+        cls = draining_protocol(base, self)
+        if self.tracking_busy:
+            cls = busy_tracking_protocol(cls, self)
+        cls._cluster_server_base = base
+        config.http_protocol_class = cls
         await super().startup(sockets=sockets)
         if self.started and not self.should_exit:
             self._on_ready()
@@ -165,15 +177,24 @@ class WorkerServer(uvicorn.Server):
         loop = asyncio.get_running_loop()
         return loop.connect_accepted_socket(self._factory, sock, ssl=self.config.ssl)
 
-    def watch_closes(self, callback: Callable[[], None]) -> None:
-        """Call ``callback`` whenever a connection leaves ``server_state.connections``.
+    @property
+    def busy_connections(self) -> int:
+        """Open connections less the idle ones (``watch_busy`` only)."""
+        return len(self.server_state.connections) - self.idle_connections - len(self.websockets)
 
-        uvicorn's protocols ``add`` themselves in ``connection_made`` and
-        ``discard``/``remove`` themselves in ``connection_lost`` (an HTTP protocol
-        upgrading to a WebSocket one swaps places, which also calls back). Call
-        before serving.
+    def watch_busy(self, callback: Callable[[], None]) -> None:
+        """Keep ``busy_connections`` counted; call ``callback`` when one stops being busy.
+
+        Busy: a request in progress, or none answered yet. A keep-alive
+        connection between requests is not, nor is an upgraded WebSocket: they
+        cost the worker nothing while idle, so they must not count against it.
+        Counted incrementally, with no work per request beyond uvicorn's own
+        keep-alive timer bookkeeping: idle is exactly "``timeout_keep_alive_task``
+        is set". Call before serving.
         """
-        self.server_state.connections = _WatchedSet(callback)
+        self.tracking_busy = True
+        self._on_not_busy = callback
+        self.server_state.connections = _WatchedSet(self)
 
     def protocol_factory(self) -> Callable[[], asyncio.Protocol]:
         """The factory uvicorn's own ``startup`` builds, for handed-over connections."""
@@ -190,28 +211,77 @@ class WorkerServer(uvicorn.Server):
         return create_protocol
 
 
+def _nothing() -> None:
+    pass
+
+
 class _WatchedSet(set[Any]):
-    """A set that reports removals (uvicorn's ``server_state.connections``)."""
+    """uvicorn's ``server_state.connections``, reporting closes (``watch_busy``)."""
 
-    __slots__ = ("_on_remove",)
+    __slots__ = ("_server",)
 
-    def __init__(self, on_remove: Callable[[], None]) -> None:
+    def __init__(self, server: WorkerServer) -> None:
         super().__init__()
-        self._on_remove = on_remove
+        self._server = server
 
     def discard(self, item: Any) -> None:
-        super().discard(item)
-        self._on_remove()
+        if item in self:
+            super().discard(item)
+            self._server.websockets.discard(item)
+            self._server._on_not_busy()
 
     def remove(self, item: Any) -> None:
         super().remove(item)
-        self._on_remove()
+        self._server.websockets.discard(item)
+        self._server._on_not_busy()
 
 
 def _busy(protocol: Any) -> bool:
     """Is a request in flight on this HTTP connection (received, response not finished)?"""
     cycle = getattr(protocol, "cycle", None)
     return cycle is not None and not cycle.response_complete
+
+
+def busy_tracking_protocol(base: Any, server: WorkerServer) -> Any:
+    """``base`` counting its idle connections in ``server.idle_connections``, and the
+    WebSockets it upgrades to in ``server.websockets`` (see ``WorkerServer.watch_busy``).
+
+    uvicorn arms ``timeout_keep_alive_task`` when a response completes with
+    nothing pipelined and clears it when data arrives; making it a property
+    counts the transitions without adding a call to the request path.
+    """
+
+    class BusyTrackingProtocol(base):  # type: ignore[misc]
+        _cs_keep_alive: asyncio.TimerHandle | None = None
+
+        @property
+        def timeout_keep_alive_task(self) -> asyncio.TimerHandle | None:
+            return self._cs_keep_alive
+
+        @timeout_keep_alive_task.setter
+        def timeout_keep_alive_task(self, task: asyncio.TimerHandle | None) -> None:
+            if task is None:
+                if self._cs_keep_alive is not None:
+                    server.idle_connections -= 1
+            elif self._cs_keep_alive is None:
+                server.idle_connections += 1
+                server._on_not_busy()
+            self._cs_keep_alive = task
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            super().connection_lost(exc)
+            if self._cs_keep_alive is not None:  # lost with an error: uvicorn leaves the timer
+                self._cs_keep_alive.cancel()
+                self.timeout_keep_alive_task = None
+
+        def handle_websocket_upgrade(self, *args: Any) -> None:
+            super().handle_websocket_upgrade(*args)
+            ws = self.transport.get_protocol()
+            if ws is not self and ws in self.connections:
+                server.websockets.add(ws)
+
+    BusyTrackingProtocol.__name__ = BusyTrackingProtocol.__qualname__ = f"BusyTracking{base.__name__}"
+    return BusyTrackingProtocol
 
 
 def draining_protocol(base: Any, server: WorkerServer) -> Any:

@@ -707,6 +707,113 @@ def test_least_busy_skips_a_stalled_worker_even_when_it_has_fewer_connections(co
     assert primary.sent[0][0] is w1
 
 
+def test_least_busy_queues_in_the_primary_once_a_loop_was_seen_blocked(conns: Any, caplog: Any) -> None:
+    sched, primary, (w1, w2) = setup("least-busy", 2)
+    ready(sched, w1)
+    ready(sched, w2)
+    offer(sched, conns(6))  # 3 each
+    for w in (w1, w2):
+        ack(sched, w, b=primary.batches_for(w), k=3, o=3)
+    # No loop seen blocked yet: no cap, a worker with 3 busy connections gets a 4th at once.
+    primary.sent.clear()
+    offer(sched, conns(1))
+    ((slow, msg, _),) = primary.sent
+    assert "q" not in msg
+    other = w1 if slow is w2 else w2
+    # It sends no ack for BLOCKED: a request is blocking its event loop.
+    primary.now += _scheduling.BLOCKED
+    with caplog.at_level(logging.INFO, logger="cluster_server"):
+        ack(sched, slow, b=[msg["b"]], k=4, o=4)
+    assert "event loop was blocked for 30 ms" in caplog.text
+    # Both are at BUSY_MAX or over: new connections wait in the primary, in order.
+    primary.sent.clear()
+    fds = conns(3)
+    offer(sched, fds)
+    assert primary.sent == [] and list(sched.held) == fds
+    assert sched.next_deadline() == pytest.approx(primary.now + _scheduling.HOLD_WAIT)
+    # The first worker to drop below BUSY_MAX gets them, up to BUSY_MAX.
+    ack(sched, other, k=3, o=0)
+    assert [dest for dest, _, _ in primary.sent] == [other]
+    assert primary.sent[0][1]["q"] == 1  # so it reports its next drop at once
+    assert sched.peers[other.pid].unacked == _scheduling.BUSY_MAX
+    assert list(sched.held) == fds[_scheduling.BUSY_MAX :]
+    # Nobody frees up for HOLD_WAIT (long-lived requests): the rest go anyway.
+    primary.now += _scheduling.HOLD_WAIT
+    sched.tick()
+    assert not sched.held
+    # QUEUE_FOR with no blocked loop seen: no cap again.
+    for w in (w1, w2):
+        peer = sched.peers[w.pid]
+        ack(sched, w, b=list(peer.batches), k=peer.handed, o=5)
+    primary.now += _scheduling.QUEUE_FOR
+    primary.sent.clear()
+    offer(sched, conns(1))
+    assert len(primary.sent) == 1 and "q" not in primary.sent[0][1]
+
+
+def test_queueing_never_gives_a_stalled_worker_more_when_all_are(conns: Any) -> None:
+    sched, primary, (w1, w2) = setup("least-busy", 2)
+    ready(sched, w1)
+    ready(sched, w2)
+    sched._queue_until = primary.now + _scheduling.QUEUE_FOR  # a loop was seen blocked before
+    offer(sched, conns(2 * _scheduling.BUSY_MAX))  # both at BUSY_MAX, neither acknowledges: blocked
+    primary.sent.clear()
+    fds = conns(2)
+    offer(sched, fds)
+    primary.now += _scheduling.HOLD_WAIT * 10
+    sched.tick()
+    assert primary.sent == [] and list(sched.held) == fds  # waiting for the first to wake up
+    assert sched.next_deadline() is None  # for an ack, not a timer: no busy loop
+    peer = sched.peers[w2.pid]
+    ack(sched, w2, b=list(peer.batches), k=peer.handed, o=0)  # w2's loop runs again
+    assert [dest for dest, _, _ in primary.sent] == [w2] and not sched.held
+
+
+def test_a_short_scheduling_delay_does_not_start_queueing(conns: Any, caplog: Any) -> None:
+    sched, primary, (w1,) = setup("least-busy", 1)
+    ready(sched, w1)
+    offer(sched, conns(3))
+    primary.now += _scheduling.STALL  # a busy machine: late, but not blocked by a request
+    with caplog.at_level(logging.INFO, logger="cluster_server"):
+        ack(sched, w1, b=primary.batches_for(w1), k=3, o=3)
+    offer(sched, conns(1))
+    assert "blocked" not in caplog.text
+    assert sched.peers[w1.pid].load == 4 and not sched.held
+
+
+def test_least_busy_keeps_new_connections_away_from_a_blocked_worker(
+    start_server: Any, write_app: Any, tmp_path: Any
+) -> None:
+    """End to end, with real processes: a blocked worker's late ack turns queueing on (the
+    log says so), and of 12 fast requests sent while one worker is blocked for 1.5 s, at
+    most one waits for it (it had 1 busy connection, under BUSY_MAX, so it could be given
+    one before it was seen stalled)."""
+    pidfile = tmp_path / "blocked.pid"
+    server = start(start_server, write_app, "least-busy", 2, env={"TEST_PIDFILE": str(pidfile)})
+
+    def timed_fetch() -> float:
+        t0 = time.monotonic()
+        assert fetch(server.url, "/", 30).status_code == 200
+        return time.monotonic() - t0
+
+    def one_round() -> list[float]:
+        pidfile.unlink(missing_ok=True)
+        with concurrent.futures.ThreadPoolExecutor(max_workers=13) as pool:
+            blocker = pool.submit(fetch, server.url, "/block?1.5", 30)
+            wait_until(lambda: pidfile.exists() and pidfile.read_text(), timeout=10, what="a worker blocked")
+            times = list(pool.map(lambda _: timed_fetch(), range(12)))
+            assert blocker.result(timeout=30).status_code == 200
+        return times
+
+    for _ in range(3):  # connections handed to the blocked worker show the primary it was blocked
+        one_round()
+        if "event loop was blocked" in server.log():
+            break
+    assert "event loop was blocked" in server.log()
+    times = one_round()
+    assert sum(t >= 1.0 for t in times) <= 1, sorted(times)
+
+
 # --------------------------------------------------------------------------- worker side, in-process
 
 
@@ -720,12 +827,20 @@ class FakeServer:
         self.fail = fail or {}  # n-th connection (0-based) -> errno its first step raises
         self.n = 0
 
+    tracking_busy = False
+
     @property
     def open_connections(self) -> int:
         return len(self.served)
 
-    def watch_closes(self, callback: Any) -> None:
-        self.on_close = callback
+    @property
+    def busy_connections(self) -> int:
+        return len(self.served) - self.idle
+
+    def watch_busy(self, callback: Any) -> None:
+        self.tracking_busy = True
+        self.idle = 0
+        self.on_not_busy = callback
 
     async def serve_accepted(self, sock: socket.socket) -> None:
         n, self.n = self.n, self.n + 1
@@ -793,6 +908,132 @@ def test_a_worker_out_of_fds_refuses_those_it_could_not_take() -> None:
     assert ack_msg["f"] == [[4], [3, 1, 2]]  # batch 4: all (fds truncated); batch 3: indexes 1 and 2
     assert ack_msg["k"] == 2 and "b" not in ack_msg
     assert len(server.served) == 2
+
+
+@pytest.mark.parametrize("queueing", [True, False])
+def test_a_queueing_worker_reports_a_drop_below_busy_max_at_once(monkeypatch: Any, queueing: bool) -> None:
+    import asyncio
+
+    from cluster_server._channel import Channel, pair
+
+    monkeypatch.setattr(_scheduling, "REPORT_INTERVAL", 60.0)  # no timed report in this test
+    server = FakeServer()
+    ours, theirs = pair()
+    primary_end, worker_end = Channel(ours), Channel(theirs)
+    spare: list[socket.socket] = []
+
+    async def received() -> list[dict[str, Any]]:
+        got: list[dict[str, Any]] = []
+        for _ in range(20):
+            await asyncio.sleep(0.005)
+            got.extend(m for m, _ in primary_end.receive() if isinstance(m, dict))
+        return got
+
+    async def main() -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+        handoff = _scheduling.WorkerHandOff(server, worker_end, least_busy=True)  # type: ignore[arg-type]
+        handoff.install(asyncio.get_running_loop())
+        fds = []
+        for _ in range(_scheduling.BUSY_MAX):
+            a, b = socket.socketpair()
+            spare.append(b)
+            fds.append(a.detach())
+        server.handlers["conn"]({"t": "conn", "b": 1, **({"q": 1} if queueing else {})}, fds)
+        acks = await received()
+        server.idle += 1  # a response completed: one connection is idle now
+        server.on_not_busy()
+        return acks, await received()
+
+    try:
+        acks, reports = asyncio.run(main())
+    finally:
+        for s in [*spare, *server.served]:
+            s.close()
+        primary_end.close()
+        worker_end.close()
+    assert acks == [{"t": "ack", "b": [1], "k": _scheduling.BUSY_MAX, "o": _scheduling.BUSY_MAX}]
+    if queueing:  # the primary may be holding connections for this worker: tell it now
+        assert reports == [{"t": "ack", "k": _scheduling.BUSY_MAX, "o": _scheduling.BUSY_MAX - 1}]
+    else:  # nothing waits on it: the next timed report will do
+        assert reports == []
+
+
+BUSY_APP = """
+import asyncio
+
+async def app(scope, receive, send):
+    if scope["type"] == "websocket":
+        await receive()
+        await send({"type": "websocket.accept"})
+        while (await receive())["type"] != "websocket.disconnect":
+            pass
+        return
+    if scope["path"] == "/wait":
+        await asyncio.sleep(0.5)
+    await send({"type": "http.response.start", "status": 200, "headers": []})
+    await send({"type": "http.response.body", "body": b"ok"})
+"""
+
+
+@pytest.mark.parametrize("http", ["h11", "httptools"])
+def test_busy_connections_leave_out_idle_keep_alive_and_websockets(tmp_path: Any, http: str) -> None:
+    """A real uvicorn server: what least-busy counts as a worker's load."""
+    import asyncio
+
+    import uvicorn
+
+    from cluster_server._uvicorn_glue import WorkerServer
+
+    namespace: dict[str, Any] = {}
+    exec(BUSY_APP, namespace)
+    config = uvicorn.Config(namespace["app"], http=http, ws="websockets-sansio", lifespan="off", log_level="warning")
+    server = WorkerServer(config, on_ready=lambda: None, on_heartbeat=lambda s: None, heartbeat_interval=1.0)
+    drops: list[int] = []
+    server.watch_busy(lambda: drops.append(1))
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    sock.listen()
+    url = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    seen: dict[str, tuple[int, int]] = {}
+    errors: list[BaseException] = []
+
+    def counts() -> tuple[int, int]:
+        return server.busy_connections, len(server.server_state.connections)
+
+    def client() -> None:
+        try:
+            wait_until(lambda: server.started, timeout=10, what="server started")
+            with httpx.Client(timeout=10) as keep_alive, httpx.Client(timeout=10) as other:
+                assert keep_alive.get(url + "/").status_code == 200
+                wait_until(lambda: counts() == (0, 1), timeout=5, what="idle keep-alive connection not busy")
+                seen["idle"] = counts()
+                with concurrent.futures.ThreadPoolExecutor(1) as pool:
+                    waiting = pool.submit(other.get, url + "/wait")
+                    wait_until(lambda: counts() == (1, 2), timeout=5, what="a request in progress is busy")
+                    seen["waiting"] = counts()
+                    assert waiting.result(10).status_code == 200
+                wait_until(lambda: counts() == (0, 2), timeout=5, what="both idle again")
+                with ws_connect(url.replace("http", "ws") + "/ws", open_timeout=10):
+                    wait_until(lambda: counts() == (0, 3), timeout=5, what="an open websocket not busy")
+                    seen["websocket"] = counts()
+            wait_until(lambda: counts() == (0, 0), timeout=5, what="all closed")
+            seen["closed"] = (server.idle_connections, len(server.websockets))
+        except BaseException as exc:
+            errors.append(exc)
+        finally:
+            server.should_exit = True
+
+    thread = threading.Thread(target=client)
+    thread.start()
+    try:
+        asyncio.run(server.serve(sockets=[sock]))  # the main thread: uvicorn installs signal handlers
+    finally:
+        server.should_exit = True
+        thread.join(30)
+        sock.close()
+    if errors:
+        raise errors[0]
+    assert seen == {"idle": (0, 1), "waiting": (1, 2), "websocket": (0, 3), "closed": (0, 0)}
+    assert len(drops) >= 3  # each response completing, and each close, told the scheduler
 
 
 def test_round_robin_over_a_unix_socket(start_server: Any, write_app: Any, tmp_path: Any) -> None:
