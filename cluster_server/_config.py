@@ -163,8 +163,8 @@ class Config:
 
     scheduling: SchedulingType = option(
         "least-busy",
-        "How connections reach workers: the primary hands each one to the worker with the fewest "
-        "open connections (least-busy) or to the next worker in turn (round-robin); or every worker "
+        "How connections reach workers: the primary hands each one to the worker with the fewest busy "
+        "connections (least-busy) or to the next worker in turn (round-robin); or every worker "
         "accepts on the shared socket and the kernel picks (shared); or each worker binds its own "
         "SO_REUSEPORT socket (reuseport). See docs/scheduling.md.",
         group="processes",
