@@ -252,7 +252,17 @@ class HandOff:
     def metrics_samples(self) -> list[tuple[str, str, str, dict[str, str], float]]:
         """For the metrics endpoint (``--metrics``): what the hand-off is doing."""
         unacked = sum(p.unacked for p in self.peers.values())
+        assert self.primary is not None
+        queueing = self.primary.clock() < self._queue_until
         return [
+            (
+                "cluster_server_handoff_queueing",
+                "1 while least-busy holds new connections in the primary rather than in busy workers "
+                "(a worker's event loop was seen blocked in the last 10 s)",
+                "gauge",
+                {},
+                int(queueing),
+            ),
             (
                 "cluster_server_accept_backlog",
                 "Connections the primary accepted and has not handed to a worker yet",

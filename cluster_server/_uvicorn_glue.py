@@ -180,7 +180,8 @@ class WorkerServer(uvicorn.Server):
     @property
     def busy_connections(self) -> int:
         """Open connections less the idle ones (``watch_busy`` only)."""
-        return len(self.server_state.connections) - self.idle_connections - len(self.websockets)
+        # (never negative: uvicorn discards a closing connection before it clears its timer)
+        return max(0, len(self.server_state.connections) - self.idle_connections - len(self.websockets))
 
     def watch_busy(self, callback: Callable[[], None]) -> None:
         """Keep ``busy_connections`` counted; call ``callback`` when one stops being busy.

@@ -725,6 +725,8 @@ def test_least_busy_queues_in_the_primary_once_a_loop_was_seen_blocked(conns: An
     with caplog.at_level(logging.INFO, logger="cluster_server"):
         ack(sched, slow, b=[msg["b"]], k=4, o=4)
     assert "event loop was blocked for 30 ms" in caplog.text
+    samples = {name: value for name, _, _, _, value in sched.metrics_samples()}
+    assert samples["cluster_server_handoff_queueing"] == 1
     # Both are at BUSY_MAX or over: new connections wait in the primary, in order.
     primary.sent.clear()
     fds = conns(3)
@@ -1078,6 +1080,7 @@ def test_metrics_samples_report_the_backlog_and_counters(conns: Any) -> None:
     assert samples["cluster_server_handoff_unacknowledged"] == ("gauge", 0)
     assert samples["cluster_server_connections_accepted_total"] == ("counter", 5)
     assert samples["cluster_server_connections_rerouted_total"] == ("counter", 2)
+    assert samples["cluster_server_handoff_queueing"] == ("gauge", 0)
 
 
 def test_the_metrics_endpoint_shows_the_hand_off(start_server: Any, write_app: Any) -> None:
