@@ -304,6 +304,7 @@ class Primary:
     def handle_int(self) -> None:
         if self.stopping:
             logger.warning("second SIGINT: stopping at once")
+            self.exit_code = 128 + signal.SIGINT  # interrupted, as a shell reports it (130)
             self.kill_all()
         else:
             self.stop(graceful=True, why="SIGINT (press CTRL+C again to stop at once)")

@@ -369,6 +369,7 @@ def test_second_sigint_kills_at_once() -> None:
     assert c.launcher.kills[2:] == [(pids[0], KILL), (pids[1], KILL)]
     c.tick(100)
     assert len(c.launcher.kills) == 4, "the drain deadline does not SIGKILL again"
+    assert c.p.exit_code == 130  # interrupted, not a clean stop
 
 
 def test_sigquit_kills_at_once() -> None:
