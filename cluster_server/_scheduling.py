@@ -23,8 +23,9 @@ The hand-off protocol (JSON over the worker channel, fds alongside)::
                         "r": [BATCH, ...],          refused: the worker is draining
                         "f": [[BATCH, I, ...], ...] refused fds I of BATCH (all if none
                                                     listed): the worker is at its fd limit
-                        "k": TAKEN, "o": OPEN}      fds taken in total, connections open now
+                        "k": TAKEN, "o": OPEN,      fds taken in total, connections open now
                                                     (least-busy: busy ones, see BUSY_MAX)
+                        "c": CONNS}                 least-busy: connections open now, idle or not
 
 Like Node's cluster, the primary keeps its own copy of every fd it hands out
 until the worker acknowledges it, and gives it to another worker when that one
@@ -122,6 +123,7 @@ class _Peer:
         "batches",
         "blocked_until",
         "closing",
+        "conns",
         "handed",
         "limit",
         "open",
@@ -139,7 +141,8 @@ class _Peer:
         self.unacked = 0  # fds in ``batches``
         self.handed = 0  # fds handed over in total, less those refused
         self.taken = 0  # fds the worker had taken at its last report ("k")
-        self.open = 0  # connections open in the worker at its last report ("o")
+        self.open = 0  # connections open in the worker at its last report ("o"; least-busy: busy ones)
+        self.conns = 0  # least-busy: connections open, idle or not, at its last report ("c")
         self.blocked_until = 0.0  # at its fd limit: no connections before this
         self.backoff = 0.0
         self.closing = False  # draining, refusing, or its channel broke: never route again
@@ -148,8 +151,13 @@ class _Peer:
 
     @property
     def load(self) -> int:
-        """Open connections now: those at its last report plus those handed since."""
+        """Open (least-busy: busy) connections now: those at its last report plus those handed since."""
         return self.open + self.handed - self.taken
+
+    @property
+    def connections(self) -> int:
+        """least-busy's tie-break: open connections, idle ones included, counted the same way."""
+        return self.conns + self.handed - self.taken
 
 
 class HandOff:
@@ -400,7 +408,7 @@ class HandOff:
                     return p
             return None
         best: _Peer | None = None
-        best_load = best_j = 0
+        best_load = best_conns = best_j = 0
         stalled_after = now - STALL
         for i in range(n):
             j = (start + i) % n
@@ -411,8 +419,9 @@ class HandOff:
                     load += 1 << 30  # stalled: last resort
                     if now - p.progress_at >= BLOCKED:
                         self._saw_blocked(p, now)
-                if best is None or load < best_load:
-                    best, best_load, best_j = p, load, j
+                # Equally busy: fewer connections in all (idle keep-alive ones too) first.
+                if best is None or load < best_load or (load == best_load and p.connections < best_conns):
+                    best, best_load, best_conns, best_j = p, load, p.connections, j
         if best is None:
             return None
         if best_load >= BUSY_MAX and now < self._queue_until:
@@ -556,6 +565,7 @@ class HandOff:
         counts = None
         if "k" in msg or "o" in msg:
             counts = _int(msg.get("k"), "k"), _int(msg.get("o"), "o")
+        conns = _int(msg["c"], "c") if "c" in msg else None
         for bid in taken:
             fds = peer.batches.pop(bid, None)
             if fds is None:
@@ -603,6 +613,7 @@ class HandOff:
             )
         if counts is not None:
             peer.taken, peer.open = counts
+            peer.conns = counts[1] if conns is None else conns
 
 
 def _int(value: Any, key: str) -> int:
@@ -744,6 +755,7 @@ class WorkerHandOff:
         self._scheduled = False
         self._timer: asyncio.TimerHandle | None = None  # a rate-limited load report
         self._reported_open = -1
+        self._reported_conns = -1
         #: the primary applies BUSY_MAX (it said so in its last "conn"): report drops below it at once
         self.queueing = False
         self._last_flush = 0.0
@@ -868,9 +880,12 @@ class WorkerHandOff:
         if self.fd_refused:
             msg["f"], self.fd_refused = self.fd_refused, []
         opened = self.open
-        if len(msg) > 1 or opened != self._reported_open:
+        conns = self.server.open_connections + self.connecting if self.least_busy else opened
+        if len(msg) > 1 or opened != self._reported_open or conns != self._reported_conns:
             msg["k"], msg["o"] = self.taken, opened
-            self._reported_open = opened
+            if self.least_busy:
+                msg["c"] = conns
+            self._reported_open, self._reported_conns = opened, conns
             self._send(msg)
         if waiting and not self.server.should_exit:  # (a task cancelled at shutdown never starts)
             self._schedule()

@@ -261,6 +261,20 @@ def test_least_busy_picks_the_fewest_open_connections(conns: Any) -> None:
     assert sorted(dest.id for dest, _, _ in primary.sent[1:]) == [1, 2, 3]
 
 
+def test_least_busy_breaks_ties_by_connections_idle_ones_included(conns: Any) -> None:
+    sched, primary, (w1, w2) = setup("least-busy", 2)
+    ready(sched, w1)
+    ready(sched, w2)
+    offer(sched, conns(2))  # one each
+    ack(sched, w1, b=primary.batches_for(w1), k=1, o=0, c=6)  # 6 idle keep-alive connections
+    ack(sched, w2, b=primary.batches_for(w2), k=1, o=0, c=1)
+    primary.sent.clear()
+    offer(sched, conns(1))  # equally busy (0): w2 has fewer connections
+    offer(sched, conns(1))  # busy first: w2 now has one busy connection, w1 none
+    offer(sched, conns(1))  # one busy each: w2 has fewer connections (2 against 7)
+    assert [dest.id for dest, _, _ in primary.sent] == [2, 1, 2]
+
+
 def test_least_busy_avoids_a_worker_that_does_not_acknowledge(conns: Any) -> None:
     sched, primary, (w1, w2) = setup("least-busy", 2)
     ready(sched, w1)
@@ -592,14 +606,15 @@ def test_reuseport_connections_reach_every_worker(start_server: Any, write_app: 
     wait_until(all_seen, timeout=20, what="every worker answering")  # the kernel hashes by address:port
 
 
-def test_round_robin_serves_tls(start_server: Any, write_app: Any, tmp_path: Any) -> None:
+@pytest.mark.parametrize("policy", ["round-robin", "least-busy"])
+def test_hand_off_serves_tls(start_server: Any, write_app: Any, tmp_path: Any, policy: str) -> None:
     ca = trustme.CA()
     cert = ca.issue_cert("127.0.0.1")
     cert.private_key_pem.write_to_path(str(tmp_path / "key.pem"))
     cert.cert_chain_pems[0].write_to_path(str(tmp_path / "cert.pem"))
     ca.cert_pem.write_to_path(str(tmp_path / "ca.pem"))
     tls = ("--ssl-keyfile", str(tmp_path / "key.pem"), "--ssl-certfile", str(tmp_path / "cert.pem"))
-    server = start(start_server, write_app, "round-robin", 2, *tls)
+    server = start(start_server, write_app, policy, 2, *tls)
     ctx = ssl.create_default_context(cafile=str(tmp_path / "ca.pem"))
     url = f"https://127.0.0.1:{server.port}"
     pids = {httpx.get(url + "/", verify=ctx, timeout=10, headers={"connection": "close"}).text for _ in range(4)}
@@ -952,9 +967,10 @@ def test_a_queueing_worker_reports_a_drop_below_busy_max_at_once(monkeypatch: An
             s.close()
         primary_end.close()
         worker_end.close()
-    assert acks == [{"t": "ack", "b": [1], "k": _scheduling.BUSY_MAX, "o": _scheduling.BUSY_MAX}]
+    n = _scheduling.BUSY_MAX
+    assert acks == [{"t": "ack", "b": [1], "k": n, "o": n, "c": n}]
     if queueing:  # the primary may be holding connections for this worker: tell it now
-        assert reports == [{"t": "ack", "k": _scheduling.BUSY_MAX, "o": _scheduling.BUSY_MAX - 1}]
+        assert reports == [{"t": "ack", "k": n, "o": n - 1, "c": n}]  # still open, no longer busy
     else:  # nothing waits on it: the next timed report will do
         assert reports == []
 
