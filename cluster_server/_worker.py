@@ -176,8 +176,7 @@ def worker_main(
         code = 1
     finally:
         logging.shutdown()
-        sys.stdout.flush()
-        sys.stderr.flush()
+        _proc.flush_output()  # tolerates a closed or None stream: nothing may stop os._exit
         os._exit(code)
 
 
