@@ -152,7 +152,7 @@ class Channel:
 
     def take_pending_fds(self) -> list[int]:
         """Remove queued messages and hand back the fds they carried (caller owns them)."""
-        fds = [fd for _, item_fds in self._out for fd in item_fds]
+        fds = self.queued_fds()
         self._out.clear()
         self._out_bytes = 0
         return fds

@@ -63,20 +63,16 @@ def build_option(name: str, tp: Any, default: Any, spec: OptionSpec) -> click.Op
         decls = [f"{flag}/--no-{flag[2:]}" if spec.negatable else flag, name]
         kwargs["is_flag"] = True
         kwargs["show_default"] = True
-    elif typing.get_origin(base) is tuple:
-        decls = [flag, name]
-        kwargs["type"] = click_type(tp, spec)
+        return click.Option(decls, **kwargs)
+    kwargs["type"] = click_type(tp, spec)
+    if spec.metavar:
+        kwargs["metavar"] = spec.metavar
+    if typing.get_origin(base) is tuple:  # repeatable
         kwargs["multiple"] = True
         kwargs["show_default"] = bool(default)
-        if spec.metavar:
-            kwargs["metavar"] = spec.metavar
     else:
-        decls = [flag, name]
-        kwargs["type"] = click_type(tp, spec)
         kwargs["show_default"] = default is not None and default != ""
-        if spec.metavar:
-            kwargs["metavar"] = spec.metavar
-    return click.Option(decls, **kwargs)
+    return click.Option([flag, name], **kwargs)
 
 
 def config_options() -> list[click.Option]:

@@ -314,13 +314,15 @@ class Config:
     access_log: bool = option(True, "Log each request in uvicorn's access-log format.", group="logging", negatable=True)
 
     def __post_init__(self) -> None:
+        hints = _field_types()
         for f in dataclasses.fields(self):
-            if typing.get_origin(_field_types()[f.name]) is tuple and isinstance(getattr(self, f.name), list):
-                object.__setattr__(self, f.name, tuple(getattr(self, f.name)))
-        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if typing.get_origin(hints[f.name]) is tuple and isinstance(value, list):
+                value = tuple(value)
+                object.__setattr__(self, f.name, value)
             spec = f.metadata.get("option")
             if spec is not None:
-                _check_field(f.name, spec, _field_types()[f.name], getattr(self, f.name))
+                _check_field(f.name, spec, hints[f.name], value)
         if (self.ssl_keyfile is None) != (self.ssl_certfile is None):
             raise ConfigError("--ssl-keyfile and --ssl-certfile go together; give both or neither")
         if self.ssl_certfile is None and (

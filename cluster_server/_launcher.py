@@ -144,10 +144,7 @@ class Template:
         self.stopping = True
         self._close_channel()  # a template exits when its channel closes
         if self.pid and self.state in ("building", "ready"):
-            try:
-                os.kill(self.pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
+            self.launcher.kill(self.pid, signal.SIGTERM)
 
 
 class TemplateLauncher:
@@ -232,10 +229,10 @@ class TemplateLauncher:
         if self.approved:
             self.approved = False
             return True
-        if self.roll_wanted is not None and (slots is None or self.roll_wanted[1] is None):
-            slots = None  # a full roll covers a partial one asked for meanwhile
-        elif self.roll_wanted is not None and self.roll_wanted[1] is not None:
-            slots = sorted({*self.roll_wanted[1], *(slots or [])})
+        if self.roll_wanted is not None:  # asked for again before the template was ready: merge
+            wanted = self.roll_wanted[1]
+            # a full roll covers a partial one asked for meanwhile
+            slots = None if slots is None or wanted is None else sorted({*wanted, *slots})
         self.roll_wanted = (reason, slots, self.primary.clock())
         if self.building is None:
             logger.info("%s: importing the new code in a new preload template before the rolling restart", reason)
@@ -246,12 +243,15 @@ class TemplateLauncher:
         if event in ("ready", "exited"):
             self.retire()
 
+    def _everyone(self) -> list[Template]:
+        """The ready templates and the one being built."""
+        return [*self.templates, *([self.building] if self.building else [])]
+
     def fds_to_close_in_child(self) -> list[int]:
-        everyone = [*self.templates, *([self.building] if self.building else [])]
-        return [fd for t in everyone if (fd := t.fileno()) is not None]
+        return [fd for t in self._everyone() if (fd := t.fileno()) is not None]
 
     def close(self) -> None:
-        everyone = [*self.templates, *([self.building] if self.building else [])]
+        everyone = self._everyone()
         self.templates, self.building = [], None
         for t in everyone:
             t.stopping = True

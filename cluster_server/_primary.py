@@ -721,10 +721,9 @@ class Primary:
         fds = [fd for fd in (self._wake_r, self._wake_w) if fd >= 0]
         if self._selector is not None and hasattr(self._selector, "fileno"):
             fds.append(self._selector.fileno())
-        fds.extend(w.channel.fileno() for w in self.workers.values() if w.channel and not w.channel.closed)
-        for w in self.workers.values():  # connections queued for other workers
-            if w.channel and not w.channel.closed:
-                fds.extend(w.channel.queued_fds())
+        for w in self.workers.values():
+            if w.channel and not w.channel.closed:  # its channel, and connections queued for it
+                fds += [w.channel.fileno(), *w.channel.queued_fds()]
         for c in self.components:
             fds.extend(_call(c, "fds_to_close_in_child") or ())
         return fds

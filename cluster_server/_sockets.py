@@ -45,9 +45,8 @@ def bind_listeners(config: Config) -> list[Listener]:
         return [_from_fd(config.fd, config.backlog)]
     if config.uds is not None:
         return [_bind_unix(config.uds, config.backlog)]
-    if config.scheduling == "reuseport":
-        return [_bind_tcp(config.host, config.port, config.backlog, config.ssl_certfile is not None, reserve=True)]
-    return [_bind_tcp(config.host, config.port, config.backlog, config.ssl_certfile is not None)]
+    tls = config.ssl_certfile is not None
+    return [_bind_tcp(config.host, config.port, config.backlog, tls, reserve=config.scheduling == "reuseport")]
 
 
 def _family_of(host: str) -> socket.AddressFamily:
