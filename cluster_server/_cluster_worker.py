@@ -201,9 +201,6 @@ class Endpoint(abc.ABC):
     def on_message(self, fn: Callable[[Any], Any]) -> None:
         self._on_message.append(self._listener(fn))
 
-    def off_message(self, fn: Callable[[Any], Any]) -> None:
-        self._on_message = [lst for lst in self._on_message if lst.fn is not fn]
-
     def on_disconnect(self, fn: Callable[[], Any]) -> None:
         self._on_disconnect.append(self._listener(fn))
 

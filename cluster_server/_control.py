@@ -266,12 +266,7 @@ class ControlServer(ClientServer[_Client]):
 
     def close(self) -> None:
         self._drop_all()
-        if self.sock is not None:
-            if self.primary is not None:
-                self.primary.remove_reader(self.sock)
-            self.sock.close()
-            self.sock = None
-        self._remove_file()
+        self.stop_listening()
 
     def fds_to_close_in_child(self) -> list[int]:
         fds = list(self.clients)

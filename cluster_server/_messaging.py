@@ -112,7 +112,7 @@ class LoopLink(Endpoint):
         for kind in ("msg", "req", "res"):
             server.handlers[kind] = self.dispatch
         if self.channel.pending:  # queued while the app was imported, before there was a loop
-            loop.add_writer(self.channel.fileno(), self._flush)
+            flush_when_writable(loop, self.channel)
 
     def default_loop(self) -> asyncio.AbstractEventLoop | None:
         return self.loop
@@ -140,21 +140,13 @@ class LoopLink(Endpoint):
         except OSError as exc:
             raise DisconnectedError(f"worker {self.id}'s channel to the primary is closed ({exc})") from None
         if not sent and self.loop is not None:
-            self.loop.add_writer(self.channel.fileno(), self._flush)
+            flush_when_writable(self.loop, self.channel)
 
     def _send_later(self, msg: Message, fds: list[int]) -> None:
         try:
             self._send_now(msg, fds)
         except DisconnectedError as exc:
             logger.debug("%s", exc)
-
-    def _flush(self) -> None:
-        try:
-            done = self.channel.flush()
-        except OSError:
-            done = True
-        if done and self.loop is not None:
-            self.loop.remove_writer(self.channel.fileno())
 
     def disconnect(self, asked: bool = False) -> None:
         raise ClusterRoleError(
@@ -166,6 +158,24 @@ class LoopLink(Endpoint):
 
     def _close_transport(self) -> None:
         pass  # the worker (_worker.py) owns the channel
+
+
+def flush_when_writable(loop: asyncio.AbstractEventLoop, channel: Channel) -> None:
+    """Send what ``channel`` queued once the primary reads again.
+
+    One writer per channel, whoever queued (the link, the hand-off's acks): it
+    sends everything queued, so a later ``add_writer`` replacing it loses nothing.
+    """
+    loop.add_writer(channel.fileno(), _flush, loop, channel)
+
+
+def _flush(loop: asyncio.AbstractEventLoop, channel: Channel) -> None:
+    try:
+        done = channel.flush()
+    except OSError:
+        done = True
+    if done:
+        loop.remove_writer(channel.fileno())
 
 
 def enter_worker(worker_id: int, channel: Channel) -> LoopLink:

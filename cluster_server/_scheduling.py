@@ -51,6 +51,8 @@ from typing import TYPE_CHECKING, Any
 
 from ._channel import MAX_FDS, Channel, Message
 from ._errors import BindError
+from ._messaging import flush_when_writable
+from ._proc import close_all
 
 if TYPE_CHECKING:
     from ._config import Config
@@ -229,7 +231,7 @@ class HandOff:
     def worker_message(self, w: Worker, msg: Message, fds: list[int]) -> bool:
         if msg.get("t") != "ack":
             return False
-        _close(fds)  # an ack carries no fds; anything attached is junk
+        close_all(fds)  # an ack carries no fds; anything attached is junk
         peer = self.peers.get(w.pid)
         if peer is None:
             logger.warning("%s sent an ack but was never handed connections; ignored", w.name)
@@ -311,7 +313,7 @@ class HandOff:
 
     def close(self) -> None:
         dropped = len(self.held) + sum(p.unacked for p in self.peers.values())
-        _close(self.fds_to_close_in_child())
+        close_all(self.fds_to_close_in_child())
         self.held.clear()
         for peer in self.peers.values():
             peer.batches.clear()
@@ -572,7 +574,7 @@ class HandOff:
                 logger.warning("%s acknowledged batch %r, which it does not hold; ignored", w.name, bid)
                 continue
             peer.unacked -= len(fds)
-            _close(fds)
+            close_all(fds)
             peer.backoff = 0.0
             if peer.limit < self.window:
                 peer.limit = min(self.window, peer.limit * 2)
@@ -593,7 +595,7 @@ class HandOff:
             refused = sorted({i for i in indexes if 0 <= i < len(fds)}) if indexes else range(len(fds))
             back = [fds[i] for i in refused]
             keep = set(refused)
-            _close([fd for i, fd in enumerate(fds) if i not in keep])
+            close_all([fd for i, fd in enumerate(fds) if i not in keep])
             peer.unacked -= len(fds) - len(back)
             self._reroute(peer, back)
             # Send it no more than it could take: a batch larger than its free fds
@@ -630,14 +632,6 @@ def _ints(values: Any, key: str) -> list[int]:
 
 def _channel_open(w: Worker) -> bool:
     return w.channel is not None and not w.channel.closed
-
-
-def _close(fds: Iterable[int]) -> None:
-    for fd in fds:
-        try:
-            os.close(fd)
-        except OSError:
-            pass
 
 
 def _fd_budget() -> int:
@@ -760,7 +754,6 @@ class WorkerHandOff:
         self.queueing = False
         self._last_flush = 0.0
         self._retries = 0
-        self._writer = False
 
     def install(self, loop: asyncio.AbstractEventLoop) -> None:
         self.loop = loop
@@ -779,15 +772,15 @@ class WorkerHandOff:
         bid = msg.get("b")
         self.queueing = bool(msg.get("q"))
         if isinstance(bid, bool) or not isinstance(bid, int):
-            _close(fds)
+            close_all(fds)
             logger.warning("worker: a 'conn' message without a batch number: %.200r; dropped", msg)
             return
         if msg.get("ctrunc"):
             # The kernel could not give us every fd (we are at RLIMIT_NOFILE): give them all back.
-            _close(fds)
+            close_all(fds)
             self.fd_refused.append([bid])
         elif self.server.should_exit and not msg.get("force"):
-            _close(fds)
+            close_all(fds)
             self.refused.append(bid)
         else:
             assert self.loop is not None
@@ -797,7 +790,7 @@ class WorkerHandOff:
                 try:
                     sock = socket.socket(self.family, socket.SOCK_STREAM, fileno=fd)
                 except OSError as exc:  # not a socket: nothing we or anyone can serve
-                    _close([fd])
+                    close_all([fd])
                     batch.started += 1
                     logger.warning("worker: handed fd is not a socket (%s); closed", exc)
                     continue
@@ -892,18 +885,8 @@ class WorkerHandOff:
 
     def _send(self, msg: dict[str, Any]) -> None:
         try:
-            self.channel.send(msg)
-            if self.channel.pending and not self._writer and self.loop is not None:
-                self._writer = True
-                self.loop.add_writer(self.channel.fileno(), self._writable)
+            sent = self.channel.send(msg)
         except OSError:
-            pass  # the primary is gone; the orphan path ends this worker
-
-    def _writable(self) -> None:
-        try:
-            done = self.channel.flush()
-        except OSError:
-            done = True
-        if done and self.loop is not None:
-            self._writer = False
-            self.loop.remove_writer(self.channel.fileno())
+            return  # the primary is gone; the orphan path ends this worker
+        if not sent and self.loop is not None:
+            flush_when_writable(self.loop, self.channel)
