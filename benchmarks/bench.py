@@ -21,9 +21,10 @@ loop (much slower: the client becomes the bottleneck, and the output says so).
 
 Scenarios are subcommands. To add one (``spread``, ``restart``, ``reload``...), write an
 ``add_<name>_args(parser)`` and a ``scenario_<name>(args) -> list[Row]`` that uses
-``run_server``, ``run_load`` and ``probe_pids``, prints its table (``print_table``) and
-returns its rows; register it in ``SCENARIOS``. ``main`` handles ``--json`` and the exit
-status (1 when any row is an error).
+``run_server``, ``run_load`` and ``probe_pids`` (or ``measure_under_load``, which does
+all of one measurement), prints its table (``print_table``) and returns its rows;
+register it in ``SCENARIOS``. ``main`` handles ``--json`` and the exit status (1 when
+any row is an error).
 Only the standard library and httpx are used.
 """
 
@@ -396,25 +397,45 @@ def parse_wrk(output: str) -> LoadResult:
     )
 
 
-def wrk_load(url: str, duration: int, connections: int, threads: int) -> LoadResult:
+def wrk_command(url: str, duration: int, connections: int, threads: int, *extra: str) -> list[str]:
+    """``wrk --latency --timeout 5s`` on ``GET url/``; ``extra`` goes before the URL."""
     wrk = shutil.which("wrk")
     assert wrk is not None
-    cmd = [
-        wrk,
-        f"-t{threads}",
-        f"-c{connections}",
-        f"-d{duration}s",
-        "--latency",
-        "--timeout",
-        "5s",
-    ]
+    cmd = [wrk, f"-t{threads}", f"-c{connections}", f"-d{duration}s", "--latency", "--timeout", "5s"]
+    return [*cmd, *extra, url + "/"]
+
+
+def wrk_result(returncode: int, stdout: str, stderr: str) -> LoadResult:
+    if returncode != 0:
+        raise LoadFailed(f"wrk exited with {returncode}: {stderr.strip()}")
+    return parse_wrk(stdout)
+
+
+def wrk_load(url: str, duration: int, connections: int, threads: int, *extra: str) -> LoadResult:
+    cmd = wrk_command(url, duration, connections, threads, *extra)
     try:
-        proc = subprocess.run([*cmd, url + "/"], capture_output=True, text=True, timeout=duration + 30)
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=duration + 30)
     except subprocess.TimeoutExpired:
         raise LoadFailed(f"wrk overran its {duration + 30}s deadline") from None
-    if proc.returncode != 0:
-        raise LoadFailed(f"wrk exited with {proc.returncode}: {proc.stderr.strip()}")
-    return parse_wrk(proc.stdout)
+    return wrk_result(proc.returncode, proc.stdout, proc.stderr)
+
+
+def run_clients(client: Callable[[int], None], connections: int, stop_at: float) -> None:
+    """Run ``client(0)`` .. ``client(connections - 1)`` in threads until they return (about ``stop_at``)."""
+    threads = [threading.Thread(target=client, args=(i,), daemon=True) for i in range(connections)]
+    for t in threads:
+        t.start()
+    for t in threads:  # every request has a 5 s socket timeout: bounded
+        t.join(timeout=max(0.0, stop_at - time.monotonic()) + 10)
+    if any(t.is_alive() for t in threads):
+        raise LoadFailed("python load threads did not finish in time")
+
+
+def percentile_ms(sorted_latencies: list[float], p: float) -> float | None:
+    """The ``p`` quantile (0..1) of latencies in seconds, in milliseconds; None when there are none."""
+    if not sorted_latencies:
+        return None
+    return sorted_latencies[min(len(sorted_latencies) - 1, int(len(sorted_latencies) * p))] * 1e3
 
 
 def python_load(url: str, duration: float, connections: int) -> LoadResult:
@@ -428,7 +449,7 @@ def python_load(url: str, duration: float, connections: int) -> LoadResult:
     latencies: list[float] = []
     counts = {"ok": 0, "non_2xx": 0, "errors": 0}
 
-    def client() -> None:
+    def client(_slot: int) -> None:
         conn: http.client.HTTPConnection | None = None
         mine: list[float] = []
         ok = bad = errors = 0
@@ -462,27 +483,17 @@ def python_load(url: str, duration: float, connections: int) -> LoadResult:
             counts["non_2xx"] += bad
             counts["errors"] += errors
 
-    threads = [threading.Thread(target=client, daemon=True) for _ in range(connections)]
-    for t in threads:
-        t.start()
-    for t in threads:  # every request has a 5 s socket timeout: bounded
-        t.join(timeout=max(0.0, stop_at - time.monotonic()) + 10)
+    run_clients(client, connections, stop_at)
     elapsed = time.monotonic() - start
-    if any(t.is_alive() for t in threads):
-        raise LoadFailed("python load threads did not finish in time")
     latencies.sort()
-
-    def pct(p: float) -> float | None:
-        return latencies[min(len(latencies) - 1, int(len(latencies) * p))] * 1e3 if latencies else None
-
     done = counts["ok"] + counts["non_2xx"]
     return LoadResult(
         tool="python",
         requests=done,
         duration_s=elapsed,
         requests_per_s=done / elapsed,
-        p50_ms=pct(0.50),
-        p99_ms=pct(0.99),
+        p50_ms=percentile_ms(latencies, 0.50),
+        p99_ms=percentile_ms(latencies, 0.99),
         non_2xx=counts["non_2xx"],
         socket_errors={"errors": counts["errors"]},
     )
@@ -611,6 +622,11 @@ def log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
+def log_not_ok(row: Row) -> None:
+    """Progress line for a row without a measurement: its status and the first line of its note."""
+    log(f"bench:   {row.status}: {row.note.splitlines()[0] if row.note else ''}")
+
+
 # --------------------------------------------------------------------------- scenarios
 
 
@@ -621,25 +637,44 @@ def add_throughput_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--warmup", type=non_negative_int, default=1, help="seconds of discarded load first (1)")
 
 
-def measure_throughput(spec: ServerSpec, workers: int, args: argparse.Namespace) -> Row:
-    row = Row("throughput", spec.name, workers)
+@contextlib.contextmanager
+def recorded(row: Row, failures: tuple[type[Exception], ...] = (ServerFailed, LoadFailed)) -> Iterator[None]:
+    """Turn how one measurement ended into ``row.status`` and ``row.note``:
+    Unavailable -> skipped, one of ``failures`` -> error (the ``with`` block stops there)."""
     try:
+        yield
+    except Unavailable as exc:
+        row.status, row.note = "skipped", str(exc)
+    except failures as exc:
+        row.status, row.note = "error", str(exc)
+
+
+def measure_under_load(
+    row: Row, spec: ServerSpec, args: argparse.Namespace, load: Callable[[str], LoadResult], probe_timeout: float
+) -> Row:
+    """Start ``spec``, check that its workers answer /pid, warm up (keep-alive load), then
+    ``row.load = load(url)``; a server that exits or a load that fails makes the row an error."""
+    workers = row.workers
+    with recorded(row):
         with run_server(spec, args.app, workers, args.start_timeout) as server:
             row.command = server.command
-            row.pids_seen = len(probe_pids(server.url, workers, timeout=3))
+            row.pids_seen = len(probe_pids(server.url, workers, timeout=probe_timeout))
             try:
                 if args.warmup > 0:
                     run_load(server.url, args.tool, args.warmup, args.connections, args.threads)
-                row.load = run_load(server.url, args.tool, args.duration, args.connections, args.threads)
+                row.load = load(server.url)
             finally:
                 server.check_alive()  # a server that died under load explains a LoadFailed
         if row.pids_seen < workers:
             row.note = f"only {row.pids_seen}/{workers} worker pids answered /pid before load"
-    except Unavailable as exc:
-        row.status, row.note = "skipped", str(exc)
-    except (ServerFailed, LoadFailed) as exc:
-        row.status, row.note = "error", str(exc)
     return row
+
+
+def measure_throughput(spec: ServerSpec, workers: int, args: argparse.Namespace) -> Row:
+    def load(url: str) -> LoadResult:
+        return run_load(url, args.tool, args.duration, args.connections, args.threads)
+
+    return measure_under_load(Row("throughput", spec.name, workers), spec, args, load, probe_timeout=3)
 
 
 def scenario_throughput(args: argparse.Namespace) -> list[Row]:
@@ -741,53 +776,48 @@ def parse_per_second(output: str) -> list[int]:
 
 def measure_restart(spec: ServerSpec, workers: int, mode: str, args: argparse.Namespace) -> RestartRow:
     row = RestartRow("restart", spec.name, workers, mode=mode)
-    wrk = shutil.which("wrk")
-    assert wrk is not None
-    try:
-        with run_server(spec, args.app, workers, args.start_timeout) as server, tempfile.TemporaryDirectory() as tmp:
-            row.command = server.command
-            before = probe_pids(server.url, workers, timeout=3)
-            row.pids_seen = len(before)
-            script = Path(tmp, "per_second.lua")
-            script.write_text(PER_SECOND_LUA)
-            cmd = [wrk, f"-t{args.threads}", f"-c{args.connections}", f"-d{args.duration}s", "--latency"]
-            cmd += ["--timeout", "5s", "-s", str(script), *RESTART_MODES[mode], server.url + "/"]
-            started = time.monotonic()
-            proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-            try:
-                for i in range(1, args.restarts + 1):
-                    at = started + args.duration * i / (args.restarts + 1)
-                    time.sleep(max(0.0, at - time.monotonic()))
-                    server.check_alive()
-                    os.kill(server.proc.pid, signal.SIGHUP)
-                    row.restarts += 1
-                out, err = proc.communicate(timeout=args.duration + 30)
-            except subprocess.TimeoutExpired:
-                raise LoadFailed(f"wrk overran its {args.duration + 30}s deadline") from None
-            finally:
-                if proc.poll() is None:
-                    proc.kill()
-                    proc.wait()
-            if proc.returncode != 0:
-                raise LoadFailed(f"wrk exited with {proc.returncode}: {err.strip()}")
-            row.load = parse_wrk(out)
-            row.per_second = parse_per_second(out)
-            server.check_alive()
-            # give the last restart time to finish, then see who answers now
-            deadline = time.monotonic() + 15
-            after: set[str] = set()
-            while time.monotonic() < deadline:
-                after = probe_pids(server.url, workers, timeout=2)
-                if len(after) >= workers and after.isdisjoint(before):
-                    break
-                time.sleep(0.2)
-            row.replaced = bool(before) and after.isdisjoint(before)
-            if not row.replaced:
-                row.note = f"workers not all replaced: {len(before & after)} of {len(before)} pids still answer"
-    except Unavailable as exc:
-        row.status, row.note = "skipped", str(exc)
-    except (ServerFailed, LoadFailed) as exc:
-        row.status, row.note = "error", str(exc)
+    with (
+        recorded(row),
+        run_server(spec, args.app, workers, args.start_timeout) as server,
+        tempfile.TemporaryDirectory() as tmp,
+    ):
+        row.command = server.command
+        before = probe_pids(server.url, workers, timeout=3)
+        row.pids_seen = len(before)
+        script = Path(tmp, "per_second.lua")
+        script.write_text(PER_SECOND_LUA)
+        extra = ("-s", str(script), *RESTART_MODES[mode])
+        cmd = wrk_command(server.url, args.duration, args.connections, args.threads, *extra)
+        started = time.monotonic()
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            for i in range(1, args.restarts + 1):
+                at = started + args.duration * i / (args.restarts + 1)
+                time.sleep(max(0.0, at - time.monotonic()))
+                server.check_alive()
+                os.kill(server.proc.pid, signal.SIGHUP)
+                row.restarts += 1
+            out, err = proc.communicate(timeout=args.duration + 30)
+        except subprocess.TimeoutExpired:
+            raise LoadFailed(f"wrk overran its {args.duration + 30}s deadline") from None
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        row.load = wrk_result(proc.returncode, out, err)
+        row.per_second = parse_per_second(out)
+        server.check_alive()
+        # give the last restart time to finish, then see who answers now
+        deadline = time.monotonic() + 15
+        after: set[str] = set()
+        while time.monotonic() < deadline:
+            after = probe_pids(server.url, workers, timeout=2)
+            if len(after) >= workers and after.isdisjoint(before):
+                break
+            time.sleep(0.2)
+        row.replaced = bool(before) and after.isdisjoint(before)
+        if not row.replaced:
+            row.note = f"workers not all replaced: {len(before & after)} of {len(before)} pids still answer"
     return row
 
 
@@ -830,7 +860,7 @@ def scenario_restart(args: argparse.Namespace) -> list[Row]:
                     low = row.min_per_second
                     log(f"bench:   {row.load.requests:,} requests, {row.load.errors} errors, min 1s {low}")
                 else:
-                    log(f"bench:   {row.status}: {row.note.splitlines()[0] if row.note else ''}")
+                    log_not_ok(row)
                 rows.append(row)
     print_restart_table(rows)
     print(
@@ -885,19 +915,10 @@ end
 
 def wrk_script_load(url: str, duration: int, connections: int, threads: int, script: str) -> LoadResult:
     """wrk with a Lua script (its extra output stays in ``raw``)."""
-    wrk = shutil.which("wrk")
-    assert wrk is not None
     with tempfile.NamedTemporaryFile("w", suffix=".lua", prefix="bench-") as fh:
         fh.write(script)
         fh.flush()
-        cmd = [wrk, f"-t{threads}", f"-c{connections}", f"-d{duration}s", "--latency", "--timeout", "5s", "-s", fh.name]
-        try:
-            proc = subprocess.run([*cmd, url + "/"], capture_output=True, text=True, timeout=duration + 30)
-        except subprocess.TimeoutExpired:
-            raise LoadFailed(f"wrk overran its {duration + 30}s deadline") from None
-    if proc.returncode != 0:
-        raise LoadFailed(f"wrk exited with {proc.returncode}: {proc.stderr.strip()}")
-    return parse_wrk(proc.stdout)
+        return wrk_load(url, duration, connections, threads, "-s", fh.name)
 
 
 def python_close_load(
@@ -947,27 +968,17 @@ def python_close_load(
             failures["non_2xx"] += bad
             failures["errors"] += errors
 
-    threads = [threading.Thread(target=client, args=(i,), daemon=True) for i in range(connections)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=max(0.0, stop_at - time.monotonic()) + 10)
+    run_clients(client, connections, stop_at)
     elapsed = time.monotonic() - start
-    if any(t.is_alive() for t in threads):
-        raise LoadFailed("python load threads did not finish in time")
     latencies.sort()
-
-    def pct(p: float) -> float | None:
-        return latencies[min(len(latencies) - 1, int(len(latencies) * p))] * 1e3 if latencies else None
-
     result = LoadResult(
         tool="python",
         requests=len(latencies),
         duration_s=elapsed,
         requests_per_s=len(latencies) / elapsed,
-        p50_ms=pct(0.50),
-        p99_ms=pct(0.99),
-        p90_ms=pct(0.90),
+        p50_ms=percentile_ms(latencies, 0.50),
+        p99_ms=percentile_ms(latencies, 0.99),
+        p90_ms=percentile_ms(latencies, 0.90),
         non_2xx=failures["non_2xx"],
         socket_errors={"errors": failures["errors"]},
     )
@@ -1016,46 +1027,30 @@ def spread_of(counts: dict[str, int], workers: int) -> float | None:
 def measure_scheduling(kind: str, spec: ServerSpec, workers: int, args: argparse.Namespace) -> Row:
     """One run of ``spread`` or ``mixed``: a new connection per request."""
     row = Row(kind, spec.name, workers)
-    try:
-        with run_server(spec, args.app, workers, args.start_timeout) as server:
-            row.command = server.command
-            row.pids_seen = len(probe_pids(server.url, workers, timeout=5))
-            try:
-                if args.warmup > 0:
-                    run_load(server.url, args.tool, args.warmup, args.connections, args.threads)
-                if kind == "spread":
-                    if args.tool == "wrk":
-                        load = (server.url, args.duration, args.connections, args.threads)
-                        row.load = wrk_script_load(*load, SPREAD_LUA)
-                        counts = parse_pid_counts(row.load.raw)
-                    else:
-                        row.load, counts = python_close_load(server.url, args.duration, args.connections)
-                    row.details["per_worker"] = sorted(counts.values(), reverse=True)
-                    row.details["spread"] = spread_of(counts, workers)
-                else:
-                    path = f"/block?ms={args.slow_ms}"
-                    if args.tool == "wrk":
-                        script = MIXED_LUA.replace("{ms}", str(args.slow_ms)).replace("{every}", str(args.slow_every))
-                        row.load = wrk_script_load(server.url, args.duration, args.connections, args.threads, script)
-                    else:
-                        row.load, _ = python_close_load(
-                            server.url, args.duration, args.connections, args.slow_every, path
-                        )
-            finally:
-                server.check_alive()
-        if row.pids_seen < workers:
-            row.note = f"only {row.pids_seen}/{workers} worker pids answered /pid before load"
-    except Unavailable as exc:
-        row.status, row.note = "skipped", str(exc)
-    except (ServerFailed, LoadFailed) as exc:
-        row.status, row.note = "error", str(exc)
-    return row
+
+    def spread(url: str) -> LoadResult:
+        if args.tool == "wrk":
+            load = wrk_script_load(url, args.duration, args.connections, args.threads, SPREAD_LUA)
+            counts = parse_pid_counts(load.raw)
+        else:
+            load, counts = python_close_load(url, args.duration, args.connections)
+        row.details["per_worker"] = sorted(counts.values(), reverse=True)
+        row.details["spread"] = spread_of(counts, workers)
+        return load
+
+    def mixed(url: str) -> LoadResult:
+        if args.tool == "wrk":
+            script = MIXED_LUA.replace("{ms}", str(args.slow_ms)).replace("{every}", str(args.slow_every))
+            return wrk_script_load(url, args.duration, args.connections, args.threads, script)
+        slow_path = f"/block?ms={args.slow_ms}"
+        return python_close_load(url, args.duration, args.connections, args.slow_every, slow_path)[0]
+
+    return measure_under_load(row, spec, args, spread if kind == "spread" else mixed, probe_timeout=5)
 
 
-def median(values: list[float]) -> float:
-    values = sorted(values)
-    mid = len(values) // 2
-    return values[mid] if len(values) % 2 else (values[mid - 1] + values[mid]) / 2
+def median_or_none(values: list[float | None]) -> float | None:
+    """Median of the values measured; None when the first run did not measure it (a tool without p90)."""
+    return statistics.median(v for v in values if v is not None) if values[0] is not None else None
 
 
 def combine_runs(kind: str, runs: list[Row]) -> Row:
@@ -1072,10 +1067,10 @@ def combine_runs(kind: str, runs: list[Row]) -> Row:
         tool=best.load.tool,
         requests=sum(x.requests for x in loads),
         duration_s=sum(x.duration_s for x in loads),
-        requests_per_s=median([x.requests_per_s for x in loads]),
-        p50_ms=median([x.p50_ms for x in loads if x.p50_ms is not None]) if loads[0].p50_ms is not None else None,
-        p99_ms=median([x.p99_ms for x in loads if x.p99_ms is not None]) if loads[0].p99_ms is not None else None,
-        p90_ms=median([x.p90_ms for x in loads if x.p90_ms is not None]) if loads[0].p90_ms is not None else None,
+        requests_per_s=statistics.median(x.requests_per_s for x in loads),
+        p50_ms=median_or_none([x.p50_ms for x in loads]),
+        p99_ms=median_or_none([x.p99_ms for x in loads]),
+        p90_ms=median_or_none([x.p90_ms for x in loads]),
         non_2xx=sum(x.non_2xx for x in loads),
         socket_errors={k: sum(x.socket_errors.get(k, 0) for x in loads) for k in loads[0].socket_errors},
     )
@@ -1085,7 +1080,7 @@ def combine_runs(kind: str, runs: list[Row]) -> Row:
     ]
     if kind == "spread":
         spreads = [r.details["spread"] for r in ok if r.details.get("spread") is not None]
-        row.details["spread"] = median(spreads) if spreads else None
+        row.details["spread"] = statistics.median(spreads) if spreads else None
         row.details["per_worker"] = row.per_worker = ok[-1].details.get("per_worker")
     if len(ok) < len(runs):
         failed = [r for r in runs if r not in ok]
@@ -1107,7 +1102,7 @@ def run_scheduling(kind: str, args: argparse.Namespace) -> list[Row]:
                     extra = f", spread {row.details['spread']:.2f}" if row.details.get("spread") else ""
                     log(f"bench:   {row.load.requests_per_s:,.0f} req/s, p99 {row.load.p99_ms} ms{extra}")
                 else:
-                    log(f"bench:   {row.status}: {row.note.splitlines()[0] if row.note else ''}")
+                    log_not_ok(row)
                 runs[name].append(row)
                 if row.status == "skipped":
                     break
@@ -1320,42 +1315,37 @@ class Poller:
 
 def measure_reload(name: str, workers: int, args: argparse.Namespace) -> ReloadRow:
     row = ReloadRow("reload", name, workers)
-    try:
-        with tempfile.TemporaryDirectory(prefix="bench-reload-") as tmp:
-            project = Path(tmp, "fastapi_app")
-            project.mkdir()
-            (project / "__init__.py").write_text("")
-            source = (EXAMPLE_DIR / "main.py").read_text()
-            if RELOAD_MARKER not in source:
-                raise ServerFailed(f"{EXAMPLE_DIR / 'main.py'} no longer says {RELOAD_MARKER!r}")
-            main = project / "main.py"
-            main.write_text(source)
-            spec = ServerSpec(name, lambda _app, port, n: reload_cmd(name, port, n))
-            with run_server(spec, RELOAD_APP, workers, args.start_timeout, cwd=Path(tmp)) as server:
-                row.command = server.command
-                time.sleep(args.settle)  # the watcher starts after the server answers
-                with Poller(server.port) as poller:
-                    for i in range(1, args.saves + 1):
-                        marker = f" r{i}"
-                        saved = time.perf_counter()
-                        main.write_text(source.replace(RELOAD_MARKER, RELOAD_MARKER + marker))
-                        deadline = saved + args.reload_timeout
-                        while marker not in poller.seen and time.perf_counter() < deadline:
-                            time.sleep(0.001)
-                        server.check_alive()
-                        if marker not in poller.seen:
-                            why = f"no response with the new code within {args.reload_timeout:g}s"
-                            raise ServerFailed(f"save {i}: {why}")
-                        row.latencies_ms.append((poller.seen[marker] - saved) * 1e3)
-                        row.saves += 1
-                        time.sleep(args.interval)  # let the old generation drain before the next save
-                row.requests, row.failures = poller.requests, poller.failures
-                row.failed = len(poller.failures)
-                row.longest_request_ms = poller.longest * 1e3
-    except Unavailable as exc:
-        row.status, row.note = "skipped", str(exc)
-    except ServerFailed as exc:
-        row.status, row.note = "error", str(exc)
+    with recorded(row, (ServerFailed,)), tempfile.TemporaryDirectory(prefix="bench-reload-") as tmp:
+        project = Path(tmp, "fastapi_app")
+        project.mkdir()
+        (project / "__init__.py").write_text("")
+        source = (EXAMPLE_DIR / "main.py").read_text()
+        if RELOAD_MARKER not in source:
+            raise ServerFailed(f"{EXAMPLE_DIR / 'main.py'} no longer says {RELOAD_MARKER!r}")
+        main = project / "main.py"
+        main.write_text(source)
+        spec = ServerSpec(name, lambda _app, port, n: reload_cmd(name, port, n))
+        with run_server(spec, RELOAD_APP, workers, args.start_timeout, cwd=Path(tmp)) as server:
+            row.command = server.command
+            time.sleep(args.settle)  # the watcher starts after the server answers
+            with Poller(server.port) as poller:
+                for i in range(1, args.saves + 1):
+                    marker = f" r{i}"
+                    saved = time.perf_counter()
+                    main.write_text(source.replace(RELOAD_MARKER, RELOAD_MARKER + marker))
+                    deadline = saved + args.reload_timeout
+                    while marker not in poller.seen and time.perf_counter() < deadline:
+                        time.sleep(0.001)
+                    server.check_alive()
+                    if marker not in poller.seen:
+                        why = f"no response with the new code within {args.reload_timeout:g}s"
+                        raise ServerFailed(f"save {i}: {why}")
+                    row.latencies_ms.append((poller.seen[marker] - saved) * 1e3)
+                    row.saves += 1
+                    time.sleep(args.interval)  # let the old generation drain before the next save
+            row.requests, row.failures = poller.requests, poller.failures
+            row.failed = len(poller.failures)
+            row.longest_request_ms = poller.longest * 1e3
     if row.failures:
         row.note = (row.note + "; " if row.note else "") + "first failures: " + "; ".join(row.failures[:3])
     return row
@@ -1379,7 +1369,7 @@ def scenario_reload(args: argparse.Namespace) -> list[Row]:
             if row.status == "ok":
                 log(f"bench:   median {row.median_ms:.0f} ms, max {max(row.latencies_ms):.0f} ms, {row.failed} failed")
             else:
-                log(f"bench:   {row.status}: {row.note.splitlines()[0] if row.note else ''}")
+                log_not_ok(row)
             rows.append(row)
     base = {r.workers: r.median_ms for r in rows if r.server == BASELINE and r.status == "ok"}
     if 1 in base:  # uvicorn reloads one worker whatever --workers says: compare everyone with it
@@ -1422,24 +1412,18 @@ MEMORY_APP = "examples.fastapi_app.main:app"
 
 
 def memory_variants() -> dict[str, Callable[[str, int, int], list[str]]]:
-    def cs(preload: bool) -> Callable[[str, int, int], list[str]]:
+    def preloaded(command: Callable[[str, int, int], list[str]]) -> Callable[[str, int, int], list[str]]:
         def cmd(app: str, port: int, workers: int) -> list[str]:
-            return [*cluster_server_cmd(app, port, workers), *(["--preload"] if preload else [])]
-
-        return cmd
-
-    def gunicorn(preload: bool) -> Callable[[str, int, int], list[str]]:
-        def cmd(app: str, port: int, workers: int) -> list[str]:
-            return [*gunicorn_cmd(app, port, workers), *(["--preload"] if preload else [])]
+            return [*command(app, port, workers), "--preload"]
 
         return cmd
 
     return {
-        "cluster-server --preload": cs(True),
-        "cluster-server": cs(False),
+        "cluster-server --preload": preloaded(cluster_server_cmd),
+        "cluster-server": cluster_server_cmd,
         "uvicorn": uvicorn_cmd,
-        "gunicorn --preload": gunicorn(True),
-        "gunicorn": gunicorn(False),
+        "gunicorn --preload": preloaded(gunicorn_cmd),
+        "gunicorn": gunicorn_cmd,
     }
 
 
@@ -1491,7 +1475,7 @@ def measure_memory(
     name: str, command: Callable[[str, int, int], list[str]], workers: int, args: argparse.Namespace
 ) -> MemoryRow:
     row = MemoryRow("memory", name, workers)
-    try:
+    with recorded(row, (ServerFailed, OSError)):
         with run_server(ServerSpec(name, command), args.app, workers, args.start_timeout) as server:
             row.command = server.command
             row.pids_seen = len(probe_pids(server.url, workers, timeout=10))
@@ -1513,10 +1497,6 @@ def measure_memory(
             row.private_mib = sum(p.get("Private_Clean", 0) + p.get("Private_Dirty", 0) for p in row.per_process) / 1024
         if row.pids_seen < workers:
             row.note = f"only {row.pids_seen}/{workers} worker pids answered /pid"
-    except Unavailable as exc:
-        row.status, row.note = "skipped", str(exc)
-    except (ServerFailed, OSError) as exc:
-        row.status, row.note = "error", str(exc)
     return row
 
 

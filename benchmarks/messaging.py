@@ -27,6 +27,7 @@ import platform
 import statistics
 import sys
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -52,24 +53,27 @@ def summary(name: str, samples_ns: list[int]) -> dict[str, Any]:
     }
 
 
+async def timed(round_trip: Callable[[int], Awaitable[Any]], warmup: int, count: int) -> list[int]:
+    """``warmup`` untimed round trips, then ``count`` timed one at a time (ns each)."""
+    for i in range(warmup):
+        await round_trip(i)
+    perf = time.perf_counter_ns
+    samples = []
+    for i in range(count):
+        t0 = perf()
+        await round_trip(i)
+        samples.append(perf() - t0)
+    return samples
+
+
 async def measure(args: argparse.Namespace) -> list[dict[str, Any]]:
     w = cluster.fork()
     online = asyncio.get_running_loop().create_future()
     w.once("online", lambda: online.set_result(None))
     await asyncio.wait_for(online, 30)
 
-    results = []
-    perf = time.perf_counter_ns
-
-    # request/response
-    for i in range(args.warmup):
-        await w.request(i)
-    samples = []
-    for i in range(args.count):
-        t0 = perf()
-        await w.request(i, timeout=5)
-        samples.append(perf() - t0)
-    results.append(summary("request", samples))
+    # request/response (5 s is also request's default timeout)
+    results = [summary("request", await timed(lambda i: w.request(i, timeout=5), args.warmup, args.count))]
 
     # plain messages, echoed
     loop = asyncio.get_running_loop()
@@ -81,14 +85,7 @@ async def measure(args: argparse.Namespace) -> list[dict[str, Any]]:
         w.send(i)
         await box[0]
 
-    for i in range(args.warmup):
-        await echo(i)
-    samples = []
-    for i in range(args.count):
-        t0 = perf()
-        await echo(i)
-        samples.append(perf() - t0)
-    results.append(summary("message", samples))
+    results.append(summary("message", await timed(echo, args.warmup, args.count)))
 
     w.disconnect()
     await cluster.wait()
