@@ -46,6 +46,83 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def children(pid: int) -> list[int]:
+    """Live children of ``pid`` (a primary's workers), from ps."""
+    out = subprocess.run(["ps", "-o", "pid=", "--ppid", str(pid)], capture_output=True, text=True)
+    return sorted(int(p) for p in out.stdout.split())
+
+
+def titled(primary: int, word: str) -> list[int]:
+    """Children of the primary whose process title has ``word`` (worker, template, reload watcher)."""
+    out = subprocess.run(["ps", "-o", "pid=,args=", "--ppid", str(primary)], capture_output=True, text=True)
+    return sorted(int(line.split()[0]) for line in out.stdout.splitlines() if f"cluster-server: {word}" in line)
+
+
+def alive(pid: int) -> bool:
+    """Is ``pid`` a live process (not gone, not a zombie)?"""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    return stat.rpartition(")")[2].split()[0] != "Z"
+
+
+def is_open(fd: int) -> bool:
+    """Is ``fd`` an open file descriptor of this process?"""
+    try:
+        os.fstat(fd)
+    except OSError:
+        return False
+    return True
+
+
+def run_in_session(
+    argv: Sequence[str], cwd: Path | None, env: dict[str, str], timeout: float = 30
+) -> tuple[int | None, str, str]:
+    """Run ``argv`` to its end in its own session: (exit code, stdout, stderr).
+
+    Whatever it started is killed by process group afterwards (a primary that
+    exited may have left a worker behind); past ``timeout`` the test fails with
+    what it printed.
+    """
+    proc = subprocess.Popen(
+        list(argv),
+        cwd=cwd,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        raise AssertionError(
+            f"{' '.join(argv)} did not finish in {timeout} s\n--- stdout\n{out}\n--- stderr\n{err}"
+        ) from None
+    finally:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(proc.pid, signal.SIGKILL)
+    return proc.returncode, out, err
+
+
+def run_cli(cwd: Path, *args: str, timeout: float = 30, env: dict[str, str] | None = None) -> tuple[int, str, str]:
+    """Run ``cluster-server ARGS`` to its end in its own session; (exit code, stdout, stderr).
+
+    ``env`` replaces the default environment (this one, with ``cwd`` importable
+    and no WEB_CONCURRENCY).
+    """
+    if env is None:
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(cwd)])}
+        env.pop("WEB_CONCURRENCY", None)
+    code, out, err = run_in_session([sys.executable, "-m", "cluster_server", *args], cwd, env, timeout)
+    assert code is not None
+    return code, out, err
+
+
 class Server:
     """A cluster-server process started by a test."""
 
@@ -100,9 +177,8 @@ class Server:
         return httpx.get(self.url + path, timeout=kw.pop("timeout", 10), **kw)
 
     def worker_pids(self) -> list[int]:
-        """Live children of the primary (its workers), from /proc."""
-        out = subprocess.run(["ps", "-o", "pid=", "--ppid", str(self.pid)], capture_output=True, text=True)
-        return sorted(int(p) for p in out.stdout.split())
+        """Live children of the primary (its workers)."""
+        return children(self.pid)
 
     def signal(self, sig: int) -> None:
         os.kill(self.pid, sig)

@@ -41,14 +41,23 @@ def ready_pids(st: dict[str, Any]) -> list[int]:
 
 
 class LoadLoop:
-    """Requests in background threads, a new connection each, until stopped.
+    """Requests in background threads until stopped.
 
+    Each thread opens a new connection per request, or, with ``keep_alive``,
+    every other thread keeps one connection for all its requests.
     Bounded: at most ``max_requests`` per thread and ``max_seconds`` in all.
-    Every failure (an exception or a status other than 200) is recorded.
+    Every failure (an exception or a status other than 200) is recorded; ``pids``
+    holds the last word of every answer (the worker's pid, in the test apps).
     """
 
     def __init__(
-        self, url: str, threads: int = 2, max_requests: int = 20000, max_seconds: float = 40.0, path: str = "/"
+        self,
+        url: str,
+        threads: int = 2,
+        max_requests: int = 20000,
+        max_seconds: float = 40.0,
+        path: str = "/",
+        keep_alive: bool = False,
     ) -> None:
         self.url = url + path
         self.max_requests = max_requests
@@ -58,7 +67,9 @@ class LoadLoop:
         self.pids: set[str] = set()
         self._stop = threading.Event()
         self._lock = threading.Lock()
-        self._threads = [threading.Thread(target=self._run, daemon=True) for _ in range(threads)]
+        self._threads = [
+            threading.Thread(target=self._run, args=(keep_alive and i % 2 == 0,), daemon=True) for i in range(threads)
+        ]
 
     def __enter__(self) -> LoadLoop:
         for t in self._threads:
@@ -68,8 +79,8 @@ class LoadLoop:
     def __exit__(self, *exc: Any) -> None:
         self.stop()
 
-    def _run(self) -> None:
-        limits = httpx.Limits(max_keepalive_connections=0)
+    def _run(self, keep_alive: bool) -> None:
+        limits = httpx.Limits(max_keepalive_connections=1 if keep_alive else 0)
         with httpx.Client(timeout=10, limits=limits) as client:
             for _ in range(self.max_requests):
                 if self._stop.is_set() or time.monotonic() > self.deadline:
@@ -83,7 +94,7 @@ class LoadLoop:
                 with self._lock:
                     if r.status_code == 200:
                         self.ok += 1
-                        self.pids.add(r.text)
+                        self.pids.add(r.text.strip().rpartition(" ")[2])
                     else:
                         self.failures.append(f"status {r.status_code}")
 

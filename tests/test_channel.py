@@ -13,6 +13,8 @@ import pytest
 from cluster_server import ChannelError
 from cluster_server._channel import MAX_MESSAGE, Channel, decode, encode, pair
 
+from .conftest import is_open
+
 
 @pytest.fixture
 def ends() -> Iterator[tuple[Channel, Channel]]:
@@ -25,14 +27,6 @@ def ends() -> Iterator[tuple[Channel, Channel]]:
 
 def receive_all(ch: Channel) -> list[tuple[object, list[int]]]:
     return list(ch.receive())
-
-
-def is_open(fd: int) -> bool:
-    try:
-        os.fstat(fd)
-    except OSError:
-        return False
-    return True
 
 
 def test_messages_keep_their_boundaries_and_order(ends: tuple[Channel, Channel]) -> None:

@@ -24,7 +24,7 @@ from typing import Any
 import httpx
 import pytest
 
-from .conftest import ROOT, free_port, wait_until
+from .conftest import ROOT, alive, children, free_port, run_in_session, wait_until
 
 START_METHODS = ["fork", "spawn"]
 
@@ -83,37 +83,8 @@ def run_program(
 ) -> Done:
     """Run ``source`` as a primary to the end; every process it started is killed afterwards."""
     path = write_program(tmp_path, source)
-    proc = subprocess.Popen(
-        [sys.executable, str(path), *args],
-        cwd=tmp_path,
-        env=program_env(start_method, **env),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-    )
-    try:
-        stdout, stderr = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        stdout, stderr = proc.communicate()
-        raise AssertionError(f"the program did not finish in {timeout} s\n{Done(None, stdout, stderr)}") from None
-    finally:
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(proc.pid, signal.SIGKILL)
-    return Done(proc.returncode, stdout, stderr)
-
-
-def alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    # a zombie is dead for our purposes
-    with contextlib.suppress(OSError), open(f"/proc/{pid}/stat") as fh:
-        return fh.read().split(") ")[-1][0] != "Z"
-    return True
+    argv = [sys.executable, str(path), *args]
+    return Done(*run_in_session(argv, tmp_path, program_env(start_method, **env), timeout))
 
 
 # -- roles, fork, every event, in order ---------------------------------------------------------
@@ -728,7 +699,7 @@ def node_example(tmp_path: Path, start_method: str) -> Iterator[tuple[subprocess
 def test_node_example_runs_unchanged_with_both_start_methods(tmp_path: Path, start_method: str) -> None:
     with node_example(tmp_path, start_method) as (proc, port, log):
         wait_until(lambda: log.read_text().count("started") == 2, 20, what="two workers started")
-        workers = _children(proc.pid)
+        workers = children(proc.pid)
         assert len(workers) == 2
         seen = set()
         for _ in range(20):
@@ -750,11 +721,6 @@ def test_node_example_runs_unchanged_with_both_start_methods(tmp_path: Path, sta
         assert f"Primary {proc.pid} is running" in text
         assert f"worker {sorted(workers)[1]} died (0)" in text
         assert not any(alive(pid) for pid in workers)
-
-
-def _children(pid: int) -> list[int]:
-    out = subprocess.run(["ps", "-o", "pid=", "--ppid", str(pid)], capture_output=True, text=True)
-    return sorted(int(p) for p in out.stdout.split())
 
 
 # -- in an ASGI app, under cluster-server ---------------------------------------------------------

@@ -19,10 +19,11 @@ import pytest
 from cluster_server import ControlError, _control
 from cluster_server._config import Config
 from cluster_server._ctl import format_status
-from cluster_server._primary import Primary, Worker
+from cluster_server._primary import Primary
 from cluster_server._status import ClusterWatch
 
-from .conftest import HELLO_APP, Server, wait_until
+from .conftest import HELLO_APP, ROOT, Server, wait_until
+from .fake_primary import FakeLauncher
 from .ops_helpers import LoadLoop, ctl, ready_pids, status
 
 
@@ -296,7 +297,7 @@ def test_default_socket_path_is_found_without_options(
         [sys.executable, "-m", "cluster_server", "ctl", "status", "--json"],
         capture_output=True,
         text=True,
-        env={**os.environ, **env, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)},
+        env={**os.environ, **env, "PYTHONPATH": str(ROOT)},
         timeout=20,
     )
     assert out.returncode == 0, out.stderr
@@ -305,19 +306,6 @@ def test_default_socket_path_is_found_without_options(
 
 
 # -- the primary's side, with a fake launcher and a fake clock --------------------
-
-
-class FakeLauncher:
-    def __init__(self) -> None:
-        self.next_pid = 100
-        self.killed: list[tuple[int, int]] = []
-
-    def spawn(self, worker: Worker) -> tuple[int, None]:
-        self.next_pid += 1
-        return self.next_pid, None
-
-    def kill(self, pid: int, sig: int) -> None:
-        self.killed.append((pid, sig))
 
 
 def _primary(workers: int = 2) -> tuple[Primary, ClusterWatch, _control.ControlServer, list[float]]:

@@ -7,11 +7,10 @@ import json
 import os
 import signal
 import socket
-import subprocess
 from collections.abc import Callable
 from pathlib import Path
 
-from .conftest import Server, asgi_app, wait_until
+from .conftest import Server, alive, asgi_app, titled, wait_until
 
 
 def versioned_app(version: str) -> str:
@@ -42,12 +41,6 @@ def one_shot(port: int) -> dict[str, int | str]:
         return result
     finally:
         conn.close()
-
-
-def titled(primary: int, word: str) -> list[int]:
-    """Children of the primary whose process title has ``word`` (worker, template)."""
-    out = subprocess.run(["ps", "-o", "pid=,args=", "--ppid", str(primary)], capture_output=True, text=True)
-    return sorted(int(line.split()[0]) for line in out.stdout.splitlines() if f"cluster-server: {word}" in line)
 
 
 def start_preloaded(
@@ -132,15 +125,8 @@ def test_primary_killed_takes_template_and_workers_with_it(start_server: Callabl
     assert len(children) == 3
     os.kill(server.pid, signal.SIGKILL)
     server.proc.wait(5)
-
-    def gone(pid: int) -> bool:
-        try:
-            with open(f"/proc/{pid}/stat") as f:
-                return f.read().split(")")[-1].split()[0] == "Z"  # a zombie of init: exited
-        except FileNotFoundError:
-            return True
-
-    wait_until(lambda: all(gone(p) for p in children), 10, what="no orphan left")
+    # a zombie (of init) has exited: not alive
+    wait_until(lambda: not any(alive(p) for p in children), 10, what="no orphan left")
     with socket.socket() as s:  # nobody keeps the port
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         s.bind(("127.0.0.1", server.port or 0))

@@ -17,7 +17,8 @@ from cluster_server._recycle import MIB, RETRY_DELAY, Recycler
 from cluster_server._state import WorkerState
 from tests.conftest import Server, wait_until
 from tests.fake_primary import Harness
-from tests.test_restart import RESTART_APP, LoadLoop
+from tests.ops_helpers import LoadLoop
+from tests.test_restart import RESTART_APP
 
 # -- decisions (no processes) ----------------------------------------------------
 
@@ -139,7 +140,7 @@ def test_max_requests_recycles_without_losing_a_request(
         "myapp:app", "--workers", "2", "--no-access-log", "--max-requests", "150", "--heartbeat-interval", "0.2"
     ).wait_ready()
     first = set(server.worker_pids())
-    with LoadLoop(server.url, threads=4, max_requests=1000) as load:
+    with LoadLoop(server.url, threads=4, max_requests=1000, keep_alive=True) as load:
         server.wait_log("recycled worker", count=3, timeout=30)
     assert load.failures == [], load.failures[:5]
     log = server.log()

@@ -22,7 +22,7 @@ from cluster_server._config import RELOAD_GRACEFUL_TIMEOUT, Config
 from cluster_server._errors import ConfigError
 from cluster_server._reload import WatchRules
 
-from .conftest import Server, asgi_app, wait_until
+from .conftest import ROOT, Server, asgi_app, wait_until
 
 
 def versioned_app(version: str, startup_fails: bool = False) -> str:
@@ -196,7 +196,7 @@ def test_fresh_import_hook_never_serves_a_stale_pyc(tmp_path: Path, fresh: bool)
         if fresh
         else ""
     )
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
     env.pop("PYTHONDONTWRITEBYTECODE", None)
     out = subprocess.run(
         [sys.executable, "-c", STALE_PYC.format(hook=hook)],

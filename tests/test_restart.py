@@ -11,18 +11,15 @@ import logging
 import os
 import re
 import signal
-import threading
-import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 
-import httpx
 import pytest
 
 from cluster_server._state import WorkerState
 from tests.conftest import HELLO_APP, Server, asgi_app, wait_until
 from tests.fake_primary import KILLED, Harness
+from tests.ops_helpers import LoadLoop
 
 R = WorkerState.READY
 D = WorkerState.DRAINING
@@ -196,74 +193,19 @@ RESTART_APP = asgi_app(
 )
 
 
-@dataclass
-class LoadLoop:
-    """Threads sending requests until stopped, counting every failure.
-
-    Half the threads use one keep-alive connection each, half open a new
-    connection per request. Bounded: ``max_requests`` per thread and ``max_seconds``.
-    """
-
-    url: str
-    threads: int = 4
-    max_requests: int = 20000
-    max_seconds: float = 30.0
-    ok: int = 0
-    failures: list[str] = field(default_factory=list)
-    pids: set[str] = field(default_factory=set)
-    _stop: threading.Event = field(default_factory=threading.Event)
-    _lock: threading.Lock = field(default_factory=threading.Lock)
-    _threads: list[threading.Thread] = field(default_factory=list)
-
-    def _record(self, response: httpx.Response | None, error: Exception | None) -> None:
-        with self._lock:
-            if error is not None:
-                self.failures.append(repr(error))
-            elif response is None or response.status_code != 200:
-                self.failures.append(f"status {None if response is None else response.status_code}")
-            else:
-                self.ok += 1
-                self.pids.add(response.text.split()[-1])
-
-    def _run(self, keep_alive: bool) -> None:
-        deadline = time.monotonic() + self.max_seconds
-        client = httpx.Client(timeout=10) if keep_alive else None
-        try:
-            for _ in range(self.max_requests):
-                if self._stop.is_set() or time.monotonic() > deadline:
-                    return
-                try:
-                    if client is not None:
-                        r = client.get(self.url)
-                    else:
-                        r = httpx.get(self.url, timeout=10, headers={"connection": "close"})
-                    self._record(r, None)
-                except httpx.HTTPError as exc:
-                    self._record(None, exc)
-        finally:
-            if client is not None:
-                client.close()
-
-    def __enter__(self) -> LoadLoop:
-        for i in range(self.threads):
-            t = threading.Thread(target=self._run, args=(i % 2 == 0,), daemon=True)
-            t.start()
-            self._threads.append(t)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        for t in self._threads:
-            t.join(15)
-
-    def count(self) -> int:
-        with self._lock:
-            return self.ok + len(self.failures)
-
-
 #: an app rewritten within the same second with the same size would be imported
 #: from its stale .pyc: the tests that change the code write no bytecode
 NO_PYC = {"PYTHONDONTWRITEBYTECODE": "1"}
+
+
+def slow_startup_app(seconds: float) -> str:
+    """RESTART_APP whose lifespan startup takes ``seconds`` once a file ``slow`` is in its cwd."""
+    return RESTART_APP.replace(
+        'await send({"type": "lifespan.startup.complete"})',
+        'import asyncio, pathlib\n                if pathlib.Path("slow").exists(): '
+        f"await asyncio.sleep({seconds})\n"
+        '                await send({"type": "lifespan.startup.complete"})',
+    )
 
 
 def _generation_done(server: Server, generation: int, old: list[int] | None = None) -> None:
@@ -279,7 +221,7 @@ def test_rolling_restart_under_load_loses_nothing(
     write_app("myapp", RESTART_APP)
     server = start_server("myapp:app", "--workers", "2", "--no-access-log").wait_ready()
     before = set(server.worker_pids())
-    with LoadLoop(server.url) as load:
+    with LoadLoop(server.url, threads=4, keep_alive=True) as load:
         wait_until(lambda: load.count() > 50, 10, what="load running")
         for generation in (2, 3):
             server.signal(signal.SIGHUP)
@@ -299,7 +241,7 @@ def test_sighup_to_the_whole_process_group_rolls_instead_of_killing_workers(
     write_app("myapp", RESTART_APP)
     server = start_server("myapp:app", "--workers", "2", "--no-access-log").wait_ready()
     old = server.worker_pids()
-    with LoadLoop(server.url, threads=2) as load:
+    with LoadLoop(server.url, threads=2, keep_alive=True) as load:
         wait_until(lambda: load.count() > 20, 10, what="load running")
         os.killpg(server.pid, signal.SIGHUP)  # the primary started its own session: pgid == pid
         _generation_done(server, 2, old)
@@ -344,12 +286,7 @@ def test_syntax_error_at_restart_keeps_old_workers_then_fixed_code_rolls(
 def test_replacement_that_is_not_ready_in_time_stops_the_roll(
     start_server: Callable[..., Server], write_app: Callable[[str, str], Path], tmp_path: Path
 ) -> None:
-    slow_startup = RESTART_APP.replace(
-        'await send({"type": "lifespan.startup.complete"})',
-        'import asyncio, pathlib\n                if pathlib.Path("slow").exists(): await asyncio.sleep(30)\n'
-        '                await send({"type": "lifespan.startup.complete"})',
-    )
-    write_app("myapp", slow_startup)
+    write_app("myapp", slow_startup_app(30))
     server = start_server("myapp:app", "--workers", "1", "--ready-timeout", "1").wait_ready()
     old = server.worker_pids()
     (tmp_path / "slow").touch()
@@ -363,12 +300,7 @@ def test_replacement_that_is_not_ready_in_time_stops_the_roll(
 def test_old_worker_killed_mid_roll(
     start_server: Callable[..., Server], write_app: Callable[[str, str], Path], tmp_path: Path
 ) -> None:
-    slow_startup = RESTART_APP.replace(
-        'await send({"type": "lifespan.startup.complete"})',
-        'import asyncio, pathlib\n                if pathlib.Path("slow").exists(): await asyncio.sleep(0.5)\n'
-        '                await send({"type": "lifespan.startup.complete"})',
-    )
-    write_app("myapp", slow_startup)
+    write_app("myapp", slow_startup_app(0.5))
     server = start_server("myapp:app", "--workers", "2", "--no-access-log").wait_ready()
     old = server.worker_pids()
     slot2 = int(re.findall(r"worker 2 \[pid (\d+)\] ready", server.log())[0])
@@ -393,7 +325,7 @@ def test_sigttin_adds_and_sigttou_drains_a_worker(
     server.wait_log("scaling from 2 to 3 workers")
     wait_until(lambda: len(server.worker_pids()) == 3, 10, what="a third worker")
     server.wait_log("ready in", count=3)
-    with LoadLoop(server.url.rstrip("/"), threads=2) as load:
+    with LoadLoop(server.url.rstrip("/"), threads=2, keep_alive=True) as load:
         wait_until(lambda: load.count() > 20, 10)
         server.signal(signal.SIGTTOU)
         server.wait_log("draining (scaled down)")

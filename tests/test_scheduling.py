@@ -35,7 +35,7 @@ from cluster_server._primary import Worker
 from cluster_server._scheduling import HandOff
 from cluster_server._state import WorkerState
 
-from .conftest import wait_until
+from .conftest import ROOT, is_open, wait_until
 
 
 class FakePrimary:
@@ -79,14 +79,6 @@ def make_worker(i: int) -> Worker:
 def ready(sched: HandOff, w: Worker) -> None:
     w.move(WorkerState.READY)
     sched.worker_event("ready", w)
-
-
-def is_open(fd: int) -> bool:
-    try:
-        os.fstat(fd)
-    except OSError:
-        return False
-    return True
 
 
 @pytest.fixture
@@ -462,7 +454,7 @@ def test_channel_reports_truncated_fds_with_the_message() -> None:
         print("ok", len(got))
         """
     )
-    env = {**os.environ, "PYTHONPATH": os.path.dirname(os.path.dirname(os.path.abspath(__file__)))}
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=30)
     assert out.returncode == 0, out.stderr
     assert out.stdout.startswith("ok")

@@ -7,13 +7,10 @@ deadline; every request loop is bounded in count and time.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import re
 import signal
 import socket
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable
@@ -22,7 +19,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from .conftest import HELLO_APP, ROOT, Server, asgi_app, free_port, wait_until
+from .conftest import HELLO_APP, Server, alive, asgi_app, free_port, run_cli, wait_until
 
 StartServer = Callable[..., Server]
 WriteApp = Callable[[str, str], Path]
@@ -69,15 +66,6 @@ async def app(scope, receive, send):
     await receive()
     raise RuntimeError("database is down")
 """
-
-
-def alive(pid: int) -> bool:
-    """Is ``pid`` a live process (not gone, not a zombie)?"""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except (FileNotFoundError, ProcessLookupError):
-        return False
-    return stat.rpartition(")")[2].split()[0] != "Z"
 
 
 def title(pid: int) -> str:
@@ -264,31 +252,6 @@ def test_primary_sigkill_takes_every_worker_down_within_2s(
 
 
 # -- bad input: one line, no traceback, non-zero exit -------------------------------------------
-
-
-def run_cli(cwd: Path, *args: str, timeout: float = 30) -> tuple[int, str, str]:
-    """Run ``cluster-server ARGS`` to its end in its own session; (exit code, stdout, stderr)."""
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(cwd)])}
-    env.pop("WEB_CONCURRENCY", None)
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "cluster_server", *args],
-        cwd=cwd,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-    )
-    try:
-        out, err = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.communicate()
-        raise
-    finally:  # a primary that exited may have left a worker behind: nothing of it outlives the test
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(proc.pid, signal.SIGKILL)
-    return proc.returncode, out, err
 
 
 def error_lines(stderr: str) -> list[str]:

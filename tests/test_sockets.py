@@ -17,7 +17,7 @@ import pytest
 from cluster_server import BindError, Config
 from cluster_server._sockets import Listener, bind_listeners
 
-from .conftest import HELLO_APP, Server, free_port
+from .conftest import HELLO_APP, Server, free_port, is_open
 
 
 def has_ipv6_loopback() -> bool:
@@ -198,7 +198,7 @@ def test_fd_that_is_a_datagram_socket() -> None:
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
         with pytest.raises(BindError, match="is not a stream socket"):
             bind_listeners(Config(app="main:app", fd=udp.fileno()))
-        assert udp.fileno() >= 0, "the caller's socket is not closed on error"
+        assert udp.fileno() >= 0 and is_open(udp.fileno()), "the caller's socket is not closed on error"
 
 
 # -- serving through each kind of socket -------------------------------------------------

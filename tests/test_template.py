@@ -7,7 +7,6 @@ from __future__ import annotations
 import os
 import signal
 import socket
-import subprocess
 import textwrap
 from collections.abc import Callable
 from pathlib import Path
@@ -21,13 +20,8 @@ from cluster_server._launcher import Template, TemplateLauncher
 from cluster_server._primary import Primary
 from cluster_server._template import load_with_traceback, short_traceback
 
-from .conftest import Server, wait_until
+from .conftest import ROOT, Server, titled, wait_until
 from .test_reload import one_shot, versioned_app
-
-
-def titled(primary: int, word: str) -> list[int]:
-    out = subprocess.run(["ps", "-o", "pid=,args=", "--ppid", str(primary)], capture_output=True, text=True)
-    return sorted(int(line.split()[0]) for line in out.stdout.splitlines() if f"cluster-server: {word}" in line)
 
 
 def socket_inodes(pid: int) -> set[str]:
@@ -95,7 +89,6 @@ def test_dependency_change_rebuilds_the_template_and_reloads(
     (deps / "thirdparty.py").write_text("GREETING = 'hello'\n")
     source = versioned_app("v1").replace("VERSION = 'v1'", "from thirdparty import GREETING as VERSION")
     (src / "app.py").write_text(source)
-    root = Path(__file__).resolve().parent.parent
     server = start_server(
         "app:app",
         "--reload",
@@ -103,7 +96,7 @@ def test_dependency_change_rebuilds_the_template_and_reloads(
         str(src),
         "--app-dir",
         str(src),
-        env={"PYTHONPATH": os.pathsep.join([str(root), str(deps)])},
+        env={"PYTHONPATH": os.pathsep.join([str(ROOT), str(deps)])},
     ).wait_ready()
     server.wait_log("reload: watching")
     server.wait_log("dependency modules")
@@ -124,8 +117,7 @@ def test_a_dependency_that_starts_a_thread_disables_the_template(
         "import threading, time\nthreading.Thread(target=time.sleep, args=(3600,), daemon=True).start()\n"
     )
     (src / "app.py").write_text("import threaded\n" + versioned_app("v1"))
-    root = Path(__file__).resolve().parent.parent
-    env = {"PYTHONPATH": os.pathsep.join([str(root), str(deps)])}
+    env = {"PYTHONPATH": os.pathsep.join([str(ROOT), str(deps)])}
     server = start_server("app:app", "--reload", "--reload-dir", str(src), "--app-dir", str(src), env=env)
     server.wait_ready()
     server.wait_log("workers are forked directly instead")

@@ -7,25 +7,20 @@ from __future__ import annotations
 
 import ssl
 import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 
-from .conftest import HELLO_APP, ROOT, TLSFiles, scheduling_args, scheduling_policies
+from .conftest import HELLO_APP, ROOT, TLSFiles, run_cli, scheduling_args, scheduling_policies
 
 
 def _cli(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "cluster_server", *args],
-        cwd=cwd,
-        env={"PYTHONPATH": f"{ROOT}:{cwd}", "PATH": "/usr/bin:/bin"},
-        capture_output=True,
-        text=True,
-        timeout=30,
-    )
+    """``cluster-server ARGS`` to its end in its own session, with a minimal environment."""
+    env = {"PYTHONPATH": f"{ROOT}:{cwd}", "PATH": "/usr/bin:/bin"}
+    code, out, err = run_cli(cwd, *args, env=env)
+    return subprocess.CompletedProcess(args, code, out, err)
 
 
 @pytest.mark.parametrize("policy", scheduling_policies())
