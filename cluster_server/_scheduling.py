@@ -422,8 +422,10 @@ class HandOff:
                     if now - p.progress_at >= BLOCKED:
                         self._saw_blocked(p, now)
                 # Equally busy: fewer connections in all (idle keep-alive ones too) first.
-                if best is None or load < best_load or (load == best_load and p.connections < best_conns):
-                    best, best_load, best_conns, best_j = p, load, p.connections, j
+                if best is None or load <= best_load:
+                    conns = p.connections
+                    if best is None or load < best_load or conns < best_conns:
+                        best, best_load, best_conns, best_j = p, load, conns, j
         if best is None:
             return None
         if best_load >= BUSY_MAX and now < self._queue_until:

@@ -189,9 +189,10 @@ class WorkerServer(uvicorn.Server):
         Busy: a request in progress, or none answered yet. A keep-alive
         connection between requests is not, nor is an upgraded WebSocket: they
         cost the worker nothing while idle, so they must not count against it.
-        Counted incrementally, with no work per request beyond uvicorn's own
-        keep-alive timer bookkeeping: idle is exactly "``timeout_keep_alive_task``
-        is set". Call before serving.
+        Counted incrementally where uvicorn already does keep-alive timer
+        bookkeeping (idle is exactly "``timeout_keep_alive_task`` is set"): a
+        property access instead of an attribute, about four calls per request.
+        Call before serving.
         """
         self.tracking_busy = True
         self._on_not_busy = callback
@@ -249,7 +250,7 @@ def busy_tracking_protocol(base: Any, server: WorkerServer) -> Any:
 
     uvicorn arms ``timeout_keep_alive_task`` when a response completes with
     nothing pipelined and clears it when data arrives; making it a property
-    counts the transitions without adding a call to the request path.
+    counts the transitions with no method of uvicorn's overridden on the request path.
     """
 
     class BusyTrackingProtocol(base):  # type: ignore[misc]
