@@ -52,10 +52,18 @@ def encode(msg: Message) -> bytes:
 
 
 def decode(data: bytes) -> Message:
+    """One message from bytes a peer sent: a JSON object, or ``ChannelError``.
+
+    Never raises anything else: the size is bounded by ``MAX_MESSAGE`` and a
+    nesting too deep for the decoder (``[`` x 60,000, say) is refused, not
+    allowed to raise ``RecursionError`` into the primary's loop.
+    """
     try:
         msg = json.loads(data)
     except (UnicodeDecodeError, ValueError) as exc:
         raise ChannelError(f"undecodable message ({len(data)} bytes): {exc}") from None
+    except RecursionError:
+        raise ChannelError(f"message nested too deeply ({len(data)} bytes)") from None
     if not isinstance(msg, dict):
         raise ChannelError(f"message is a JSON {type(msg).__name__}, not an object")
     return msg
@@ -89,6 +97,7 @@ class Channel:
         # (payload, fds) not yet taken by the kernel; the fds are ours until sent
         self._out: collections.deque[tuple[bytes, list[int]]] = collections.deque()
         self._out_bytes = 0
+        self._out_fds = 0
         self.closed = False
 
     def fileno(self) -> int:
@@ -98,6 +107,11 @@ class Channel:
     def pending(self) -> int:
         """Messages queued because the peer's buffer was full."""
         return len(self._out)
+
+    @property
+    def pending_fds(self) -> int:
+        """File descriptors held by the queued messages (the channel's until sent)."""
+        return self._out_fds
 
     @property
     def pending_bytes(self) -> int:
@@ -118,6 +132,7 @@ class Channel:
             return True
         self._out.append(item)
         self._out_bytes += len(item[0])
+        self._out_fds += len(item[1])
         return False
 
     def flush(self) -> bool:
@@ -125,7 +140,9 @@ class Channel:
         while self._out:
             if not self._try_send(self._out[0]):
                 return False
-            self._out_bytes -= len(self._out.popleft()[0])
+            data, fds = self._out.popleft()
+            self._out_bytes -= len(data)
+            self._out_fds -= len(fds)
         return True
 
     def _try_send(self, item: tuple[bytes, list[int]]) -> bool:
@@ -154,7 +171,7 @@ class Channel:
         """Remove queued messages and hand back the fds they carried (caller owns them)."""
         fds = self.queued_fds()
         self._out.clear()
-        self._out_bytes = 0
+        self._out_bytes = self._out_fds = 0
         return fds
 
     def receive(self) -> Iterator[tuple[Message | ChannelError, list[int]]]:
@@ -162,14 +179,18 @@ class Channel:
 
         A message that cannot be decoded is yielded as a ``ChannelError`` in its
         place (the fds that came with it are closed), so the caller can log it
-        and go on. Raises ``EOFError`` when the peer has closed its end.
+        and go on. Raises ``EOFError`` when the peer has closed its end, or when
+        the socket failed (any other ``OSError``: nothing more can be read).
+
+        The caller may close the channel while handling a message (a failed
+        send to the same peer): the loop then ends instead of reading a closed fd.
         """
-        while True:
+        while not self.closed:
             try:
                 data, anc, flags, _ = self.sock.recvmsg(MAX_MESSAGE + 1, _ANCBUF, _CMSG_CLOEXEC)
             except (BlockingIOError, InterruptedError):
                 return
-            except ConnectionResetError:
+            except OSError:
                 raise EOFError from None
             fds = _fds_from(anc)
             if not data and not fds:

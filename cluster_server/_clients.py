@@ -17,6 +17,8 @@ import socket
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Generic, TypeVar
 
+from ._logging import Throttle
+
 if TYPE_CHECKING:
     from ._primary import Primary
 
@@ -26,6 +28,8 @@ logger = logging.getLogger("cluster_server")
 LINGER = 2.0
 #: bytes read per ``recv``
 READ_SIZE = 65536
+#: after a failed accept (out of fds), the listening socket is not watched for this long
+ACCEPT_PAUSE = 0.1
 
 
 class Client:
@@ -48,8 +52,16 @@ class ClientServer(abc.ABC, Generic[C]):
     primary: Primary | None
     clients: dict[int, C]
 
+    #: the listening socket while accepting is paused (accept failed: out of fds)
+    _paused: socket.socket | None = None
+    _paused_until = 0.0
+    _accept_trouble: Throttle | None = None
+
     def next_deadline(self) -> float | None:
-        return min((c.deadline for c in self.clients.values()), default=None)
+        soonest = min((c.deadline for c in self.clients.values()), default=None)
+        if self._paused is not None and (soonest is None or self._paused_until < soonest):
+            return self._paused_until
+        return soonest
 
     def tick(self) -> None:
         assert self.primary is not None
@@ -57,16 +69,36 @@ class ClientServer(abc.ABC, Generic[C]):
         for fd, c in list(self.clients.items()):
             if now >= c.deadline:
                 self._drop(fd)
+        if self._paused is not None and now >= self._paused_until:
+            listener, self._paused = self._paused, None
+            if getattr(self, "sock", None) is listener:  # not closed meanwhile
+                self.primary.add_reader(listener, self._accept)
+
+    @abc.abstractmethod
+    def _accept(self, mask: int) -> None:
+        """The listening socket is readable: take its clients (with ``_accepted``)."""
 
     def _accepted(self, listener: socket.socket, limit: int, what: str) -> Iterator[socket.socket]:
-        """The connections waiting on ``listener`` (at most ``limit`` a wake-up), non-blocking."""
+        """The connections waiting on ``listener`` (at most ``limit`` a wake-up), non-blocking.
+
+        When accept fails (EMFILE and friends), the connection stays in the kernel's
+        queue and the socket stays readable: accepting pauses for ``ACCEPT_PAUSE``,
+        or the loop would spin on it, and the failure is logged at most every 5 s.
+        """
         for _ in range(limit):
             try:
                 conn, _ = listener.accept()
             except (BlockingIOError, InterruptedError):
                 return
-            except OSError as exc:  # EMFILE and friends: try again on the next wake-up
-                logger.warning("%s: accept failed: %s", what, exc)
+            except OSError as exc:
+                assert self.primary is not None
+                if self._accept_trouble is None:
+                    self._accept_trouble = Throttle(logger)
+                self._accept_trouble.log(
+                    logging.WARNING, "%s: accept failed (%s); pausing it for %g s", what, exc, ACCEPT_PAUSE
+                )
+                self.primary.remove_reader(listener)
+                self._paused, self._paused_until = listener, self.primary.clock() + ACCEPT_PAUSE
                 return
             conn.setblocking(False)
             yield conn

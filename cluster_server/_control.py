@@ -375,6 +375,9 @@ class ControlServer(ClientServer[_Client]):
             req = json.loads(line)
         except (UnicodeDecodeError, ValueError):
             return {"ok": False, "error": f"not a JSON object: {line[:80]!r}"}
+        except RecursionError:  # '[' x 60,000: deeper than the decoder goes
+            logger.warning("control socket: refused a request nested too deeply (%d bytes)", len(line))
+            return {"ok": False, "error": "request nested too deeply"}
         if not isinstance(req, dict):
             return {"ok": False, "error": "not a JSON object"}
         try:

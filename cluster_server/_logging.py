@@ -48,3 +48,32 @@ def configure(level: str = "info", access_log: bool = True, use_colors: bool | N
         },
     }
     logging.config.dictConfig(config)
+
+
+class Throttle:
+    """Log a failure that repeats (EMFILE on every wake-up, say) at most once per ``interval``.
+
+    ``log`` returns True when it logged; the lines skipped meanwhile are counted
+    and the next line that is logged says how many there were.
+    """
+
+    def __init__(self, logger: logging.Logger, interval: float = 5.0, clock: Any = None) -> None:
+        import time
+
+        self.logger = logger
+        self.interval = interval
+        self.clock = clock or time.monotonic
+        self._next = -float("inf")
+        self._skipped = 0
+
+    def log(self, level: int, msg: str, *args: Any) -> bool:
+        now = self.clock()
+        if now < self._next:
+            self._skipped += 1
+            return False
+        if self._skipped:
+            msg += f" ({self._skipped} more like it in the last {self.interval:g} s)"
+        self.logger.log(level, msg, *args)
+        self._next = now + self.interval
+        self._skipped = 0
+        return True

@@ -17,6 +17,7 @@ import logging
 import os
 import selectors
 import signal
+import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -43,6 +44,10 @@ BACKOFF_CAP = 10.0
 DUMP_GRACE = 0.5
 #: the selector never waits longer than this, whatever the deadlines say
 MAX_WAIT = 1.0
+#: a slot whose worker could not be forked (no fds, processes or memory) tries again after this
+SPAWN_RETRY = 1.0
+#: unexpected exceptions the loop survives (draining) before it kills the workers and exits
+MAX_LOOP_ERRORS = 100
 
 _S = WorkerState
 
@@ -172,6 +177,7 @@ class Primary:
         self._signals: collections.deque[int] = collections.deque()
         self._selector: selectors.BaseSelector | None = None
         self._wake_r = self._wake_w = -1
+        self._errors = 0  # unexpected exceptions met by the loop
 
     # -- the loop -----------------------------------------------------------
 
@@ -192,15 +198,36 @@ class Primary:
             )
             self.manage_workers()
             while not (self.stopping and not self.workers):
-                self._wait(self.next_deadline())
-                self._handle_signals()
-                self.reap_workers()
-                self.tick()
+                try:
+                    self._wait(self.next_deadline())
+                    self._handle_signals()
+                    self.reap_workers()
+                    self.tick()
+                except Exception:
+                    if self._internal_error():
+                        break
         finally:
             self._shutdown()
         if self.fatal is not None:
             raise self.fatal
         return self.exit_code
+
+    def _internal_error(self) -> bool:
+        """An exception reached the loop (a bug): drain the workers and exit non-zero.
+
+        The workers finish what they serve, as for SIGTERM; only when errors go on
+        while draining does the primary give up (True: leave the loop, and
+        ``_shutdown`` kills what is left).
+        """
+        self._errors += 1
+        logger.exception("primary: unexpected error (a bug); draining the workers and exiting")
+        self.exit_code = 1
+        if self._errors > MAX_LOOP_ERRORS:
+            logger.critical("primary: %d unexpected errors; stopping the workers at once", self._errors)
+            return True
+        if not self.stopping:
+            self.stop(graceful=True, why="unexpected error")
+        return False
 
     def _wait(self, deadline: float | None) -> None:
         assert self._selector is not None
@@ -332,11 +359,24 @@ class Primary:
         now = self.clock()
         for slot in self.slots.values():
             if slot.pid is None and slot.replacement is None and now >= slot.respawn_at:
-                slot.pid = self.spawn_worker(slot, slot.generation).pid
+                w = self.spawn_worker(slot, slot.generation)
+                if w is None:
+                    slot.respawn_at = now + SPAWN_RETRY
+                else:
+                    slot.pid = w.pid
 
-    def spawn_worker(self, slot: Slot, generation: int) -> Worker:
+    def spawn_worker(self, slot: Slot, generation: int) -> Worker | None:
+        """Start a worker for ``slot``; None (logged) when the primary cannot fork now.
+
+        Out of fds (``socketpair``: EMFILE), processes or memory (``fork``:
+        EAGAIN, ENOMEM): the cluster keeps serving with the workers it has.
+        """
         w = Worker(id=slot.id, generation=generation, spawned_at=self.clock())
-        w.pid, w.channel = self.launcher.spawn(w)
+        try:
+            w.pid, w.channel = self.launcher.spawn(w)
+        except OSError as exc:
+            logger.error("cannot start worker %d: %s; retrying in %g s", slot.id, exc, SPAWN_RETRY)
+            return None
         self.workers[w.pid] = w
         if w.channel is not None and self._selector is not None:
             self.add_reader(w.channel, functools.partial(self._on_channel, w))
@@ -441,7 +481,10 @@ class Primary:
     # -- messages -----------------------------------------------------------
 
     def _on_channel(self, w: Worker, mask: int) -> None:
-        assert w.channel is not None
+        # Closed already in this wake-up (a failed send while handling another event):
+        # the selector's list of ready fds was made before that.
+        if w.channel is None or w.channel.closed:
+            return
         if mask & selectors.EVENT_WRITE:
             try:
                 if w.channel.flush():
@@ -584,8 +627,15 @@ class Primary:
             slot = self.slots.get(roll.pending.pop(0))
             if slot is None:
                 continue
+            w = self.spawn_worker(slot, roll.generation)
+            if w is None:
+                self.roll_state = None
+                kind = "recycling" if roll.recycle else f"rolling restart to generation {roll.generation}"
+                logger.error("%s stopped: cannot start a worker; the running workers keep serving", kind)
+                self._next_roll()
+                return
             roll.current = slot.id
-            slot.replacement = self.spawn_worker(slot, roll.generation).pid
+            slot.replacement = w.pid
             return
         took = self.clock() - roll.started_at
         if roll.recycle:
@@ -737,7 +787,17 @@ class ForkLauncher:
         self.load = load  # how a new worker gets the app
 
     def spawn(self, worker: Worker) -> tuple[int, Channel | None]:
+        """Fork ``worker``. Raises ``OSError`` (nothing left open) when the primary cannot."""
         ours, theirs = _channel.pair()
+        try:
+            return self._fork(worker, ours, theirs)
+        except BaseException:
+            ours.close()
+            raise
+        finally:
+            theirs.close()
+
+    def _fork(self, worker: Worker, ours: socket.socket, theirs: socket.socket) -> tuple[int, Channel]:
         close = [*self.primary.fds_to_close_in_child(), ours.fileno()]
         spec = WorkerSpec(
             id=worker.id,
@@ -749,7 +809,6 @@ class ForkLauncher:
         pid = os.fork()
         if pid == 0:  # pragma: no cover - the child never returns from worker_main
             worker_main(self.primary.config, spec, theirs, close, self.load)
-        theirs.close()
         return pid, Channel(ours)
 
     def kill(self, pid: int, sig: int) -> None:

@@ -51,6 +51,7 @@ from typing import TYPE_CHECKING, Any
 
 from ._channel import MAX_FDS, Channel, Message
 from ._errors import BindError
+from ._logging import Throttle
 from ._messaging import flush_when_writable
 from ._proc import close_all
 
@@ -98,6 +99,8 @@ HOLD_WAIT = 0.02
 #: delayed: until the primary gets one it holds a reference to the connection, so a
 #: connection the worker already closed would not be closed (no FIN) before the ack arrives.
 REPORT_INTERVAL = 0.02
+#: fds the primary keeps free beyond its connections and workers' channels (its clients, templates...)
+FD_RESERVE = 64
 #: errors that mean "out of fds or memory": stop accepting for a while
 _RESOURCE_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 #: accept() errors about one connection only: skip it and accept the next
@@ -183,6 +186,10 @@ class HandOff:
         self._batch = 0
         self._accepting = False
         self._paused_until = 0.0
+        #: most connection fds the primary may hold at once: held, unacknowledged, and
+        #: their copies queued in a channel (``_fd_budget``; set at attach)
+        self.fd_budget = hold_max
+        self._fd_trouble = Throttle(logger)
         self._listeners: list[tuple[socket.socket, Callable[[int], None]]] = []
         # statistics, logged at close: how cheap is the accept path?
         self.accepted = 0
@@ -201,10 +208,12 @@ class HandOff:
             accept = lst.sock._accept  # type: ignore[attr-defined]  # (fd, addr): no socket object
             self._listeners.append((lst.sock, functools.partial(self._on_accept, accept)))
         self._cpu_start = time.process_time()
-        hold = _fd_budget()
-        if hold < self.hold_max:
-            logger.info("holding at most %d connections in the primary (RLIMIT_NOFILE)", hold)
-            self.hold_max = hold
+        self.fd_budget = _fd_budget(len(primary.slots))
+        if self.fd_budget < self.hold_max:
+            logger.info(
+                "holding at most %d connection fds in the primary (RLIMIT_NOFILE, less a reserve)", self.fd_budget
+            )
+            self.hold_max = self.fd_budget
         logger.info("scheduling: %s (the primary accepts and hands connections to workers)", self.policy)
         self._update_accepting()
 
@@ -356,7 +365,7 @@ class HandOff:
                 assert self.primary is not None
                 self._paused_until = self.primary.clock() + ACCEPT_PAUSE
                 level = logging.WARNING if exc.errno in _RESOURCE_ERRNOS else logging.ERROR
-                logger.log(level, "primary cannot accept (%s); pausing accept for %g s", exc, ACCEPT_PAUSE)
+                self._fd_trouble.log(level, "primary cannot accept (%s); pausing accept for %g s", exc, ACCEPT_PAUSE)
                 break
             fds.append(fd)
         self.wakeups += 1
@@ -368,23 +377,31 @@ class HandOff:
         self.accept_ns += time.perf_counter_ns() - t0
 
     def _room(self) -> int:
-        """How many more connections the primary can place: worker windows plus hold space."""
+        """How many more connections the primary can place: worker windows plus hold space,
+        and no more than its fd budget allows (a connection costs two fds until it is sent:
+        ours, and the copy queued in the channel)."""
         assert self.primary is not None
         now = self.primary.clock()
         room = self.hold_max - len(self.held)
         for p in self.ring:
             if p.blocked_until <= now and _channel_open(p.worker):
                 room += p.limit - p.unacked
-        return room
+        return min(room, (self.fd_budget - self.fds_in_use()) // 2)
+
+    def fds_in_use(self) -> int:
+        """Connection fds the primary holds now: held, handed and not acknowledged, queued copies."""
+        n = len(self.held)
+        for p in self.peers.values():
+            n += p.unacked
+            ch = p.worker.channel
+            if ch is not None and not ch.closed:
+                n += ch.pending_fds
+        return n
 
     def _update_accepting(self) -> None:
         assert self.primary is not None
         now = self.primary.clock()
-        want = (
-            not self.primary.stopping
-            and now >= self._paused_until
-            and (len(self.held) < self.hold_max or self._room() > 0)
-        )
+        want = not self.primary.stopping and now >= self._paused_until and self._room() > 0
         if want == self._accepting:
             return
         self._accepting = want
@@ -497,10 +514,15 @@ class HandOff:
     def _send(self, peer: _Peer, fds: list[int], force: bool = False) -> bool:
         """Hand ``fds`` to ``peer`` in one message; False when its channel is gone (they are held again)."""
         assert self.primary is not None
+        dups: list[int] = []  # the channel closes what it sends; we keep ours
         try:
-            dups = [os.dup(fd) for fd in fds]  # the channel closes what it sends; we keep ours
+            for fd in fds:
+                dups.append(os.dup(fd))
         except OSError as exc:
-            logger.warning("primary cannot dup a connection (%s); holding it and pausing accept", exc)
+            close_all(dups)  # the copies made before the failure: ours, and nobody else's
+            self._fd_trouble.log(
+                logging.WARNING, "primary cannot dup a connection (%s); holding it and pausing accept", exc
+            )
             self._paused_until = self.primary.clock() + ACCEPT_PAUSE
             self.held.extendleft(reversed(fds))
             return True  # held again; nothing to retry before the pause is over
@@ -636,12 +658,22 @@ def _channel_open(w: Worker) -> bool:
     return w.channel is not None and not w.channel.closed
 
 
-def _fd_budget() -> int:
-    """How many connections the primary may hold without nearing its own fd limit."""
+def _fd_budget(workers: int) -> int:
+    """How many connection fds the primary may hold without nearing its own fd limit.
+
+    Its limit, less the fds open now, less a reserve for what else it opens while
+    it runs: a channel per worker (room for twice as many as now, for a scale-up or
+    a roll), control and metrics clients, a template, the reload watcher.
+    """
     soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft == resource.RLIM_INFINITY:
-        return HOLD_MAX
-    return max(16, min(HOLD_MAX, soft // 4))
+        return HOLD_MAX * 4
+    try:
+        open_now = len(os.listdir("/proc/self/fd"))
+    except OSError:
+        open_now = 64
+    reserve = FD_RESERVE + 2 * workers
+    return max(16, soft - open_now - reserve)
 
 
 class ReusePortCheck:

@@ -323,3 +323,25 @@ def scheduling_policies() -> list[str]:
 def scheduling_args(policy: str) -> list[str]:
     """The CLI arguments that select ``policy`` (none where there is no --scheduling option)."""
     return [] if scheduling_policies() == ["shared"] and policy == "shared" else ["--scheduling", policy]
+
+
+@pytest.fixture
+def conns() -> Iterator[Any]:
+    """``conns(n)``: n fresh fds standing for accepted connections (closed at the end)."""
+    made: list[int] = []
+
+    def make(n: int) -> list[int]:
+        fds = []
+        for _ in range(n):
+            r, w = os.pipe()
+            made.append(w)
+            fds.append(r)
+        made.extend(fds)
+        return fds
+
+    yield make
+    for fd in made:
+        try:
+            os.close(fd)
+        except OSError:
+            pass

@@ -19,7 +19,6 @@ import textwrap
 import threading
 import time
 import types
-from collections.abc import Iterator
 from typing import Any
 
 import httpx
@@ -43,6 +42,7 @@ class FakePrimary:
         self.now = 100.0
         self.stopping = False
         self.listeners = listeners or []
+        self.slots: dict[int, Any] = {}
         self.readers: dict[Any, Any] = {}
         self.sent: list[tuple[Worker, dict[str, Any], list[int]]] = []
         self.broken: set[Worker] = set()  # workers whose channel is gone
@@ -72,35 +72,13 @@ class FakePrimary:
 
 def make_worker(i: int) -> Worker:
     w = Worker(id=i, generation=1, spawned_at=0.0, pid=1000 + i)
-    w.channel = types.SimpleNamespace(closed=False)  # type: ignore[assignment]
+    w.channel = types.SimpleNamespace(closed=False, pending_fds=0)  # type: ignore[assignment]
     return w
 
 
 def ready(sched: HandOff, w: Worker) -> None:
     w.move(WorkerState.READY)
     sched.worker_event("ready", w)
-
-
-@pytest.fixture
-def conns() -> Iterator[Any]:
-    """``conns(n)``: n fresh fds standing for accepted connections (closed at the end)."""
-    made: list[int] = []
-
-    def make(n: int) -> list[int]:
-        fds = []
-        for _ in range(n):
-            r, w = os.pipe()
-            made.append(w)
-            fds.append(r)
-        made.extend(fds)
-        return fds
-
-    yield make
-    for fd in made:
-        try:
-            os.close(fd)
-        except OSError:
-            pass
 
 
 def setup(policy: str, n_workers: int, **kw: Any) -> tuple[HandOff, FakePrimary, list[Worker]]:
