@@ -27,10 +27,10 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from cluster_server._channel import Channel, pair
-from cluster_server._primary import Worker
-from cluster_server._scheduling import HandOff
-from cluster_server._state import WorkerState
+from cluster_server.primary.loop import Worker
+from cluster_server.primary.state import WorkerState
+from cluster_server.scheduling.primary import HandOff
+from cluster_server.wire.channel import Channel, pair
 
 
 class _Primary:

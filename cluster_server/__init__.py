@@ -5,8 +5,8 @@ uvicorn's HTTP protocol loop on it. The primary supervises: it replaces crashed
 or hung workers and rolls new code in without dropping a request.
 """
 
-from ._config import Config
-from ._errors import (
+from cluster_server._config import Config
+from cluster_server._errors import (
     AppLoadError,
     BindError,
     ChannelError,
@@ -16,8 +16,8 @@ from ._errors import (
     IllegalTransition,
     WorkerBootError,
 )
-from ._run import run, serve
-from ._version import __version__
+from cluster_server._run import run, serve
+from cluster_server._version import __version__
 
 __all__ = [
     "AppLoadError",

@@ -2,7 +2,7 @@
 
 Each option is declared once, as a field of :class:`Config` with
 :func:`option` metadata (default, help, flag, environment variable, range).
-The click CLI (``_cli.py``) and the CLI reference in ``docs/`` are generated
+The click CLI (``cli/main.py``) and the CLI reference in ``docs/`` are generated
 from these fields, so they cannot drift apart.
 """
 
@@ -15,7 +15,7 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from ._errors import ConfigError
+from cluster_server._errors import ConfigError
 
 ENV_PREFIX = "CLUSTER_SERVER_"
 

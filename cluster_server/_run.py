@@ -4,14 +4,17 @@ from __future__ import annotations
 
 from typing import Any
 
-from . import _launcher, _logging, _messaging, _operations
-from ._config import Config
-from ._health import ShutdownDelay
-from ._primary import Primary
-from ._recycle import Recycler
-from ._scheduling import primary_components
-from ._sockets import bind_listeners
-from ._tls import check_tls
+from cluster_server import _logging
+from cluster_server._config import Config
+from cluster_server.cluster.http import Messaging
+from cluster_server.ops import install as _operations
+from cluster_server.primary.loop import Primary
+from cluster_server.primary.recycle import Recycler
+from cluster_server.primary.sockets import bind_listeners
+from cluster_server.primary.tls import check_tls
+from cluster_server.scheduling.primary import primary_components
+from cluster_server.templates import launcher as _launcher
+from cluster_server.worker.health import ShutdownDelay
 
 
 def serve(config: Config) -> int:
@@ -25,7 +28,7 @@ def serve(config: Config) -> int:
     listeners = bind_listeners(config)
     try:
         primary = Primary(config, listeners)
-        primary.add_component(_messaging.Messaging())  # cluster.send/broadcast/request from apps
+        primary.add_component(Messaging())  # cluster.send/broadcast/request from apps
         _operations.install(primary)
         _launcher.install(primary)  # --preload / --reload
         for component in primary_components(config):

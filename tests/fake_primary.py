@@ -11,8 +11,8 @@ import signal
 from typing import Any
 
 from cluster_server._config import Config
-from cluster_server._primary import Primary, Worker
-from cluster_server._state import WorkerState
+from cluster_server.primary.loop import Primary, Worker
+from cluster_server.primary.state import WorkerState
 
 
 class FakeClock:

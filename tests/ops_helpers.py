@@ -11,7 +11,7 @@ from typing import Any
 
 import httpx
 
-from cluster_server import _control
+from cluster_server.ops import control as _control
 
 from .conftest import ROOT
 

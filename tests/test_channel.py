@@ -11,7 +11,7 @@ from collections.abc import Iterator
 import pytest
 
 from cluster_server import ChannelError
-from cluster_server._channel import MAX_MESSAGE, Channel, decode, encode, pair
+from cluster_server.wire.channel import MAX_MESSAGE, Channel, decode, encode, pair
 
 from .conftest import is_open
 

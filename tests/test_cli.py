@@ -18,8 +18,8 @@ import pytest
 from click.testing import CliRunner, Result
 
 from cluster_server import Config, __version__
-from cluster_server._cli import build_command, cli
 from cluster_server._config import options
+from cluster_server.cli.main import build_command, cli
 
 #: the uvicorn flags issue #2 promises, spelled as uvicorn spells them
 UVICORN_FLAGS = [

@@ -10,8 +10,8 @@ import pytest
 import uvicorn
 
 from cluster_server import Config, ConfigError
-from cluster_server._cli import GROUP_TITLES
 from cluster_server._config import ENV_PREFIX, env_vars, option, options
+from cluster_server.cli.main import GROUP_TITLES
 
 
 def test_defaults() -> None:

@@ -16,11 +16,12 @@ from pathlib import Path
 
 import pytest
 
-from cluster_server import ControlError, _control
+from cluster_server import ControlError
 from cluster_server._config import Config
-from cluster_server._ctl import format_status
-from cluster_server._primary import Primary
-from cluster_server._status import ClusterWatch
+from cluster_server.cli.ctl import format_status
+from cluster_server.ops import control as _control
+from cluster_server.ops.status import ClusterWatch
+from cluster_server.primary.loop import Primary
 
 from .conftest import HELLO_APP, ROOT, Server, wait_until
 from .fake_primary import FakeLauncher

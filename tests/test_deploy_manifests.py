@@ -24,9 +24,9 @@ import httpx
 import pytest
 import yaml
 
-from cluster_server._cli import cli
 from cluster_server._config import Config
 from cluster_server._errors import AppLoadError, ConfigError
+from cluster_server.cli.main import cli
 from tests.conftest import ROOT, Server, free_port, wait_until
 
 DEPLOY = ROOT / "examples" / "deploy"
@@ -124,7 +124,7 @@ def test_dockerfile_copies_what_exists_and_the_app_imports(monkeypatch: pytest.M
         for src in sources:
             assert (ROOT / src).exists(), f"COPY {src}: not in the repository"
             assert f"!{src.rstrip('/')}" in {p.rstrip("/") for p in ignore}, f"{src} is excluded from the build context"
-    from cluster_server._worker import import_app
+    from cluster_server.worker.main import import_app
 
     assert callable(import_app(str(config.app), str(ROOT)))
 

@@ -7,17 +7,17 @@ import signal
 
 import pytest
 
-from cluster_server import _docs
 from cluster_server._config import env_vars, options
-from cluster_server._primary import Primary
-from cluster_server._state import TRANSITIONS
+from cluster_server.cli import docs as _docs
+from cluster_server.primary.loop import Primary
+from cluster_server.primary.state import TRANSITIONS
 
 from .conftest import ROOT
 
 
 def test_generated_docs_are_up_to_date() -> None:
     stale = [str(p.relative_to(ROOT)) for p in _docs.stale()]
-    assert stale == [], f"{stale} out of date: run `python -m cluster_server._docs` and commit the result"
+    assert stale == [], f"{stale} out of date: run `python -m cluster_server.cli.docs` and commit the result"
 
 
 def test_check_mode_reports_staleness(capsys: pytest.CaptureFixture[str]) -> None:

@@ -23,9 +23,9 @@ import click
 import pytest
 import yaml
 
-from cluster_server._cli import cli
 from cluster_server._config import Config
 from cluster_server._errors import ConfigError
+from cluster_server.cli.main import cli
 from tests.conftest import ROOT
 
 DOCS = ROOT / "docs"

@@ -13,11 +13,11 @@ from typing import Any
 import httpx
 import pytest
 
-from cluster_server._channel import Channel, pair
 from cluster_server._config import Config
 from cluster_server._errors import ConfigError
-from cluster_server._health import HealthMiddleware, HealthState, ShutdownDelay, health_handler
-from cluster_server._primary import Primary, Worker
+from cluster_server.primary.loop import Primary, Worker
+from cluster_server.wire.channel import Channel, pair
+from cluster_server.worker.health import HealthMiddleware, HealthState, ShutdownDelay, health_handler
 from tests.conftest import HELLO_APP, Server, wait_until
 
 # -- the middleware, called as ASGI -------------------------------------------------

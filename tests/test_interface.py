@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 from cluster_server._config import Config
-from cluster_server._interface import adapt_app, detect_interface
+from cluster_server.worker.interface import adapt_app, detect_interface
 
 
 async def asgi3(scope: Any, receive: Any, send: Any) -> None: ...

@@ -13,7 +13,8 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from cluster_server import ConfigError, _metrics
+from cluster_server import ConfigError
+from cluster_server.ops import metrics as _metrics
 
 from .conftest import HELLO_APP, Server, free_port, wait_until
 from .ops_helpers import ctl, status
@@ -161,8 +162,8 @@ class _Backlog:
 
 def test_components_can_add_samples() -> None:
     from cluster_server._config import Config
-    from cluster_server._primary import Primary
-    from cluster_server._status import ClusterWatch
+    from cluster_server.ops.status import ClusterWatch
+    from cluster_server.primary.loop import Primary
 
     p = Primary(Config(app="m:app", workers=1), [], clock=lambda: 0.0)
     watch = ClusterWatch()

@@ -18,8 +18,7 @@ from typing import Any
 import pytest
 
 from cluster_server import AppLoadError, Config, WorkerBootError
-from cluster_server._channel import Channel, encode
-from cluster_server._primary import (
+from cluster_server.primary.loop import (
     BACKOFF_CAP,
     DUMP_GRACE,
     STABLE_AFTER,
@@ -28,8 +27,9 @@ from cluster_server._primary import (
     backoff_delay,
     describe_status,
 )
-from cluster_server._state import WorkerState
-from cluster_server._worker import DUMP_SIGNAL, EXIT_BOOT_FAILURE
+from cluster_server.primary.state import WorkerState
+from cluster_server.wire.channel import Channel, encode
+from cluster_server.worker.main import DUMP_SIGNAL, EXIT_BOOT_FAILURE
 
 from .fake_primary import FakeClock
 

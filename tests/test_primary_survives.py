@@ -22,8 +22,8 @@ from typing import Any
 import httpx
 import pytest
 
-from cluster_server._channel import Channel, decode, pair
 from cluster_server._errors import ChannelError
+from cluster_server.wire.channel import Channel, decode, pair
 
 from .conftest import HELLO_APP, asgi_app, children, wait_until
 from .test_scheduling import ready

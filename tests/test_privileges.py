@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from cluster_server import ConfigError
-from cluster_server._privileges import parse_umask, resolve
+from cluster_server.ops.privileges import parse_umask, resolve
 
 from .conftest import HELLO_APP, Server, asgi_app
 

@@ -13,8 +13,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from cluster_server._recycle import MIB, RETRY_DELAY, Recycler
-from cluster_server._state import WorkerState
+from cluster_server.primary.recycle import MIB, RETRY_DELAY, Recycler
+from cluster_server.primary.state import WorkerState
 from tests.conftest import Server, wait_until
 from tests.fake_primary import Harness
 from tests.ops_helpers import LoadLoop

@@ -17,10 +17,10 @@ import click.testing
 import pytest
 import websockets
 
-from cluster_server import _cli
 from cluster_server._config import RELOAD_GRACEFUL_TIMEOUT, Config
 from cluster_server._errors import ConfigError
-from cluster_server._reload import WatchRules
+from cluster_server.cli import main as _cli
+from cluster_server.templates.reload import WatchRules
 
 from .conftest import ROOT, Server, asgi_app, wait_until
 
@@ -191,7 +191,7 @@ os.waitpid(pid, 0)
 @pytest.mark.parametrize("fresh", [False, True])
 def test_fresh_import_hook_never_serves_a_stale_pyc(tmp_path: Path, fresh: bool) -> None:
     hook = (
-        "from cluster_server._reload import WatchRules, fresh_import_hook\n"
+        "from cluster_server.templates.reload import WatchRules, fresh_import_hook\n"
         "fresh_import_hook(WatchRules((os.path.realpath(os.getcwd()),)))"
         if fresh
         else ""

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from cluster_server._state import WorkerState
+from cluster_server.primary.state import WorkerState
 from tests.conftest import HELLO_APP, Server, asgi_app, wait_until
 from tests.fake_primary import KILLED, Harness
 from tests.ops_helpers import LoadLoop

@@ -26,13 +26,14 @@ import pytest
 import trustme
 from websockets.sync.client import connect as ws_connect
 
-from cluster_server import _scheduling
-from cluster_server._channel import MAX_FDS
 from cluster_server._config import Config
 from cluster_server._errors import ConfigError
-from cluster_server._primary import Worker
-from cluster_server._scheduling import HandOff
-from cluster_server._state import WorkerState
+from cluster_server.primary.loop import Worker
+from cluster_server.primary.state import WorkerState
+from cluster_server.scheduling import protocol as _protocol
+from cluster_server.scheduling import worker as _sched_worker
+from cluster_server.scheduling.primary import HandOff, migrate_req_warning
+from cluster_server.wire.channel import MAX_FDS
 
 from .conftest import ROOT, is_open, wait_until
 
@@ -300,10 +301,10 @@ def test_fd_limit_refusal_reroutes_what_was_refused_and_backs_off(conns: Any) ->
     assert not is_open(given[0])
     assert is_open(given[1]) and is_open(given[2])
     assert [dest for dest, _, _ in primary.sent] == [w2]
-    assert sched.next_deadline() == pytest.approx(primary.now + _scheduling.RETRY_FIRST)
+    assert sched.next_deadline() == pytest.approx(primary.now + _protocol.RETRY_FIRST)
     offer(sched, conns(2))
     assert all(dest is w2 for dest, _, _ in primary.sent)  # w1 blocked
-    primary.now += _scheduling.RETRY_FIRST
+    primary.now += _protocol.RETRY_FIRST
     sched.tick()
     offer(sched, conns(2))
     assert primary.sent[-1][0] is w1 or primary.sent[-2][0] is w1
@@ -312,7 +313,7 @@ def test_fd_limit_refusal_reroutes_what_was_refused_and_backs_off(conns: Any) ->
     before = sched.rerouted
     ack(sched, w1, f=[[b]])
     assert sched.rerouted == before + 1
-    assert sched.peers[w1.pid].backoff == 2 * _scheduling.RETRY_FIRST
+    assert sched.peers[w1.pid].backoff == 2 * _protocol.RETRY_FIRST
 
 
 def test_channel_gone_reroutes_at_once(conns: Any) -> None:
@@ -395,10 +396,10 @@ def test_child_fds_and_close_cover_everything_held(conns: Any) -> None:
 def test_reuseport_warning(tmp_path: Any) -> None:
     p = tmp_path / "migrate"
     p.write_text("0\n")
-    assert "tcp_migrate_req is 0" in (_scheduling.migrate_req_warning(str(p)) or "")
+    assert "tcp_migrate_req is 0" in (migrate_req_warning(str(p)) or "")
     p.write_text("1\n")
-    assert _scheduling.migrate_req_warning(str(p)) is None
-    assert "no net.ipv4.tcp_migrate_req" in (_scheduling.migrate_req_warning(str(tmp_path / "none")) or "")
+    assert migrate_req_warning(str(p)) is None
+    assert "no net.ipv4.tcp_migrate_req" in (migrate_req_warning(str(tmp_path / "none")) or "")
 
 
 def test_config_scheduling_choices() -> None:
@@ -414,7 +415,7 @@ def test_channel_reports_truncated_fds_with_the_message() -> None:
     code = textwrap.dedent(
         """
         import os, resource, socket
-        from cluster_server._channel import Channel, FdsTruncated
+        from cluster_server.wire.channel import Channel, FdsTruncated
         a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         sender, receiver = Channel(a), Channel(b)
         fds = [os.open("/dev/null", os.O_RDONLY) for _ in range(6)]
@@ -552,7 +553,7 @@ def test_every_policy_serves_http_and_websocket(start_server: Any, write_app: An
             pid, _, text = str(ws.recv(timeout=10)).partition(":")
             assert text == f"hello {i}"
             assert int(pid) in server.worker_pids()
-    if policy == "reuseport" and _scheduling.migrate_req_warning() is not None:
+    if policy == "reuseport" and migrate_req_warning() is not None:
         assert "tcp_migrate_req" in server.log()
 
 
@@ -682,7 +683,7 @@ def test_least_busy_skips_a_stalled_worker_even_when_it_has_fewer_connections(co
     ready(sched, w1)
     offer(sched, conns(1))
     assert primary.sent[-1][0] is w1  # 0 open: it gets one, and acknowledges nothing
-    primary.now += _scheduling.STALL * 2  # its event loop is blocked
+    primary.now += _protocol.STALL * 2  # its event loop is blocked
     assert sched.peers[w1.pid].load < sched.peers[w2.pid].load
     primary.sent.clear()
     offer(sched, conns(3))
@@ -707,7 +708,7 @@ def test_least_busy_queues_in_the_primary_once_a_loop_was_seen_blocked(conns: An
     assert "q" not in msg
     other = w1 if slow is w2 else w2
     # It sends no ack for BLOCKED: a request is blocking its event loop.
-    primary.now += _scheduling.BLOCKED
+    primary.now += _protocol.BLOCKED
     with caplog.at_level(logging.INFO, logger="cluster_server"):
         ack(sched, slow, b=[msg["b"]], k=4, o=4)
     assert "event loop was blocked for 30 ms" in caplog.text
@@ -718,22 +719,22 @@ def test_least_busy_queues_in_the_primary_once_a_loop_was_seen_blocked(conns: An
     fds = conns(3)
     offer(sched, fds)
     assert primary.sent == [] and list(sched.held) == fds
-    assert sched.next_deadline() == pytest.approx(primary.now + _scheduling.HOLD_WAIT)
+    assert sched.next_deadline() == pytest.approx(primary.now + _protocol.HOLD_WAIT)
     # The first worker to drop below BUSY_MAX gets them, up to BUSY_MAX.
     ack(sched, other, k=3, o=0)
     assert [dest for dest, _, _ in primary.sent] == [other]
     assert primary.sent[0][1]["q"] == 1  # so it reports its next drop at once
-    assert sched.peers[other.pid].unacked == _scheduling.BUSY_MAX
-    assert list(sched.held) == fds[_scheduling.BUSY_MAX :]
+    assert sched.peers[other.pid].unacked == _protocol.BUSY_MAX
+    assert list(sched.held) == fds[_protocol.BUSY_MAX :]
     # Nobody frees up for HOLD_WAIT (long-lived requests): the rest go anyway.
-    primary.now += _scheduling.HOLD_WAIT
+    primary.now += _protocol.HOLD_WAIT
     sched.tick()
     assert not sched.held
     # QUEUE_FOR with no blocked loop seen: no cap again.
     for w in (w1, w2):
         peer = sched.peers[w.pid]
         ack(sched, w, b=list(peer.batches), k=peer.handed, o=5)
-    primary.now += _scheduling.QUEUE_FOR
+    primary.now += _protocol.QUEUE_FOR
     primary.sent.clear()
     offer(sched, conns(1))
     assert len(primary.sent) == 1 and "q" not in primary.sent[0][1]
@@ -743,12 +744,12 @@ def test_queueing_never_gives_a_stalled_worker_more_when_all_are(conns: Any) -> 
     sched, primary, (w1, w2) = setup("least-busy", 2)
     ready(sched, w1)
     ready(sched, w2)
-    sched._queue_until = primary.now + _scheduling.QUEUE_FOR  # a loop was seen blocked before
-    offer(sched, conns(2 * _scheduling.BUSY_MAX))  # both at BUSY_MAX, neither acknowledges: blocked
+    sched._queue_until = primary.now + _protocol.QUEUE_FOR  # a loop was seen blocked before
+    offer(sched, conns(2 * _protocol.BUSY_MAX))  # both at BUSY_MAX, neither acknowledges: blocked
     primary.sent.clear()
     fds = conns(2)
     offer(sched, fds)
-    primary.now += _scheduling.HOLD_WAIT * 10
+    primary.now += _protocol.HOLD_WAIT * 10
     sched.tick()
     assert primary.sent == [] and list(sched.held) == fds  # waiting for the first to wake up
     assert sched.next_deadline() is None  # for an ack, not a timer: no busy loop
@@ -761,7 +762,7 @@ def test_a_short_scheduling_delay_does_not_start_queueing(conns: Any, caplog: An
     sched, primary, (w1,) = setup("least-busy", 1)
     ready(sched, w1)
     offer(sched, conns(3))
-    primary.now += _scheduling.STALL  # a busy machine: late, but not blocked by a request
+    primary.now += _protocol.STALL  # a busy machine: late, but not blocked by a request
     with caplog.at_level(logging.INFO, logger="cluster_server"):
         ack(sched, w1, b=primary.batches_for(w1), k=3, o=3)
     offer(sched, conns(1))
@@ -841,14 +842,14 @@ def run_worker_side(server: FakeServer, batches: list[tuple[dict[str, Any], int]
     """Feed ``conn`` messages (with n fresh socket fds each) to a WorkerHandOff; return its acks."""
     import asyncio
 
-    from cluster_server._channel import Channel, pair
+    from cluster_server.wire.channel import Channel, pair
 
     ours, theirs = pair()
     primary_end, worker_end = Channel(ours), Channel(theirs)
     spare: list[socket.socket] = []
 
     async def main() -> list[dict[str, Any]]:
-        handoff = _scheduling.WorkerHandOff(server, worker_end, least_busy=False)  # type: ignore[arg-type]
+        handoff = _sched_worker.WorkerHandOff(server, worker_end, least_busy=False)  # type: ignore[arg-type]
         handoff.install(asyncio.get_running_loop())
         for msg, n in batches:
             fds = []
@@ -902,9 +903,9 @@ def test_a_worker_out_of_fds_refuses_those_it_could_not_take() -> None:
 def test_a_queueing_worker_reports_a_drop_below_busy_max_at_once(monkeypatch: Any, queueing: bool) -> None:
     import asyncio
 
-    from cluster_server._channel import Channel, pair
+    from cluster_server.wire.channel import Channel, pair
 
-    monkeypatch.setattr(_scheduling, "REPORT_INTERVAL", 60.0)  # no timed report in this test
+    monkeypatch.setattr(_sched_worker, "REPORT_INTERVAL", 60.0)  # no timed report in this test
     server = FakeServer()
     ours, theirs = pair()
     primary_end, worker_end = Channel(ours), Channel(theirs)
@@ -918,10 +919,10 @@ def test_a_queueing_worker_reports_a_drop_below_busy_max_at_once(monkeypatch: An
         return got
 
     async def main() -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-        handoff = _scheduling.WorkerHandOff(server, worker_end, least_busy=True)  # type: ignore[arg-type]
+        handoff = _sched_worker.WorkerHandOff(server, worker_end, least_busy=True)  # type: ignore[arg-type]
         handoff.install(asyncio.get_running_loop())
         fds = []
-        for _ in range(_scheduling.BUSY_MAX):
+        for _ in range(_protocol.BUSY_MAX):
             a, b = socket.socketpair()
             spare.append(b)
             fds.append(a.detach())
@@ -938,7 +939,7 @@ def test_a_queueing_worker_reports_a_drop_below_busy_max_at_once(monkeypatch: An
             s.close()
         primary_end.close()
         worker_end.close()
-    n = _scheduling.BUSY_MAX
+    n = _protocol.BUSY_MAX
     assert acks == [{"t": "ack", "b": [1], "k": n, "o": n, "c": n}]
     if queueing:  # the primary may be holding connections for this worker: tell it now
         assert reports == [{"t": "ack", "k": n, "o": n - 1, "c": n}]  # still open, no longer busy
@@ -970,7 +971,7 @@ def test_busy_connections_leave_out_idle_keep_alive_and_websockets(tmp_path: Any
 
     import uvicorn
 
-    from cluster_server._uvicorn_glue import WorkerServer
+    from cluster_server.worker.uvicorn_glue import WorkerServer
 
     namespace: dict[str, Any] = {}
     exec(BUSY_APP, namespace)
@@ -1047,8 +1048,8 @@ def test_accept_errors_pause_accepting_instead_of_spinning(caplog: Any) -> None:
             primary.readers[lst](1)
         assert "cannot accept" in caplog.text
         assert lst not in primary.readers  # paused
-        assert sched.next_deadline() == pytest.approx(primary.now + _scheduling.ACCEPT_PAUSE)
-        primary.now += _scheduling.ACCEPT_PAUSE
+        assert sched.next_deadline() == pytest.approx(primary.now + _protocol.ACCEPT_PAUSE)
+        primary.now += _protocol.ACCEPT_PAUSE
         sched.tick()
         assert lst in primary.readers  # tries again after the pause
     finally:

@@ -15,7 +15,7 @@ import httpx
 import pytest
 
 from cluster_server import BindError, Config
-from cluster_server._sockets import Listener, bind_listeners
+from cluster_server.primary.sockets import Listener, bind_listeners
 
 from .conftest import HELLO_APP, Server, free_port, is_open
 

@@ -7,7 +7,7 @@ import itertools
 import pytest
 
 from cluster_server import IllegalTransition
-from cluster_server._state import TRANSITIONS, WorkerState, check_transition, exit_state
+from cluster_server.primary.state import TRANSITIONS, WorkerState, check_transition, exit_state
 
 S = WorkerState
 

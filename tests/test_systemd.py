@@ -15,7 +15,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from cluster_server import _sockets, _systemd
+from cluster_server.ops import systemd as _systemd
+from cluster_server.primary import sockets as _sockets
 
 from .conftest import HELLO_APP, ROOT, Server, asgi_app
 

@@ -13,12 +13,12 @@ from pathlib import Path
 
 import pytest
 
-from cluster_server._channel import Channel
 from cluster_server._config import Config
 from cluster_server._errors import AppLoadError
-from cluster_server._launcher import Template, TemplateLauncher
-from cluster_server._primary import Primary
-from cluster_server._template import load_with_traceback, short_traceback
+from cluster_server.primary.loop import Primary
+from cluster_server.templates.launcher import Template, TemplateLauncher
+from cluster_server.templates.process import load_with_traceback, short_traceback
+from cluster_server.wire.channel import Channel
 
 from .conftest import ROOT, Server, titled, wait_until
 from .test_reload import one_shot, versioned_app

@@ -1,0 +1,430 @@
+"""Node.js's ``cluster`` module, in Python.
+
+::
+
+    from cluster_server import cluster
+
+    if cluster.is_primary:
+        for _ in range(4):
+            cluster.fork()
+        cluster.on("exit", lambda worker, code, sig: print(f"worker {worker.pid} died"))
+        cluster.run()                      # the event loop Node runs implicitly
+    else:
+        cluster.HTTPServer(("127.0.0.1", 8000), Handler).serve_forever()
+
+The same program runs in the primary and in every worker: ``fork()`` starts a
+worker that runs the program's main again (``fork`` start method: a forked copy
+of this process re-runs it; ``spawn``: a fresh interpreter, as Node does), and
+``is_primary``/``is_worker`` tell the two apart.
+
+**Primary**: events are dispatched by asyncio. ``cluster.run(main=None)`` runs
+the loop until every worker exited (or SIGINT/SIGTERM); inside your own asyncio
+program, any primary call made while the loop runs attaches it, and ``await
+cluster.wait()`` waits for the workers. Nothing is lost before the loop runs:
+events are queued, messages wait in the channels.
+
+**Worker**: a background thread (``cluster-channel``) reads the channel, so a
+worker may block (``serve_forever()``) and still get its messages. Sync
+callbacks run on that thread; ``async def`` callbacks and ``await recv()`` get
+their messages on their own event loop.
+
+**Messages** are JSON: ``dict`` (``str`` keys), ``list``, ``str``, ``int``,
+``float``, ``bool``, ``None``. A tuple arrives as a list and non-``str`` dict
+keys as strings (``{1: "a"}`` -> ``{"1": "a"}``); ``bytes``, sets and other
+objects raise ``TypeError`` in the sender; ``nan``/``inf`` pass (Python's JSON
+writes ``NaN``/``Infinity`` and reads them back). One encoded message is at most
+64 KiB (``ChannelError`` in the sender). Nothing is ever unpickled.
+
+In an HTTP worker of cluster-server (your ASGI app), ``is_worker`` is True and
+``send``, ``broadcast``, ``on_message``, ``recv``, ``messages``, ``request``
+work the same; the primary relays broadcasts and answers a few built-in
+requests (see ``docs/cluster-api.md``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import http.server
+import os
+import socket
+import socketserver
+import threading
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from typing import Any
+
+from cluster_server._errors import (
+    BindError,
+    ChannelError,
+    ClusterRoleError,
+    DisconnectedError,
+    RequestError,
+)
+from cluster_server.cluster.primary import (
+    CHANNEL_FD_ENV,
+    START_METHOD_ENV,
+    START_METHODS,
+    WORKER_ID_ENV,
+    ClusterPrimary,
+    Settings,
+    Worker,
+)
+from cluster_server.cluster.worker import Endpoint, start_link
+
+__all__ = [
+    "CHANNEL_FD_ENV",
+    "START_METHODS",
+    "START_METHOD_ENV",
+    "WORKER_ID_ENV",
+    "BindError",
+    "ChannelError",
+    "ClusterRoleError",
+    "CurrentWorker",
+    "DisconnectedError",
+    "HTTPServer",
+    "RequestError",
+    "ServerMixin",
+    "Settings",
+    "ThreadingHTTPServer",
+    "Worker",
+    "broadcast",
+    "disconnect",
+    "disconnected",
+    "fork",
+    "get_message",
+    "is_primary",
+    "is_worker",
+    "listen",
+    "messages",
+    "off",
+    "on",
+    "on_message",
+    "on_request",
+    "once",
+    "recv",
+    "request",
+    "request_sync",
+    "run",
+    "scheduling_policy",
+    "send",
+    "settings",
+    "setup_primary",
+    "wait",
+    "wait_disconnect",
+    "worker",
+    "workers",
+]
+
+
+class CurrentWorker:
+    """``cluster.worker`` in a worker: this worker's id and pid, and its link to the primary."""
+
+    def __init__(self, endpoint: Endpoint) -> None:
+        self._endpoint = endpoint
+
+    @property
+    def id(self) -> int:
+        """Its id in the primary (in an HTTP worker of cluster-server: its slot, 1..N)."""
+        return self._endpoint.id
+
+    @property
+    def pid(self) -> int:
+        return self._endpoint.pid
+
+    def send(self, data: Any) -> None:
+        self._endpoint.send(data)
+
+    def disconnect(self) -> None:
+        """Close this worker's servers and channel; the worker then exits when its code returns."""
+        self._endpoint.disconnect()
+
+    def is_connected(self) -> bool:
+        return self._endpoint.connected
+
+    def on(self, event: str, fn: Callable[..., Any] | None = None) -> Any:
+        """``message`` (``fn(data)``) or ``disconnect`` (``fn()``); without ``fn``, a decorator."""
+        if fn is None:
+            return lambda f: self.on(event, f)
+        if event == "message":
+            self._endpoint.on_message(fn)
+        elif event == "disconnect":
+            self._endpoint.on_disconnect(fn)
+        else:
+            raise ValueError(f"unknown worker event {event!r}; expected 'message' or 'disconnect'")
+        return fn
+
+    def __repr__(self) -> str:
+        return f"<CurrentWorker id={self.id} pid={self.pid}>"
+
+
+#: Node's ``cluster.schedulingPolicy``: only the shared handle is implemented here
+#: (every worker accepts on the socket the primary bound); see docs/cluster-api.md.
+scheduling_policy = "shared"
+
+_primary = ClusterPrimary()
+_endpoint: Endpoint | None = None
+
+is_primary: bool = True
+is_worker: bool = False
+#: this worker, in a worker; None in the primary
+worker: CurrentWorker | None = None
+#: the primary's workers by id (a worker stays until it has both disconnected and exited)
+workers: dict[int, Worker] = _primary.workers
+#: how fork() starts workers (``setup_primary`` changes it)
+settings: Settings = _primary.settings
+
+
+def _become_worker(endpoint: Endpoint) -> None:
+    """Switch this process to the worker role (called by the worker runtimes)."""
+    global _primary, _endpoint, is_primary, is_worker, worker, workers
+    _primary = ClusterPrimary()
+    _endpoint = endpoint
+    is_primary, is_worker = False, True
+    worker = CurrentWorker(endpoint)
+    workers = {}
+
+
+def _need_primary(what: str) -> ClusterPrimary:
+    if _endpoint is not None:
+        raise ClusterRoleError(f"cluster.{what} is for the primary; this process is worker {_endpoint.id}")
+    return _primary
+
+
+def _need_worker(what: str, instead: str = "") -> Endpoint:
+    if _endpoint is None:
+        hint = f"; in the primary use {instead}" if instead else ""
+        raise ClusterRoleError(f"cluster.{what} is for workers{hint}")
+    return _endpoint
+
+
+# -- the primary ---------------------------------------------------------------------------
+
+
+def setup_primary(
+    *,
+    exec: str | None = None,
+    args: Sequence[str] | None = None,
+    exec_argv: Sequence[str] | None = None,
+    start_method: str | None = None,
+) -> None:
+    """Change how later ``fork()`` calls start workers (Node's ``cluster.setupPrimary``).
+
+    ``exec``: the worker's script (default: this program's own main, its script or
+    its ``-m`` module); ``args``: its ``sys.argv[1:]`` (default: this program's);
+    ``exec_argv``: interpreter options of a spawned worker (default: this
+    interpreter's); ``start_method``: ``"fork"`` (default, or the
+    ``CLUSTER_SERVER_START_METHOD`` environment variable) or ``"spawn"``.
+    """
+    global settings
+    primary = _need_primary("setup_primary()")
+    old = primary.settings
+    primary.setup(
+        Settings(
+            exec=old.exec if exec is None else exec,
+            args=old.args if args is None else tuple(args),
+            exec_argv=old.exec_argv if exec_argv is None else tuple(exec_argv),
+            start_method=old.start_method if start_method is None else start_method,
+        )
+    )
+    settings = primary.settings
+
+
+def fork(env: dict[str, str] | None = None) -> Worker:
+    """Start a worker running this program (or ``settings.exec``); ``env`` is added to its environment."""
+    return _need_primary("fork()").fork(env)
+
+
+def on(event: str, fn: Callable[..., Any] | None = None) -> Any:
+    """Listen to a cluster event in the primary; without ``fn``, a decorator.
+
+    ``fork(worker)``, ``online(worker)``, ``listening(worker, address)``,
+    ``message(worker, data)``, ``disconnect(worker)``, ``exit(worker, code, signal)``,
+    ``setup(settings)``. An ``async def`` listener runs as a task.
+    """
+    return _need_primary("on()").on(event, fn)
+
+
+def once(event: str, fn: Callable[..., Any] | None = None) -> Any:
+    return _need_primary("once()").once(event, fn)
+
+
+def off(event: str, fn: Callable[..., Any]) -> None:
+    _need_primary("off()").off(event, fn)
+
+
+def run(main: Callable[[], Awaitable[Any]] | Awaitable[Any] | None = None, *, grace: float = 10.0) -> Any:
+    """Run the primary's event loop: ``main`` first (an async function), then until every
+    worker has exited. SIGINT or SIGTERM stops it: every worker is disconnected, and
+    SIGKILLed if still there after ``grace`` s. Returns what ``main`` returned."""
+    primary = _need_primary("run()")
+    return asyncio.run(primary.serve(main, grace))
+
+
+async def wait() -> None:
+    """In the primary's own asyncio code: wait until every worker has exited."""
+    await _need_primary("wait()").wait()
+
+
+def disconnect() -> None:
+    """Primary: ask every worker to disconnect. Worker: disconnect this worker."""
+    if _endpoint is not None:
+        _endpoint.disconnect()
+        return
+    for w in list(_primary.workers.values()):
+        if w.is_connected():
+            w.disconnect()
+
+
+def on_request(fn: Callable[..., Any] | None) -> Callable[..., Any] | None:
+    """Answer requests: in the primary ``fn(worker, data)``, in a worker ``fn(data)``.
+
+    The return value (or, for ``async def``, its result) is the answer; an
+    exception is sent back as a ``RequestError``. One handler; None removes it.
+    """
+    if _endpoint is not None:
+        _endpoint.on_request(fn)
+    else:
+        _primary.on_request(fn)
+    return fn
+
+
+# -- both ------------------------------------------------------------------------------------
+
+
+def broadcast(data: Any, *, include_self: bool = False) -> int | None:
+    """Primary: send ``data`` to every connected worker, return how many.
+
+    Worker: have the primary send it to every other worker (and to this one if
+    ``include_self``); returns None.
+    """
+    if _endpoint is not None:
+        _endpoint.broadcast(data, include_self)
+        return None
+    return _primary.broadcast(data)
+
+
+def listen(address: tuple[str, int] | str, *, backlog: int = 511) -> socket.socket:
+    """A listening socket for ``address`` (``(host, port)`` or a Unix socket path).
+
+    In a worker the primary binds it the first time any worker asks and passes
+    the same socket to every worker that asks (Node's shared handle); port 0 is
+    random the first time and the same for every worker after. In the primary,
+    the same cached socket (a duplicate you own).
+    """
+    if _endpoint is not None:
+        return _endpoint.listen(address, backlog)
+    sock = _primary.handle_for(address if isinstance(address, str) else list(address), backlog)
+    return sock.dup()
+
+
+# -- a worker ----------------------------------------------------------------------------------
+
+
+def send(data: Any) -> None:
+    """Send ``data`` to the primary (Node's ``process.send``). Raises DisconnectedError when cut off."""
+    _need_worker("send()", "worker.send(data) or cluster.broadcast(data)").send(data)
+
+
+def on_message(fn: Callable[[Any], Any]) -> Callable[[Any], Any]:
+    """Call ``fn(data)`` for each message from the primary (usable as a decorator).
+
+    A sync ``fn`` runs on the channel thread (in an HTTP worker: on its event loop);
+    an ``async def`` one on the loop it was registered from. While any is
+    registered, messages go to them and not to ``recv()``.
+    """
+    _need_worker("on_message()", "cluster.on('message', fn)").on_message(fn)
+    return fn
+
+
+async def recv(timeout: float | None = None) -> Any:
+    """The next message from the primary (queued if it came while nobody waited)."""
+    return await _need_worker("recv()").recv(timeout)
+
+
+def messages() -> AsyncIterator[Any]:
+    """``async for data in cluster.messages()``: every message, until disconnected."""
+    return _need_worker("messages()").messages()
+
+
+def get_message(timeout: float | None = None) -> Any:
+    """Blocking ``recv()``, for sync code; TimeoutError after ``timeout`` s."""
+    return _need_worker("get_message()").get_message(timeout)
+
+
+async def request(data: Any, *, timeout: float | None = 5.0) -> Any:
+    """Ask the primary; return the answer of its ``on_request`` handler.
+
+    Raises TimeoutError, RequestError (the handler raised, or there is none) or
+    DisconnectedError. In the primary, use ``await worker.request(data)``.
+    """
+    return await _need_worker("request()", "await worker.request(data)").request(data, timeout)
+
+
+def request_sync(data: Any, *, timeout: float | None = 5.0) -> Any:
+    """Blocking ``request()``, for sync code (not from a message callback)."""
+    return _need_worker("request_sync()").request_sync(data, timeout)
+
+
+def wait_disconnect(timeout: float | None = None) -> bool:
+    """Block until this worker is disconnected; False on timeout."""
+    return _need_worker("wait_disconnect()").wait_disconnect(timeout)
+
+
+async def disconnected() -> None:
+    """Wait until this worker is disconnected (then close your servers and return)."""
+    await _need_worker("disconnected()").disconnected()
+
+
+# -- servers that listen through the primary ----------------------------------------------------
+
+
+class ServerMixin:
+    """For ``socketserver`` servers: in a worker, take the listening socket from the
+    primary instead of binding, and shut down gracefully when the worker disconnects
+    (``serve_forever()`` returns once the request in progress is done)."""
+
+    socket: socket.socket
+    server_address: Any
+
+    def server_bind(self) -> None:
+        if _endpoint is None:
+            super().server_bind()  # type: ignore[misc]
+            return
+        self.socket.close()
+        self.socket = _endpoint.listen(self.server_address, getattr(self, "request_queue_size", 511))
+        self.server_address = self.socket.getsockname()
+        if isinstance(self.server_address, tuple):
+            # http.server.HTTPServer.server_bind would look the host up (getfqdn): not needed
+            host, port = self.server_address[:2]
+            self.server_name, self.server_port = host, port
+        _endpoint.add_closer(self._cluster_disconnect)
+
+    def server_activate(self) -> None:
+        if _endpoint is None:
+            super().server_activate()  # type: ignore[misc]
+
+    def _cluster_disconnect(self) -> None:
+        shutdown = getattr(self, "shutdown", None)
+        if shutdown is not None:
+            # shutdown() waits for serve_forever() to return; never on the channel thread.
+            threading.Thread(target=shutdown, name="cluster-shutdown", daemon=True).start()
+
+
+class HTTPServer(ServerMixin, http.server.HTTPServer):
+    """``http.server.HTTPServer`` listening through the primary in a worker."""
+
+
+class ThreadingHTTPServer(ServerMixin, http.server.ThreadingHTTPServer):
+    """``http.server.ThreadingHTTPServer`` listening through the primary in a worker."""
+
+
+class TCPServer(ServerMixin, socketserver.TCPServer):
+    """``socketserver.TCPServer`` listening through the primary in a worker."""
+
+
+# -- a worker started with the spawn method: the environment says so -------------------------------
+
+if WORKER_ID_ENV in os.environ and _endpoint is None:
+    _wid = int(os.environ.pop(WORKER_ID_ENV))
+    _fd = int(os.environ.pop(CHANNEL_FD_ENV))
+    os.set_inheritable(_fd, False)
+    start_link(_wid, socket.socket(fileno=_fd), None)

@@ -1,0 +1,188 @@
+"""Messaging for apps served by cluster-server: the primary's relay, the worker's link.
+
+An ASGI app in an HTTP worker uses ``cluster_server.cluster`` as any worker
+does (``send``, ``broadcast``, ``on_message``, ``recv``, ``messages``,
+``request``). Two pieces make that work here:
+
+- :class:`Messaging`, a component of the HTTP primary (``primary/loop.py``). It
+  handles the worker messages ``msg`` (logged at debug level: the HTTP primary
+  runs no user code), ``bcast`` (relayed as ``msg`` to every other worker with
+  an open channel, and to the sender too when it asks) and ``req``, which it
+  answers itself (see :meth:`Messaging.answer`). A worker gone mid-broadcast is
+  skipped (``primary.send`` returns False); nothing blocks.
+- :class:`LoopLink`, the worker's ``Endpoint``: the uvicorn event loop already
+  reads the channel (``server.handlers``), so messages are dispatched there, on
+  the loop, with no thread. Sends from other threads (a sync endpoint runs in a
+  thread pool) are handed to the loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from collections.abc import Sequence
+from typing import Any
+
+from cluster_server import _proc
+from cluster_server._errors import ClusterRoleError, DisconnectedError
+from cluster_server.cluster.worker import Endpoint
+from cluster_server.wire import channel as _channel
+from cluster_server.wire.channel import Channel, Message
+
+logger = logging.getLogger("cluster_server")
+
+#: the worker message types this component handles in the HTTP primary
+MESSAGE_TYPES = ("msg", "bcast", "req", "res")
+
+
+class Messaging:
+    """A component of the HTTP primary: relays broadcasts, answers built-in requests."""
+
+    def __init__(self) -> None:
+        self.primary: Any = None
+        self.counters: dict[str, int] = {}
+
+    def attach(self, primary: Any) -> None:
+        self.primary = primary
+
+    def worker_message(self, w: Any, msg: Message, fds: list[int]) -> bool:
+        kind = msg.get("t")
+        if kind not in MESSAGE_TYPES:
+            return False
+        _proc.close_all(fds)  # these messages carry none
+        if kind == "bcast":
+            out = {"t": "msg", "data": msg.get("data")}
+            for other in list(self.primary.workers.values()):
+                if other is not w or msg.get("self"):
+                    self.primary.send(other, out)
+        elif kind == "msg":
+            logger.debug("%s sent the primary %.200r", w.name, msg.get("data"))
+        elif kind == "req":
+            rid = msg.get("id")
+            if isinstance(rid, int):
+                try:
+                    reply: Message = {"t": "res", "id": rid, "data": self.answer(msg.get("data"))}
+                except (ValueError, TypeError, KeyError) as exc:
+                    reply = {"t": "res", "id": rid, "error": f"the primary cannot answer: {exc}"}
+                self.primary.send(w, reply)
+        return True
+
+    def answer(self, data: Any) -> Any:
+        """The HTTP primary's built-in requests (``await cluster.request({...})``):
+
+        - ``{"op": "workers"}``: ``[{"id", "pid", "state", "generation"}, ...]``;
+        - ``{"op": "incr", "key": k, "by": n}``: add ``n`` (default 1) to the
+          cluster-wide counter ``k``; returns its new value;
+        - ``{"op": "get", "key": k}``: the counter's value (0 if never set).
+        """
+        if not isinstance(data, dict):
+            raise ValueError(f"a request is {{'op': ...}}, not {data!r:.100}")
+        op = data.get("op")
+        if op == "workers":
+            return [
+                {"id": w.id, "pid": w.pid, "state": w.state.value, "generation": w.generation}
+                for w in sorted(self.primary.workers.values(), key=lambda w: (w.id, w.generation))
+            ]
+        if op in ("incr", "get"):
+            key = data["key"]
+            if not isinstance(key, str):
+                raise TypeError(f"key must be a string, not {key!r:.100}")
+            if op == "incr":
+                by = data.get("by", 1)
+                if not isinstance(by, int) or isinstance(by, bool):
+                    raise TypeError(f"by must be an integer, not {by!r:.100}")
+                self.counters[key] = self.counters.get(key, 0) + by
+            return self.counters.get(key, 0)
+        raise ValueError(f"unknown op {op!r:.100}; expected 'workers', 'incr' or 'get'")
+
+
+class LoopLink(Endpoint):
+    """An HTTP worker's link: dispatch on the uvicorn loop, through the existing channel."""
+
+    def __init__(self, worker_id: int, channel: Channel) -> None:
+        super().__init__(worker_id)
+        self.channel = channel
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self._loop_thread: int | None = None
+
+    def serve(self, server: Any, loop: asyncio.AbstractEventLoop) -> None:
+        """Called on the worker's loop before it serves: take our message types."""
+        self.loop = loop
+        self._loop_thread = threading.get_ident()
+        for kind in ("msg", "req", "res"):
+            server.handlers[kind] = self.dispatch
+        if self.channel.pending:  # queued while the app was imported, before there was a loop
+            flush_when_writable(loop, self.channel)
+
+    def default_loop(self) -> asyncio.AbstractEventLoop | None:
+        return self.loop
+
+    def _on_loop(self) -> bool:
+        return self._loop_thread is None or threading.get_ident() == self._loop_thread
+
+    def _check_may_block(self, what: str) -> None:
+        if self._loop_thread is not None and threading.get_ident() == self._loop_thread:
+            raise RuntimeError(f"{what} would block the event loop it waits on; use the async form")
+
+    def _send(self, msg: Message, fds: Sequence[int] = ()) -> None:
+        if not self.connected:
+            raise DisconnectedError(f"worker {self.id} is disconnected from its primary")
+        if self._on_loop():
+            self._send_now(msg, fds)
+            return
+        _channel.encode(msg)  # raise in the caller's thread if it cannot be sent
+        assert self.loop is not None
+        self.loop.call_soon_threadsafe(self._send_later, msg, list(fds))
+
+    def _send_now(self, msg: Message, fds: Sequence[int]) -> None:
+        try:
+            sent = self.channel.send(msg, fds)
+        except OSError as exc:
+            raise DisconnectedError(f"worker {self.id}'s channel to the primary is closed ({exc})") from None
+        if not sent and self.loop is not None:
+            flush_when_writable(self.loop, self.channel)
+
+    def _send_later(self, msg: Message, fds: list[int]) -> None:
+        try:
+            self._send_now(msg, fds)
+        except DisconnectedError as exc:
+            logger.debug("%s", exc)
+
+    def disconnect(self, asked: bool = False) -> None:
+        raise ClusterRoleError(
+            "cluster-server manages its HTTP workers: stop or restart them with signals (SIGTERM, SIGHUP)"
+        )
+
+    def listen(self, address: tuple[str, int] | str, backlog: int = 511) -> Any:
+        raise ClusterRoleError("cluster-server's HTTP workers already serve the sockets it bound: no cluster.listen")
+
+    def _close_transport(self) -> None:
+        pass  # the worker (worker/main.py) owns the channel
+
+
+def flush_when_writable(loop: asyncio.AbstractEventLoop, channel: Channel) -> None:
+    """Send what ``channel`` queued once the primary reads again.
+
+    One writer per channel, whoever queued (the link, the hand-off's acks): it
+    sends everything queued, so a later ``add_writer`` replacing it loses nothing.
+    """
+    loop.add_writer(channel.fileno(), _flush, loop, channel)
+
+
+def _flush(loop: asyncio.AbstractEventLoop, channel: Channel) -> None:
+    try:
+        done = channel.flush()
+    except OSError:
+        done = True
+    if done:
+        loop.remove_writer(channel.fileno())
+
+
+def enter_worker(worker_id: int, channel: Channel) -> LoopLink:
+    """In a new HTTP worker, before the app is imported: make ``cluster.is_worker`` true."""
+    from cluster_server import cluster
+
+    link = LoopLink(worker_id, channel)
+    cluster._become_worker(link)
+    return link

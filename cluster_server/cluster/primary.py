@@ -1,0 +1,777 @@
+"""The primary side of ``cluster_server.cluster``: forks workers, dispatches their events.
+
+Events are dispatched by an asyncio event loop in the primary, the one that is
+running when the primary uses the API (``cluster.run()`` starts one). Before a
+loop runs, nothing is lost: workers' messages wait in their channels, and the
+events due (``fork``...) are queued until the loop is attached, as Node emits
+them on the next tick. Each worker has:
+
+- its channel (``_channel.Channel``, non-blocking; the loop watches it);
+- a pidfd (``os.pidfd_open``, Linux 5.3+) the loop watches for its exit, so no
+  SIGCHLD handler is installed and no other child of the program is reaped; a
+  timer polls ``waitpid(pid, WNOHANG)`` where pidfds are missing.
+
+Nothing here is thread-safe: use the primary API from the loop's thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import inspect
+import itertools
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from cluster_server import _proc
+from cluster_server._errors import ChannelError, DisconnectedError, RequestError
+from cluster_server.cluster.worker import MainTarget, describe_exception, main_target, run_forked
+from cluster_server.wire import channel as _channel
+from cluster_server.wire.channel import Channel, Message
+
+logger = logging.getLogger("cluster_server.cluster")
+
+START_METHODS = ("fork", "spawn")
+#: marks a spawned worker (like Node's NODE_UNIQUE_ID); removed from its environment at start
+WORKER_ID_ENV = "CLUSTER_SERVER_WORKER_ID"
+#: the spawned worker's channel fd (passed with pass_fds)
+CHANNEL_FD_ENV = "CLUSTER_SERVER_CHANNEL_FD"
+#: the default start method, so one script runs unchanged under both
+START_METHOD_ENV = "CLUSTER_SERVER_START_METHOD"
+#: bytes queued for one worker that does not read (stopped, hung) before new messages
+#: to it are dropped: the primary's memory stays bounded whatever a worker does
+MAX_QUEUED_BYTES = 16 * 1024 * 1024
+#: how often a worker's exit is polled for where pidfds are not available
+POLL_EXIT = 0.05
+
+
+@dataclass(frozen=True)
+class Settings:
+    """``cluster.settings``: how ``fork()`` starts a worker (see ``setup_primary``)."""
+
+    #: the worker's script; None: re-run this program's own main (script or ``-m`` module)
+    exec: str | None = None
+    #: the worker's ``sys.argv[1:]``
+    args: tuple[str, ...] = field(default_factory=lambda: tuple(sys.argv[1:]))
+    #: interpreter options for a spawned worker (``-X dev``, ``-W error``...); default: the primary's
+    exec_argv: tuple[str, ...] = field(default_factory=lambda: tuple(_interpreter_flags()))
+    #: "fork" (default) or "spawn" (a fresh interpreter), like Node
+    start_method: str = "fork"
+
+
+def _interpreter_flags() -> list[str]:
+    try:
+        flags: list[str] = subprocess._args_from_interpreter_flags()  # type: ignore[attr-defined]
+    except Exception:
+        flags = []
+    return flags
+
+
+def default_start_method() -> str:
+    method = os.environ.get(START_METHOD_ENV, "fork")
+    if method not in START_METHODS:
+        raise ValueError(f"{START_METHOD_ENV}={method!r}: expected one of {', '.join(START_METHODS)}")
+    return method
+
+
+class Emitter:
+    """Node-style events: ``on(event, fn)``, ``once``, ``off``; async listeners become tasks."""
+
+    EVENTS: tuple[str, ...] = ()
+
+    def __init__(self) -> None:
+        self._listeners: dict[str, list[tuple[Callable[..., Any], bool]]] = {}
+
+    def on(self, event: str, fn: Callable[..., Any] | None = None) -> Any:
+        """Call ``fn`` on every ``event``; without ``fn``, a decorator."""
+        return self._add(event, fn, once=False)
+
+    def once(self, event: str, fn: Callable[..., Any] | None = None) -> Any:
+        return self._add(event, fn, once=True)
+
+    def off(self, event: str, fn: Callable[..., Any]) -> None:
+        self._listeners[event] = [(f, o) for f, o in self._listeners.get(event, []) if f is not fn]
+
+    def _add(self, event: str, fn: Callable[..., Any] | None, once: bool) -> Any:
+        if event not in self.EVENTS:
+            raise ValueError(f"unknown event {event!r}; expected one of {', '.join(self.EVENTS)}")
+        if fn is None:
+            return lambda f: self._add(event, f, once)
+        if not callable(fn):
+            raise TypeError(f"expected a function, got {fn!r}")
+        self._listeners.setdefault(event, []).append((fn, once))
+        return fn
+
+    def emit(self, event: str, *args: Any) -> None:
+        listeners = self._listeners.get(event)
+        if not listeners:
+            return
+        for fn, once in list(listeners):
+            if once:
+                self.off(event, fn)
+            try:
+                result = fn(*args)
+            except Exception:
+                logger.exception("%r listener %r raised", event, fn)
+                continue
+            if inspect.isawaitable(result):
+                _spawn(result, f"{event!r} listener {fn!r}")
+
+
+_tasks: set[asyncio.Future[Any]] = set()
+
+
+def _spawn(aw: Awaitable[Any], what: str) -> None:
+    task = asyncio.ensure_future(aw)
+    _tasks.add(task)
+
+    def done(t: asyncio.Future[Any]) -> None:
+        _tasks.discard(t)
+        if not t.cancelled() and (exc := t.exception()) is not None:
+            logger.error("%s raised", what, exc_info=exc)
+
+    task.add_done_callback(done)
+
+
+def _signal_of(status: int) -> tuple[int | None, signal.Signals | None]:
+    if os.WIFSIGNALED(status):
+        num = os.WTERMSIG(status)
+        try:
+            return None, signal.Signals(num)
+        except ValueError:
+            return None, None
+    if os.WIFEXITED(status):
+        return os.WEXITSTATUS(status), None
+    return None, None
+
+
+class Worker(Emitter):
+    """A worker, as the primary sees it (Node's ``Worker``)."""
+
+    EVENTS = ("online", "listening", "message", "disconnect", "exit")
+
+    def __init__(
+        self,
+        primary: ClusterPrimary,
+        worker_id: int,
+        pid: int,
+        channel: Channel,
+        process: subprocess.Popen[bytes] | None,
+    ) -> None:
+        super().__init__()
+        #: unique in this primary, from 1, never reused (Node's ``worker.id``)
+        self.id = worker_id
+        self.pid = pid
+        #: the ``subprocess.Popen`` of a spawned worker; None for a forked one
+        self.process = process
+        #: True once ``disconnect()`` or ``kill()`` was called (or the worker disconnected itself)
+        self.exited_after_disconnect = False
+        #: "none", "online", "listening", "disconnected", "dead"
+        self.state = "none"
+        #: after the exit: its exit code (None if killed by a signal) and the signal
+        self.exit_code: int | None = None
+        self.signal_code: signal.Signals | None = None
+        self._primary = primary
+        self._channel: Channel | None = channel
+        self._pidfd = -1
+        self._dead = False
+        self._pending: dict[int, asyncio.Future[Any]] = {}
+        self._queue_full_warned = False
+        self._poll: asyncio.TimerHandle | None = None
+
+    def __repr__(self) -> str:
+        return f"<Worker id={self.id} pid={self.pid} state={self.state}>"
+
+    def send(self, data: Any) -> bool:
+        """Send a message (JSON-compatible data). False if the worker is disconnected: dropped."""
+        return self._primary.send(self, {"t": "msg", "data": data})
+
+    async def request(self, data: Any, timeout: float | None = 5.0) -> Any:
+        """Send a request; return the worker's ``on_request`` handler's answer."""
+        return await self._primary.request(self, data, timeout)
+
+    def disconnect(self) -> None:
+        """Ask the worker to close its servers and its channel, then exit (graceful)."""
+        self.exited_after_disconnect = True
+        self._primary.send(self, {"t": "disconnect"})
+
+    def kill(self, sig: int = signal.SIGTERM) -> None:
+        """Send ``sig`` to the worker and close its channel."""
+        self.exited_after_disconnect = True
+        if not self._dead:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.pid, sig)
+        self._primary.call_soon(self._primary.close_channel, self)
+
+    def is_connected(self) -> bool:
+        return self._channel is not None and not self._channel.closed
+
+    def is_dead(self) -> bool:
+        return self._dead
+
+
+class ClusterPrimary(Emitter):
+    """``cluster`` in the primary: the worker table, fork, events, shared handles."""
+
+    EVENTS = ("fork", "online", "listening", "message", "disconnect", "exit", "setup")
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.settings = Settings(start_method=default_start_method())
+        self.workers: dict[int, Worker] = {}
+        self._live: dict[int, Worker] = {}  # not yet exited, by id
+        self._ids = itertools.count(1)
+        self._request_ids = itertools.count(1)
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._soon: list[Callable[[], None]] = []
+        self._changed: asyncio.Event | None = None
+        self._handles: dict[tuple[Any, ...], socket.socket] = {}
+        self._unlink: list[str] = []
+        self._request_handler: Callable[[Worker, Any], Any] | None = None
+
+    # -- the loop -------------------------------------------------------------------
+
+    def attach(self, loop: asyncio.AbstractEventLoop | None = None) -> asyncio.AbstractEventLoop:
+        """Dispatch on ``loop`` (default: the running one) from now on."""
+        loop = loop or asyncio.get_running_loop()
+        if self._loop is loop:
+            return loop
+        old, self._loop = self._loop, loop
+        self._changed = asyncio.Event()
+        for w in self._live.values():
+            if old is not None and not old.is_closed():
+                self._unwatch(w, old)
+            self._watch(w)
+        soon, self._soon = self._soon, []
+        for cb in soon:
+            loop.call_soon(cb)
+        return loop
+
+    def _running_loop(self) -> asyncio.AbstractEventLoop | None:
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return None
+        return self.attach(loop)
+
+    def call_soon(self, cb: Callable[..., None], *args: Any) -> None:
+        if self._loop is not None and not self._loop.is_closed():
+            self._loop.call_soon(cb, *args)
+        else:
+            self._soon.append(functools.partial(cb, *args))
+
+    def _watch(self, w: Worker) -> None:
+        loop = self._loop
+        if loop is None:
+            return
+        ch = w._channel
+        if ch is not None and not ch.closed:
+            loop.add_reader(ch.fileno(), self._on_readable, w)
+            if ch.pending:
+                loop.add_writer(ch.fileno(), self._flush, w)
+        if w._pidfd >= 0:
+            loop.add_reader(w._pidfd, self._check_exit, w)
+        else:
+            w._poll = loop.call_later(POLL_EXIT, self._poll_exit, w)
+        loop.call_soon(self._check_exit, w)  # it may have exited before the loop ran
+
+    def _unwatch(self, w: Worker, loop: asyncio.AbstractEventLoop) -> None:
+        ch = w._channel
+        if ch is not None and not ch.closed:
+            loop.remove_reader(ch.fileno())
+            loop.remove_writer(ch.fileno())
+        if w._pidfd >= 0:
+            loop.remove_reader(w._pidfd)
+        if w._poll is not None:
+            w._poll.cancel()
+            w._poll = None
+
+    def _notify(self) -> None:
+        if self._changed is not None:
+            self._changed.set()
+
+    async def wait(self) -> None:
+        """Until every worker has exited."""
+        self.attach()
+        while self._live:
+            assert self._changed is not None
+            self._changed.clear()
+            await self._changed.wait()
+
+    async def serve(self, main: Callable[[], Awaitable[Any]] | Awaitable[Any] | None, grace: float) -> Any:
+        """``cluster.run()``: run ``main``, then serve until every worker exited.
+
+        The first SIGINT or SIGTERM stops it gracefully (``stop``); a second one
+        SIGKILLs the workers at once.
+        """
+        loop = self.attach()
+        stop = asyncio.Event()
+
+        def on_signal() -> None:
+            if stop.is_set():
+                logger.warning("second signal: killing every worker")
+                for w in list(self._live.values()):
+                    w.kill(signal.SIGKILL)
+            stop.set()
+
+        installed = []
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                loop.add_signal_handler(sig, on_signal)
+                installed.append(sig)
+            except (ValueError, RuntimeError):  # not the main thread
+                pass
+        result: Any = None
+        try:
+            if main is not None:
+                main_task = asyncio.ensure_future(main() if callable(main) else main)
+                await _first(main_task, stop.wait())
+                if main_task.done():
+                    result = main_task.result()
+                else:
+                    main_task.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await main_task
+            await _first(self.wait(), stop.wait())
+            await self.stop(grace)
+        finally:
+            if self._live:  # main raised, or we were cancelled
+                for w in list(self._live.values()):
+                    w.kill(signal.SIGKILL)
+                with contextlib.suppress(TimeoutError, asyncio.CancelledError):
+                    await asyncio.wait_for(self.wait(), 5.0)
+            for sig in installed:
+                loop.remove_signal_handler(sig)
+            self.close_handles()
+        return result
+
+    async def stop(self, grace: float) -> None:
+        """Disconnect every live worker; SIGKILL the ones still there after ``grace`` s."""
+        if not self._live:
+            return
+        logger.info("stopping %d worker(s)", len(self._live))
+        for w in list(self._live.values()):
+            if w.is_connected():
+                w.disconnect()
+            else:
+                w.kill(signal.SIGTERM)
+        try:
+            await asyncio.wait_for(self.wait(), grace)
+        except TimeoutError:
+            for w in list(self._live.values()):
+                logger.warning("worker %d [pid %d] did not exit within %g s; sending SIGKILL", w.id, w.pid, grace)
+                w.kill(signal.SIGKILL)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.wait(), 5.0)
+
+    # -- forking ----------------------------------------------------------------------
+
+    def setup(self, settings: Settings) -> None:
+        if settings.start_method not in START_METHODS:
+            raise ValueError(f"start_method={settings.start_method!r}: expected one of {', '.join(START_METHODS)}")
+        self.settings = settings
+        self.call_soon(self.emit, "setup", settings)
+
+    def fork(self, env: dict[str, str] | None = None) -> Worker:
+        self._running_loop()
+        settings = self.settings
+        target: MainTarget = ("path", os.path.abspath(settings.exec)) if settings.exec else main_target()
+        worker_id = next(self._ids)
+        ours, theirs = _channel.pair()
+        process: subprocess.Popen[bytes] | None = None
+        try:
+            if settings.start_method == "fork":
+                pid = self._fork(worker_id, ours, theirs, env, target, settings.args)
+            else:
+                process = self._spawn(worker_id, theirs, env, target, settings)
+                pid = process.pid
+        except BaseException:
+            ours.close()
+            raise
+        finally:
+            theirs.close()
+        w = Worker(self, worker_id, pid, Channel(ours), process)
+        try:
+            w._pidfd = os.pidfd_open(pid)
+        except (AttributeError, OSError):
+            w._pidfd = -1
+        self.workers[worker_id] = w
+        self._live[worker_id] = w
+        self._watch(w)
+        self.call_soon(self.emit, "fork", w)
+        return w
+
+    def _fork(
+        self,
+        worker_id: int,
+        ours: socket.socket,
+        theirs: socket.socket,
+        env: dict[str, str] | None,
+        target: MainTarget,
+        args: Sequence[str],
+    ) -> int:
+        _proc.flush_output()
+        primary_pid = os.getpid()
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover - the child never returns
+            try:
+                ours.close()
+                self.close_in_child()
+            finally:
+                run_forked(worker_id, theirs, primary_pid, env, target, args)
+        return pid
+
+    def _spawn(
+        self, worker_id: int, theirs: socket.socket, env: dict[str, str] | None, target: MainTarget, settings: Settings
+    ) -> subprocess.Popen[bytes]:
+        kind, name = target
+        argv = [sys.executable, *settings.exec_argv, *(["-m", name] if kind == "module" else [name]), *settings.args]
+        fd = theirs.fileno()
+        child_env = {**os.environ, **(env or {}), WORKER_ID_ENV: str(worker_id), CHANNEL_FD_ENV: str(fd)}
+        return subprocess.Popen(argv, env=child_env, pass_fds=(fd,))
+
+    def close_in_child(self) -> None:
+        """In a freshly forked worker: drop every fd of the primary (never its loop)."""
+        for w in self.workers.values():
+            if w._channel is not None:
+                w._channel.close()
+            if w._pidfd >= 0:
+                with contextlib.suppress(OSError):
+                    os.close(w._pidfd)
+                w._pidfd = -1
+            if w.process is not None:
+                w.process.returncode = 0  # not ours to wait for
+        for sock in self._handles.values():
+            sock.close()
+        self._handles.clear()
+        self._unlink.clear()
+
+    # -- exits and disconnects ------------------------------------------------------------
+
+    def _poll_exit(self, w: Worker) -> None:
+        w._poll = None
+        self._check_exit(w)
+        if not w._dead and self._loop is not None:
+            w._poll = self._loop.call_later(POLL_EXIT, self._poll_exit, w)
+
+    def _check_exit(self, w: Worker) -> None:
+        if w._dead:
+            return
+        try:
+            pid, status = os.waitpid(w.pid, os.WNOHANG)
+        except ChildProcessError:  # reaped by someone else: its status is lost
+            pid, status = w.pid, -1
+        if pid == 0:
+            return
+        self._exited(w, status)
+
+    def _exited(self, w: Worker, status: int) -> None:
+        w._dead = True
+        loop = self._loop
+        if w._pidfd >= 0:
+            if loop is not None:
+                loop.remove_reader(w._pidfd)
+            os.close(w._pidfd)
+            w._pidfd = -1
+        if w._poll is not None:
+            w._poll.cancel()
+            w._poll = None
+        # What it said before it died comes first, then 'disconnect', then 'exit'.
+        if w.is_connected():
+            self._on_readable(w)
+            self.close_channel(w)
+        if status == -1:
+            code, sig = None, None
+        else:
+            code, sig = _signal_of(status)
+        w.exit_code, w.signal_code = code, sig
+        if w.process is not None:
+            w.process.returncode = code if sig is None else -int(sig)
+        w.state = "dead"
+        self._live.pop(w.id, None)
+        w.emit("exit", code, sig)
+        self.emit("exit", w, code, sig)
+        self._forget(w)
+        self._notify()
+
+    def close_channel(self, w: Worker) -> None:
+        ch = w._channel
+        if ch is None or ch.closed:
+            return
+        if self._loop is not None and not self._loop.is_closed():
+            self._loop.remove_reader(ch.fileno())
+            self._loop.remove_writer(ch.fileno())
+        ch.close()
+        if not w._dead:
+            w.state = "disconnected"
+        pending, w._pending = w._pending, {}
+        for fut in pending.values():
+            if not fut.done():
+                fut.set_exception(DisconnectedError(f"worker {w.id} disconnected before it answered"))
+        w.emit("disconnect")
+        self.emit("disconnect", w)
+        self._forget(w)
+
+    def _forget(self, w: Worker) -> None:
+        """Node removes a worker from ``cluster.workers`` once it has disconnected and exited."""
+        if w._dead and not w.is_connected():
+            self.workers.pop(w.id, None)
+
+    # -- messages -------------------------------------------------------------------------
+
+    def send(self, w: Worker, msg: Message, fds: Sequence[int] = ()) -> bool:
+        """Send to a worker (fds are handed over). False if it is disconnected or not reading."""
+        ch = w._channel
+        if ch is None or ch.closed:
+            _proc.close_all(fds)
+            return False
+        if ch.pending_bytes >= MAX_QUEUED_BYTES:
+            _proc.close_all(fds)
+            if not w._queue_full_warned:
+                w._queue_full_warned = True
+                logger.warning(
+                    "worker %d [pid %d] reads no messages: %d bytes queued for it; dropping new ones until it reads",
+                    w.id,
+                    w.pid,
+                    ch.pending_bytes,
+                )
+            return False
+        try:
+            sent = ch.send(msg, fds)
+        except (TypeError, ValueError, ChannelError):
+            _proc.close_all(fds)  # could not be encoded: nothing was taken
+            raise
+        except OSError:
+            # Gone (mid-broadcast, say): it reads as a disconnect, on the next tick.
+            self.call_soon(self.close_channel, w)
+            return False
+        if not sent and self._loop is not None:
+            self._loop.add_writer(ch.fileno(), self._flush, w)
+        return True
+
+    def _flush(self, w: Worker) -> None:
+        ch = w._channel
+        if ch is None or ch.closed:
+            return
+        try:
+            done = ch.flush()
+        except OSError:
+            self.close_channel(w)
+            return
+        if done and self._loop is not None:
+            self._loop.remove_writer(ch.fileno())
+            w._queue_full_warned = False
+
+    def broadcast(self, data: Any, exclude: Worker | None = None) -> int:
+        """Send to every connected worker; returns how many it was sent to."""
+        msg = {"t": "msg", "data": data}
+        _channel.encode(msg)  # fail here, once, if it cannot be sent
+        return sum(self.send(w, msg) for w in list(self.workers.values()) if w is not exclude)
+
+    def _on_readable(self, w: Worker) -> None:
+        ch = w._channel
+        if ch is None or ch.closed:
+            return
+        try:
+            for msg, fds in ch.receive():
+                if isinstance(msg, ChannelError):
+                    _proc.close_all(fds)
+                    logger.warning("worker %d [pid %d]: dropped a message: %s", w.id, w.pid, msg)
+                    continue
+                try:
+                    self._handle(w, msg, fds)
+                except Exception:
+                    logger.exception("worker %d [pid %d]: handling %.200r raised", w.id, w.pid, msg)
+                if not w.is_connected():  # a listener closed it
+                    return
+        except EOFError:
+            self.close_channel(w)
+        except OSError as exc:
+            logger.warning("worker %d [pid %d]: channel error %s", w.id, w.pid, exc)
+            self.close_channel(w)
+
+    def _handle(self, w: Worker, msg: Message, fds: list[int]) -> None:
+        _proc.close_all(fds)  # a worker's messages carry no fds
+        kind = msg.get("t")
+        if kind == "res":
+            self._resolve(w, msg)
+        elif kind == "msg":
+            data = msg.get("data")
+            w.emit("message", data)
+            self.emit("message", w, data)
+        elif kind == "online":
+            w.state = "online"
+            w.emit("online")
+            self.emit("online", w)
+        elif kind == "listen":
+            self._listen(w, msg)
+        elif kind == "listening":
+            addr = _address(msg.get("addr"))
+            w.state = "listening"
+            w.emit("listening", addr)
+            self.emit("listening", w, addr)
+        elif kind == "req":
+            self._answer(w, msg)
+        elif kind == "bcast":
+            data = msg.get("data")
+            self.broadcast(data, exclude=None if msg.get("self") else w)
+        elif kind == "disconnecting":
+            w.exited_after_disconnect = True
+        else:
+            logger.warning("worker %d [pid %d] sent an unknown message %.200r; ignored", w.id, w.pid, msg)
+
+    # -- requests -------------------------------------------------------------------------
+
+    async def request(self, w: Worker, data: Any, timeout: float | None) -> Any:
+        loop = self.attach()
+        rid = next(self._request_ids)
+        fut: asyncio.Future[Any] = loop.create_future()
+        w._pending[rid] = fut
+        try:
+            if not self.send(w, {"t": "req", "id": rid, "data": data}):
+                if w.is_connected():
+                    raise RequestError(f"worker {w.id} reads no messages (its queue is full); request not sent")
+                raise DisconnectedError(f"worker {w.id} is disconnected")
+            return await asyncio.wait_for(fut, timeout)
+        except TimeoutError:
+            raise TimeoutError(f"worker {w.id} did not answer within {timeout} s") from None
+        finally:
+            w._pending.pop(rid, None)
+
+    def _resolve(self, w: Worker, msg: Message) -> None:
+        rid = msg.get("id")
+        fut = w._pending.pop(rid, None) if isinstance(rid, int) else None
+        if fut is None or fut.done():
+            logger.debug("worker %d: an answer nobody waits for (late?) %.200r", w.id, msg)
+            return
+        if "error" in msg:
+            fut.set_exception(RequestError(str(msg["error"])))
+        else:
+            fut.set_result(msg.get("data"))
+
+    def on_request(self, fn: Callable[[Worker, Any], Any] | None) -> None:
+        if fn is not None and not callable(fn):
+            raise TypeError(f"expected a function, got {fn!r}")
+        self._request_handler = fn
+
+    def _answer(self, w: Worker, msg: Message) -> None:
+        rid = msg.get("id")
+        if not isinstance(rid, int):
+            logger.warning("worker %d sent a request without an id %.200r; ignored", w.id, msg)
+            return
+        handler = self._request_handler
+        if handler is None:
+            self._reply(w, rid, error="the primary has no request handler (cluster.on_request)")
+            return
+        try:
+            result = handler(w, msg.get("data"))
+        except Exception as exc:
+            self._reply(w, rid, error=f"the primary's request handler raised {describe_exception(exc)}")
+            return
+        if inspect.isawaitable(result):
+            task = asyncio.ensure_future(result)
+            _tasks.add(task)
+            task.add_done_callback(functools.partial(self._reply_from, w, rid))
+        else:
+            self._reply(w, rid, data=result)
+
+    def _reply_from(self, w: Worker, rid: int, task: asyncio.Future[Any]) -> None:
+        _tasks.discard(task)
+        if task.cancelled():
+            self._reply(w, rid, error="the primary's request handler was cancelled")
+        elif (exc := task.exception()) is not None:
+            self._reply(w, rid, error=f"the primary's request handler raised {describe_exception(exc)}")
+        else:
+            self._reply(w, rid, data=task.result())
+
+    def _reply(self, w: Worker, rid: int, *, data: Any = None, error: str | None = None, **extra: Any) -> None:
+        msg: Message = {"t": "res", "id": rid, **extra}
+        if error is not None:
+            msg["error"] = error
+        else:
+            msg["data"] = data
+        try:
+            self.send(w, msg)
+        except (TypeError, ValueError, ChannelError) as exc:
+            self.send(w, {"t": "res", "id": rid, "error": f"the primary's answer cannot be sent: {exc}"})
+
+    # -- shared handles ---------------------------------------------------------------------
+
+    def handle_for(self, addr: Any, backlog: int = 511) -> socket.socket:
+        """The listening socket at ``addr``, bound the first time it is asked for."""
+        if isinstance(addr, str):
+            key: tuple[Any, ...] = ("unix", addr)
+        elif isinstance(addr, list | tuple) and len(addr) == 2 and isinstance(addr[1], int):
+            key = ("tcp", str(addr[0]), addr[1])
+        else:
+            raise ValueError(f"not an address: {addr!r}; expected (host, port) or a Unix socket path")
+        sock = self._handles.get(key)
+        if sock is not None:
+            return sock
+        if key[0] == "unix":
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                sock.bind(key[1])
+                sock.listen(backlog)
+            except BaseException:
+                sock.close()
+                raise
+            self._unlink.append(key[1])
+        else:
+            host = key[1]
+            family = socket.AF_INET6 if ":" in host else socket.AF_INET
+            sock = socket.create_server((host, key[2]), family=family, backlog=backlog)
+        self._handles[key] = sock
+        return sock
+
+    def _listen(self, w: Worker, msg: Message) -> None:
+        rid = msg.get("id")
+        if not isinstance(rid, int):
+            logger.warning("worker %d sent a listen request without an id %.200r; ignored", w.id, msg)
+            return
+        addr = msg.get("addr")
+        backlog = msg.get("backlog")
+        try:
+            sock = self.handle_for(addr, backlog if isinstance(backlog, int) and backlog > 0 else 511)
+        except (OSError, ValueError) as exc:
+            self._reply(w, rid, error=f"the primary cannot listen on {addr!r}: {exc}", kind="bind")
+            return
+        name = sock.getsockname()
+        self.send(
+            w, {"t": "res", "id": rid, "data": list(name) if isinstance(name, tuple) else name}, [os.dup(sock.fileno())]
+        )
+
+    def close_handles(self) -> None:
+        for sock in self._handles.values():
+            sock.close()
+        self._handles.clear()
+        for path in self._unlink:
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+        self._unlink.clear()
+
+
+async def _first(*aws: Awaitable[Any]) -> None:
+    """Wait until the first of ``aws`` is done; cancel the others."""
+    tasks = [asyncio.ensure_future(aw) for aw in aws]
+    try:
+        await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for t in tasks:
+            if not t.done():
+                t.cancel()
+
+
+def _address(addr: Any) -> Any:
+    """A listening address as Python shows it: ``(host, port)``, or a Unix socket path."""
+    if isinstance(addr, list):
+        return tuple(addr)
+    return addr

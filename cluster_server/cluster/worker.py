@@ -1,0 +1,669 @@
+"""The worker side of ``cluster_server.cluster``: one link to the primary.
+
+A worker has one :class:`Endpoint`: it sends to the primary, dispatches what
+the primary sends, and hands each message to its consumer in the form that
+consumer asked for. Two transports sit under it:
+
+- :class:`ThreadLink`, in a worker started by ``cluster.fork()`` (either start
+  method). A daemon thread, ``cluster-channel``, blocks in ``recvmsg`` and
+  dispatches; sends are blocking ``sendmsg`` calls under a lock, from any
+  thread. A thread, because the worker's own code may be anything (a blocking
+  ``http.server``, an asyncio program, a computation) and must not have to poll
+  the channel. Sync callbacks run on that thread; ``async def`` callbacks and
+  ``await recv()`` get their messages on their own event loop
+  (``call_soon_threadsafe``).
+- ``LoopLink`` (``cluster/http.py``), in an HTTP worker of cluster-server: the
+  uvicorn event loop already reads the channel, so dispatch happens there and
+  no thread is started.
+
+Wire messages (JSON objects, ``t`` is the type) between a worker and its
+primary, on top of the HTTP server's own (``ready``, ``hb``, ``boot_error``):
+
+=============  =========  ==============================================
+type           direction  meaning
+=============  =========  ==============================================
+``online``     w -> p     the worker runtime started
+``msg``        both       ``{"data": X}``: a user message
+``bcast``      w -> p     ``{"data": X, "self": bool}``: relay to the other workers
+``req``        both       ``{"id": n, "data": X}``: a request, answered by ``res``
+``res``        both       ``{"id": n, "data": X}`` or ``{"id": n, "error": "..."}``
+``listen``     w -> p     ``{"id": n, "addr": [host, port] | path, "backlog": n}``;
+                          answered by ``res`` carrying the listening fd
+``listening``  w -> p     ``{"addr": ...}``: the worker serves on a handle
+``disconnect`` p -> w     close your servers and the channel, then exit
+``disconnecting`` w -> p  the worker disconnects of its own accord
+=============  =========  ==============================================
+"""
+
+from __future__ import annotations
+
+import abc
+import array
+import asyncio
+import collections
+import concurrent.futures
+import inspect
+import itertools
+import logging
+import os
+import runpy
+import signal
+import socket
+import sys
+import threading
+import time
+import traceback
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, NoReturn
+
+from cluster_server import _proc
+from cluster_server._errors import BindError, ChannelError, ClusterRoleError, DisconnectedError, RequestError
+from cluster_server.wire import channel as _channel
+from cluster_server.wire.channel import Message
+
+logger = logging.getLogger("cluster_server.cluster")
+
+#: messages kept for ``recv()`` when nobody registered ``on_message``; the oldest go first
+MAX_INBOX = 100_000
+#: how long ``listen()`` waits for the primary to bind
+LISTEN_TIMEOUT = 30.0
+#: the signal a worker gets when its primary dies (Linux), on top of the channel closing
+ORPHAN_SIGNAL = signal.SIGTERM
+
+
+@dataclass
+class Listener:
+    """A registered callback: ``loop`` is set for ``async def`` ones (they run there)."""
+
+    fn: Callable[..., Any]
+    loop: asyncio.AbstractEventLoop | None
+
+
+def describe_exception(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}"
+
+
+class Endpoint(abc.ABC):
+    """A worker's end of its link to the primary; the transport is a subclass."""
+
+    def __init__(self, worker_id: int) -> None:
+        self.id = worker_id
+        self.pid = os.getpid()
+        self._lock = threading.Lock()
+        self._cond = threading.Condition(self._lock)
+        self._inbox: collections.deque[Any] = collections.deque()
+        self._inbox_full_warned = False
+        self._wakers: list[tuple[asyncio.AbstractEventLoop, asyncio.Future[None]]] = []
+        self._on_message: list[Listener] = []
+        self._on_disconnect: list[Listener] = []
+        self._request_handler: Listener | None = None
+        #: requests that came before any handler was set: they wait for one (the
+        #: asker's timeout bounds the wait), so a worker's start-up is no race
+        self._unanswered: collections.deque[Message] = collections.deque(maxlen=MAX_INBOX)
+        self._pending: dict[int, concurrent.futures.Future[tuple[Any, list[int]]]] = {}
+        self._ids = itertools.count(1)
+        self._closers: list[Callable[[], None]] = []
+        self.connected = True
+        self.disconnecting = False
+        self._disconnected = threading.Event()
+
+    # -- what a transport provides ------------------------------------------------
+
+    @abc.abstractmethod
+    def _send(self, msg: Message, fds: Sequence[int] = ()) -> None:
+        """Put one message (and fds) on the wire."""
+
+    @abc.abstractmethod
+    def _close_transport(self) -> None:
+        """Close the underlying channel."""
+
+    def default_loop(self) -> asyncio.AbstractEventLoop | None:
+        """Where ``async def`` callbacks registered outside any event loop run."""
+        return None
+
+    def _check_may_block(self, what: str) -> None:  # noqa: B027 - optional hook
+        """Raise if blocking here would deadlock the dispatcher."""
+
+    # -- sending ------------------------------------------------------------------
+
+    def send(self, data: Any) -> None:
+        self._send({"t": "msg", "data": data})
+
+    def broadcast(self, data: Any, include_self: bool = False) -> None:
+        self._send({"t": "bcast", "data": data, "self": include_self})
+
+    def _start_request(self, msg: Message) -> tuple[int, concurrent.futures.Future[tuple[Any, list[int]]]]:
+        rid = next(self._ids)
+        fut: concurrent.futures.Future[tuple[Any, list[int]]] = concurrent.futures.Future()
+        with self._lock:
+            if not self.connected:
+                raise DisconnectedError(f"worker {self.id} is disconnected from its primary")
+            self._pending[rid] = fut
+        try:
+            self._send({**msg, "id": rid})
+        except BaseException:
+            with self._lock:
+                self._pending.pop(rid, None)
+            raise
+        return rid, fut
+
+    def _wait_answer(
+        self, rid: int, fut: concurrent.futures.Future[tuple[Any, list[int]]], timeout: float | None, late: str
+    ) -> tuple[Any, list[int]]:
+        """Block until request ``rid`` is answered: (data, fds); TimeoutError(``late``) after ``timeout`` s."""
+        try:
+            return fut.result(timeout)
+        except concurrent.futures.TimeoutError:
+            raise TimeoutError(late) from None
+        finally:
+            with self._lock:
+                self._pending.pop(rid, None)
+
+    def request_sync(self, data: Any, timeout: float | None = 5.0) -> Any:
+        self._check_may_block("cluster.request_sync()")
+        rid, fut = self._start_request({"t": "req", "data": data})
+        value, fds = self._wait_answer(rid, fut, timeout, f"the primary did not answer within {timeout} s")
+        _proc.close_all(fds)
+        return value
+
+    async def request(self, data: Any, timeout: float | None = 5.0) -> Any:
+        rid, fut = self._start_request({"t": "req", "data": data})
+        try:
+            value, fds = await asyncio.wait_for(asyncio.wrap_future(fut), timeout)
+        except TimeoutError:
+            raise TimeoutError(f"the primary did not answer within {timeout} s") from None
+        finally:
+            with self._lock:
+                self._pending.pop(rid, None)
+        _proc.close_all(fds)
+        return value
+
+    def listen(self, address: tuple[str, int] | str, backlog: int = 511) -> socket.socket:
+        """Ask the primary for the listening socket at ``address`` (bound once, shared)."""
+        self._check_may_block("cluster.listen()")
+        if isinstance(address, str):
+            addr: Any = address
+        else:
+            host, port = address
+            addr = [str(host), int(port)]
+        rid, fut = self._start_request({"t": "listen", "addr": addr, "backlog": int(backlog)})
+        late = f"the primary did not answer a listen request within {LISTEN_TIMEOUT} s"
+        name, fds = self._wait_answer(rid, fut, LISTEN_TIMEOUT, late)
+        if not fds:
+            raise BindError(f"the primary sent no socket for {address!r}")
+        _proc.close_all(fds[1:])
+        sock = socket.socket(fileno=fds[0])
+        self._send({"t": "listening", "addr": name})
+        return sock
+
+    # -- receiving ----------------------------------------------------------------
+
+    def on_message(self, fn: Callable[[Any], Any]) -> None:
+        self._on_message.append(self._listener(fn))
+
+    def on_disconnect(self, fn: Callable[[], Any]) -> None:
+        self._on_disconnect.append(self._listener(fn))
+
+    def on_request(self, fn: Callable[[Any], Any] | None) -> None:
+        """Set the request handler; requests that came before it was set are answered now."""
+        handler = None if fn is None else self._listener(fn)
+        with self._lock:
+            self._request_handler = handler
+            waiting, self._unanswered = self._unanswered, collections.deque()
+        for msg in waiting:
+            self._answer(msg)
+
+    def _listener(self, fn: Callable[..., Any]) -> Listener:
+        if not callable(fn):
+            raise TypeError(f"expected a function, got {fn!r}")
+        if not inspect.iscoroutinefunction(fn):
+            return Listener(fn, None)
+        try:
+            loop: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
+        except RuntimeError:
+            loop = self.default_loop()
+        if loop is None:
+            raise RuntimeError(
+                f"{fn.__qualname__} is an async function: register it from inside the event loop it should run on"
+            )
+        return Listener(fn, loop)
+
+    def get_message(self, timeout: float | None = None) -> Any:
+        self._check_may_block("cluster.get_message()")
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._cond:
+            while not self._inbox:
+                if not self.connected:
+                    raise DisconnectedError(f"worker {self.id} is disconnected from its primary")
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    raise TimeoutError(f"no message within {timeout} s")
+                self._cond.wait(remaining)
+            return self._inbox.popleft()
+
+    async def recv(self, timeout: float | None = None) -> Any:
+        loop = asyncio.get_running_loop()
+        deadline = None if timeout is None else loop.time() + timeout
+        while True:
+            with self._lock:
+                if self._inbox:
+                    return self._inbox.popleft()
+                if not self.connected:
+                    raise DisconnectedError(f"worker {self.id} is disconnected from its primary")
+                waker: asyncio.Future[None] = loop.create_future()
+                entry = (loop, waker)
+                self._wakers.append(entry)
+            try:
+                if deadline is None:
+                    await waker
+                else:
+                    await asyncio.wait_for(waker, max(0.0, deadline - loop.time()))
+            except TimeoutError:
+                raise TimeoutError(f"no message within {timeout} s") from None
+            finally:
+                with self._lock:
+                    if entry in self._wakers:
+                        self._wakers.remove(entry)
+
+    async def messages(self) -> AsyncIterator[Any]:
+        while True:
+            try:
+                msg = await self.recv()
+            except DisconnectedError:
+                return
+            yield msg
+
+    def wait_disconnect(self, timeout: float | None = None) -> bool:
+        return self._disconnected.wait(timeout)
+
+    async def disconnected(self) -> None:
+        loop = asyncio.get_running_loop()
+        while not self._disconnected.is_set():
+            with self._lock:
+                if self._disconnected.is_set():
+                    return
+                waker: asyncio.Future[None] = loop.create_future()
+                entry = (loop, waker)
+                self._wakers.append(entry)
+            try:
+                await waker
+            finally:
+                with self._lock:
+                    if entry in self._wakers:
+                        self._wakers.remove(entry)
+
+    def add_closer(self, fn: Callable[[], None]) -> None:
+        """Something to close when the worker disconnects (a server it runs)."""
+        self._closers.append(fn)
+
+    # -- dispatch (on the transport's thread) ---------------------------------------
+
+    def dispatch(self, msg: Message, fds: list[int]) -> None:
+        kind = msg.get("t")
+        if kind == "res":
+            self._resolve(msg, fds)
+            return
+        _proc.close_all(fds)
+        if kind == "msg":
+            self._deliver(msg.get("data"))
+        elif kind == "req":
+            self._answer(msg)
+        elif kind == "disconnect":
+            self.disconnect(asked=True)
+        else:
+            logger.warning("worker %d: unknown message from the primary %.200r; ignored", self.id, msg)
+
+    def _deliver(self, data: Any) -> None:
+        with self._lock:
+            listeners = list(self._on_message)
+            if not listeners:
+                if len(self._inbox) >= MAX_INBOX:
+                    self._inbox.popleft()
+                    if not self._inbox_full_warned:
+                        self._inbox_full_warned = True
+                        logger.warning(
+                            "worker %d: %d messages wait for recv(); dropping the oldest", self.id, MAX_INBOX
+                        )
+                self._inbox.append(data)
+                self._wake_all()
+        for listener in listeners:
+            self._call(listener, data)
+
+    def _wake_all(self) -> None:
+        """Wake every waiter (sync and async); the caller holds the lock."""
+        self._cond.notify_all()
+        wakers, self._wakers = self._wakers, []
+        for loop, waker in wakers:
+            try:
+                loop.call_soon_threadsafe(_wake, waker)
+            except RuntimeError:  # that loop is closed
+                pass
+
+    def _call(self, listener: Listener, *args: Any) -> None:
+        try:
+            if listener.loop is None:
+                listener.fn(*args)
+            else:
+                cf = asyncio.run_coroutine_threadsafe(listener.fn(*args), listener.loop)
+                cf.add_done_callback(_log_failure(listener.fn))
+        except Exception:
+            logger.exception("worker %d: callback %r raised", self.id, listener.fn)
+
+    def _answer(self, msg: Message) -> None:
+        rid = msg.get("id")
+        if not isinstance(rid, int):
+            logger.warning("worker %d: request without an id %.200r; ignored", self.id, msg)
+            return
+        with self._lock:
+            handler = self._request_handler
+            if handler is None:
+                self._unanswered.append(msg)
+                return
+        data = msg.get("data")
+        if handler.loop is not None:
+            try:
+                cf = asyncio.run_coroutine_threadsafe(handler.fn(data), handler.loop)
+            except RuntimeError as exc:  # the loop is closed
+                self._reply(rid, error=f"worker {self.id}: {exc}")
+                return
+            cf.add_done_callback(lambda f: self._reply_from(rid, f))
+            return
+        try:
+            result = handler.fn(data)
+        except Exception as exc:
+            self._reply(rid, error=f"worker {self.id}'s request handler raised {describe_exception(exc)}")
+            return
+        self._reply(rid, data=result)
+
+    def _reply_from(self, rid: int, fut: concurrent.futures.Future[Any]) -> None:
+        if fut.cancelled():
+            self._reply(rid, error=f"worker {self.id}'s request handler was cancelled")
+        elif (exc := fut.exception()) is not None:
+            self._reply(rid, error=f"worker {self.id}'s request handler raised {describe_exception(exc)}")
+        else:
+            self._reply(rid, data=fut.result())
+
+    def _reply(self, rid: int, *, data: Any = None, error: str | None = None) -> None:
+        msg: Message = {"t": "res", "id": rid, "error": error} if error is not None else {"t": "res", "id": rid}
+        if error is None:
+            msg["data"] = data
+        try:
+            self._send(msg)
+        except (TypeError, ValueError, ChannelError) as exc:
+            self._reply(rid, error=f"worker {self.id}'s answer cannot be sent: {exc}")
+        except DisconnectedError:
+            pass
+
+    def _resolve(self, msg: Message, fds: list[int]) -> None:
+        rid = msg.get("id")
+        with self._lock:
+            fut = self._pending.pop(rid, None) if isinstance(rid, int) else None
+        if fut is None:
+            _proc.close_all(fds)
+            logger.debug("worker %d: an answer nobody waits for (late?) %.200r", self.id, msg)
+            return
+        try:
+            if "error" in msg:
+                _proc.close_all(fds)
+                err = str(msg["error"])
+                fut.set_exception(BindError(err) if msg.get("kind") == "bind" else RequestError(err))
+            else:
+                fut.set_result((msg.get("data"), fds))
+        except concurrent.futures.InvalidStateError:  # timed out meanwhile
+            _proc.close_all(fds)
+
+    # -- disconnecting --------------------------------------------------------------
+
+    def disconnect(self, asked: bool = False) -> None:
+        """Close this worker's servers and its channel (Node's ``worker.disconnect()``)."""
+        with self._lock:
+            if self.disconnecting:
+                return
+            self.disconnecting = True
+        if not asked:
+            try:
+                self._send({"t": "disconnecting"})
+            except DisconnectedError:
+                pass
+        for listener in self._on_disconnect:
+            self._call(listener)
+        for close in self._closers:
+            try:
+                close()
+            except Exception:
+                logger.exception("worker %d: closing %r on disconnect raised", self.id, close)
+        self._mark_disconnected()
+        self._close_transport()
+
+    def _mark_disconnected(self) -> None:
+        with self._lock:
+            if not self.connected:
+                return
+            self.connected = False
+            pending, self._pending = self._pending, {}
+            self._disconnected.set()
+            self._wake_all()
+        for fut in pending.values():
+            try:
+                fut.set_exception(DisconnectedError(f"worker {self.id} disconnected before the answer came"))
+            except concurrent.futures.InvalidStateError:
+                pass
+
+
+def _wake(waker: asyncio.Future[None]) -> None:
+    if not waker.done():
+        waker.set_result(None)
+
+
+def _log_failure(fn: Callable[..., Any]) -> Callable[[concurrent.futures.Future[Any]], None]:
+    def done(fut: concurrent.futures.Future[Any]) -> None:
+        if not fut.cancelled() and (exc := fut.exception()) is not None:
+            logger.error("callback %r raised", fn, exc_info=exc)
+
+    return done
+
+
+class ThreadLink(Endpoint):
+    """The link of a worker started by ``cluster.fork()``: a reader thread, blocking sends."""
+
+    def __init__(self, worker_id: int, sock: socket.socket) -> None:
+        super().__init__(worker_id)
+        sock.setblocking(True)
+        self._sock = sock
+        self._send_lock = threading.Lock()
+        self._thread = threading.Thread(target=self._read_loop, name="cluster-channel", daemon=True)
+
+    def start(self) -> None:
+        self._send({"t": "online"})
+        self._thread.start()
+
+    def fileno(self) -> int:
+        return self._sock.fileno()
+
+    def _send(self, msg: Message, fds: Sequence[int] = ()) -> None:
+        data = _channel.encode(msg)
+        anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())] if fds else []
+        with self._send_lock:
+            if not self.connected:
+                raise DisconnectedError(f"worker {self.id} is disconnected from its primary")
+            try:
+                self._sock.sendmsg([data], anc)
+            except OSError as exc:  # EPIPE, ECONNRESET, EBADF after close: the channel is gone
+                raise DisconnectedError(f"worker {self.id}'s channel to the primary is closed ({exc})") from None
+
+    def _check_may_block(self, what: str) -> None:
+        if threading.current_thread() is self._thread:
+            raise RuntimeError(f"{what} cannot wait in a callback on the channel thread: it would never get its answer")
+
+    def _close_transport(self) -> None:
+        try:
+            self._sock.shutdown(socket.SHUT_RDWR)  # wakes the reader, which closes the socket
+        except OSError:
+            pass
+
+    def _read_loop(self) -> None:
+        sock = self._sock
+        while True:
+            try:
+                data, anc, flags, _ = sock.recvmsg(_channel.MAX_MESSAGE + 1, _channel._ANCBUF, _channel._CMSG_CLOEXEC)
+            except InterruptedError:
+                continue
+            except OSError:
+                break
+            fds = _channel._fds_from(anc)
+            if not data and not fds:
+                break
+            if flags & (socket.MSG_CTRUNC | socket.MSG_TRUNC):
+                _proc.close_all(fds)
+                logger.warning("worker %d: dropped a truncated message from the primary", self.id)
+                continue
+            try:
+                msg = _channel.decode(data)
+            except ChannelError as exc:
+                _proc.close_all(fds)
+                logger.warning("worker %d: dropped a message from the primary: %s", self.id, exc)
+                continue
+            try:
+                self.dispatch(msg, fds)
+            except Exception:
+                logger.exception("worker %d: handling %.200r raised", self.id, msg)
+        self._on_eof()
+
+    def _on_eof(self) -> None:
+        expected = self.disconnecting
+        self._mark_disconnected()
+        with self._send_lock:
+            self._sock.close()
+        if not expected:
+            # Like Node: the primary is gone (or closed our channel without asking):
+            # a worker does not outlive it.
+            _proc.flush_output()
+            os._exit(0)
+
+
+# -- starting a worker ----------------------------------------------------------------
+
+MainTarget = tuple[str, str]  # ("path", "/abs/script.py") or ("module", "pkg.mod")
+
+
+def main_target() -> MainTarget:
+    """What re-running "the program" means for this process: its script or its ``-m`` module."""
+    main = sys.modules.get("__main__")
+    spec = getattr(main, "__spec__", None)
+    name = getattr(spec, "name", None)
+    if isinstance(name, str) and name != "__main__":
+        return ("module", name.removesuffix(".__main__"))
+    path = getattr(main, "__file__", None)
+    if not path:
+        raise ClusterRoleError(
+            "cannot re-run the main program in a worker: it has no file (interactive session or -c); "
+            "name the worker's script with cluster.setup_primary(exec='worker.py')"
+        )
+    return ("path", os.path.abspath(path))
+
+
+def reset_signals() -> None:
+    """Give a forked worker the signal dispositions of a fresh interpreter."""
+    signal.set_wakeup_fd(-1)
+    for sig in signal.valid_signals():
+        try:
+            handler = signal.getsignal(sig)
+        except (OSError, ValueError):
+            continue
+        if callable(handler) and handler is not signal.default_int_handler:
+            try:
+                signal.signal(sig, signal.SIG_DFL)
+            except (OSError, ValueError):
+                pass
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
+def start_link(worker_id: int, sock: socket.socket, primary_pid: int | None) -> ThreadLink:
+    """Become a worker: link to the primary, tell it we are online."""
+    _proc.set_parent_death_signal(ORPHAN_SIGNAL)
+    link = ThreadLink(worker_id, sock)
+    from cluster_server import cluster
+
+    cluster._become_worker(link)
+    _quiet_keyboard_interrupt()
+    try:
+        if primary_pid is not None and os.getppid() != primary_pid:
+            raise DisconnectedError("the primary died before the worker started")
+        link.start()
+    except DisconnectedError:  # the primary is gone already: so are we
+        _proc.flush_output()
+        os._exit(0)
+    return link
+
+
+def _quiet_keyboard_interrupt() -> None:
+    """In a (spawned) worker, an uncaught KeyboardInterrupt ends it without a traceback."""
+    hook = sys.excepthook
+
+    def excepthook(tp: type[BaseException], value: BaseException, tb: Any) -> None:
+        if not issubclass(tp, KeyboardInterrupt):
+            hook(tp, value, tb)
+
+    sys.excepthook = excepthook
+
+
+def run_forked(
+    worker_id: int,
+    sock: socket.socket,
+    primary_pid: int,
+    env: dict[str, str] | None,
+    target: MainTarget,
+    args: Sequence[str],
+) -> NoReturn:
+    """A forked worker: re-run the program's main (Node's semantics), then exit. Never returns."""
+    code = 1
+    try:
+        reset_signals()
+        # The parent's running loop must never be touched here (its epoll is shared
+        # with the parent's): forget it without closing it. The stack keeps it alive.
+        asyncio.events._set_running_loop(None)
+        if env:
+            os.environ.update(env)
+        start_link(worker_id, sock, primary_pid)
+        code = run_main(target, args)
+    except SystemExit as exc:
+        code = exit_code_of(exc)
+    except BaseException:
+        traceback.print_exc()
+    finally:
+        _proc.flush_output()
+        os._exit(code)
+
+
+def run_main(target: MainTarget, args: Sequence[str]) -> int:
+    """Run the program's main as ``__main__``; return the exit code it asks for."""
+    kind, name = target
+    sys.argv = [name, *args]
+    try:
+        if kind == "path":
+            runpy.run_path(name, run_name="__main__")
+        else:
+            runpy.run_module(name, run_name="__main__", alter_sys=True)
+    except SystemExit as exc:
+        return exit_code_of(exc)
+    except KeyboardInterrupt:
+        # Ctrl+C reaches every worker: die of SIGINT, as an interpreter does, but
+        # without N copies of the same traceback.
+        _proc.flush_output()
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        os.kill(os.getpid(), signal.SIGINT)  # die of SIGINT, as an interpreter does
+        return 130
+    except BaseException:
+        sys.excepthook(*sys.exc_info())
+        return 1
+    return 0
+
+
+def exit_code_of(exc: SystemExit) -> int:
+    if exc.code is None:
+        return 0
+    if isinstance(exc.code, int):
+        return exc.code
+    print(exc.code, file=sys.stderr)
+    return 1

@@ -1,0 +1,1 @@
+"""Connection scheduling: the protocol (protocol.py), the primary's side (primary.py), the worker's side (worker.py)."""

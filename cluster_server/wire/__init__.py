@@ -1,0 +1,1 @@
+"""Between processes: the channel (framed JSON over SOCK_SEQPACKET, fds alongside)."""
