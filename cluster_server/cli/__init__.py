@@ -1,1 +1,1 @@
-"""The command line: ``cluster-server`` (main.py), ``cluster-server ctl`` (ctl.py), the CLI reference generator (docs.py)."""
+"""The command line: ``cluster-server`` (main.py), ``cluster-server ctl`` (ctl.py), the CLI reference (docs.py)."""
