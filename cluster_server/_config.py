@@ -9,22 +9,28 @@ from these fields, so they cannot drift apart.
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import os
+import ssl
 import types
 import typing
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from cluster_server._errors import ConfigError
+from cluster_server._errors import AppStringError, ConfigError
 
 ENV_PREFIX = "CLUSTER_SERVER_"
+#: uvicorn reads its options from UVICORN_<NAME> (click's ``auto_envvar_prefix``); so do we, after ours
+UVICORN_ENV_PREFIX = "UVICORN_"
 
-LoopType = Literal["auto", "asyncio", "uvloop"]
-HTTPType = Literal["auto", "h11", "httptools"]
+LoopType = Literal["auto", "asyncio", "uvloop", "none", "zuvloop"]
+HTTPType = Literal["auto", "h11", "httptools", "zttp"]
 WSType = Literal["auto", "none", "websockets", "websockets-sansio", "wsproto"]
 LifespanType = Literal["auto", "on", "off"]
 InterfaceType = Literal["auto", "asgi3", "asgi2", "wsgi"]
 LogLevelType = Literal["critical", "error", "warning", "info", "debug", "trace"]
+LogFormatType = Literal["text", "json"]
+AccessLogFormatType = Literal["uvicorn", "timed"]
 SchedulingType = Literal["shared", "round-robin", "least-busy", "reuseport"]
 
 #: --graceful-timeout under --reload unless given: a websocket or a stream must
@@ -48,15 +54,24 @@ class OptionSpec:
     max: float | None = None
     metavar: str | None = None
     negatable: bool = False  # bool flags: --x/--no-x
+    takes_value: bool = False  # bool options written `--x true` (uvicorn's --ws-per-message-deflate)
     cli: bool = True
+    #: uvicorn's name for this option (its parameter name; "" when it is ours too), None
+    #: when uvicorn has no such option. Where it differs, ``--<uvicorn name>`` is accepted
+    #: too; UVICORN_<NAME> is read after CLUSTER_SERVER_<NAME>.
+    uvicorn: str | None = None
 
 
-def option(default: Any, help: str, *, group: str = "server", secret: bool = False, **spec: Any) -> Any:
+def option(
+    default: Any, help: str, *, group: str = "server", secret: bool = False, uvicorn: bool | str = False, **spec: Any
+) -> Any:
     """Declare a Config field: its default plus everything the CLI and docs need.
 
-    ``secret=True`` keeps the value out of ``repr(config)``.
+    ``secret=True`` keeps the value out of ``repr(config)``. ``uvicorn=True``: uvicorn
+    has this option under the same name; a string: uvicorn's name for it.
     """
-    meta = {"option": OptionSpec(help=help, group=group, **spec)}
+    name = "" if uvicorn is True else (uvicorn or None)
+    meta = {"option": OptionSpec(help=help, group=group, uvicorn=name, **spec)}
     if isinstance(default, list | dict | set):
         raise TypeError("mutable defaults are not allowed in Config; use a tuple")
     return field(default=default, metadata=meta, repr=not secret)
@@ -74,23 +89,46 @@ class Config:
 
     # -- where to listen --------------------------------------------------------
     host: str = option(
-        "127.0.0.1", "Bind socket to this host; use '::' for IPv6, '0.0.0.0' for all IPv4.", group="socket"
+        "127.0.0.1",
+        "Bind socket to this host; use '::' for IPv6, '0.0.0.0' for all IPv4.",
+        group="socket",
+        uvicorn=True,
     )
-    port: int = option(8000, "Bind socket to this port; 0 picks a free port.", group="socket", min=0, max=65535)
+    port: int = option(
+        8000, "Bind socket to this port; 0 picks a free port.", group="socket", min=0, max=65535, uvicorn=True
+    )
     uds: str | None = option(
-        None, "Bind to this Unix domain socket path instead of host/port.", group="socket", metavar="PATH"
+        None, "Bind to this Unix domain socket path instead of host/port.", group="socket", metavar="PATH", uvicorn=True
     )
     fd: int | None = option(
-        None, "Serve on this already-open listening file descriptor (inherited).", group="socket", min=0
+        None, "Serve on this already-open listening file descriptor (inherited).", group="socket", min=0, uvicorn=True
     )
-    backlog: int = option(2048, "Listen backlog: connections the kernel queues before accept().", group="socket", min=1)
-    ssl_keyfile: str | None = option(None, "TLS private key file.", group="socket", metavar="PATH")
-    ssl_certfile: str | None = option(None, "TLS certificate file (PEM).", group="socket", metavar="PATH")
+    backlog: int = option(
+        2048, "Listen backlog: connections the kernel queues before accept().", group="socket", min=1, uvicorn=True
+    )
+    ssl_keyfile: str | None = option(None, "TLS private key file.", group="socket", metavar="PATH", uvicorn=True)
+    ssl_certfile: str | None = option(None, "TLS certificate file (PEM).", group="socket", metavar="PATH", uvicorn=True)
     ssl_keyfile_password: str | None = option(
-        None, "Password of an encrypted --ssl-keyfile (prefer the environment variable).", group="socket", secret=True
+        None,
+        "Password of an encrypted --ssl-keyfile (prefer the environment variable).",
+        group="socket",
+        secret=True,
+        uvicorn=True,
+    )
+    ssl_version: int = option(
+        int(ssl.PROTOCOL_TLS_SERVER),
+        "TLS protocol, as a number of Python's ssl.PROTOCOL_* constants (the default, "
+        f"{int(ssl.PROTOCOL_TLS_SERVER)}, is PROTOCOL_TLS_SERVER: the highest version both sides speak).",
+        group="socket",
+        min=0,
+        uvicorn=True,
     )
     ssl_ca_certs: str | None = option(
-        None, "CA certificates file (PEM) to verify client certificates with.", group="socket", metavar="PATH"
+        None,
+        "CA certificates file (PEM) to verify client certificates with.",
+        group="socket",
+        metavar="PATH",
+        uvicorn=True,
     )
     ssl_cert_reqs: int = option(
         0,
@@ -98,12 +136,24 @@ class Config:
         group="socket",
         min=0,
         max=2,
+        uvicorn=True,
     )
-    ssl_ciphers: str = option("TLSv1", "TLS ciphers, in OpenSSL's cipher-list format.", group="socket")
+    ssl_ciphers: str | None = option(
+        None,
+        "TLS 1.2 ciphers, in OpenSSL's cipher-list format (default: OpenSSL's).",
+        group="socket",
+        uvicorn=True,
+    )
 
     # -- processes --------------------------------------------------------------
     workers: int = option(
-        1, "Number of worker processes.", group="processes", min=1, max=1024, env=("WEB_CONCURRENCY",)
+        1,
+        "Number of worker processes.",
+        group="processes",
+        min=1,
+        max=1024,
+        env=("WEB_CONCURRENCY",),
+        uvicorn=True,
     )
     graceful_timeout: float = option(
         DefaultValue(30.0),
@@ -111,6 +161,7 @@ class Config:
         f"(default {RELOAD_GRACEFUL_TIMEOUT:g} under --reload).",
         group="processes",
         min=0,
+        uvicorn="timeout_graceful_shutdown",
     )
     ready_timeout: float = option(
         60.0,
@@ -124,6 +175,7 @@ class Config:
         "(its stack is dumped to the log first); 0 disables.",
         group="processes",
         min=0,
+        uvicorn="timeout_worker_healthcheck",
     )
     heartbeat_interval: float = option(
         1.0, "Seconds between heartbeats a worker sends from its event loop.", group="processes", min=0.05
@@ -134,18 +186,23 @@ class Config:
         "before the old one drains); 0 disables.",
         group="processes",
         min=0,
+        uvicorn="limit_max_requests",
     )
     max_requests_jitter: int = option(
         0,
         "Add a random 0..N to --max-requests for each worker, so they do not recycle together.",
         group="processes",
         min=0,
+        uvicorn="limit_max_requests_jitter",
     )
     max_worker_memory: float = option(
         0.0,
-        "Recycle a worker whose resident memory (RSS, sampled every second) exceeds this many MiB; 0 disables.",
+        "Recycle a worker whose own memory exceeds this many MiB (its unique set size, from "
+        "/proc/PID/smaps_rollup, sampled every second: pages shared with --preload's template "
+        "do not count); 0 disables.",
         group="processes",
         min=0,
+        metavar="MIB",
     )
     max_worker_lifetime: float = option(
         0.0, "Recycle a worker after it served for this many seconds; 0 disables.", group="processes", min=0
@@ -171,20 +228,29 @@ class Config:
     )
 
     # -- the app ----------------------------------------------------------------
-    interface: InterfaceType = option("auto", "Application interface.", group="app")
-    factory: bool = option(False, "Treat APP as a factory: call it with no arguments to get the app.", group="app")
+    interface: InterfaceType = option("auto", "Application interface.", group="app", uvicorn=True)
+    factory: bool = option(
+        False, "Treat APP as a factory: call it with no arguments to get the app.", group="app", uvicorn=True
+    )
     preload: bool = option(
         False,
         "Import the app once in a template process and fork the workers from it (after gc.freeze(), "
         "so they share its memory); SIGHUP re-creates the template from the new source first.",
         group="app",
     )
-    app_dir: str = option(".", "Look for APP in this directory (prepended to sys.path).", group="app", metavar="DIR")
-    env_file: str | None = option(
-        None, "Load environment variables from this file in each worker.", group="app", metavar="PATH"
+    app_dir: str = option(
+        ".", "Look for APP in this directory (prepended to sys.path).", group="app", metavar="DIR", uvicorn=True
     )
-    root_path: str = option("", "ASGI root_path, for an app mounted below a path prefix.", group="app")
-    lifespan: LifespanType = option("auto", "Run the ASGI lifespan protocol.", group="app")
+    env_file: str | None = option(
+        None,
+        "Load environment variables from this dotenv file in each worker (python-dotenv; a variable "
+        "already set in the environment wins).",
+        group="app",
+        metavar="PATH",
+        uvicorn=True,
+    )
+    root_path: str = option("", "ASGI root_path, for an app mounted below a path prefix.", group="app", uvicorn=True)
+    lifespan: LifespanType = option("auto", "Run the ASGI lifespan protocol.", group="app", uvicorn=True)
     wsgi_threads: int = option(
         10,
         "Per worker: threads that run a WSGI app, so at most this many WSGI requests at once.",
@@ -192,25 +258,83 @@ class Config:
         min=1,
         max=1024,
     )
+    reset_contextvars: bool = option(
+        False,
+        "Run each request in a fresh contextvars.Context (context set in the lifespan is not seen).",
+        group="app",
+        uvicorn=True,
+    )
 
     # -- HTTP -------------------------------------------------------------------
-    loop: LoopType = option("auto", "Event loop implementation.", group="http")
-    http: HTTPType = option("auto", "HTTP protocol implementation.", group="http")
-    ws: WSType = option("auto", "WebSocket protocol implementation.", group="http")
+    loop: LoopType = option(
+        "auto",
+        "Event loop implementation ('none': asyncio's default policy; 'zuvloop' needs the zuvloop package).",
+        group="http",
+        uvicorn=True,
+    )
+    http: HTTPType = option(
+        "auto",
+        "HTTP protocol implementation ('zttp' needs the zttp package).",
+        group="http",
+        uvicorn=True,
+    )
+    http2: bool = option(
+        False,
+        "Also serve HTTP/2 (needs --http zttp): negotiated by ALPN over TLS, by prior knowledge (h2c) in clear text.",
+        group="http",
+        uvicorn=True,
+    )
+    ws: WSType = option("auto", "WebSocket protocol implementation.", group="http", uvicorn=True)
+    ws_max_size: int = option(
+        16777216, "Largest WebSocket message accepted, in bytes.", group="http", min=1, metavar="BYTES", uvicorn=True
+    )
+    ws_max_queue: int = option(
+        32, "Most WebSocket messages queued for the app before reading pauses.", group="http", min=1, uvicorn=True
+    )
+    ws_ping_interval: float = option(20.0, "Seconds between WebSocket pings.", group="http", min=0, uvicorn=True)
+    ws_ping_timeout: float = option(
+        20.0, "Seconds to wait for a WebSocket pong before closing.", group="http", min=0, uvicorn=True
+    )
+    ws_per_message_deflate: bool = option(
+        True, "WebSocket per-message-deflate compression (true or false).", group="http", takes_value=True, uvicorn=True
+    )
     proxy_headers: bool = option(
-        True, "Trust X-Forwarded-Proto/For from --forwarded-allow-ips.", group="http", negatable=True
+        True,
+        "Trust X-Forwarded-Proto/For from --forwarded-allow-ips.",
+        group="http",
+        negatable=True,
+        uvicorn=True,
     )
     forwarded_allow_ips: str | None = option(
-        None, "Comma-separated IPs/networks trusted for proxy headers ('*' for all).", group="http"
+        None,
+        "Comma-separated IPs/networks trusted for proxy headers ('*' for all; default: $FORWARDED_ALLOW_IPS "
+        "or 127.0.0.1,::1).",
+        group="http",
+        uvicorn=True,
+    )
+    server_header: bool = option(True, "Send a 'Server: uvicorn' header.", group="http", negatable=True, uvicorn=True)
+    date_header: bool = option(True, "Send a 'Date' header.", group="http", negatable=True, uvicorn=True)
+    headers: tuple[str, ...] = option(
+        (),
+        "Add this header to every response (repeatable).",
+        group="http",
+        flag="--header",
+        metavar="NAME:VALUE",
+        uvicorn=True,
     )
     timeout_keep_alive: int = option(
-        5, "Close idle keep-alive connections after this many seconds.", group="http", min=0
+        5,
+        "Close idle keep-alive connections after this many seconds (behind a load balancer: longer than "
+        "its idle timeout, see docs/deployment.md).",
+        group="http",
+        min=0,
+        uvicorn=True,
     )
     limit_concurrency: int | None = option(
-        None, "Per worker: answer 503 beyond this many concurrent connections/tasks.", group="http", min=1
+        None, "Per worker: answer 503 beyond this many concurrent connections/tasks.", group="http", min=1, uvicorn=True
     )
     h11_max_incomplete_event_size: int | None = option(
-        None, "h11: largest request head in bytes (default: h11's 16 KiB).", group="http", min=1
+        None, "h11: largest request head in bytes (default: h11's 16 KiB).", group="http", min=1, uvicorn=True
     )
     health_path: str | None = option(
         None,
@@ -240,12 +364,14 @@ class Config:
         "Development: when a watched file changes, replace the workers with ones running the new code "
         "(the old ones serve until the new ones are ready).",
         group="reload",
+        uvicorn=True,
     )
     reload_dirs: tuple[str, ...] = option(
         (),
         "Watch this directory for --reload (repeatable; default: the current directory).",
         group="reload",
         flag="--reload-dir",
+        uvicorn=True,
         metavar="DIR",
     )
     reload_includes: tuple[str, ...] = option(
@@ -253,6 +379,7 @@ class Config:
         "Also reload when a file matching this glob changes (repeatable; *.py always counts).",
         group="reload",
         flag="--reload-include",
+        uvicorn=True,
         metavar="GLOB",
     )
     reload_excludes: tuple[str, ...] = option(
@@ -261,6 +388,7 @@ class Config:
         "and editor swap files are always ignored).",
         group="reload",
         flag="--reload-exclude",
+        uvicorn=True,
         metavar="GLOB",
     )
     reload_delay: float = option(
@@ -270,6 +398,7 @@ class Config:
         min=0,
         max=10,
         metavar="SECONDS",
+        uvicorn=True,
     )
 
     # -- operations (see docs/operations.md) ------------------------------------
@@ -310,8 +439,38 @@ class Config:
     )
 
     # -- logging ----------------------------------------------------------------
-    log_level: LogLevelType = option("info", "Log level.", group="logging")
-    access_log: bool = option(True, "Log each request in uvicorn's access-log format.", group="logging", negatable=True)
+    log_level: LogLevelType | None = option(
+        None, "Log level (default: info; with --log-config, the file's levels).", group="logging", uvicorn=True
+    )
+    log_config: str | None = option(
+        None,
+        "Configure logging from this file, as uvicorn does: .json or .yaml/.yml (needs PyYAML) for "
+        "logging.config.dictConfig, anything else for logging.config.fileConfig (INI).",
+        group="logging",
+        metavar="PATH",
+        uvicorn=True,
+    )
+    log_format: LogFormatType = option(
+        "text",
+        "'text': one line per event, with time, level and who logged it (primary, worker N); "
+        "'json': one JSON object per line (time, level, role, worker, pid, message; access lines add "
+        "client, method, path, status, duration_ms, bytes).",
+        group="logging",
+    )
+    access_log: bool = option(True, "Log each request.", group="logging", negatable=True, uvicorn=True)
+    access_log_format: AccessLogFormatType = option(
+        "uvicorn",
+        "'uvicorn': uvicorn's access line, written when the response starts; 'timed': the same line "
+        "once the response is sent, with its size in bytes and its duration in ms.",
+        group="logging",
+    )
+    use_colors: bool | None = option(
+        None,
+        "Colour the log level (default: when the output is a terminal).",
+        group="logging",
+        negatable=True,
+        uvicorn=True,
+    )
 
     def __post_init__(self) -> None:
         hints = _field_types()
@@ -333,14 +492,14 @@ class Config:
             raise ConfigError(
                 f"--ssl-cert-reqs {self.ssl_cert_reqs} verifies client certificates: give --ssl-ca-certs too"
             )
-        for name in ("ssl_keyfile", "ssl_certfile", "ssl_ca_certs", "env_file"):
+        for name in ("ssl_keyfile", "ssl_certfile", "ssl_ca_certs", "env_file", "log_config"):
             path = getattr(self, name)
             if path is not None and not os.path.isfile(path):
                 raise ConfigError(f"--{_flag(name)} {path}: no such file; check the path")
         if isinstance(self.app, str):
             module, sep, attr = self.app.partition(":")
             if not (module and sep and attr):
-                raise ConfigError(f"APP must look like 'module:attribute' (e.g. main:app), not {self.app!r}")
+                raise AppStringError(f"APP must look like 'module:attribute' (e.g. main:app), not {self.app!r}")
         elif self.app is None:
             raise ConfigError("no APP given; pass 'module:attribute' (e.g. main:app)")
         if self.health_path is not None and not self.health_path.startswith("/"):
@@ -353,6 +512,22 @@ class Config:
                 "with --uds or --fd use round-robin, least-busy or shared"
             )
         self._check_reload()
+        self._check_uvicorn_extras()
+
+    def _check_uvicorn_extras(self) -> None:
+        """Options whose values need a package that may be missing, or a partner option."""
+        for header in self.headers:
+            name, sep, _ = header.partition(":")
+            if not (sep and name.strip()):
+                raise ConfigError(f"--header {header!r} must look like 'Name:Value' (e.g. 'X-Frame-Options:DENY')")
+        if self.http2 and self.http != "zttp":
+            raise ConfigError("--http2 needs --http zttp (uvicorn's HTTP/2 implementation); add --http zttp")
+        needs = {"zttp": self.http == "zttp", "zuvloop": self.loop == "zuvloop"}
+        if self.log_config is not None and self.log_config.endswith((".yaml", ".yml")):
+            needs["yaml"] = True
+        for module, wanted in needs.items():
+            if wanted and importlib.util.find_spec(module) is None:
+                raise ConfigError(_MISSING[module])
 
     def _check_reload(self) -> None:
         if not self.reload:
@@ -379,6 +554,15 @@ class Config:
         if isinstance(self.app, str):
             return self.app
         return f"{getattr(self.app, '__module__', '?')}:{getattr(self.app, '__qualname__', type(self.app).__name__)}"
+
+
+#: what to say when an option's value needs a package that is not installed
+_MISSING = {
+    "zttp": "--http zttp needs the zttp package, which is not installed: pip install zttp",
+    "zuvloop": "--loop zuvloop needs the zuvloop package, which is not installed; use --loop uvloop or asyncio",
+    "yaml": "--log-config with a YAML file needs PyYAML, which is not installed: pip install pyyaml "
+    "(or give a .json or .ini file)",
+}
 
 
 def _flag(name: str) -> str:
@@ -451,5 +635,23 @@ def options() -> list[tuple[dataclasses.Field[Any], OptionSpec]]:
     return [(f, f.metadata["option"]) for f in dataclasses.fields(Config) if "option" in f.metadata]
 
 
+def uvicorn_name(name: str, spec: OptionSpec) -> str | None:
+    """uvicorn's parameter name for the option ``name``, or None if uvicorn has no such option."""
+    return None if spec.uvicorn is None else (spec.uvicorn or name)
+
+
+def cli_flags(name: str, spec: OptionSpec) -> list[str]:
+    """Every flag that sets the option: ours first, then uvicorn's spelling where it differs."""
+    flags = [cli_flag(name, spec)]
+    theirs = uvicorn_name(name, spec)
+    if theirs is not None and theirs != name:
+        flags.append("--" + _flag(theirs))
+    return flags
+
+
 def env_vars(name: str, spec: OptionSpec) -> list[str]:
-    return [ENV_PREFIX + name.upper(), *spec.env]
+    """The environment variables that set the option, the first set one winning:
+    CLUSTER_SERVER_<NAME>, then uvicorn's UVICORN_<NAME>, then any other (WEB_CONCURRENCY)."""
+    theirs = uvicorn_name(name, spec)
+    uvicorn = [] if theirs is None else [UVICORN_ENV_PREFIX + theirs.upper()]
+    return [ENV_PREFIX + name.upper(), *uvicorn, *spec.env]

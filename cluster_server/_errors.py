@@ -21,8 +21,16 @@ class ConfigError(ClusterServerError):
     exit_code = 2
 
 
+class AppStringError(ConfigError):
+    """APP is not a 'module:attribute' import string; exit status 3, as uvicorn's."""
+
+    exit_code = 3
+
+
 class BindError(ClusterServerError):
-    """A listening socket could not be created (port taken, no permission...)."""
+    """A listening socket could not be created (port taken, no permission...); exit status 3, as uvicorn's."""
+
+    exit_code = 3
 
 
 class AppLoadError(ClusterServerError):

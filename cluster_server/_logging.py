@@ -1,53 +1,334 @@
-"""Logging setup, done by the CLI and ``run()``: never by ``Config``."""
+"""Logging setup, done by the CLI and ``run()`` (never by ``Config``), and the formatters.
+
+Every line says when and who: ``2026-05-01 09:12:03.123 INFO     worker 2[4242]: ...``
+(the role, ``primary``, ``worker N``, ``template`` or ``reload watcher``, then the
+pid), or, with ``--log-format json``, one JSON object per line. The primary
+configures logging once; the processes it forks inherit the configuration and
+only name their role (:func:`set_role`). This module imports nothing of
+uvicorn: the primary never does. uvicorn's access lines (``client - "GET / HTTP/1.1"
+200 OK``) are rebuilt from the record's arguments as uvicorn's AccessFormatter
+does; the ``timed`` access lines come from ``worker/access.py``, once the response
+is sent, with its size and duration.
+
+``--log-config`` applies a file on top of these defaults, as uvicorn reads it
+(.json and .yaml through ``dictConfig``, anything else through ``fileConfig``);
+a file that names uvicorn's formatter classes gets these instead, which accept
+the same arguments and fields (``levelprefix``, ``client_addr``, ``request_line``,
+``status_code``), so a uvicorn logging file works unchanged and the primary still
+imports no uvicorn.
+"""
 
 from __future__ import annotations
 
+import configparser
+import copy
+import http
+import json
 import logging
 import logging.config
-from typing import Any
+import sys
+import time
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from cluster_server._config import Config
 
 TRACE = 5
 
+TEXT_FORMAT = "%(asctime)s %(levelname)-8s %(role)s[%(process)d]: %(message)s"
+ACCESS_FORMAT = TEXT_FORMAT.replace("%(message)s", '%(client_addr)s - "%(request_line)s" %(status_code)s')
 
-def configure(level: str = "info", access_log: bool = True, use_colors: bool | None = None) -> None:
-    """One line per event; workers inherit this through fork.
+#: the logger of the ``timed`` access lines (uvicorn's own are ``uvicorn.access``)
+ACCESS_LOGGER = "cluster_server.access"
 
-    Lines carry the process id, so a worker's lines and the primary's can be told
-    apart; uvicorn's access log keeps its own format.
+#: uvicorn's formatter classes, and ours that stand in for them in a --log-config file
+UVICORN_FORMATTERS = {
+    "uvicorn.logging.DefaultFormatter": "cluster_server._logging.Formatter",
+    "uvicorn.logging.ColourizedFormatter": "cluster_server._logging.Formatter",
+    "uvicorn.logging.AccessFormatter": "cluster_server._logging.AccessFormatter",
+}
+
+_COLOURS = {TRACE: "34", logging.DEBUG: "36", logging.INFO: "32", logging.WARNING: "33", logging.ERROR: "31"}
+_CRITICAL_COLOUR = "91"
+_STATUS_COLOURS = {1: "37", 2: "32", 3: "33", 4: "31", 5: "91"}
+
+_role = "primary"
+_worker: int | None = None
+_factory_installed = False
+
+
+def set_role(role: str, worker: int | None = None) -> None:
+    """Name the process every later line comes from (a forked child calls it first thing)."""
+    global _role, _worker
+    _role, _worker = role, worker
+    _install_record_factory()
+
+
+def _install_record_factory() -> None:
+    """Give every record ``role`` and ``worker`` attributes (a --log-config format may use them)."""
+    global _factory_installed
+    if _factory_installed:
+        return
+    base = logging.getLogRecordFactory()
+
+    def factory(*args: Any, **kwargs: Any) -> logging.LogRecord:
+        record = base(*args, **kwargs)
+        record.role = _role
+        record.worker = _worker
+        return record
+
+    logging.setLogRecordFactory(factory)
+    _factory_installed = True
+
+
+def _colour(text: str, code: str) -> str:
+    return f"\x1b[{code}m{text}\x1b[0m"
+
+
+class Formatter(logging.Formatter):
+    """Text lines with the time (milliseconds), level and role; or JSON with ``json=True``.
+
+    Takes uvicorn's ``DefaultFormatter`` arguments (``fmt``, ``datefmt``, ``style``,
+    ``use_colors``) and offers its ``levelprefix`` field, so it can stand in for it.
     """
+
+    default_msec_format = "%s.%03d"
+
+    def __init__(
+        self,
+        fmt: str | None = None,
+        datefmt: str | None = None,
+        style: Any = "%",
+        validate: bool = True,
+        *,
+        use_colors: bool | None = None,
+        json: bool = False,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(fmt or TEXT_FORMAT, datefmt, style, validate, **kwargs)
+        self.use_colors = self.stream_is_tty() if use_colors is None else use_colors
+        self.json = json
+
+    def stream_is_tty(self) -> bool:
+        return sys.stderr.isatty()
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        shown = copy.copy(record)  # other handlers may format the same record differently
+        fields = shown.__dict__
+        fields.setdefault("role", _role)
+        fields.setdefault("worker", _worker)
+        name = record.levelname
+        fields["levelprefix"] = f"{name}:".ljust(9)
+        if self.use_colors:
+            code = _CRITICAL_COLOUR if record.levelno >= logging.CRITICAL else _COLOURS.get(record.levelno, "0")
+            fields["levelprefix"] = _colour(f"{name}:", code) + " " * max(1, 9 - len(name) - 1)
+            fields["levelname"] = _colour(name, code) + " " * max(0, 8 - len(name))
+        fields.update(access_fields(record, self.use_colors))
+        return super().formatMessage(shown)
+
+    def format(self, record: logging.LogRecord) -> str:
+        if not self.json:
+            return super().format(record)
+        return json.dumps(json_fields(record, self.formatException), ensure_ascii=False, default=str)
+
+
+class AccessFormatter(Formatter):
+    """uvicorn's access line (``client - "GET / HTTP/1.1" 200 OK``), timed and attributed."""
+
+    def __init__(self, fmt: str | None = None, *args: Any, **kwargs: Any) -> None:
+        super().__init__(fmt or ACCESS_FORMAT, *args, **kwargs)
+
+    def stream_is_tty(self) -> bool:
+        return sys.stdout.isatty()
+
+
+def access_fields(record: logging.LogRecord, colours: bool = False) -> dict[str, Any]:
+    """``client_addr``, ``request_line`` and ``status_code`` of an access record, as uvicorn names them.
+
+    uvicorn logs ``(client, method, path, http_version, status)`` as the record's
+    arguments; the ``timed`` lines carry them as attributes.
+    """
+    fields = getattr(record, "access", None)
+    if fields is None:
+        args = record.args
+        if record.name != "uvicorn.access" or not isinstance(args, tuple) or len(args) != 5:
+            return {}
+        client, method, path, version, status = args
+        fields = {"client": client, "method": method, "path": path, "http_version": version, "status": status}
+    try:
+        phrase = http.HTTPStatus(int(fields["status"])).phrase
+    except (ValueError, TypeError):
+        phrase = ""
+    status_code = f"{fields['status']} {phrase}".rstrip()
+    if colours:
+        status_code = _colour(status_code, _STATUS_COLOURS.get(int(fields["status"]) // 100, "0"))
+    return {
+        "client_addr": fields["client"],
+        "request_line": f"{fields['method']} {fields['path']} HTTP/{fields['http_version']}",
+        "status_code": status_code,
+    }
+
+
+def json_fields(record: logging.LogRecord, format_exception: Any = None) -> dict[str, Any]:
+    """The JSON object of one line: time, level, role, worker, pid, logger, message (+ access fields)."""
+    created = time.localtime(record.created)
+    stamp = time.strftime("%Y-%m-%dT%H:%M:%S", created) + f".{int(record.msecs):03d}" + time.strftime("%z", created)
+    out: dict[str, Any] = {
+        "time": stamp[:-2] + ":" + stamp[-2:],
+        "level": record.levelname,
+        "role": getattr(record, "role", _role),
+        "worker": getattr(record, "worker", _worker),
+        "pid": record.process,
+        "logger": record.name,
+        "message": record.getMessage(),
+    }
+    access = getattr(record, "access", None)
+    if access is None and access_fields(record):
+        client, method, path, version, status = record.args  # type: ignore[misc]
+        access = {"client": client, "method": method, "path": path, "http_version": version, "status": status}
+    if access is not None:
+        out.update(access)
+    if record.exc_info and format_exception is not None:
+        out["exception"] = format_exception(record.exc_info)
+    return out
+
+
+class Demote(logging.Filter):
+    """Lower the level of some messages (uvicorn's "Started server process [pid]", said by
+    the primary already), then drop what falls below the handler's threshold."""
+
+    def __init__(self, messages: frozenset[str], threshold: int, to: int = logging.DEBUG) -> None:
+        super().__init__()
+        self.messages, self.threshold, self.to = messages, threshold, to
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.msg, str) and record.msg in self.messages and record.levelno > self.to:
+            record.levelno, record.levelname = self.to, logging.getLevelName(self.to)
+        return record.levelno >= self.threshold
+
+
+#: uvicorn's per-process lines whose news the primary gives already (spawned, exited), pid and all
+REPEATED = frozenset({"Started server process [%d]", "Finished server process [%d]"})
+
+
+def level_number(level: str) -> int:
     logging.addLevelName(TRACE, "TRACE")
-    lvl = TRACE if level == "trace" else logging.getLevelName(level.upper())
+    return TRACE if level == "trace" else int(logging.getLevelName(level.upper()))
+
+
+def configure(
+    level: str = "info",
+    access_log: bool = True,
+    use_colors: bool | None = None,
+    *,
+    log_format: str = "text",
+    timed_access: bool = False,
+    log_config: str | None = None,
+    level_given: bool = True,
+) -> None:
+    """Configure logging for the primary and, through fork, for every process it starts.
+
+    ``timed_access``: access lines come from ``cluster_server.access`` once the
+    response is sent (the workers then turn uvicorn's own access log off).
+    """
+    _install_record_factory()
+    lvl = level_number(level)
+    as_json = log_format == "json"
+    formatter = {"use_colors": use_colors, "json": as_json}
     config: dict[str, Any] = {
         "version": 1,
         "disable_existing_loggers": False,
         "formatters": {
-            "default": {
-                "()": "uvicorn.logging.DefaultFormatter",
-                "fmt": "%(levelprefix)s [%(process)d] %(message)s",
-                "use_colors": use_colors,
-            },
-            "access": {
-                "()": "uvicorn.logging.AccessFormatter",
-                "fmt": '%(levelprefix)s [%(process)d] %(client_addr)s - "%(request_line)s" %(status_code)s',
-                "use_colors": use_colors,
-            },
+            "default": {"()": "cluster_server._logging.Formatter", **formatter},
+            "access": {"()": "cluster_server._logging.AccessFormatter", **formatter},
+            "timed": {"()": "cluster_server._logging.Formatter", **formatter, "use_colors": False},
         },
+        "filters": {"repeated": {"()": Demote, "messages": REPEATED, "threshold": lvl}},
         "handlers": {
-            "default": {"formatter": "default", "class": "logging.StreamHandler", "stream": "ext://sys.stderr"},
+            "default": {
+                "formatter": "default",
+                "class": "logging.StreamHandler",
+                "stream": "ext://sys.stderr",
+                "filters": ["repeated"],
+            },
             "access": {"formatter": "access", "class": "logging.StreamHandler", "stream": "ext://sys.stdout"},
+            "timed": {"formatter": "timed", "class": "logging.StreamHandler", "stream": "ext://sys.stdout"},
         },
         "loggers": {
             "cluster_server": {"handlers": ["default"], "level": lvl, "propagate": False},
+            ACCESS_LOGGER: {
+                "handlers": ["timed"] if access_log and timed_access else [],
+                "level": lvl,
+                "propagate": False,
+            },
             "uvicorn": {"handlers": ["default"], "level": lvl, "propagate": False},
             "uvicorn.error": {"level": lvl},
             "uvicorn.access": {
-                "handlers": ["access"] if access_log else [],
+                "handlers": ["access"] if access_log and not timed_access else [],
                 "level": lvl,
                 "propagate": False,
             },
         },
     }
     logging.config.dictConfig(config)
+    if log_config is not None:
+        apply_file(log_config)
+        if level_given:
+            for name in ("cluster_server", ACCESS_LOGGER, "uvicorn.error", "uvicorn.access", "uvicorn.asgi"):
+                logging.getLogger(name).setLevel(lvl)
+        if not access_log:
+            for name in (ACCESS_LOGGER, "uvicorn.access"):
+                logging.getLogger(name).handlers = []
+                logging.getLogger(name).propagate = False
+
+
+def configure_for(config: Config) -> None:
+    """:func:`configure` with every logging option of ``config``."""
+    configure(
+        config.log_level or "info",
+        config.access_log,
+        config.use_colors,
+        log_format=config.log_format,
+        timed_access=timed_access(config),
+        log_config=config.log_config,
+        level_given=config.log_level is not None,
+    )
+
+
+def timed_access(config: Config) -> bool:
+    """Do the workers log each request once it is sent (size, duration), instead of uvicorn's line?"""
+    return config.access_log and (config.access_log_format == "timed" or config.log_format == "json")
+
+
+def apply_file(path: str) -> None:
+    """Apply a --log-config file as uvicorn does: .json / .yaml / .yml to dictConfig, else fileConfig."""
+    if path.endswith(".json"):
+        with open(path, encoding="utf-8") as fh:
+            logging.config.dictConfig(_ours(json.load(fh)))
+    elif path.endswith((".yaml", ".yml")):
+        import yaml  # optional, as in uvicorn: Config checked it is installed
+
+        with open(path, encoding="utf-8") as fh:
+            logging.config.dictConfig(_ours(yaml.safe_load(fh)))
+    else:
+        parser = configparser.RawConfigParser(defaults=None)
+        with open(path, encoding="utf-8") as fh:
+            parser.read_file(fh)
+        for section in parser.sections():
+            if section.startswith("formatter_") and parser.get(section, "class", fallback="") in UVICORN_FORMATTERS:
+                parser.set(section, "class", UVICORN_FORMATTERS[parser.get(section, "class")])
+        logging.config.fileConfig(parser, disable_existing_loggers=False)
+
+
+def _ours(config: Any) -> Any:
+    """A dictConfig whose formatters name uvicorn's classes, naming ours instead."""
+    formatters = config.get("formatters") if isinstance(config, dict) else None
+    for spec in (formatters or {}).values():
+        if isinstance(spec, dict):
+            for key in ("()", "class"):
+                if spec.get(key) in UVICORN_FORMATTERS:
+                    spec[key] = UVICORN_FORMATTERS[spec[key]]
+    return config
 
 
 class Throttle:
@@ -58,8 +339,6 @@ class Throttle:
     """
 
     def __init__(self, logger: logging.Logger, interval: float = 5.0, clock: Any = None) -> None:
-        import time
-
         self.logger = logger
         self.interval = interval
         self.clock = clock or time.monotonic

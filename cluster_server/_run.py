@@ -52,5 +52,5 @@ def run(app: Any, *, configure_logging: bool = True, **options: Any) -> int:
     """
     config = Config(app=app, **options)
     if configure_logging:
-        _logging.configure(config.log_level, config.access_log)
+        _logging.configure_for(config)
     return serve(config)

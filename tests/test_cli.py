@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import platform
 import subprocess
 import sys
 from typing import Any
@@ -19,7 +20,8 @@ from click.testing import CliRunner, Result
 
 from cluster_server import Config, __version__
 from cluster_server._config import options
-from cluster_server.cli.main import build_command, cli
+from cluster_server.cli import uvicorn_compat
+from cluster_server.cli.main import GROUP_TITLES, build_command, cli
 
 #: the uvicorn flags issue #2 promises, spelled as uvicorn spells them
 UVICORN_FLAGS = [
@@ -55,7 +57,7 @@ UVICORN_FLAGS = [
 @pytest.fixture(autouse=True)
 def clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
     for name in list(os.environ):
-        if name.startswith("CLUSTER_SERVER_") or name == "WEB_CONCURRENCY":
+        if name.startswith(("CLUSTER_SERVER_", "UVICORN_")) or name in ("WEB_CONCURRENCY", "FORWARDED_ALLOW_IPS"):
             monkeypatch.delenv(name)
 
 
@@ -210,16 +212,19 @@ def test_invalid_flag_values_end_with_one_error_line(args: list[str], env: dict[
 
 
 @pytest.mark.parametrize(
-    ("args", "says"),
+    ("args", "says", "code"),
     [
-        (["main"], "Error: APP must look like 'module:attribute' (e.g. main:app), not 'main'"),
-        (["main:app", "--ssl-keyfile", "k.pem"], "Error: --ssl-keyfile and --ssl-certfile go together"),
-        (["main:app", "--uds", "/tmp/s", "--fd", "3"], "Error: --uds and --fd are alternatives"),
+        # uvicorn exits 3 (STARTUP_FAILURE) for an APP that is not an import string
+        (["main"], "Error: APP must look like 'module:attribute' (e.g. main:app), not 'main'", 3),
+        (["main:app", "--ssl-keyfile", "k.pem"], "Error: --ssl-keyfile and --ssl-certfile go together", 2),
+        (["main:app", "--uds", "/tmp/s", "--fd", "3"], "Error: --uds and --fd are alternatives", 2),
+        (["main:app", "--http2"], "Error: --http2 needs --http zttp", 2),
+        (["main:app", "--header", "no-colon"], "Error: --header 'no-colon' must look like 'Name:Value'", 2),
     ],
 )
-def test_config_errors_end_with_one_error_line(args: list[str], says: str) -> None:
+def test_config_errors_end_with_one_error_line(args: list[str], says: str, code: int) -> None:
     result = invoke(args)
-    assert result.exit_code == 2
+    assert result.exit_code == code
     lines = result.stderr.splitlines()
     assert len(lines) == 1 and lines[0].startswith(says), result.stderr
     assert result.stdout == ""
@@ -234,7 +239,11 @@ def test_missing_app() -> None:
 def test_version_and_help() -> None:
     result = invoke(["--version"])
     assert result.exit_code == 0
-    assert result.stdout == f"cluster-server, version {__version__}\n"
+    uvicorn_version = importlib.import_module("uvicorn").__version__
+    assert result.stdout == (
+        f"cluster-server {__version__} with uvicorn {uvicorn_version}, "
+        f"{platform.python_implementation()} {platform.python_version()} on {platform.system()}\n"
+    )
     result = invoke(["--help"])
     assert result.exit_code == 0
     for f, spec in options():
@@ -243,9 +252,97 @@ def test_version_and_help() -> None:
     assert invoke(["-h"]).stdout == result.stdout
 
 
+def test_help_lists_the_options_by_group() -> None:
+    out = invoke(["--help"]).stdout
+    titles = [f"{title} options:" for title in GROUP_TITLES.values()]
+    where = [out.index(t) for t in titles]
+    assert where == sorted(where), "sections in GROUP_TITLES order"
+    for f, spec in options():
+        flag = spec.flag or "--" + f.name.replace("_", "-")
+        section = titles[list(GROUP_TITLES).index(spec.group)]
+        following = [w for w in where if w > out.index(section)]
+        end = min(following) if following else len(out)
+        assert flag in out[out.index(section) : end], f"{flag} is not under {section}"
+
+
 def test_python_dash_m_runs_the_cli() -> None:
     out = subprocess.run(
         [sys.executable, "-m", "cluster_server", "--version"], capture_output=True, text=True, timeout=30
     )
     assert out.returncode == 0
-    assert out.stdout.strip() == f"cluster-server, version {__version__}"
+    assert out.stdout.startswith(f"cluster-server {__version__} with uvicorn ")
+
+
+# -- uvicorn's command line, flag by flag ---------------------------------------
+
+
+def _flags(command: click.Command) -> set[str]:
+    return {flag for p in command.params for flag in uvicorn_compat.flags_of(p)}
+
+
+def test_every_uvicorn_flag_is_accepted_or_refused_with_a_reason() -> None:
+    """Read uvicorn's own click command: each of its flags must be one of ours, or refused with a reason."""
+    theirs = _flags(uvicorn_compat.uvicorn_command()) - {"--help"}
+    assert len(theirs) > 50, theirs  # uvicorn 0.54 has 57
+    ours = _flags(cli)
+    unknown = sorted(f for f in theirs if f not in ours and f not in uvicorn_compat.REFUSED)
+    assert unknown == [], f"uvicorn flags neither accepted nor in uvicorn_compat.REFUSED: {unknown}"
+    for flag in theirs & ours:
+        assert flag in uvicorn_compat.REFUSED or flag in _flags(build_command(refused={})), flag
+
+
+def test_a_refused_uvicorn_flag_ends_with_one_line_naming_the_equivalent() -> None:
+    command = build_command(refused={"--frobnicate": "--frobnicate: use --x instead (cluster-server does y)"})
+    result = CliRunner().invoke(command, ["main:app", "--frobnicate", "3"])
+    assert result.exit_code == 2
+    errors = [line for line in result.stderr.splitlines() if line.startswith("Error:")]
+    assert errors == ["Error: --frobnicate: use --x instead (cluster-server does y)"]
+
+
+@pytest.mark.parametrize(
+    ("args", "field", "value"),
+    [
+        (["--limit-max-requests", "7"], "max_requests", 7),
+        (["--max-requests", "7"], "max_requests", 7),
+        (["--limit-max-requests-jitter", "3"], "max_requests_jitter", 3),
+        (["--timeout-graceful-shutdown", "4"], "graceful_timeout", 4.0),
+        (["--graceful-timeout", "4"], "graceful_timeout", 4.0),
+        (["--timeout-worker-healthcheck", "6"], "worker_timeout", 6.0),
+        (["--ws-per-message-deflate", "false"], "ws_per_message_deflate", False),
+        (["--ws-max-size", "1024", "--ws-max-size", "2048"], "ws_max_size", 2048),
+        (["--no-server-header"], "server_header", False),
+        (["--no-date-header"], "date_header", False),
+        (["--header", "X-A:1", "--header", "X-B: two"], "headers", ("X-A:1", "X-B: two")),
+        (["--ssl-version", "2"], "ssl_version", 2),
+        (["--reset-contextvars"], "reset_contextvars", True),
+        (["--no-use-colors"], "use_colors", False),
+        (["--loop", "none"], "loop", "none"),
+    ],
+)
+def test_uvicorn_flags_set_the_option_they_name(args: list[str], field: str, value: Any) -> None:
+    assert getattr(parse(["main:app", *args]), field) == value
+
+
+@pytest.mark.parametrize(
+    ("env", "field", "value"),
+    [
+        ({"UVICORN_HOST": "0.0.0.0"}, "host", "0.0.0.0"),
+        ({"UVICORN_HOST": "0.0.0.0", "CLUSTER_SERVER_HOST": "::1"}, "host", "::1"),  # ours wins
+        ({"UVICORN_WORKERS": "3", "WEB_CONCURRENCY": "2"}, "workers", 3),  # as in uvicorn
+        ({"UVICORN_LIMIT_MAX_REQUESTS": "9"}, "max_requests", 9),
+        ({"UVICORN_TIMEOUT_GRACEFUL_SHUTDOWN": "2"}, "graceful_timeout", 2.0),
+        ({"UVICORN_PROXY_HEADERS": "false"}, "proxy_headers", False),
+        ({"UVICORN_RELOAD_DIRS": "a b"}, "reload_dirs", ("a", "b")),
+    ],
+)
+def test_uvicorn_environment_variables(env: dict[str, str], field: str, value: Any) -> None:
+    seen: list[dict[str, Any]] = []
+    command = build_command(lambda app, **values: seen.append(values))
+    result = CliRunner().invoke(command, ["main:app"], env=env, catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    assert seen[0][field] == value
+
+
+def test_uvicorn_app_variable() -> None:
+    assert parse([], env={"UVICORN_APP": "env:app"}).app == "env:app"
+    assert parse([], env={"UVICORN_APP": "env:app", "CLUSTER_SERVER_APP": "ours:app"}).app == "ours:app"

@@ -42,6 +42,20 @@ def test_defaults() -> None:
         "limit_concurrency",
         "access_log",
         "h11_max_incomplete_event_size",
+        "http2",
+        "ws_max_size",
+        "ws_max_queue",
+        "ws_ping_interval",
+        "ws_ping_timeout",
+        "ws_per_message_deflate",
+        "server_header",
+        "date_header",
+        "ssl_version",
+        "ssl_cert_reqs",
+        "ssl_ciphers",
+        "reset_contextvars",
+        "use_colors",
+        "log_level",
     ],
 )
 def test_defaults_match_uvicorn(name: str) -> None:
@@ -103,7 +117,8 @@ def test_bad_values_raise_config_error(options: dict[str, Any], message: str) ->
     with pytest.raises(ConfigError) as info:
         Config(**kwargs)
     assert message in str(info.value)
-    assert info.value.exit_code == 2
+    # uvicorn exits 3 for an APP that is not an import string, 2 for a bad option
+    assert info.value.exit_code == (3 if message.startswith("APP must") else 2)
 
 
 def test_tls_files_must_exist(tmp_path: Path) -> None:
@@ -126,8 +141,13 @@ def test_every_field_but_app_is_a_declared_option() -> None:
 
 def test_env_vars() -> None:
     specs = dict((f.name, spec) for f, spec in options())
-    assert env_vars("workers", specs["workers"]) == [ENV_PREFIX + "WORKERS", "WEB_CONCURRENCY"]
-    assert env_vars("port", specs["port"]) == ["CLUSTER_SERVER_PORT"]
+    assert env_vars("workers", specs["workers"]) == [ENV_PREFIX + "WORKERS", "UVICORN_WORKERS", "WEB_CONCURRENCY"]
+    assert env_vars("port", specs["port"]) == ["CLUSTER_SERVER_PORT", "UVICORN_PORT"]
+    assert env_vars("max_requests", specs["max_requests"]) == [
+        "CLUSTER_SERVER_MAX_REQUESTS",
+        "UVICORN_LIMIT_MAX_REQUESTS",
+    ]
+    assert env_vars("scheduling", specs["scheduling"]) == ["CLUSTER_SERVER_SCHEDULING"]
 
 
 def test_mutable_defaults_are_refused() -> None:

@@ -86,7 +86,7 @@ def test_run_serves_an_app_object(tmp_path: Path) -> None:
             if len(seen) == 2:
                 break
         assert len(seen) == 2 and proc.pid not in seen
-        assert "primary serving http://127.0.0.1:" in log.read_text()
+        assert "workers ready; serving http://127.0.0.1:" in log.read_text()
         title = Path(f"/proc/{proc.pid}/cmdline").read_bytes().decode(errors="replace")
         assert title.startswith("cluster-server: primary [__main__:app]")
         os.kill(proc.pid, signal.SIGTERM)

@@ -120,7 +120,7 @@ def test_two_workers_serve_and_requests_reach_both(start_server: StartServer, wr
     assert len(workers) == 2
     assert pids_answering(server.url, set(workers)) == set(workers)
     log = server.log()
-    assert f"primary serving http://127.0.0.1:{server.port} with 2 workers" in log
+    assert f"all 2 workers ready; serving http://127.0.0.1:{server.port}" in log
     for slot in (1, 2):
         assert re.search(rf"worker {slot} \[pid \d+\] spawned \(generation 1\)", log)
         assert re.search(rf"worker {slot} \[pid \d+\] ready in \d+\.\d\d s", log)
@@ -139,7 +139,7 @@ def test_process_titles(start_server: StartServer, write_app: WriteApp) -> None:
 def test_web_concurrency(start_server: StartServer, write_app: WriteApp) -> None:
     write_app("hello", HELLO_APP)
     server = start_server("hello:app", env={"WEB_CONCURRENCY": "3"}).wait_ready()
-    assert "with 3 workers" in server.log()
+    assert "all 3 workers ready" in server.log()
     assert len(server.worker_pids()) == 3
 
 
@@ -147,7 +147,7 @@ def test_cluster_server_env_vars(start_server: StartServer, write_app: WriteApp)
     write_app("hello", HELLO_APP)
     env = {"WEB_CONCURRENCY": "3", "CLUSTER_SERVER_WORKERS": "2", "CLUSTER_SERVER_ACCESS_LOG": "false"}
     server = start_server("hello:app", env=env).wait_ready()
-    assert "with 2 workers" in server.log(), "CLUSTER_SERVER_WORKERS wins over WEB_CONCURRENCY"
+    assert "all 2 workers ready" in server.log(), "CLUSTER_SERVER_WORKERS wins over WEB_CONCURRENCY"
     assert len(server.worker_pids()) == 2
     for _ in range(3):
         assert server.get().status_code == 200
@@ -284,7 +284,7 @@ def test_port_in_use(write_app: WriteApp, tmp_path: Path) -> None:
         taken.listen()
         port = taken.getsockname()[1]
         code, out, err = run_cli(tmp_path, "hello:app", "--port", str(port), "--workers", "2")
-    assert code == 1
+    assert code == 3  # uvicorn's STARTUP_FAILURE, as `uvicorn --port <taken>` exits
     assert err.splitlines() == [
         f"Error: port {port} on 127.0.0.1 is in use by another process; pick another --port or stop that process"
     ]

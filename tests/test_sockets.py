@@ -237,5 +237,5 @@ def test_serves_on_inherited_fd(start_server: Callable[..., Server], write_app: 
         server = start_server("hello:app", "--fd", str(fd), pass_fds=(fd,)).wait_ready()
     finally:
         sock.close()  # only the server holds it now
-    assert f"primary serving fd {fd} (http://127.0.0.1:{port})" in server.log()
+    assert f"serving fd {fd} (http://127.0.0.1:{port})" in server.log()
     assert int(httpx.get(f"http://127.0.0.1:{port}/", timeout=10).text) in server.worker_pids()

@@ -92,7 +92,7 @@ def test_socket_activation_and_notify(write_app: Callable[[str, str], Path], tmp
         listener.close()  # the server has its own copy at fd 3
         got = receive_until(notify, "READY=1", srv)
         assert any(line.startswith("STATUS=2/2 workers ready") for msg in got for line in msg.split("\n")), got
-        assert f"primary serving fd 3 (http://127.0.0.1:{srv.port}, from systemd)" in srv.log()
+        assert f"serving fd 3 (http://127.0.0.1:{srv.port}, from systemd)" in srv.log()
         body = srv.get().json()
         assert body == {"LISTEN_FDS": None, "LISTEN_PID": None, "CLUSTER_SERVER_INHERIT": None}
 

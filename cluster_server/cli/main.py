@@ -6,6 +6,9 @@
 
 from __future__ import annotations
 
+import importlib.metadata
+import platform
+import re
 import sys
 import typing
 from collections.abc import Callable
@@ -15,10 +18,11 @@ import click
 from click.core import ParameterSource
 
 from cluster_server import _logging
-from cluster_server._config import Config, OptionSpec, cli_flag, env_vars, options, unwrap_optional
+from cluster_server._config import Config, OptionSpec, cli_flags, env_vars, options, unwrap_optional
 from cluster_server._errors import ClusterServerError
 from cluster_server._run import serve
 from cluster_server._version import __version__
+from cluster_server.cli import uvicorn_compat
 
 GROUP_TITLES = {
     "socket": "Listening",
@@ -50,8 +54,21 @@ def click_type(tp: Any, spec: OptionSpec) -> Any:
     return click.STRING
 
 
+def metavar_of(spec: OptionSpec, tp: Any) -> str | None:
+    """The value's name in --help and docs/cli.md: the declared one, else one from the type
+    (SECONDS for a float whose help speaks of seconds)."""
+    if spec.metavar:
+        return spec.metavar
+    base, _ = unwrap_optional(tp)
+    if typing.get_origin(base) is tuple:
+        base = typing.get_args(base)[0]
+    if base is float:
+        return "SECONDS" if re.search(r"\bseconds\b", spec.help, re.IGNORECASE) else "FLOAT"
+    return {int: "INTEGER", str: "TEXT", bool: "BOOLEAN"}.get(base)
+
+
 def build_option(name: str, tp: Any, default: Any, spec: OptionSpec) -> click.Option:
-    flag = cli_flag(name, spec)
+    flags = cli_flags(name, spec)
     base, _ = unwrap_optional(tp)
     kwargs: dict[str, Any] = {
         "help": spec.help,
@@ -59,20 +76,22 @@ def build_option(name: str, tp: Any, default: Any, spec: OptionSpec) -> click.Op
         "show_envvar": True,
         "default": default,
     }
+    if base is bool and spec.takes_value:  # `--ws-per-message-deflate false`, as uvicorn spells it
+        return click.Option([*flags, name], type=click.BOOL, show_default=True, **kwargs)
     if base is bool:
-        decls = [f"{flag}/--no-{flag[2:]}" if spec.negatable else flag, name]
+        decls = [f"{f}/--no-{f[2:]}" for f in flags] if spec.negatable else flags
         kwargs["is_flag"] = True
-        kwargs["show_default"] = True
-        return click.Option(decls, **kwargs)
+        kwargs["show_default"] = default is not None
+        return click.Option([*decls, name], **kwargs)
     kwargs["type"] = click_type(tp, spec)
-    if spec.metavar:
-        kwargs["metavar"] = spec.metavar
+    if typing.get_origin(base) is not Literal:
+        kwargs["metavar"] = metavar_of(spec, tp)
     if typing.get_origin(base) is tuple:  # repeatable
         kwargs["multiple"] = True
         kwargs["show_default"] = bool(default)
     else:
         kwargs["show_default"] = default is not None and default != ""
-    return click.Option([flag, name], **kwargs)
+    return click.Option([*flags, name], **kwargs)
 
 
 def config_options() -> list[click.Option]:
@@ -88,7 +107,7 @@ def _run_command(app: str, **values: Any) -> None:
         values = {k: v for k, v in values.items() if ctx.get_parameter_source(k) is not ParameterSource.DEFAULT}
     try:
         config = Config(app=app, **values)
-        _logging.configure(config.log_level, config.access_log)
+        _logging.configure_for(config)
         code = serve(config)
     except ClusterServerError as exc:
         click.echo(f"Error: {exc}", err=True)
@@ -96,12 +115,67 @@ def _run_command(app: str, **values: Any) -> None:
     sys.exit(code)
 
 
-def build_command(callback: Callable[..., Any] = _run_command) -> click.Command:
+class GroupedCommand(click.Command):
+    """A command whose --help lists its options under the groups of ``GROUP_TITLES``."""
+
+    def format_options(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        group_of = {f.name: spec.group for f, spec in options()}
+        sections: dict[str, list[tuple[str, str]]] = {}
+        for param in self.get_params(ctx):
+            record = param.get_help_record(ctx)
+            if record is not None:
+                title = GROUP_TITLES.get(group_of.get(param.name or "", ""), "Other")
+                sections.setdefault(title, []).append(record)
+        for title in [*GROUP_TITLES.values(), "Other"]:
+            if title in sections:
+                with formatter.section(f"{title} options"):
+                    formatter.write_dl(sections[title])
+
+
+def version_line() -> str:
+    """cluster-server's version, and those of the uvicorn and Python it runs (read without importing uvicorn)."""
+    try:
+        uvicorn_version = importlib.metadata.version("uvicorn")
+    except importlib.metadata.PackageNotFoundError:
+        uvicorn_version = "(not installed)"
+    return (
+        f"cluster-server {__version__} with uvicorn {uvicorn_version}, "
+        f"{platform.python_implementation()} {platform.python_version()} on {platform.system()}"
+    )
+
+
+def _print_version(ctx: click.Context, param: click.Parameter, value: bool) -> None:
+    if value and not ctx.resilient_parsing:
+        click.echo(version_line())
+        ctx.exit()
+
+
+def refusing_option(flag: str, why: str) -> click.Option:
+    """A uvicorn flag cluster-server cannot honour: given, it ends the command with ``why``."""
+
+    def refuse(ctx: click.Context, param: click.Parameter, value: Any) -> None:
+        if value is not None and not ctx.resilient_parsing:
+            raise click.UsageError(why, ctx)
+
+    return click.Option([flag], hidden=True, expose_value=False, callback=refuse, default=None)
+
+
+def build_command(callback: Callable[..., Any] = _run_command, refused: dict[str, str] | None = None) -> click.Command:
+    refused = uvicorn_compat.REFUSED if refused is None else refused
     params: list[click.Parameter] = [
-        click.Argument(["app"], envvar="CLUSTER_SERVER_APP", metavar="APP"),
+        click.Argument(["app"], envvar=["CLUSTER_SERVER_APP", "UVICORN_APP"], metavar="APP"),
         *config_options(),
+        click.Option(
+            ["--version"],
+            is_flag=True,
+            expose_value=False,
+            is_eager=True,
+            callback=_print_version,
+            help="Print the versions of cluster-server, uvicorn and Python, and exit.",
+        ),
+        *(refusing_option(flag, why) for flag, why in refused.items()),
     ]
-    cmd = click.Command(
+    cmd = GroupedCommand(
         "cluster-server",
         callback=callback,
         params=params,
@@ -111,7 +185,6 @@ def build_command(callback: Callable[..., Any] = _run_command) -> click.Command:
         ),
         context_settings={"max_content_width": 100, "help_option_names": ["-h", "--help"]},
     )
-    click.version_option(__version__, "--version", prog_name="cluster-server")(cmd)
     return cmd
 
 

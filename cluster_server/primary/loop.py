@@ -190,10 +190,9 @@ class Primary:
         try:
             for c in self.components:
                 _call(c, "attach", self)
-            shown = ", ".join(lst.display for lst in self.listeners)
             logger.info(
-                "primary serving %s with %d worker%s (Press CTRL+C to quit)",
-                shown,
+                "primary listening on %s; starting %d worker%s",
+                self.shown_listeners,
                 len(self.slots),
                 "" if len(self.slots) == 1 else "s",
             )
@@ -212,6 +211,11 @@ class Primary:
         if self.fatal is not None:
             raise self.fatal
         return self.exit_code
+
+    @property
+    def shown_listeners(self) -> str:
+        """Where the cluster listens, as a user reads it (``http://127.0.0.1:8000``)."""
+        return ", ".join(lst.display for lst in self.listeners)
 
     def _internal_error(self) -> bool:
         """An exception reached the loop (a bug): drain the workers and exit non-zero.
@@ -572,7 +576,8 @@ class Primary:
             s.pid is not None and self.workers[s.pid].state is _S.READY for s in self.slots.values()
         ):
             self.ever_ready = True
-            logger.info("all %d workers ready", len(self.slots))
+            n, shown = len(self.slots), self.shown_listeners
+            logger.info("all %d workers ready; serving %s (Press CTRL+C to quit)", n, shown)
 
     # -- rolling restarts, scaling, stopping ----------------------------------
 
@@ -716,7 +721,8 @@ class Primary:
 
     def stop(self, graceful: bool = True, why: str = "stop") -> None:
         if not self.stopping:
-            logger.info("stopping (%s): draining %d worker(s)", why, len(self.workers))
+            verb = "draining" if graceful else "killing"
+            logger.info("stopping (%s): %s %d worker(s)", why, verb, len(self.workers))
         self.stopping = True
         self.roll_state = None
         self.roll_queue.clear()

@@ -30,7 +30,7 @@ def check_tls(config: Config) -> ssl.SSLContext | None:
             certfile=config.ssl_certfile,
             keyfile=config.ssl_keyfile,
             password=config.ssl_keyfile_password,
-            ssl_version=ssl.PROTOCOL_TLS_SERVER,
+            ssl_version=config.ssl_version,
             cert_reqs=config.ssl_cert_reqs,
             ca_certs=config.ssl_ca_certs,
             ciphers=config.ssl_ciphers,

@@ -270,10 +270,10 @@ class HandOff:
             logger.warning("closed %d connection(s) no worker took before the primary stopped", dropped)
         if self.accepted:
             cpu = time.process_time() - self._cpu_start
-            logger.info(
+            logger.debug(
                 "%s: accepted %d connection(s) in %d wake-ups, handed them over in %d message(s) "
-                "(%d re-routed); the accept path took %.1f us per connection, the primary's CPU "
-                "time was %.1f us per connection",
+                "(%d re-routed); the accept path took %.1f us per connection; the primary's CPU "
+                "time since it started, idle time included, was %.1f us per connection",
                 self.policy,
                 self.accepted,
                 self.wakeups,

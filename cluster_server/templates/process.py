@@ -55,13 +55,20 @@ import traceback
 from collections.abc import Callable
 from typing import Any, Literal, NoReturn
 
-from cluster_server import _proc
+from cluster_server import _logging, _proc
 from cluster_server._config import Config
 from cluster_server._errors import AppLoadError, ChannelError, ClusterServerError
 from cluster_server.ops import privileges as _privileges
 from cluster_server.templates.reload import WatchRules, fresh_import_hook
 from cluster_server.wire.channel import Channel, Message, send_blocking
-from cluster_server.worker.main import EXIT_BOOT_FAILURE, WorkerSpec, load_app, uvicorn_config, worker_main
+from cluster_server.worker.main import (
+    EXIT_BOOT_FAILURE,
+    WorkerSpec,
+    load_app,
+    load_env_file,
+    uvicorn_config,
+    worker_main,
+)
 
 logger = logging.getLogger("cluster_server")
 
@@ -136,6 +143,7 @@ def template_main(
     code = 1
     try:
         _proc.after_fork_in_child(close_fds)
+        _logging.set_role("template")
         code = _TemplateProcess(config, kind, Channel(sock), primary_pid, listeners, rules).run()
     except BaseException:
         logger.exception("the %s template crashed", kind)
@@ -183,7 +191,7 @@ class _TemplateProcess:
         inherited = set(sys.modules)  # the primary's: a new template cannot refresh them
         gc.disable()  # no collections while importing: fewer holes in the pages the workers share
         if self.config.env_file is not None:
-            _proc.load_env_file(self.config.env_file)
+            load_env_file(self.config.env_file)
         if self.kind == "preload":
             try:
                 app = load_with_traceback(self.config)

@@ -40,7 +40,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, NoReturn
 
-from cluster_server import _proc
+from cluster_server import _logging, _proc
 from cluster_server._config import Config
 from cluster_server._errors import ChannelError
 from cluster_server.wire import channel as _channel
@@ -240,6 +240,7 @@ def watcher_main(
     code = 1
     try:
         _proc.after_fork_in_child(close_fds)
+        _logging.set_role("reload watcher")
         code = _watch(rules, delay, Channel(sock), primary_pid)
     except BaseException:
         logger.exception("the reload watcher crashed")

@@ -34,7 +34,7 @@ from typing import Any, NoReturn
 
 import uvicorn
 
-from cluster_server import _proc
+from cluster_server import _logging, _proc
 from cluster_server._config import Config
 from cluster_server._errors import AppLoadError, BindError, ChannelError, ClusterServerError
 from cluster_server.cluster.http import enter_worker
@@ -42,6 +42,7 @@ from cluster_server.ops import privileges as _privileges
 from cluster_server.scheduling.protocol import HANDOFF
 from cluster_server.scheduling.worker import WorkerHandOff, worker_sockets
 from cluster_server.wire.channel import Channel, FdsTruncated
+from cluster_server.worker.access import TimedAccessLog
 from cluster_server.worker.health import HealthMiddleware, HealthState, health_handler
 from cluster_server.worker.interface import adapt_app
 from cluster_server.worker.uvicorn_glue import WorkerServer, guard_request_head, run_on_fresh_loop, wrap_loaded_app
@@ -141,7 +142,19 @@ def uvicorn_config(config: Config, app: Any) -> uvicorn.Config:
         forwarded_allow_ips=config.forwarded_allow_ips,
         log_config=None,  # the CLI configured logging in the primary; we inherit it
         log_level=config.log_level,
-        access_log=config.access_log,
+        # timed access lines come from TimedAccessLog, once the response is sent
+        access_log=config.access_log and not _logging.timed_access(config),
+        http2=config.http2,
+        ws_max_size=config.ws_max_size,
+        ws_max_queue=config.ws_max_queue,
+        ws_ping_interval=config.ws_ping_interval,
+        ws_ping_timeout=config.ws_ping_timeout,
+        ws_per_message_deflate=config.ws_per_message_deflate,
+        server_header=config.server_header,
+        date_header=config.date_header,
+        headers=[_header(h) for h in config.headers],
+        reset_contextvars=config.reset_contextvars,
+        ssl_version=config.ssl_version,
         timeout_keep_alive=config.timeout_keep_alive,
         limit_concurrency=config.limit_concurrency,
         backlog=config.backlog,
@@ -155,6 +168,19 @@ def uvicorn_config(config: Config, app: Any) -> uvicorn.Config:
         h11_max_incomplete_event_size=config.h11_max_incomplete_event_size,
         workers=1,
     )
+
+
+def _header(header: str) -> tuple[str, str]:
+    """``"Name: value"`` (from --header) as uvicorn wants it: (name, value)."""
+    name, _, value = header.partition(":")
+    return name.strip(), value.strip()
+
+
+def load_env_file(path: str) -> None:
+    """Set the variables of a dotenv file, as uvicorn does (python-dotenv; the environment wins)."""
+    from dotenv import load_dotenv
+
+    load_dotenv(dotenv_path=path, override=False)
 
 
 def worker_main(
@@ -172,6 +198,7 @@ def worker_main(
     code = 1
     try:
         _proc.after_fork_in_child(close_fds)
+        _logging.set_role(f"worker {spec.id}", spec.id)
         code = _run(config, spec, Channel(channel_sock), load)
     except SystemExit as exc:
         code = exc.code if isinstance(exc.code, int) else 1
@@ -227,11 +254,14 @@ def _run(config: Config, spec: WorkerSpec, channel: Channel, load: Callable[[Con
 
     try:
         if config.env_file is not None:
-            _proc.load_env_file(config.env_file)
+            load_env_file(config.env_file)
         app = load(config)
         uconfig = uvicorn_config(config, app)
         uconfig.load()
-        guard_request_head(uconfig, config.timeout_request_header, config.max_request_head_size)
+        if config.http != "zttp":  # zttp's protocols (HTTP/2 too) keep no request cycle to watch
+            guard_request_head(uconfig, config.timeout_request_header, config.max_request_head_size)
+        if _logging.timed_access(config):
+            wrap_loaded_app(uconfig, TimedAccessLog)
     except AppLoadError as exc:
         report({"t": "boot_error", "error": str(exc), "stage": "load"})
         return EXIT_BOOT_FAILURE
