@@ -311,7 +311,7 @@ def apply_file(path: str) -> None:
         with open(path, encoding="utf-8") as fh:
             logging.config.dictConfig(_ours(yaml.safe_load(fh)))
     else:
-        parser = configparser.RawConfigParser(defaults=None)
+        parser = configparser.ConfigParser()  # as fileConfig reads a file
         with open(path, encoding="utf-8") as fh:
             parser.read_file(fh)
         for section in parser.sections():
