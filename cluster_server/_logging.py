@@ -194,21 +194,38 @@ def json_fields(record: logging.LogRecord, format_exception: Any = None) -> dict
 
 
 class Demote(logging.Filter):
-    """Lower the level of some messages (uvicorn's "Started server process [pid]", said by
-    the primary already), then drop what falls below the handler's threshold."""
+    """Log some INFO messages at DEBUG (uvicorn's "Started server process [pid]", which
+    the primary said already), then drop what falls below the handler's threshold."""
 
-    def __init__(self, messages: frozenset[str], threshold: int, to: int = logging.DEBUG) -> None:
+    def __init__(self, messages: frozenset[str], threshold: int) -> None:
         super().__init__()
-        self.messages, self.threshold, self.to = messages, threshold, to
+        self.messages, self.threshold = messages, threshold
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if isinstance(record.msg, str) and record.msg in self.messages and record.levelno > self.to:
-            record.levelno, record.levelname = self.to, logging.getLevelName(self.to)
+        if record.levelno == logging.INFO and isinstance(record.msg, str) and record.msg in self.messages:
+            record.levelno, record.levelname = logging.DEBUG, "DEBUG"
         return record.levelno >= self.threshold
 
 
 #: uvicorn's per-process lines whose news the primary gives already (spawned, exited), pid and all
 REPEATED = frozenset({"Started server process [%d]", "Finished server process [%d]"})
+#: under --reload, the steps of each reload, at DEBUG: a save logs what changed and when the
+#: new code serves (``reload: app.py changed ...``, ``rolling restart ... done``), no more
+RELOAD_STEPS = frozenset(
+    {
+        "rolling restart to generation %d (%s): %d worker(s)",
+        "%s spawned (generation %d)",
+        "%s ready in %.2f s",
+        "%s draining (%s)",
+        "%s exited (%s)",
+        "worker draining: %d connection(s), %d with a request in flight; idle ones get %.1f s for one more request",
+        "Waiting for application startup.",
+        "Application startup complete.",
+        "Shutting down",
+        "Waiting for application shutdown.",
+        "Application shutdown complete.",
+    }
+)
 
 
 def level_number(level: str) -> int:
@@ -225,11 +242,13 @@ def configure(
     timed_access: bool = False,
     log_config: str | None = None,
     level_given: bool = True,
+    reload: bool = False,
 ) -> None:
     """Configure logging for the primary and, through fork, for every process it starts.
 
     ``timed_access``: access lines come from ``cluster_server.access`` once the
     response is sent (the workers then turn uvicorn's own access log off).
+    ``reload``: the steps of each reload are logged at DEBUG (``RELOAD_STEPS``).
     """
     _install_record_factory()
     lvl = level_number(level)
@@ -243,7 +262,13 @@ def configure(
             "access": {"()": "cluster_server._logging.AccessFormatter", **formatter},
             "timed": {"()": "cluster_server._logging.Formatter", **formatter, "use_colors": False},
         },
-        "filters": {"repeated": {"()": Demote, "messages": REPEATED, "threshold": lvl}},
+        "filters": {
+            "repeated": {
+                "()": Demote,
+                "messages": REPEATED | (RELOAD_STEPS if reload else frozenset()),
+                "threshold": lvl,
+            }
+        },
         "handlers": {
             "default": {
                 "formatter": "default",
@@ -280,6 +305,11 @@ def configure(
             for name in (ACCESS_LOGGER, "uvicorn.access"):
                 logging.getLogger(name).handlers = []
                 logging.getLogger(name).propagate = False
+        if reload:
+            for name in ("cluster_server", "uvicorn", "uvicorn.error"):
+                logger = logging.getLogger(name)
+                for handler in logger.handlers:
+                    handler.addFilter(Demote(RELOAD_STEPS, max(handler.level, logger.getEffectiveLevel())))
 
 
 def configure_for(config: Config) -> None:
@@ -292,6 +322,7 @@ def configure_for(config: Config) -> None:
         timed_access=timed_access(config),
         log_config=config.log_config,
         level_given=config.log_level is not None,
+        reload=config.reload,
     )
 
 

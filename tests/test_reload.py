@@ -229,7 +229,8 @@ def test_reload_with_two_workers_reloads_both(
     start_server: Callable[..., Server], write_app: Callable[..., Path]
 ) -> None:
     path = write_app("app", versioned_app("v1"))
-    server = start_reloading(start_server, "--workers", "2")
+    # (each reload's steps are logged at DEBUG under --reload)
+    server = start_reloading(start_server, "--workers", "2", "--log-level", "debug")
     before = set(re.findall(r"worker \d \[pid (\d+)\] ready", server.log()))
     assert len(before) == 2
     path.write_text(versioned_app("v2"))
@@ -273,7 +274,7 @@ def test_broken_code_at_start_waits_for_a_fix(
 ) -> None:
     path = write_app("app", versioned_app("v1").replace("VERSION = ", "VERSION = = "))
     server: Server = start_server("app:app", "--reload", "--workers", "2")
-    server.wait_log("the app cannot start; waiting for a change to try again")
+    server.wait_log("the app cannot start; every request gets a 500 page saying why")
     server.wait_log("reload: watching")
     assert server.log().count("SyntaxError") == 1
     assert server.proc.poll() is None  # still running, unlike without --reload
@@ -330,7 +331,7 @@ def test_open_websocket_does_not_block_a_reload(
     start_server: Callable[..., Server], write_app: Callable[..., Path]
 ) -> None:
     path = write_app("app", versioned_app("v1"))
-    server = start_reloading(start_server)
+    server = start_reloading(start_server, "--log-level", "debug")  # debug: each reload's "exited" lines
     old_pid = one_shot(server.port or 0)[1]
 
     async def scenario() -> float:

@@ -63,7 +63,7 @@ def test_template_workers_hold_only_their_own_channel(
     start_server: Callable[..., Server], write_app: Callable[..., Path]
 ) -> None:
     path = write_app("app", versioned_app("v1"))
-    server = start_server("app:app", "--reload").wait_ready()
+    server = start_server("app:app", "--reload", "--log-level", "debug").wait_ready()  # debug: "spawned" lines
     server.wait_log("reload: watching")
     server.wait_log("dependency modules")
     path.write_text(versioned_app("v2"))  # the new worker comes from the template

@@ -87,6 +87,8 @@ class Worker:
     #: why the primary is stopping it ("drain", "timeout", "rolled", ...), None if it was not asked
     stop_reason: str | None = None
     exit_status: str = ""
+    #: --reload: the app could not start, and the worker serves a 500 page saying why
+    error_page: bool = False
 
     def move(self, new: WorkerState) -> None:
         self.state = check_transition(self.state, new)
@@ -554,6 +556,7 @@ class Primary:
                 return
             if w.exit_status:
                 return  # read only after it was reaped (see child_exited): it serves nothing
+            w.error_page = msg.get("error_page") is True
             self.worker_ready(w)
         elif kind == "boot_error":
             err = msg.get("error")
@@ -564,20 +567,38 @@ class Primary:
             logger.warning("%s sent an unknown message %.200r; ignored", w.name, msg)
 
     def worker_ready(self, w: Worker) -> None:
+        slot = self.slots.get(w.id)
+        if w.error_page and not self._error_page_wanted(slot, w):
+            # The app serves in this slot: a broken change must not replace it. The worker
+            # is stopped; its exit fails the roll with its boot_error, and the old one serves.
+            w.stop_reason = "drain"
+            self.launcher.kill(w.pid, signal.SIGTERM)
+            return
         now = self.clock()
         w.move(_S.READY)
         w.ready_at = w.last_heartbeat = now
-        logger.info("%s ready in %.2f s", w.name, now - w.spawned_at)
+        if w.error_page:
+            logger.debug("%s serves the error page", w.name)
+        else:
+            logger.info("%s ready in %.2f s", w.name, now - w.spawned_at)
         self.emit("ready", w)
-        slot = self.slots.get(w.id)
         if slot is not None and slot.replacement == w.pid:
             self._roll_step_done(slot, w)
         if not self.ever_ready and all(
-            s.pid is not None and self.workers[s.pid].state is _S.READY for s in self.slots.values()
+            s.pid is not None and self.workers[s.pid].state is _S.READY and not self.workers[s.pid].error_page
+            for s in self.slots.values()
         ):
             self.ever_ready = True
             n, shown = len(self.slots), self.shown_listeners
             logger.info("all %d workers ready; serving %s (Press CTRL+C to quit)", n, shown)
+
+    def _error_page_wanted(self, slot: Slot | None, w: Worker) -> bool:
+        """May ``w``, serving the error page, take its slot? Only where the app serves in no
+        worker of the slot: at the start, or in place of another error page."""
+        if slot is None or slot.replacement != w.pid:
+            return slot is not None and slot.pid == w.pid
+        current = self.workers.get(slot.pid) if slot.pid is not None else None
+        return current is None or current.error_page
 
     # -- rolling restarts, scaling, stopping ----------------------------------
 

@@ -47,7 +47,7 @@ from cluster_server.wire import channel as _channel
 from cluster_server.wire.channel import Channel, send_blocking
 
 if TYPE_CHECKING:
-    from cluster_server.primary.loop import Primary
+    from cluster_server.primary.loop import Primary, Worker
 
 logger = logging.getLogger("cluster_server")
 
@@ -298,6 +298,7 @@ class Reloader:
         self.restart_at: float | None = None
         self.reloads = 0
         self.waiting_for_fix = False
+        self.error_shown = 0  # the last generation whose error page was announced
 
     # component hooks
     def attach(self, primary: Primary) -> None:
@@ -315,6 +316,15 @@ class Reloader:
 
     def fds_to_close_in_child(self) -> list[int]:
         return [self.channel.fileno()] if self.channel is not None and not self.channel.closed else []
+
+    def worker_event(self, event: str, worker: Worker) -> None:
+        """Say once per generation that the app cannot start, and that its workers show why."""
+        if event == "ready" and worker.error_page and worker.generation != self.error_shown:
+            self.error_shown = worker.generation
+            logger.error(
+                "the app cannot start; every request gets a 500 page saying why until a change fixes it:\n%s",
+                worker.boot_error,
+            )
 
     def cannot_start(self, error: Exception) -> bool:
         """The first generation cannot start (broken code): wait for a fix instead of exiting."""

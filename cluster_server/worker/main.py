@@ -43,6 +43,7 @@ from cluster_server.scheduling.protocol import HANDOFF
 from cluster_server.scheduling.worker import WorkerHandOff, worker_sockets
 from cluster_server.wire.channel import Channel, FdsTruncated
 from cluster_server.worker.access import TimedAccessLog
+from cluster_server.worker.error_page import LifespanErrors, error_app
 from cluster_server.worker.health import HealthMiddleware, HealthState, health_handler
 from cluster_server.worker.interface import adapt_app
 from cluster_server.worker.uvicorn_glue import WorkerServer, guard_request_head, run_on_fresh_loop, wrap_loaded_app
@@ -246,89 +247,136 @@ def _run(config: Config, spec: WorkerSpec, channel: Channel, load: Callable[[Con
         return 1  # the primary died before we could ask to be told
     signal.signal(ORPHAN_SIGNAL, signal.SIG_DFL)  # until the server installs its handler
 
-    def report(msg: dict[str, Any]) -> None:
-        try:
-            channel.send(msg)
-        except (BrokenPipeError, ConnectionResetError):
-            pass  # the primary is gone; the orphan path ends us
-
+    w = _Serving(config, spec, channel, link, sockets, family)
     try:
-        if config.env_file is not None:
-            load_env_file(config.env_file)
-        app = load(config)
-        uconfig = uvicorn_config(config, app)
-        uconfig.load()
-        if config.http != "zttp":  # zttp's protocols (HTTP/2 too) keep no request cycle to watch
-            guard_request_head(uconfig, config.timeout_request_header, config.max_request_head_size)
-        if _logging.timed_access(config):
-            wrap_loaded_app(uconfig, TimedAccessLog)
+        uconfig = app_config(config, load)
     except AppLoadError as exc:
-        report({"t": "boot_error", "error": str(exc), "stage": "load"})
-        return EXIT_BOOT_FAILURE
+        return w.cannot_start(str(exc), "load")
     except SystemExit:  # uvicorn's Config.load exits on what it cannot load
-        error = f"uvicorn could not load {config.app_name}; see the log above"
-        report({"t": "boot_error", "error": error, "stage": "load"})
-        return EXIT_BOOT_FAILURE
+        return w.cannot_start(f"uvicorn could not load {config.app_name}; see the log above", "load")
+    lifespan = LifespanErrors(uconfig.loaded_app) if config.reload else None
+    if lifespan is not None:
+        wrap_loaded_app(uconfig, lambda _: lifespan)
+    code = w.serve(uconfig)
+    if code is None:  # lifespan startup failed; uvicorn logged why
+        why = lifespan.error if lifespan is not None and lifespan.error else "see the log above"
+        return w.cannot_start(f"lifespan startup of {config.app_name} failed: {why}", "lifespan")
+    return code
 
-    server = WorkerServer(
-        uconfig,
-        on_ready=lambda: report({"t": "ready"}),
-        on_heartbeat=lambda s: report({"t": "hb", "r": s.total_requests, "c": s.open_connections}),
-        heartbeat_interval=config.heartbeat_interval,
-    )
+
+def app_config(config: Config, load: Callable[[Config], Any]) -> uvicorn.Config:
+    """The app, loaded and wrapped, in a loaded uvicorn config. Raises AppLoadError (or uvicorn's SystemExit)."""
+    if config.env_file is not None:
+        load_env_file(config.env_file)
+    app = load(config)
+    uconfig = uvicorn_config(config, app)
+    uconfig.load()
+    if config.http != "zttp":  # zttp's protocols (HTTP/2 too) keep no request cycle to watch
+        guard_request_head(uconfig, config.timeout_request_header, config.max_request_head_size)
+    if _logging.timed_access(config):
+        wrap_loaded_app(uconfig, TimedAccessLog)
     if (health_path := config.health_path) is not None:
         health = HealthState()
         wrap_loaded_app(uconfig, lambda app: HealthMiddleware(app, health_path, health))
-        server.handlers["health"] = health_handler(health)
+        uconfig.cluster_server_health = health  # type: ignore[attr-defined]
+    return uconfig
 
-    def orphaned(*_: Any) -> None:
-        # The primary is gone: finish quickly, and never outlive it by more than ~2 s.
-        signal.alarm(int(ORPHAN_GRACE) + 1)
-        server.drain(ORPHAN_GRACE)
 
-    def orphan_signal(*_: Any) -> None:
-        # Only if the primary is really gone: the same signal sent to the whole process
-        # group (`systemctl kill -s USR2`, meant for the primary's upgrade) is ignored.
-        if os.getppid() != spec.primary_pid:
-            orphaned()
+class _Serving:
+    """Runs a loaded uvicorn config as this worker's server: the app's, or the error page's."""
 
-    signal.signal(ORPHAN_SIGNAL, orphan_signal)
-    # A hung worker: the primary sends DUMP_SIGNAL, we print every thread's stack
-    # (from C, so it works while the event loop is blocked), then it kills us.
-    faulthandler.register(DUMP_SIGNAL, all_threads=True, chain=False)
+    def __init__(
+        self,
+        config: Config,
+        spec: WorkerSpec,
+        channel: Channel,
+        link: Any,
+        sockets: list[socket.socket],
+        family: socket.AddressFamily,
+    ) -> None:
+        self.config, self.spec, self.channel, self.link = config, spec, channel, link
+        self.sockets, self.family = sockets, family
 
-    async def serve() -> None:
-        loop = asyncio.get_running_loop()
-        link.serve(server, loop)
+    def report(self, msg: dict[str, Any]) -> None:
+        try:
+            self.channel.send(msg)
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # the primary is gone; the orphan path ends us
 
-        def on_channel() -> None:
-            try:
-                for msg, fds in channel.receive():
-                    if isinstance(msg, FdsTruncated) and msg.message is not None:
-                        msg = {**msg.message, "ctrunc": True}  # the handler refuses what it lost
-                    handler = None if isinstance(msg, ChannelError) else server.handlers.get(str(msg.get("t")))
-                    if handler is None:
-                        _proc.close_all(fds)
-                        logger.warning("worker %d: dropped a message from the primary: %.200s", spec.id, msg)
-                        continue
-                    assert not isinstance(msg, ChannelError)
-                    handler(msg, fds)
-            except EOFError:
-                loop.remove_reader(channel.fileno())
+    def cannot_start(self, error: str, stage: str) -> int:
+        """Tell the primary; under --reload, then serve the error page (see ``error_page.py``)."""
+        self.report({"t": "boot_error", "error": error, "stage": stage})
+        if not self.config.reload:
+            return EXIT_BOOT_FAILURE
+        uconfig = uvicorn_config(self.config, error_app(error))
+        uconfig.lifespan = "off"
+        uconfig.load()
+        code = self.serve(uconfig, error_page=True)
+        return EXIT_BOOT_FAILURE if code is None else code
+
+    def serve(self, uconfig: uvicorn.Config, error_page: bool = False) -> int | None:
+        """Serve until told to stop; the exit code, or None if lifespan startup failed."""
+        config, spec, channel = self.config, self.spec, self.channel
+        ready: dict[str, Any] = {"t": "ready", "error_page": True} if error_page else {"t": "ready"}
+        server = WorkerServer(
+            uconfig,
+            on_ready=lambda: self.report(ready),
+            on_heartbeat=lambda s: self.report({"t": "hb", "r": s.total_requests, "c": s.open_connections}),
+            heartbeat_interval=config.heartbeat_interval,
+        )
+        health = getattr(uconfig, "cluster_server_health", None)
+        if health is not None:
+            server.handlers["health"] = health_handler(health)
+
+        def orphaned(*_: Any) -> None:
+            # The primary is gone: finish quickly, and never outlive it by more than ~2 s.
+            signal.alarm(int(ORPHAN_GRACE) + 1)
+            server.drain(ORPHAN_GRACE)
+
+        def orphan_signal(*_: Any) -> None:
+            # Only if the primary is really gone: the same signal sent to the whole process
+            # group (`systemctl kill -s USR2`, meant for the primary's upgrade) is ignored.
+            if os.getppid() != spec.primary_pid:
                 orphaned()
 
-        if config.scheduling in HANDOFF:
-            handoff = WorkerHandOff(server, channel, least_busy=config.scheduling == "least-busy", family=family)
-            handoff.install(loop)
-        loop.add_reader(channel.fileno(), on_channel)
-        await server.serve(sockets=sockets)
+        signal.signal(ORPHAN_SIGNAL, orphan_signal)
+        # A hung worker: the primary sends DUMP_SIGNAL, we print every thread's stack
+        # (from C, so it works while the event loop is blocked), then it kills us.
+        faulthandler.register(DUMP_SIGNAL, all_threads=True, chain=False)
 
-    try:
-        run_on_fresh_loop(serve(), uconfig)
-    except SystemExit as exc:
-        if not server.started:  # lifespan startup failed; uvicorn logged why
-            error = f"lifespan startup of {config.app_name} failed; see the log above"
-            report({"t": "boot_error", "error": error, "stage": "lifespan"})
-            return EXIT_BOOT_FAILURE
-        return exc.code if isinstance(exc.code, int) else 1
-    return 0
+        async def serve() -> None:
+            loop = asyncio.get_running_loop()
+            self.link.serve(server, loop)
+
+            def on_channel() -> None:
+                try:
+                    for msg, fds in channel.receive():
+                        if isinstance(msg, FdsTruncated) and msg.message is not None:
+                            msg = {**msg.message, "ctrunc": True}  # the handler refuses what it lost
+                        handler = None if isinstance(msg, ChannelError) else server.handlers.get(str(msg.get("t")))
+                        if handler is None:
+                            _proc.close_all(fds)
+                            logger.warning("worker %d: dropped a message from the primary: %.200s", spec.id, msg)
+                            continue
+                        assert not isinstance(msg, ChannelError)
+                        handler(msg, fds)
+                except EOFError:
+                    loop.remove_reader(channel.fileno())
+                    orphaned()
+
+            if config.scheduling in HANDOFF:
+                least_busy = config.scheduling == "least-busy"
+                WorkerHandOff(server, channel, least_busy=least_busy, family=self.family).install(loop)
+            loop.add_reader(channel.fileno(), on_channel)
+            try:
+                await server.serve(sockets=self.sockets)
+            finally:
+                loop.remove_reader(channel.fileno())
+
+        try:
+            run_on_fresh_loop(serve(), uconfig)
+        except SystemExit as exc:
+            if not server.started:
+                return None
+            return exc.code if isinstance(exc.code, int) else 1
+        return 0
