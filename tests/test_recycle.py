@@ -7,6 +7,7 @@ old worker drains, and never two slots at once.
 from __future__ import annotations
 
 import itertools
+import os
 import random
 import signal
 from collections.abc import Callable
@@ -93,7 +94,7 @@ def test_max_worker_memory() -> None:
     h.tick(0.6)
     roll = h.primary.roll_state
     assert roll is not None and roll.current == 2
-    assert "uses 101 MiB (--max-worker-memory 100)" in roll.reason
+    assert "uses 101 MiB of its own (--max-worker-memory 100)" in roll.reason
 
 
 def test_max_worker_lifetime_with_jitter() -> None:
@@ -167,16 +168,40 @@ def test_max_worker_lifetime_recycles(
 
 def test_max_worker_memory_recycles(start_server: Callable[..., Server], write_app: Callable[[str, str], Path]) -> None:
     grower = RESTART_APP.replace(
-        "    body = f", "    if scope['path'] == '/grow': HOLD.append(bytearray(48 << 20))\n    body = f"
+        "    body = f", "    if scope['path'] == '/grow': HOLD.append(bytearray(60 << 20))\n    body = f"
     )
     write_app("myapp", "HOLD = []\n" + grower)
     server = start_server("myapp:app", "--workers", "1", "--max-worker-memory", "100", "--no-access-log").wait_ready()
     first = server.worker_pids()
     assert server.get("/grow").status_code == 200
-    assert "recycl" not in server.log()  # ~80 MiB: not yet
+    assert "recycl" not in server.log()  # 60 MiB and what the worker has of its own: not yet
     assert server.get("/grow").status_code == 200
     server.wait_log("recycled worker 1", timeout=10)
     assert "(--max-worker-memory 100)" in server.log()
     wait_until(lambda: server.worker_pids() != first and len(server.worker_pids()) == 1, 10)
     server.signal(signal.SIGTERM)
     assert server.wait_exit() == 0
+
+
+def test_worker_memory_is_its_own_not_what_it_shares_with_its_parent() -> None:
+    """--max-worker-memory reads the unique set size: pages a forked child shares with its
+    parent (a --preload template's app) do not count, as they do in RSS."""
+    from cluster_server._proc import rss_bytes, uss_bytes
+
+    shared = bytearray(os.urandom(1 << 20) * 64)  # 64 MiB, touched, before the fork
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child waits until the parent measured it
+        os.close(w)
+        os.read(r, 1)
+        os._exit(0)
+    os.close(r)
+    try:
+        rss, uss = rss_bytes(pid), uss_bytes(pid)
+        assert rss is not None and uss is not None
+        assert rss > 64 * MIB and uss < 16 * MIB, (rss / MIB, uss / MIB)
+    finally:
+        os.write(w, b"x")
+        os.close(w)
+        os.waitpid(pid, 0)
+    assert len(shared) == 64 * MIB

@@ -8,8 +8,9 @@ roll runs).
 
 - ``--max-requests`` (+ ``--max-requests-jitter``): the request count comes
   from the worker's heartbeats;
-- ``--max-worker-memory`` (MiB): resident set size, read by the primary from
-  ``/proc/PID/statm`` every ``MEMORY_SAMPLE_INTERVAL`` seconds;
+- ``--max-worker-memory`` (MiB): the worker's unique set size (the pages that are
+  its alone, not those it shares with the primary or a ``--preload`` template),
+  read by the primary from ``/proc/PID/smaps_rollup`` every ``MEMORY_SAMPLE_INTERVAL`` seconds;
 - ``--max-worker-lifetime`` (+ ``--max-worker-lifetime-jitter``): seconds since
   the worker became ready.
 
@@ -28,7 +29,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from cluster_server._config import Config
-from cluster_server._proc import rss_bytes
+from cluster_server._proc import uss_bytes
 from cluster_server.primary.state import WorkerState
 
 if TYPE_CHECKING:
@@ -64,7 +65,7 @@ class Recycler:
         config: Config,
         *,
         rng: random.Random | None = None,
-        rss: Callable[[int], int | None] = rss_bytes,
+        rss: Callable[[int], int | None] = uss_bytes,  # (named for what it was: the worker's memory)
     ) -> None:
         self.config = config
         self.rng = rng or random.Random()
@@ -145,7 +146,7 @@ class Recycler:
                 limit += f" + jitter = {lim.max_requests}"
             return f"{w.name} served {w.requests} requests ({limit})"
         if cfg.max_worker_memory and lim.rss is not None and lim.rss > cfg.max_worker_memory * MIB:
-            return f"{w.name} uses {lim.rss / MIB:.0f} MiB (--max-worker-memory {cfg.max_worker_memory:g})"
+            return f"{w.name} uses {lim.rss / MIB:.0f} MiB of its own (--max-worker-memory {cfg.max_worker_memory:g})"
         if lim.die_at is not None and now >= lim.die_at:
             age = now - (w.ready_at or now)
             return f"{w.name} served for {age:.0f} s (--max-worker-lifetime {cfg.max_worker_lifetime:g})"
