@@ -57,7 +57,7 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, NoReturn
 
-from cluster_server import _proc
+from cluster_server import _logging, _proc
 from cluster_server._errors import BindError, ChannelError, ClusterRoleError, DisconnectedError, RequestError
 from cluster_server.wire import channel as _channel
 from cluster_server.wire.channel import Message
@@ -620,6 +620,7 @@ def run_forked(
     code = 1
     try:
         reset_signals()
+        _logging.set_role(f"worker {worker_id}", worker_id)
         # The parent's running loop must never be touched here (its epoll is shared
         # with the parent's): forget it without closing it. The stack keeps it alive.
         asyncio.events._set_running_loop(None)
