@@ -145,7 +145,7 @@ def render_uvicorn_table() -> str:
     """uvicorn's flags, read from its own click command, and how cluster-server takes each."""
     ours = {flag: p for p in cli.params for flag in uvicorn_compat.flags_of(p)}
     lines = [
-        "| uvicorn 0.54 | cluster-server | notes |",
+        "| uvicorn | cluster-server | notes |",
         "| --- | --- | --- |",
         "| `APP` | `APP` | same `module:attribute` import string; also from `UVICORN_APP` |",
     ]

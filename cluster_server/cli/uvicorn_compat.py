@@ -42,15 +42,15 @@ NOTES: dict[str, str] = {
     "--use-colors": "colours the level (and an access line's status)",
     "--forwarded-allow-ips": "same, default `$FORWARDED_ALLOW_IPS` or `127.0.0.1,::1`",
     "--limit-concurrency": "per worker, as in uvicorn",
-    "--limit-max-requests": "also `--max-requests`: the replacement is started and ready *before* the worker "
-    "retires; see [Rolling restarts](restarts.md)",
-    "--limit-max-requests-jitter": "also `--max-requests-jitter`",
+    "--limit-max-requests": "the replacement is started and ready *before* the worker retires; see "
+    "[Rolling restarts](restarts.md)",
+    "--limit-max-requests-jitter": "same",
     "--timeout-keep-alive": "same default, 5 s; behind a load balancer make it longer than the balancer's idle "
     "timeout: see [Deployment](deployment.md#behind-a-load-balancer)",
-    "--timeout-graceful-shutdown": "also `--graceful-timeout`: bounded by default (30 s, 3 s under `--reload`), "
-    "then SIGKILL; uvicorn waits forever unless it is set",
-    "--timeout-worker-healthcheck": "also `--worker-timeout`: a worker whose event loop sent no heartbeat "
-    "for this long is replaced, after its stack is dumped (default 30 s; uvicorn 5 s)",
+    "--timeout-graceful-shutdown": "bounded by default (30 s, 3 s under `--reload`), then SIGKILL; uvicorn "
+    "waits forever unless it is set",
+    "--timeout-worker-healthcheck": "a worker whose event loop sent no heartbeat for this long is replaced, "
+    "after its stack is dumped (default 30 s; uvicorn 5 s)",
     "--ssl-keyfile": "checked by the primary before any worker starts; see [TLS](tls.md)",
     "--ssl-certfile": "checked by the primary before any worker starts; see [TLS](tls.md)",
     "--version": "prints cluster-server's version, and uvicorn's and Python's",
