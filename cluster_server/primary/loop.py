@@ -344,8 +344,7 @@ class Primary:
             self.stop(graceful=True, why="SIGINT (press CTRL+C again to stop at once)")
 
     def handle_quit(self) -> None:
-        logger.warning("SIGQUIT: stopping at once")
-        self.stop(graceful=False, why="SIGQUIT")
+        self.stop(graceful=False, why="SIGQUIT")  # logs "stopping (SIGQUIT): killing N worker(s)"
 
     def handle_hup(self) -> None:
         self.roll("SIGHUP")
@@ -741,9 +740,10 @@ class Primary:
         self.launcher.kill(w.pid, signal.SIGTERM)
 
     def stop(self, graceful: bool = True, why: str = "stop") -> None:
-        if not self.stopping:
-            verb = "draining" if graceful else "killing"
-            logger.info("stopping (%s): %s %d worker(s)", why, verb, len(self.workers))
+        if not graceful:  # (also when a drain had begun: SIGQUIT during a SIGTERM drain)
+            logger.warning("stopping (%s): killing %d worker(s)", why, len(self.workers))
+        elif not self.stopping:
+            logger.info("stopping (%s): draining %d worker(s)", why, len(self.workers))
         self.stopping = True
         self.roll_state = None
         self.roll_queue.clear()

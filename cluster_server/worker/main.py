@@ -259,8 +259,8 @@ def _run(config: Config, spec: WorkerSpec, channel: Channel, load: Callable[[Con
         wrap_loaded_app(uconfig, lambda _: lifespan)
     code = w.serve(uconfig)
     if code is None:  # lifespan startup failed; uvicorn logged why
-        why = lifespan.error if lifespan is not None and lifespan.error else "see the log above"
-        return w.cannot_start(f"lifespan startup of {config.app_name} failed: {why}", "lifespan")
+        why = f": {lifespan.error}" if lifespan is not None and lifespan.error else "; see the log above"
+        return w.cannot_start(f"lifespan startup of {config.app_name} failed{why}", "lifespan")
     return code
 
 
