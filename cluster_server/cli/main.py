@@ -122,6 +122,8 @@ class GroupedCommand(click.Command):
         group_of = {f.name: spec.group for f, spec in options()}
         sections: dict[str, list[tuple[str, str]]] = {}
         for param in self.get_params(ctx):
+            if not isinstance(param, click.Option):
+                continue  # APP is in the usage line and the description
             record = param.get_help_record(ctx)
             if record is not None:
                 title = GROUP_TITLES.get(group_of.get(param.name or "", ""), "Other")
