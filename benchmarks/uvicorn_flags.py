@@ -87,7 +87,23 @@ def runs(tmp: Path, tls: Any) -> dict[str, list[Run]]:
     env_file.write_text("CS_FLAGS_SCRIPT=1\n")
     log_config = tmp / "logging.json"
     log_config.write_text(json.dumps({"version": 1, "disable_existing_loggers": False}))
+    return {**_plain_runs(tmp, env_file, log_config), **_tls_runs(tls)}
+
+
+def _tls_runs(tls: Any) -> dict[str, list[Run]]:
     ssl = ["--ssl-certfile", str(tls.certfile), "--ssl-keyfile", str(tls.keyfile)]
+    return {
+        "--ssl-keyfile": [Run(ssl, tls=True)],
+        "--ssl-certfile": [Run(ssl, tls=True)],
+        "--ssl-keyfile-password": [Run([*ssl, "--ssl-keyfile-password", "unused"], tls=True)],
+        "--ssl-version": [Run([*ssl, "--ssl-version", "17"], tls=True)],
+        "--ssl-cert-reqs": [Run([*ssl, "--ssl-cert-reqs", "1", "--ssl-ca-certs", str(tls.ca_certs)], tls=True)],
+        "--ssl-ca-certs": [Run([*ssl, "--ssl-ca-certs", str(tls.ca_certs)], tls=True)],
+        "--ssl-ciphers": [Run([*ssl, "--ssl-ciphers", "ECDHE+AESGCM"], tls=True)],
+    }
+
+
+def _plain_runs(tmp: Path, env_file: Path, log_config: Path) -> dict[str, list[Run]]:
     return {
         "--host": [Run(["--host", "127.0.0.1"])],
         "--uds": [Run(["--uds", str(tmp / "s.sock")], uds=True)],
@@ -131,13 +147,6 @@ def runs(tmp: Path, tls: Any) -> dict[str, list[Run]]:
         "--timeout-keep-alive": [Run(["--timeout-keep-alive", "75"])],
         "--timeout-graceful-shutdown": [Run(["--timeout-graceful-shutdown", "5"])],
         "--timeout-worker-healthcheck": [Run(["--timeout-worker-healthcheck", "10"])],
-        "--ssl-keyfile": [Run(ssl, tls=True)],
-        "--ssl-certfile": [Run(ssl, tls=True)],
-        "--ssl-keyfile-password": [Run([*ssl, "--ssl-keyfile-password", "unused"], tls=True)],
-        "--ssl-version": [Run([*ssl, "--ssl-version", "17"], tls=True)],
-        "--ssl-cert-reqs": [Run([*ssl, "--ssl-cert-reqs", "1", "--ssl-ca-certs", str(tls.ca_certs)], tls=True)],
-        "--ssl-ca-certs": [Run([*ssl, "--ssl-ca-certs", str(tls.ca_certs)], tls=True)],
-        "--ssl-ciphers": [Run([*ssl, "--ssl-ciphers", "ECDHE+AESGCM"], tls=True)],
         "--header": [Run(["--header", "X-Flags-Script: yes"], check=header("x-flags-script", "yes"))],
         "--app-dir": [Run(["--app-dir", str(ROOT)])],
         "--h11-max-incomplete-event-size": [Run(["--http", "h11", "--h11-max-incomplete-event-size", "32768"])],

@@ -252,9 +252,18 @@ def configure(
     """
     _install_record_factory()
     lvl = level_number(level)
-    as_json = log_format == "json"
+    logging.config.dictConfig(_defaults(lvl, access_log, use_colors, log_format == "json", timed_access, reload))
+    if log_config is not None:
+        apply_file(log_config)
+        _over_file(lvl if level_given else None, access_log, reload)
+
+
+def _defaults(
+    lvl: int, access_log: bool, use_colors: bool | None, as_json: bool, timed_access: bool, reload: bool
+) -> dict[str, Any]:
+    """cluster-server's logging configuration, for ``logging.config.dictConfig``."""
     formatter = {"use_colors": use_colors, "json": as_json}
-    config: dict[str, Any] = {
+    return {
         "version": 1,
         "disable_existing_loggers": False,
         "formatters": {
@@ -295,21 +304,22 @@ def configure(
             },
         },
     }
-    logging.config.dictConfig(config)
-    if log_config is not None:
-        apply_file(log_config)
-        if level_given:
-            for name in ("cluster_server", ACCESS_LOGGER, "uvicorn.error", "uvicorn.access", "uvicorn.asgi"):
-                logging.getLogger(name).setLevel(lvl)
-        if not access_log:
-            for name in (ACCESS_LOGGER, "uvicorn.access"):
-                logging.getLogger(name).handlers = []
-                logging.getLogger(name).propagate = False
-        if reload:
-            for name in ("cluster_server", "uvicorn", "uvicorn.error"):
-                logger = logging.getLogger(name)
-                for handler in logger.handlers:
-                    handler.addFilter(Demote(RELOAD_STEPS, max(handler.level, logger.getEffectiveLevel())))
+
+
+def _over_file(lvl: int | None, access_log: bool, reload: bool) -> None:
+    """After a --log-config file, as uvicorn does: --log-level and --no-access-log still apply."""
+    if lvl is not None:
+        for name in ("cluster_server", ACCESS_LOGGER, "uvicorn.error", "uvicorn.access", "uvicorn.asgi"):
+            logging.getLogger(name).setLevel(lvl)
+    if not access_log:
+        for name in (ACCESS_LOGGER, "uvicorn.access"):
+            logging.getLogger(name).handlers = []
+            logging.getLogger(name).propagate = False
+    if reload:
+        for name in ("cluster_server", "uvicorn", "uvicorn.error"):
+            logger = logging.getLogger(name)
+            for handler in logger.handlers:
+                handler.addFilter(Demote(RELOAD_STEPS, max(handler.level, logger.getEffectiveLevel())))
 
 
 def configure_for(config: Config) -> None:

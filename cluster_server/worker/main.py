@@ -314,6 +314,26 @@ class _Serving:
         code = self.serve(uconfig, error_page=True)
         return EXIT_BOOT_FAILURE if code is None else code
 
+    def watch_primary(self, server: WorkerServer) -> Callable[[], None]:
+        """Signals from the primary (or the kernel, when it died); returns what to do when it is gone."""
+
+        def orphaned(*_: Any) -> None:
+            # The primary is gone: finish quickly, and never outlive it by more than ~2 s.
+            signal.alarm(int(ORPHAN_GRACE) + 1)
+            server.drain(ORPHAN_GRACE)
+
+        def orphan_signal(*_: Any) -> None:
+            # Only if the primary is really gone: the same signal sent to the whole process
+            # group (`systemctl kill -s USR2`, meant for the primary's upgrade) is ignored.
+            if os.getppid() != self.spec.primary_pid:
+                orphaned()
+
+        signal.signal(ORPHAN_SIGNAL, orphan_signal)
+        # A hung worker: the primary sends DUMP_SIGNAL, we print every thread's stack
+        # (from C, so it works while the event loop is blocked), then it kills us.
+        faulthandler.register(DUMP_SIGNAL, all_threads=True, chain=False)
+        return orphaned
+
     def serve(self, uconfig: uvicorn.Config, error_page: bool = False) -> int | None:
         """Serve until told to stop; the exit code, or None if lifespan startup failed."""
         config, spec, channel = self.config, self.spec, self.channel
@@ -327,22 +347,7 @@ class _Serving:
         health = getattr(uconfig, "cluster_server_health", None)
         if health is not None:
             server.handlers["health"] = health_handler(health)
-
-        def orphaned(*_: Any) -> None:
-            # The primary is gone: finish quickly, and never outlive it by more than ~2 s.
-            signal.alarm(int(ORPHAN_GRACE) + 1)
-            server.drain(ORPHAN_GRACE)
-
-        def orphan_signal(*_: Any) -> None:
-            # Only if the primary is really gone: the same signal sent to the whole process
-            # group (`systemctl kill -s USR2`, meant for the primary's upgrade) is ignored.
-            if os.getppid() != spec.primary_pid:
-                orphaned()
-
-        signal.signal(ORPHAN_SIGNAL, orphan_signal)
-        # A hung worker: the primary sends DUMP_SIGNAL, we print every thread's stack
-        # (from C, so it works while the event loop is blocked), then it kills us.
-        faulthandler.register(DUMP_SIGNAL, all_threads=True, chain=False)
+        orphaned = self.watch_primary(server)
 
         async def serve() -> None:
             loop = asyncio.get_running_loop()
