@@ -11,15 +11,14 @@ broken save keeps the old code serving, as before; the next save that works
 replaces the error page. Never under production flags: the worker exits with
 status 3 there and the primary stops with the error.
 
-Starlette renders the responses (it is a dependency for this page).
+Starlette renders the responses (it is a dependency for this page), imported
+only when a page is needed: a worker whose app starts never imports it.
 """
 
 from __future__ import annotations
 
 import html
 from typing import Any
-
-from starlette.responses import HTMLResponse, PlainTextResponse
 
 TITLE = "The app cannot start"
 HINT = "cluster-server --reload shows this page until a saved change lets the app start."
@@ -37,6 +36,8 @@ pre {{ background: #f6f6f6; border-left: 4px solid #b00020; padding: 1rem; overf
 
 def error_app(error: str) -> Any:
     """An ASGI app answering every HTTP request with a 500 that shows ``error`` (WebSockets: closed, 1011)."""
+    from starlette.responses import HTMLResponse, PlainTextResponse  # only when an app cannot start
+
     text = f"{TITLE}\n\n{error}\n\n{HINT}\n"
     page = PAGE.format(title=TITLE, error=html.escape(error), hint=HINT)
     headers = {"cache-control": "no-store"}
