@@ -6,7 +6,6 @@
 
 from __future__ import annotations
 
-import importlib.metadata
 import platform
 import re
 import sys
@@ -136,6 +135,10 @@ class GroupedCommand(click.Command):
 
 def version_line() -> str:
     """cluster-server's version, and those of the uvicorn and Python it runs (read without importing uvicorn)."""
+    # Imported here, for --version only: a server's primary should not carry importlib.metadata
+    # into workers (with --user, a worker that cannot read the standard library sees other imports fail).
+    import importlib.metadata
+
     try:
         uvicorn_version = importlib.metadata.version("uvicorn")
     except importlib.metadata.PackageNotFoundError:
