@@ -16,7 +16,7 @@ from setproctitle import setproctitle as _setproctitle
 _PR_SET_PDEATHSIG = 1
 _PR_SET_CHILD_SUBREAPER = 36
 
-#: Signals the primary's loop handles itself (``Primary.handle_<name>``).
+#: Signals the primary's loop handles itself (``Primary.handle_term``...).
 LOOP_SIGNALS = (
     signal.SIGINT,
     signal.SIGTERM,

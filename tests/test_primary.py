@@ -18,6 +18,7 @@ from typing import Any
 import pytest
 
 from cluster_server import AppLoadError, Config, WorkerBootError
+from cluster_server.primary.component import MAX_FAILURES, Component, WorkerEvent, override
 from cluster_server.primary.loop import (
     BACKOFF_CAP,
     DUMP_GRACE,
@@ -560,10 +561,12 @@ def test_boot_error_still_unread_when_the_exit_is_reaped() -> None:
 def test_components_see_events_and_unknown_messages() -> None:
     seen: list[tuple[str, int]] = []
 
-    class Recorder:
-        def worker_event(self, event: str, w: Worker) -> None:
+    class Recorder(Component):
+        @override
+        def worker_event(self, event: WorkerEvent, w: Worker) -> None:
             seen.append((event, w.id))
 
+        @override
         def worker_message(self, w: Worker, msg: dict[str, Any], fds: list[int]) -> bool:
             seen.append(("msg:" + str(msg.get("t")), w.id))
             return msg.get("t") == "mine"
@@ -575,6 +578,62 @@ def test_components_see_events_and_unknown_messages() -> None:
     c.p.handle_term()
     c.exit(c.worker(1), exited(0))
     assert seen == [("spawned", 1), ("ready", 1), ("msg:mine", 1), ("draining", 1), ("exited", 1)]
+
+
+class _Broken(Component):
+    """A component whose tick always raises."""
+
+    closed = False
+
+    @override
+    def tick(self) -> None:
+        raise RuntimeError("boom")
+
+    @override
+    def close(self) -> None:
+        self.closed = True
+
+
+class _Ticks(Component):
+    ticks = 0
+
+    @override
+    def tick(self) -> None:
+        self.ticks += 1
+
+
+def test_a_component_that_raises_is_logged_isolated_then_disabled(caplog_info: pytest.LogCaptureFixture) -> None:
+    broken, other = _Broken(), _Ticks()
+    c = Cluster(workers=1)
+    c.p.add_component(broken)
+    c.p.add_component(other)
+    c.start()
+    c.tick()
+    assert other.ticks == 1, "the next component still gets its call"
+    assert "_Broken.tick raised" in caplog_info.text and "RuntimeError: boom" in caplog_info.text  # the traceback
+    for _ in range(MAX_FAILURES - 1):
+        c.tick()
+    assert broken not in c.p.components and broken.closed, "disabled, and closed"
+    assert "_Broken disabled after" in caplog_info.text
+    c.tick()
+    assert other.ticks == MAX_FAILURES + 1
+    assert not c.p.stopping and c.serving() == 1 and c.launcher.kills == [], "the cluster serves on"
+
+
+def test_an_essential_component_that_keeps_failing_drains_the_cluster(caplog_info: pytest.LogCaptureFixture) -> None:
+    class Router(_Broken):
+        essential = True
+
+    router = Router()
+    c = Cluster(workers=2)
+    c.p.add_component(router)
+    c.start()
+    for _ in range(MAX_FAILURES):
+        c.tick()
+    assert c.p.stopping and c.p.exit_code == 1
+    assert sorted(s for _, s in c.launcher.kills) == [TERM, TERM], "a graceful drain, not a kill"
+    assert not router.closed, "closed only when the primary exits"
+    assert "cannot serve without it" in caplog_info.text
 
 
 def test_describe_status() -> None:

@@ -22,13 +22,17 @@ import asyncio
 import logging
 import threading
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from cluster_server import _proc
 from cluster_server._errors import ClusterRoleError, DisconnectedError
 from cluster_server.cluster.worker import Endpoint
+from cluster_server.primary.component import Component, override
 from cluster_server.wire import channel as _channel
 from cluster_server.wire.channel import Channel, Message
+
+if TYPE_CHECKING:
+    from cluster_server.primary.loop import Primary, Worker
 
 logger = logging.getLogger("cluster_server")
 
@@ -36,17 +40,20 @@ logger = logging.getLogger("cluster_server")
 MESSAGE_TYPES = ("msg", "bcast", "req", "res")
 
 
-class Messaging:
+class Messaging(Component):
     """A component of the HTTP primary: relays broadcasts, answers built-in requests."""
 
+    primary: Primary  # set by attach
+
     def __init__(self) -> None:
-        self.primary: Any = None
         self.counters: dict[str, int] = {}
 
-    def attach(self, primary: Any) -> None:
+    @override
+    def attach(self, primary: Primary) -> None:
         self.primary = primary
 
-    def worker_message(self, w: Any, msg: Message, fds: list[int]) -> bool:
+    @override
+    def worker_message(self, w: Worker, msg: Message, fds: list[int]) -> bool:
         kind = msg.get("t")
         if kind not in MESSAGE_TYPES:
             return False

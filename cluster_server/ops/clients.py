@@ -18,6 +18,7 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING, Generic, TypeVar
 
 from cluster_server._logging import Throttle
+from cluster_server.primary.component import Component, override
 
 if TYPE_CHECKING:
     from cluster_server.primary.loop import Primary
@@ -46,7 +47,7 @@ class Client:
 C = TypeVar("C", bound=Client)
 
 
-class ClientServer(abc.ABC, Generic[C]):
+class ClientServer(Component, abc.ABC, Generic[C]):
     """Clients by fd, watched in the primary's selector (a base for primary components)."""
 
     primary: Primary | None
@@ -57,12 +58,14 @@ class ClientServer(abc.ABC, Generic[C]):
     _paused_until = 0.0
     _accept_trouble: Throttle | None = None
 
+    @override
     def next_deadline(self) -> float | None:
         soonest = min((c.deadline for c in self.clients.values()), default=None)
         if self._paused is not None and (soonest is None or self._paused_until < soonest):
             return self._paused_until
         return soonest
 
+    @override
     def tick(self) -> None:
         assert self.primary is not None
         now = self.primary.clock()

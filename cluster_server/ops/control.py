@@ -52,6 +52,7 @@ from typing import TYPE_CHECKING, Any
 
 from cluster_server._errors import BindError, ControlError
 from cluster_server.ops.clients import Client, ClientServer
+from cluster_server.primary.component import override
 
 if TYPE_CHECKING:
     from cluster_server.ops.status import ClusterWatch
@@ -212,6 +213,7 @@ class ControlServer(ClientServer[_Client]):
 
     # -- lifecycle --
 
+    @override
     def attach(self, primary: Primary) -> None:
         self.primary = primary
         if not self.defer:
@@ -264,10 +266,12 @@ class ControlServer(ClientServer[_Client]):
             pass
         self._inode = None
 
+    @override
     def close(self) -> None:
         self._drop_all()
         self.stop_listening()
 
+    @override
     def fds_to_close_in_child(self) -> list[int]:
         fds = list(self.clients)
         if self.sock is not None:
@@ -276,6 +280,7 @@ class ControlServer(ClientServer[_Client]):
 
     # -- I/O --
 
+    @override
     def _accept(self, mask: int) -> None:
         assert self.sock is not None and self.primary is not None
         for conn in self._accepted(self.sock, MAX_CLIENTS, "control socket"):
@@ -290,6 +295,7 @@ class ControlServer(ClientServer[_Client]):
                 client.close_when_flushed = True
                 self._after_write(conn.fileno(), client)
 
+    @override
     def _serve(self, fd: int, client: _Client, mask: int) -> None:
         if mask & selectors.EVENT_WRITE and not self._flush(fd, client):
             return

@@ -8,9 +8,9 @@ tiny non-blocking responder in the primary's selector loop answers
 same bounds as the control socket (8 KiB request head, 5 s deadline, at most
 16 clients), so a slow or hostile scraper cannot hold the primary up.
 
-Other components can add samples: a component with a ``metrics_samples()``
-method returning ``(name, help, kind, labels, value)`` tuples (``kind`` is
-``"gauge"`` or ``"counter"``) is asked on every scrape. The round-robin
+Other components can add samples: a component's ``metrics_samples()`` hook
+(``primary/component.py``) returns ``(name, help, kind, labels, value)`` tuples
+(``kind`` is ``"gauge"`` or ``"counter"``); it is asked on every scrape. The round-robin
 scheduler reports ``cluster_server_accept_backlog`` that way.
 """
 
@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 from cluster_server._errors import BindError, ConfigError
 from cluster_server.ops.clients import Client, ClientServer
 from cluster_server.ops.status import STATES
+from cluster_server.primary.component import override
 from cluster_server.primary.sockets import _bind_message, _family_of
 
 if TYPE_CHECKING:
@@ -147,21 +148,12 @@ class _Collector:
 
         # Samples other components offer (the round-robin scheduler's accept backlog...).
         extra: dict[str, Any] = {}
-        for c in p.components:
-            fn = getattr(c, "metrics_samples", None)
-            if fn is None:
-                continue
-            try:
-                samples = list(fn())
-            except Exception:
-                logger.exception("metrics: %r failed", c)
-                continue
-            for name, help_text, kind, sample_labels, value in samples:
-                family = extra.get(name)
-                if family is None:
-                    cls = CounterMetricFamily if kind == "counter" else GaugeMetricFamily
-                    family = extra[name] = cls(name, help_text, labels=sorted(sample_labels))
-                family.add_metric([str(sample_labels[k]) for k in sorted(sample_labels)], value)
+        for name, help_text, kind, sample_labels, value in p.metrics_samples():
+            family = extra.get(name)
+            if family is None:
+                cls = CounterMetricFamily if kind == "counter" else GaugeMetricFamily
+                family = extra[name] = cls(name, help_text, labels=sorted(sample_labels))
+            family.add_metric([str(sample_labels[k]) for k in sorted(sample_labels)], value)
         yield from extra.values()
 
 
@@ -195,6 +187,7 @@ class MetricsServer(ClientServer[_Client]):
         name = self.sock.getsockname() if self.sock is not None else ("", 0)
         return str(name[0]), int(name[1])
 
+    @override
     def attach(self, primary: Primary) -> None:
         self.primary = primary
         if not self.defer:
@@ -217,13 +210,16 @@ class MetricsServer(ClientServer[_Client]):
             self.sock = None
         self.active = False
 
+    @override
     def close(self) -> None:
         self._drop_all()
         self.stop_listening()
 
+    @override
     def fds_to_close_in_child(self) -> list[int]:
         return [*self.clients, *([self.sock.fileno()] if self.sock is not None else [])]
 
+    @override
     def _accept(self, mask: int) -> None:
         assert self.sock is not None and self.primary is not None
         for conn in self._accepted(self.sock, MAX_CLIENTS, "metrics"):
@@ -232,6 +228,7 @@ class MetricsServer(ClientServer[_Client]):
                 continue
             self._add(_Client(conn, self.primary.clock() + DEADLINE))
 
+    @override
     def _serve(self, fd: int, c: _Client, mask: int) -> None:
         if c.outbuf:
             self._write(fd, c)

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 from cluster_server._proc import rss_bytes
 from cluster_server._version import __version__
+from cluster_server.primary.component import Component, WorkerEvent, override
 from cluster_server.primary.state import WorkerState
 
 if TYPE_CHECKING:
@@ -42,7 +43,7 @@ def exit_reason(w: Worker) -> str:
     return "boot_failure" if w.state is WorkerState.FAILED else "crash"
 
 
-class ClusterWatch:
+class ClusterWatch(Component):
     """Counters and events over the primary's state (a primary component)."""
 
     def __init__(self) -> None:
@@ -67,10 +68,12 @@ class ClusterWatch:
             except Exception:  # an observer's bug must not stop the primary
                 logger.exception("error in a %s listener", event)
 
+    @override
     def attach(self, primary: Primary) -> None:
         self.primary = primary
 
-    def worker_event(self, event: str, w: Worker) -> None:
+    @override
+    def worker_event(self, event: WorkerEvent, w: Worker) -> None:
         if event != "exited":
             return
         reason = exit_reason(w)
@@ -79,6 +82,7 @@ class ClusterWatch:
         if reason in UNPLANNED and p is not None and not p.stopping and w.id in p.slots:
             self.slot_restarts[w.id] += 1
 
+    @override
     def tick(self) -> None:
         p = self.primary
         if p is None:

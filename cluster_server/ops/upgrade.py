@@ -37,6 +37,7 @@ import sys
 from typing import TYPE_CHECKING, Any
 
 from cluster_server import _proc
+from cluster_server.primary.component import Component, override
 from cluster_server.primary.sockets import INHERIT_ENV, take_inherited
 
 if TYPE_CHECKING:
@@ -56,7 +57,7 @@ EXTRA_READY_TIME = 10.0
 PIPE_CLOSED_GRACE = 5.0
 
 
-class PidFile:
+class PidFile(Component):
     """``--pidfile``: written by the primary (atomically), removed at exit if it still names us."""
 
     def __init__(self, path: str, *, defer: bool = False) -> None:
@@ -64,6 +65,7 @@ class PidFile:
         self.defer = defer
         self.written = False
 
+    @override
     def attach(self, primary: Primary) -> None:
         if not self.defer:
             self.write()
@@ -84,6 +86,7 @@ class PidFile:
         """A successor owns the file now."""
         self.written = False
 
+    @override
     def close(self) -> None:
         if not self.written:
             return
@@ -96,7 +99,7 @@ class PidFile:
             pass
 
 
-class Upgrader:
+class Upgrader(Component):
     """Both sides of an upgrade, as a primary component."""
 
     def __init__(
@@ -136,19 +139,21 @@ class Upgrader:
         """True in a new primary that has not yet told its predecessor it is ready."""
         return self.ready_fd is not None
 
+    @override
     def attach(self, primary: Primary) -> None:
         self.primary = primary
-        signal.signal(UPGRADE_SIGNAL, primary._queue_signal)
+        primary.on_signal(UPGRADE_SIGNAL, self, self.handle_usr2)
         if self.successor:
             logger.info("upgrade: new primary (pid %d) starting its workers", os.getpid())
 
+    @override
     def close(self) -> None:
-        signal.signal(UPGRADE_SIGNAL, signal.SIG_DFL)
         self._close_pipe()
         if self.ready_fd is not None:
             os.close(self.ready_fd)
             self.ready_fd = None
 
+    @override
     def fds_to_close_in_child(self) -> list[int]:
         return [fd for fd in (self.pipe_r, self.ready_fd) if fd is not None]
 
@@ -290,10 +295,12 @@ class Upgrader:
             os.close(self.pipe_r)
             self.pipe_r = None
 
+    @override
     def next_deadline(self) -> float | None:
         times = [t for t in (self.deadline, self.kill_at) if t is not None]
         return min(times) if times else None
 
+    @override
     def tick(self) -> None:
         p = self.primary
         assert p is not None

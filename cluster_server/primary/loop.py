@@ -2,11 +2,13 @@
 
 It owns the listening sockets and the worker table, and waits on one selector
 over the signal self-pipe and the worker channels. Signal handlers only queue
-the signal; the loop dispatches ``handle_<signal>``. Every wait has a deadline.
+the signal; the loop runs its handler (``handle_term``..., or one a component
+asked for with ``on_signal``). Every wait has a deadline.
 
 Decisions (spawn, reap, replace, back off, roll, drain, kill) are methods that
 read the worker table; the fork/kill side effects go through a ``Launcher``,
 so tests can drive the decisions with a fake launcher and a fake clock.
+Components (``primary/component.py``) plug in through typed hooks.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, ParamSpec, Protocol, TypeVar
 
 from cluster_server import _proc
 from cluster_server._config import Config
@@ -29,6 +31,7 @@ from cluster_server._errors import AppLoadError, ChannelError, ClusterServerErro
 from cluster_server._proc import close_all as _close_fds
 from cluster_server._proc import describe_status
 from cluster_server._proc import flush_output as _flush_output
+from cluster_server.primary.component import MAX_FAILURES, Component, Sample, WorkerEvent
 from cluster_server.primary.sockets import Listener
 from cluster_server.primary.state import WorkerState, check_transition, exit_state
 from cluster_server.wire import channel as _channel
@@ -51,6 +54,8 @@ SPAWN_RETRY = 1.0
 MAX_LOOP_ERRORS = 100
 
 _S = WorkerState
+_P = ParamSpec("_P")
+_T = TypeVar("_T")
 
 
 def backoff_delay(failures: int) -> float:
@@ -131,25 +136,6 @@ class Launcher(Protocol):
     def kill(self, pid: int, sig: int) -> None: ...
 
 
-class Component(Protocol):
-    """Something that plugs into the primary's loop (a scheduler, the control socket...).
-
-    Every method is optional; the primary calls the ones a component defines:
-    ``attach(primary)`` once the loop is set up; ``next_deadline() -> float | None``
-    and ``tick()`` for its timers; ``worker_event(event, worker)`` with event in
-    ``spawned ready draining exited``; ``worker_message(worker, msg, fds) -> bool``
-    for message types the primary does not know (True: handled, fds taken);
-    ``cannot_start(error) -> bool`` when the first generation cannot start (True:
-    handled, the primary keeps running); ``before_roll(reason, slots) -> bool``
-    before a rolling restart starts (False: not yet, the component calls
-    ``roll`` again when ready); ``handle_<signal>()`` for a signal the component
-    installed with the primary's ``_queue_signal``; ``fds_to_close_in_child() ->
-    list[int]``, its fds a new worker must not keep; ``defer_stop(why) -> bool``
-    on SIGTERM (True: the component stops the cluster later itself, e.g. after
-    --shutdown-delay); ``close()`` when the primary exits.
-    """
-
-
 class Primary:
     def __init__(
         self,
@@ -174,8 +160,20 @@ class Primary:
         self.fatal: ClusterServerError | None = None
         self.exit_code = 0
         self.on_child_exit: dict[int, Callable[[int, int], None]] = {}
-        self.components: list[Any] = []
+        self.components: list[Component] = []
+        self._failures: dict[int, int] = {}  # id(component) -> hooks of it that raised
+        self._disabled: list[Component] = []  # essential components that failed: closed at exit
         self._signals: collections.deque[int] = collections.deque()
+        #: what each signal does: the primary's own, and those components asked for (``on_signal``)
+        self._signal_handlers: dict[int, tuple[Component | None, Callable[[], None]]] = {
+            signal.SIGINT: (None, self.handle_int),
+            signal.SIGTERM: (None, self.handle_term),
+            signal.SIGQUIT: (None, self.handle_quit),
+            signal.SIGHUP: (None, self.handle_hup),
+            signal.SIGCHLD: (None, self.handle_chld),
+            signal.SIGTTIN: (None, self.handle_ttin),
+            signal.SIGTTOU: (None, self.handle_ttou),
+        }
         self._selector: selectors.BaseSelector | None = None
         self._wake_r = self._wake_w = -1
         self._errors = 0  # unexpected exceptions met by the loop
@@ -188,8 +186,8 @@ class Primary:
         self._selector = selectors.DefaultSelector()
         self._install_signals()
         try:
-            for c in self.components:
-                _call(c, "attach", self)
+            for c in list(self.components):
+                self._attach(c)
             shown = ", ".join(lst.display for lst in self.listeners)
             logger.info(
                 "primary serving %s with %d worker%s (Press CTRL+C to quit)",
@@ -252,7 +250,7 @@ class Primary:
             elif w.state is _S.READY and self.config.worker_timeout:
                 times.append(w.last_heartbeat + self.config.worker_timeout)
         for c in self.components:
-            t = _call(c, "next_deadline")
+            t = self._call(c, None, c.next_deadline)
             if t is not None:
                 times.append(t)
         return min(times) if times else None
@@ -263,16 +261,74 @@ class Primary:
         self.manage_workers()
         self.advance_roll()
         for c in self.components:
-            _call(c, "tick")
+            self._call(c, None, c.tick)
 
-    def add_component(self, component: Any) -> None:
+    def add_component(self, component: Component) -> None:
+        """Plug ``component`` in (attached at once when the loop runs already)."""
         self.components.append(component)
         if self._selector is not None:
-            _call(component, "attach", self)
+            self._attach(component)
 
-    def emit(self, event: str, w: Worker) -> None:
+    def emit(self, event: WorkerEvent, w: Worker) -> None:
         for c in self.components:
-            _call(c, "worker_event", event, w)
+            self._call(c, None, c.worker_event, event, w)
+
+    # -- components -----------------------------------------------------------
+
+    def _attach(self, c: Component) -> None:
+        try:
+            c.attach(self)
+        except ClusterServerError:
+            raise  # a start-up error the user can fix (a --control-socket path in use...)
+        except Exception:
+            self._failed(c, c.attach)
+
+    def _call(self, c: Component, default: _T, hook: Callable[_P, _T], *args: _P.args, **kwargs: _P.kwargs) -> _T:
+        """``hook(*args)``, one of ``c``'s hooks; ``default`` if it raises (logged, counted)."""
+        try:
+            return hook(*args, **kwargs)
+        except Exception:
+            self._failed(c, hook)
+            return default
+
+    def _failed(self, c: Component, hook: Callable[..., Any]) -> None:
+        """A hook of ``c`` raised (a bug): log it; disable ``c`` once it failed MAX_FAILURES times."""
+        n = self._failures[id(c)] = self._failures.get(id(c), 0) + 1
+        name = f"{type(c).__name__}.{getattr(hook, '__name__', '?')}"
+        logger.exception("primary: %s raised (a bug; failure %d of %d before it is disabled)", name, n, MAX_FAILURES)
+        if n >= MAX_FAILURES and any(x is c for x in self.components):
+            self._disable(c)
+
+    def _disable(self, c: Component) -> None:
+        """No more hooks for ``c``: it is closed, or, if the cluster cannot serve without it,
+        kept until the exit while the workers drain."""
+        self.components = [x for x in self.components if x is not c]
+        name = type(c).__name__
+        if not c.essential:
+            logger.error("primary: %s disabled after %d errors; serving on without it", name, MAX_FAILURES)
+            try:
+                c.close()
+            except Exception:
+                logger.exception("primary: closing %s raised", name)
+            return
+        logger.critical("primary: %s failed %d times and the cluster cannot serve without it", name, MAX_FAILURES)
+        self._disabled.append(c)
+        self.exit_code = 1
+        if not self.stopping:
+            self.stop(graceful=True, why=f"{name} failed")
+
+    def on_signal(self, sig: int, owner: Component, handler: Callable[[], None]) -> None:
+        """Run ``handler`` (in the loop, not in the signal handler) when ``sig`` arrives."""
+        self._signal_handlers[sig] = (owner, handler)
+        if self._selector is not None:
+            signal.signal(sig, self._queue_signal)
+
+    def metrics_samples(self) -> list[Sample]:
+        """Every component's extra metrics samples (``Component.metrics_samples``)."""
+        samples: list[Sample] = []
+        for c in self.components:
+            samples += self._call(c, [], c.metrics_samples)
+        return samples
 
     def add_reader(self, fileobj: Any, callback: Callable[[int], None], events: int = selectors.EVENT_READ) -> None:
         """Watch ``fileobj`` in the primary's selector; ``callback(mask)`` runs on events."""
@@ -295,7 +351,7 @@ class Primary:
     def _install_signals(self) -> None:
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         signal.set_wakeup_fd(self._wake_w, warn_on_full_buffer=False)
-        for sig in _proc.LOOP_SIGNALS:
+        for sig in self._signal_handlers:
             signal.signal(sig, self._queue_signal)
         assert self._selector is not None
         self._selector.register(self._wake_r, selectors.EVENT_READ, self._drain_wakeup)
@@ -313,19 +369,17 @@ class Primary:
     def _handle_signals(self) -> None:
         while self._signals:
             sig = self._signals.popleft()
-            name = f"handle_{signal.Signals(sig).name[3:].lower()}"
-            handler = getattr(self, name, None)
-            if handler is not None:
+            owner, handler = self._signal_handlers[sig]
+            if owner is None:
                 handler()
-            else:  # a signal a component installed (SIGUSR2: upgrade)
-                for c in self.components:
-                    _call(c, name)
+            else:  # a signal a component asked for (SIGUSR2: upgrade)
+                self._call(owner, None, handler)
 
     def handle_chld(self) -> None:
         pass  # reap_workers runs after every wake-up
 
     def handle_term(self) -> None:
-        if not self.stopping and any(_call(c, "defer_stop", "SIGTERM") for c in self.components):
+        if not self.stopping and any(self._call(c, False, c.defer_stop, "SIGTERM") for c in self.components):
             return
         self.stop(graceful=True, why="SIGTERM")
 
@@ -535,8 +589,9 @@ class Primary:
         """React to one message from a worker; anything unexpected is logged and dropped."""
         kind = msg.get("t")
         if kind not in ("hb", "ready", "boot_error"):
-            for c in self.components:
-                if _call(c, "worker_message", w, msg, fds or []):
+            for comp in self.components:
+                # A hook that raised may have closed the fds already: they count as taken.
+                if self._call(comp, True, comp.worker_message, w, msg, fds or []):
                     return
         _close_fds(fds or [])
         if kind == "hb":
@@ -597,7 +652,7 @@ class Primary:
         for c in self.components:
             # A component that must prepare first (a preload template re-importing
             # the new code) answers False and calls roll() again when it is done.
-            if _call(c, "before_roll", reason, slots) is False:
+            if not self._call(c, True, c.before_roll, reason, slots):
                 return False
         self.generation += 1
         pending = sorted(self.slots) if slots is None else sorted(s for s in set(slots) if s in self.slots)
@@ -729,7 +784,7 @@ class Primary:
     def fail(self, err: ClusterServerError) -> None:
         """Stop the cluster because it cannot run; ``run`` raises ``err``."""
         for c in self.components:
-            if _call(c, "cannot_start", err):  # --reload waits for the fix instead
+            if self._call(c, False, c.cannot_start, err):  # --reload waits for the fix instead
                 return
         if self.fatal is None:
             self.fatal = err
@@ -754,10 +809,10 @@ class Primary:
                 self.child_exited(pid, status)
         for w in list(self.workers.values()):
             self._forget_channel(w)
-        for c in self.components:
-            _call(c, "close")
+        for c in [*self.components, *self._disabled]:
+            self._call(c, None, c.close)
         signal.set_wakeup_fd(-1)
-        for sig in _proc.LOOP_SIGNALS:
+        for sig in self._signal_handlers:
             signal.signal(sig, signal.SIG_DFL)
         if self._selector is not None:
             self._selector.close()
@@ -776,7 +831,7 @@ class Primary:
             if w.channel and not w.channel.closed:  # its channel, and connections queued for it
                 fds += [w.channel.fileno(), *w.channel.queued_fds()]
         for c in self.components:
-            fds.extend(_call(c, "fds_to_close_in_child") or ())
+            fds += self._call(c, [], c.fds_to_close_in_child)
         return fds
 
 
@@ -817,11 +872,6 @@ class ForkLauncher:
             os.kill(pid, sig)
         except ProcessLookupError:
             pass
-
-
-def _call(component: Any, method: str, *args: Any) -> Any:
-    fn = getattr(component, method, None)
-    return fn(*args) if fn is not None else None
 
 
 def _exit_code(status: int) -> int | None:

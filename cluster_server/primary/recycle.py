@@ -1,6 +1,6 @@
 """Worker recycling: replace a worker that served enough, grew too big or lived too long.
 
-A component of the primary (see ``Component`` in ``primary/loop.py``). It only
+A component of the primary (see ``primary/component.py``). It only
 decides; the replacement is a rolling restart of one slot (``Primary.recycle``):
 the new worker is started and must be ready before the old one drains, so
 capacity never drops, and never two slots at once (nothing starts while any
@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING
 
 from cluster_server._config import Config
 from cluster_server._proc import rss_bytes
+from cluster_server.primary.component import Component, WorkerEvent, override
 from cluster_server.primary.state import WorkerState
 
 if TYPE_CHECKING:
@@ -56,7 +57,7 @@ class _Limits:
     retry_at: float = 0.0
 
 
-class Recycler:
+class Recycler(Component):
     """Decides when a worker is recycled; the primary does the replacing."""
 
     def __init__(
@@ -79,10 +80,12 @@ class Recycler:
 
     # -- the component interface --------------------------------------------
 
+    @override
     def attach(self, primary: Primary) -> None:
         self.primary = primary
 
-    def worker_event(self, event: str, w: Worker) -> None:
+    @override
+    def worker_event(self, event: WorkerEvent, w: Worker) -> None:
         if event == "ready":
             cfg = self.config
             max_requests = None
@@ -96,6 +99,7 @@ class Recycler:
         elif event in ("draining", "exited"):
             self.limits.pop(w.pid, None)
 
+    @override
     def next_deadline(self) -> float | None:
         p = self.primary
         times: list[float] = []
@@ -106,6 +110,7 @@ class Recycler:
             times += [lim.retry_at for lim in self.limits.values() if lim.attempts]
         return min(times) if times else None
 
+    @override
     def tick(self) -> None:
         p = self.primary
         if p is None or p.stopping:

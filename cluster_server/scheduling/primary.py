@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 from cluster_server._logging import Throttle
 from cluster_server._proc import close_all
+from cluster_server.primary.component import Component, Sample, WorkerEvent, override
 from cluster_server.scheduling.protocol import (
     _GONE_ERRNOS,
     _RESOURCE_ERRNOS,
@@ -45,7 +46,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger("cluster_server")
 
 
-def primary_components(config: Config) -> list[Any]:
+def primary_components(config: Config) -> list[Component]:
     """The primary-side components the configured policy needs."""
     if config.scheduling in HANDOFF:
         return [HandOff(config.scheduling)]
@@ -102,8 +103,10 @@ class _Peer:
         return self.conns + self.handed - self.taken
 
 
-class HandOff:
+class HandOff(Component):
     """Primary component for ``round-robin`` and ``least-busy``: accept, route, hold, re-route."""
+
+    essential = True  # it routes every connection
 
     def __init__(self, policy: str, *, window: int = WINDOW, hold_max: int = HOLD_MAX) -> None:
         if policy not in HANDOFF:
@@ -138,6 +141,7 @@ class HandOff:
 
     # -- Component hooks ------------------------------------------------------
 
+    @override
     def attach(self, primary: Primary) -> None:
         self.primary = primary
         for lst in primary.listeners:
@@ -154,7 +158,8 @@ class HandOff:
         logger.info("scheduling: %s (the primary accepts and hands connections to workers)", self.policy)
         self._update_accepting()
 
-    def worker_event(self, event: str, w: Worker) -> None:
+    @override
+    def worker_event(self, event: WorkerEvent, w: Worker) -> None:
         if event == "ready":
             self.peers[w.pid] = _Peer(w, self.window)
             self.ring.append(self.peers[w.pid])
@@ -174,6 +179,7 @@ class HandOff:
             return
         self._pump()
 
+    @override
     def worker_message(self, w: Worker, msg: Message, fds: list[int]) -> bool:
         if msg.get("t") != "ack":
             return False
@@ -190,6 +196,7 @@ class HandOff:
             self._pump()
         return True
 
+    @override
     def next_deadline(self) -> float | None:
         assert self.primary is not None
         now = self.primary.clock()
@@ -200,12 +207,14 @@ class HandOff:
             times.append(self._full_since + HOLD_WAIT)  # (after it, only an ack frees a stalled worker)
         return min(times) if times else None
 
+    @override
     def tick(self) -> None:
         # Runs after every wake-up of the primary: only work when a timer may have expired.
         if self.held or not self._accepting:
             self._pump()
 
-    def metrics_samples(self) -> list[tuple[str, str, str, dict[str, str], float]]:
+    @override
+    def metrics_samples(self) -> list[Sample]:
         """For the metrics endpoint (``--metrics``): what the hand-off is doing."""
         unacked = sum(p.unacked for p in self.peers.values())
         assert self.primary is not None
@@ -249,6 +258,7 @@ class HandOff:
             ),
         ]
 
+    @override
     def fds_to_close_in_child(self) -> list[int]:
         """Connection fds a newly forked worker must close (they are the primary's)."""
         fds = list(self.held)
@@ -257,6 +267,7 @@ class HandOff:
                 fds.extend(batch)
         return fds
 
+    @override
     def close(self) -> None:
         dropped = len(self.held) + sum(p.unacked for p in self.peers.values())
         close_all(self.fds_to_close_in_child())
@@ -613,9 +624,10 @@ def _fd_budget(workers: int) -> int:
     return max(16, soft - open_now - reserve)
 
 
-class ReusePortCheck:
+class ReusePortCheck(Component):
     """Primary component for ``reuseport``: warn when restarts can reset queued connections."""
 
+    @override
     def attach(self, primary: Primary) -> None:
         logger.info("scheduling: reuseport (each worker binds its own SO_REUSEPORT socket)")
         warning = migrate_req_warning()

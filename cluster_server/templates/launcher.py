@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Literal
 
 from cluster_server import _proc
 from cluster_server._errors import AppLoadError, ChannelError
+from cluster_server.primary.component import Component, WorkerEvent, override
 from cluster_server.templates.process import (
     Kind,
     TemplateError,
@@ -148,13 +149,15 @@ class Template:
             self.launcher.kill(self.pid, signal.SIGTERM)
 
 
-class TemplateLauncher:
+class TemplateLauncher(Component):
     """Forks the workers through a template: a ``Launcher`` and a component of the primary.
 
     Falls back to forking a worker directly (it then imports the app itself) when
     no template is ready: while the dependency template is still being built, or
     when a template died or cannot be used.
     """
+
+    essential = True  # it forks the workers
 
     def __init__(self, primary: Primary, kind: Kind, reloader: Reloader | None = None) -> None:
         from cluster_server.primary.loop import ForkLauncher
@@ -209,6 +212,7 @@ class TemplateLauncher:
 
     # -- component hooks ------------------------------------------------------
 
+    @override
     def attach(self, primary: Primary) -> None:
         if self.kind == "preload":
             self.holding = True  # workers wait for the template: that is the point of --preload
@@ -216,15 +220,18 @@ class TemplateLauncher:
                 slot.respawn_at = math.inf
         self.build(primary.generation if self.kind == "preload" else 0)
 
+    @override
     def next_deadline(self) -> float | None:
         return self.primary.clock() if any(t.backlog for t in self.templates) else None
 
+    @override
     def tick(self) -> None:
         for t in list(self.templates):
             while t.backlog:
                 self.template_message(t, t.backlog.pop(0))
 
-    def before_roll(self, reason: str, slots: list[int] | None = None) -> bool:
+    @override
+    def before_roll(self, reason: str, slots: list[int] | None) -> bool:
         if self.kind != "preload" or self.disabled:
             return True
         if self.approved:
@@ -240,7 +247,8 @@ class TemplateLauncher:
             self.build(self.primary.generation + 1)
         return False
 
-    def worker_event(self, event: str, worker: Worker) -> None:
+    @override
+    def worker_event(self, event: WorkerEvent, worker: Worker) -> None:
         if event in ("ready", "exited"):
             self.retire()
 
@@ -248,9 +256,11 @@ class TemplateLauncher:
         """The ready templates and the one being built."""
         return [*self.templates, *([self.building] if self.building else [])]
 
+    @override
     def fds_to_close_in_child(self) -> list[int]:
         return [fd for t in self._everyone() if (fd := t.fileno()) is not None]
 
+    @override
     def close(self) -> None:
         everyone = self._everyone()
         self.templates, self.building = [], None

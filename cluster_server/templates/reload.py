@@ -42,7 +42,8 @@ from typing import TYPE_CHECKING, Any, NoReturn
 
 from cluster_server import _proc
 from cluster_server._config import Config
-from cluster_server._errors import ChannelError
+from cluster_server._errors import ChannelError, ClusterServerError
+from cluster_server.primary.component import Component, override
 from cluster_server.wire import channel as _channel
 from cluster_server.wire.channel import Channel, send_blocking
 
@@ -188,6 +189,7 @@ def _is_virtualenv(directory: str) -> bool:
 class _FreshSourceLoader(importlib.machinery.SourceFileLoader):
     """A source loader that drops a ``.pyc`` not written after its source's last change."""
 
+    @override
     def get_code(self, fullname: str) -> Any:
         if sys.implementation.cache_tag is not None:  # None: this Python writes no .pyc at all
             try:
@@ -285,7 +287,7 @@ def _watch(rules: WatchRules, delay: float, channel: Channel, primary_pid: int) 
 # -- the primary's component ---------------------------------------------------
 
 
-class Reloader:
+class Reloader(Component):
     """Runs the watcher and turns its reports into rolling restarts."""
 
     def __init__(self, config: Config, rules: WatchRules | None = None) -> None:
@@ -299,23 +301,28 @@ class Reloader:
         self.waiting_for_fix = False
 
     # component hooks
+    @override
     def attach(self, primary: Primary) -> None:
         self.primary = primary
         self.start_watcher()
 
+    @override
     def next_deadline(self) -> float | None:
         return self.restart_at
 
+    @override
     def tick(self) -> None:
         assert self.primary is not None
         if self.restart_at is not None and self.primary.clock() >= self.restart_at:
             self.restart_at = None
             self.start_watcher()
 
+    @override
     def fds_to_close_in_child(self) -> list[int]:
         return [self.channel.fileno()] if self.channel is not None and not self.channel.closed else []
 
-    def cannot_start(self, error: Exception) -> bool:
+    @override
+    def cannot_start(self, error: ClusterServerError) -> bool:
         """The first generation cannot start (broken code): wait for a fix instead of exiting."""
         primary = self.primary
         assert primary is not None
@@ -329,6 +336,7 @@ class Reloader:
             logger.error("the app cannot start; waiting for a change to try again:\n%s", error)
         return True
 
+    @override
     def close(self) -> None:
         self._close_channel()
         if self.pid is not None:

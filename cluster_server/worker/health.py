@@ -26,10 +26,14 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Awaitable, Callable, MutableMapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from cluster_server._config import Config
 from cluster_server._proc import close_all
+from cluster_server.primary.component import Component, WorkerEvent, override
+
+if TYPE_CHECKING:
+    from cluster_server.primary.loop import Primary, Worker
 
 logger = logging.getLogger("cluster_server")
 
@@ -105,10 +109,10 @@ def health_handler(state: HealthState) -> Callable[[dict[str, Any], list[int]], 
     return handle
 
 
-class ShutdownDelay:
+class ShutdownDelay(Component):
     """Primary component: health "ok" once all workers were ready; on SIGTERM, fail it, serve on, then drain.
 
-    Hooks (see ``Component`` in ``primary/loop.py``): ``defer_stop(why)`` is asked by
+    Hooks (see ``primary/component.py``): ``defer_stop(why)`` is asked by
     ``Primary.handle_term`` and returns True when it stops the cluster later
     itself; ``worker_event`` keeps late workers informed and marks the cluster
     unhealthy when it stops without a delay (SIGINT, a second SIGTERM...).
@@ -122,11 +126,14 @@ class ShutdownDelay:
         self.status = STARTING
         #: when the delay ends and the drain starts (primary clock); None: not shutting down
         self.stop_at: float | None = None
-        self.primary: Any = None
 
-    def attach(self, primary: Any) -> None:
+    primary: Primary  # set by attach
+
+    @override
+    def attach(self, primary: Primary) -> None:
         self.primary = primary
 
+    @override
     def defer_stop(self, why: str) -> bool:
         if self.stop_at is not None:
             logger.info("%s again: draining now instead of waiting out --shutdown-delay", why)
@@ -142,18 +149,21 @@ class ShutdownDelay:
         )
         return True
 
+    @override
     def next_deadline(self) -> float | None:
         if self.stop_at is None or self.primary.stopping:
             return None
         return self.stop_at
 
+    @override
     def tick(self) -> None:
         if self.status == STARTING and self.primary.ever_ready and not self.primary.stopping:
             self._tell_all(OK)
         if self.stop_at is not None and not self.primary.stopping and self.primary.clock() >= self.stop_at:
             self.primary.stop(graceful=True, why=f"SIGTERM, after the {self.delay:g} s shutdown delay")
 
-    def worker_event(self, event: str, worker: Any) -> None:
+    @override
+    def worker_event(self, event: WorkerEvent, worker: Worker) -> None:
         if event == "spawned" and self.status != STARTING and self.tell:
             self.primary.send(worker, self._message())
         elif event == "draining" and self.primary.stopping:
