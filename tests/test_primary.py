@@ -211,13 +211,13 @@ def test_exit_of_unknown_pid_is_ignored() -> None:
     assert c.worker(1).state is WorkerState.READY
 
 
-def test_on_child_exit_hook_takes_the_pid() -> None:
+def test_watch_child_takes_the_pid() -> None:
     c = Cluster(workers=1).start()
     seen: list[tuple[int, int]] = []
-    c.p.on_child_exit[4242] = lambda pid, status: seen.append((pid, status))
+    c.p.watch_child(4242, lambda pid, status: seen.append((pid, status)))
     c.p.child_exited(4242, exited(0))
     assert seen == [(4242, 0)]
-    assert 4242 not in c.p.on_child_exit
+    assert not c.p.watches_child(4242)
 
 
 # -- start-up failures ----------------------------------------------------------------

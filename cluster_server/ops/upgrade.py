@@ -214,7 +214,7 @@ class Upgrader(Component):
         os.close(w)
         self.child_pid, self.pipe_r = pid, r
         self.deadline = p.clock() + p.config.ready_timeout + EXTRA_READY_TIME
-        p.on_child_exit[pid] = self._child_exited
+        p.watch_child(pid, self._child_exited)
         p.add_reader(r, self._on_pipe)
         logger.info("upgrade: started a new primary (pid %d) with the listening sockets; serving on meanwhile", pid)
         return f"upgrading: new primary is pid {pid}; this one (pid {os.getpid()}) leaves once it is ready"
@@ -250,14 +250,13 @@ class Upgrader(Component):
         self._close_pipe()
         self.child_pid = self.deadline = None
         self.handed_over = True
-        p.on_child_exit.pop(pid, None)
+        p.forget_child(pid)
         logger.info(
             "upgrade: new primary (pid %d) has every worker ready; this primary (pid %d) drains its workers and exits",
             pid,
             os.getpid(),
         )
-        for lst in p.listeners:
-            lst.unlink_path = None  # the new primary removes a Unix socket's file when it exits
+        p.release_socket_files()  # the new primary removes a Unix socket's file when it exits
         if self.control is not None:
             self.control.stop_listening()
         if self.metrics is not None:
@@ -285,7 +284,7 @@ class Upgrader(Component):
         except ProcessLookupError:
             pass
         else:
-            p.on_child_exit[pid] = self._child_exited
+            p.watch_child(pid, self._child_exited)
             self._abandoned, self.kill_at = pid, p.clock() + p.config.graceful_timeout + 5
 
     def _close_pipe(self) -> None:
@@ -312,7 +311,7 @@ class Upgrader(Component):
                 self._failed(f"was not ready within {p.config.ready_timeout + EXTRA_READY_TIME:g} s")
         if self.kill_at is not None and now >= self.kill_at:
             self.kill_at = None
-            if self._abandoned is not None and self._abandoned in p.on_child_exit:
+            if self._abandoned is not None and p.watches_child(self._abandoned):
                 logger.warning("upgrade: abandoned new primary (pid %d) did not stop; SIGKILL", self._abandoned)
                 try:
                     os.kill(self._abandoned, signal.SIGKILL)
@@ -328,9 +327,10 @@ class Upgrader(Component):
             return
         self.ready_fd = None
         handed = take_inherited() or {}
-        paths = {item.get("fd"): item.get("unlink") for item in handed.get("listeners", [])}
-        for lst in self.primary.listeners if self.primary is not None else []:
-            lst.unlink_path = paths.get(lst.sock.fileno()) or lst.unlink_path  # ours to remove at exit now
+        if self.primary is not None:  # ours to remove at exit now
+            self.primary.adopt_socket_files(
+                {item.get("fd"): item.get("unlink") for item in handed.get("listeners", [])}
+            )
         if self.control is not None:
             try:
                 self.control.activate(replace_live=True)

@@ -62,6 +62,7 @@ class Component:
     #: the cluster cannot serve without it: disabling it stops the cluster (gracefully)
     essential: ClassVar[bool] = False
 
+    @override
     def __init_subclass__(cls, **kwargs: Any) -> None:
         """Refuse a public method named almost like a hook (``worker_events``): a typo that
         would never be called. mypy catches it too, where the method says ``@override``."""

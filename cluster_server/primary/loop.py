@@ -16,27 +16,26 @@ from __future__ import annotations
 import collections
 import functools
 import logging
+import math
 import os
 import selectors
 import signal
-import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, ParamSpec, Protocol, TypeVar
+from typing import Any, ParamSpec, TypeVar
 
 from cluster_server import _proc
 from cluster_server._config import Config
 from cluster_server._errors import AppLoadError, ChannelError, ClusterServerError, WorkerBootError
 from cluster_server._proc import close_all as _close_fds
 from cluster_server._proc import describe_status
-from cluster_server._proc import flush_output as _flush_output
 from cluster_server.primary.component import MAX_FAILURES, Component, Sample, WorkerEvent
+from cluster_server.primary.launcher import ForkLauncher, Launcher
 from cluster_server.primary.sockets import Listener
 from cluster_server.primary.state import WorkerState, check_transition, exit_state
-from cluster_server.wire import channel as _channel
 from cluster_server.wire.channel import Channel, Message
-from cluster_server.worker.main import DUMP_SIGNAL, EXIT_BOOT_FAILURE, WorkerSpec, load_app, worker_main
+from cluster_server.worker.spec import DUMP_SIGNAL, EXIT_BOOT_FAILURE
 
 logger = logging.getLogger("cluster_server")
 
@@ -130,12 +129,6 @@ class Roll:
     recycle: bool = False
 
 
-class Launcher(Protocol):
-    def spawn(self, worker: Worker) -> tuple[int, Channel | None]: ...
-
-    def kill(self, pid: int, sig: int) -> None: ...
-
-
 class Primary:
     def __init__(
         self,
@@ -143,15 +136,23 @@ class Primary:
         listeners: list[Listener],
         *,
         launcher: Launcher | None = None,
+        components: Sequence[Component] = (),
         clock: Callable[[], float] = time.monotonic,
+        generation: int = 1,
     ) -> None:
+        """``components`` are attached in this order when ``run`` starts; a launcher that is a
+        component (it needs the primary) is one of them, or is put first. ``generation``:
+        the first one's number (an upgraded primary counts on from its predecessor's)."""
         self.config = config
         self.listeners = listeners
         self.clock = clock
-        self.launcher: Launcher = launcher or ForkLauncher(self)
+        self.launcher: Launcher = launcher if launcher is not None else ForkLauncher()
+        self.components: list[Component] = list(components)
+        if isinstance(self.launcher, Component) and not any(c is self.launcher for c in self.components):
+            self.components.insert(0, self.launcher)
         self.workers: dict[int, Worker] = {}  # pid -> live worker
-        self.slots: dict[int, Slot] = {i: Slot(i) for i in range(1, config.workers + 1)}
-        self.generation = 1
+        self.slots: dict[int, Slot] = {i: Slot(i, generation=generation) for i in range(1, config.workers + 1)}
+        self.generation = generation
         self.roll_state: Roll | None = None
         #: rolls asked for while one ran: (reason, slots or None for all), run in order
         self.roll_queue: list[tuple[str, list[int] | None]] = []
@@ -159,8 +160,7 @@ class Primary:
         self.stopping = False
         self.fatal: ClusterServerError | None = None
         self.exit_code = 0
-        self.on_child_exit: dict[int, Callable[[int, int], None]] = {}
-        self.components: list[Component] = []
+        self._child_exits: dict[int, Callable[[int, int], None]] = {}  # pid -> what to do when it is reaped
         self._failures: dict[int, int] = {}  # id(component) -> hooks of it that raised
         self._disabled: list[Component] = []  # essential components that failed: closed at exit
         self._signals: collections.deque[int] = collections.deque()
@@ -330,6 +330,43 @@ class Primary:
             samples += self._call(c, [], c.metrics_samples)
         return samples
 
+    # -- what components may change ---------------------------------------------
+
+    def watch_child(self, pid: int, on_exit: Callable[[int, int], None]) -> None:
+        """A child that is not a worker (a template, the watcher...): ``on_exit(pid, status)`` when reaped."""
+        self._child_exits[pid] = on_exit
+
+    def forget_child(self, pid: int) -> None:
+        """Its owner reaps (or abandons) it now: no ``on_exit`` any more."""
+        self._child_exits.pop(pid, None)
+
+    def watches_child(self, pid: int) -> bool:
+        return pid in self._child_exits
+
+    def hold_slots(self) -> None:
+        """The empty slots get no worker until ``release_slots`` (or a roll fills them)."""
+        for slot in self.slots.values():
+            if slot.pid is None and slot.replacement is None:
+                slot.respawn_at = math.inf
+
+    def release_slots(self) -> None:
+        """The held slots fill now."""
+        now = self.clock()
+        for slot in self.slots.values():
+            if slot.respawn_at == math.inf:
+                slot.respawn_at = now
+        self.manage_workers()
+
+    def release_socket_files(self) -> None:
+        """An upgrade's new primary removes the Unix socket files at its exit, not this one."""
+        for lst in self.listeners:
+            lst.unlink_path = None
+
+    def adopt_socket_files(self, paths: dict[int, str | None]) -> None:
+        """This (new) primary removes the Unix socket files at its exit: ``paths`` by listening fd."""
+        for lst in self.listeners:
+            lst.unlink_path = paths.get(lst.sock.fileno()) or lst.unlink_path
+
     def add_reader(self, fileobj: Any, callback: Callable[[int], None], events: int = selectors.EVENT_READ) -> None:
         """Watch ``fileobj`` in the primary's selector; ``callback(mask)`` runs on events."""
         assert self._selector is not None
@@ -450,8 +487,8 @@ class Primary:
             self.child_exited(pid, status)
 
     def child_exited(self, pid: int, status: int) -> None:
-        if pid in self.on_child_exit:
-            self.on_child_exit.pop(pid)(pid, status)
+        if pid in self._child_exits:
+            self._child_exits.pop(pid)(pid, status)
             return
         w = self.workers.pop(pid, None)
         if w is None:
@@ -833,45 +870,6 @@ class Primary:
         for c in self.components:
             fds += self._call(c, [], c.fds_to_close_in_child)
         return fds
-
-
-class ForkLauncher:
-    """Forks workers for a primary."""
-
-    def __init__(self, primary: Primary, load: Callable[[Config], Any] = load_app) -> None:
-        self.primary = primary
-        self.load = load  # how a new worker gets the app
-
-    def spawn(self, worker: Worker) -> tuple[int, Channel | None]:
-        """Fork ``worker``. Raises ``OSError`` (nothing left open) when the primary cannot."""
-        ours, theirs = _channel.pair()
-        try:
-            return self._fork(worker, ours, theirs)
-        except BaseException:
-            ours.close()
-            raise
-        finally:
-            theirs.close()
-
-    def _fork(self, worker: Worker, ours: socket.socket, theirs: socket.socket) -> tuple[int, Channel]:
-        close = [*self.primary.fds_to_close_in_child(), ours.fileno()]
-        spec = WorkerSpec(
-            id=worker.id,
-            generation=worker.generation,
-            primary_pid=os.getpid(),
-            listeners=tuple(lst.sock for lst in self.primary.listeners),
-        )
-        _flush_output()
-        pid = os.fork()
-        if pid == 0:  # pragma: no cover - the child never returns from worker_main
-            worker_main(self.primary.config, spec, theirs, close, self.load)
-        return pid, Channel(ours)
-
-    def kill(self, pid: int, sig: int) -> None:
-        try:
-            os.kill(pid, sig)
-        except ProcessLookupError:
-            pass
 
 
 def _exit_code(status: int) -> int | None:

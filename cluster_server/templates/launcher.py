@@ -17,8 +17,10 @@ import time
 from typing import TYPE_CHECKING, Literal
 
 from cluster_server import _proc
+from cluster_server._config import Config
 from cluster_server._errors import AppLoadError, ChannelError
 from cluster_server.primary.component import Component, WorkerEvent, override
+from cluster_server.primary.launcher import ForkLauncher
 from cluster_server.templates.process import (
     Kind,
     TemplateError,
@@ -76,7 +78,7 @@ class Template:
             template_main(primary.config, self.kind, theirs, close, primary_pid, listeners, self.launcher.rules)
         theirs.close()
         self.pid, self.channel = pid, Channel(ours)
-        primary.on_child_exit[pid] = self._exited
+        primary.watch_child(pid, self._exited)
         primary.add_reader(self.channel, self._on_channel)
 
     def fileno(self) -> int | None:
@@ -159,18 +161,16 @@ class TemplateLauncher(Component):
 
     essential = True  # it forks the workers
 
-    def __init__(self, primary: Primary, kind: Kind, reloader: Reloader | None = None) -> None:
-        from cluster_server.primary.loop import ForkLauncher
+    primary: Primary  # set by attach
 
-        self.primary = primary
+    def __init__(self, config: Config, kind: Kind, reloader: Reloader | None = None) -> None:
         self.kind = kind
         self.reloader = reloader
         rules = None
         if kind == "deps":
-            rules = reloader.rules if reloader is not None else WatchRules.from_config(primary.config)
+            rules = reloader.rules if reloader is not None else WatchRules.from_config(config)
         self.rules = rules
         self.direct = ForkLauncher(
-            primary,
             load=(lambda config: load_project(rules, config)) if rules is not None else load_with_traceback,
         )
         self.templates: list[Template] = []  # ready, by generation
@@ -214,10 +214,11 @@ class TemplateLauncher(Component):
 
     @override
     def attach(self, primary: Primary) -> None:
+        self.primary = primary
+        self.direct.attach(primary)
         if self.kind == "preload":
             self.holding = True  # workers wait for the template: that is the point of --preload
-            for slot in primary.slots.values():
-                slot.respawn_at = math.inf
+            primary.hold_slots()
         self.build(primary.generation if self.kind == "preload" else 0)
 
     @override
@@ -268,7 +269,7 @@ class TemplateLauncher(Component):
             t.stopping = True
             t._close_channel()
             if t.pid and t.state in ("building", "ready"):
-                self.primary.on_child_exit.pop(t.pid, None)
+                self.primary.forget_child(t.pid)
                 _stop_child(t.pid)
 
     # -- templates --------------------------------------------------------------
@@ -391,10 +392,7 @@ class TemplateLauncher(Component):
         """The slots held for the first template may fill now."""
         if self.holding:
             self.holding = False
-            for slot in self.primary.slots.values():
-                if slot.respawn_at == math.inf:
-                    slot.respawn_at = self.primary.clock()
-            self.primary.manage_workers()
+            self.primary.release_slots()
 
     def retire(self) -> None:
         """Stop the preload templates no slot will fork from again (their workers live on)."""
@@ -409,27 +407,3 @@ class TemplateLauncher(Component):
             if id(t) not in needed:
                 self.templates.remove(t)
                 t.stop()
-
-
-def install(primary: Primary) -> None:
-    """Set up ``--preload`` or ``--reload`` on a primary (a launcher and components)."""
-    from cluster_server.primary.loop import ForkLauncher
-
-    config = primary.config
-    if not (config.preload or config.reload):
-        return
-    reloader = Reloader(config) if config.reload else None
-    if _proc.set_child_subreaper():
-        launcher = TemplateLauncher(primary, "deps" if config.reload else "preload", reloader)
-        primary.launcher = launcher
-        primary.add_component(launcher)
-    else:
-        logger.warning(
-            "this system cannot re-parent workers to the primary (no PR_SET_CHILD_SUBREAPER): "
-            "workers are forked directly, without a template"
-        )
-        if reloader is not None:
-            rules = reloader.rules
-            primary.launcher = ForkLauncher(primary, load=lambda c: load_project(rules, c))
-    if reloader is not None:
-        primary.add_component(reloader)

@@ -61,7 +61,8 @@ from cluster_server._errors import AppLoadError, ChannelError, ClusterServerErro
 from cluster_server.ops import privileges as _privileges
 from cluster_server.templates.reload import WatchRules, fresh_import_hook
 from cluster_server.wire.channel import Channel, Message, send_blocking
-from cluster_server.worker.main import EXIT_BOOT_FAILURE, WorkerSpec, load_app, uvicorn_config, worker_main
+from cluster_server.worker.main import load_app, uvicorn_config, worker_main
+from cluster_server.worker.spec import EXIT_BOOT_FAILURE, WorkerSpec
 
 logger = logging.getLogger("cluster_server")
 

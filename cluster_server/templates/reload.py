@@ -30,7 +30,6 @@ import importlib
 import importlib.machinery
 import importlib.util
 import logging
-import math
 import os
 import signal
 import socket
@@ -328,9 +327,7 @@ class Reloader(Component):
         assert primary is not None
         if primary.ever_ready or primary.stopping:
             return False
-        for slot in primary.slots.values():
-            if slot.pid is None and slot.replacement is None:
-                slot.respawn_at = math.inf  # the next reload's rolling restart fills it
+        primary.hold_slots()  # the next reload's rolling restart fills them
         if not self.waiting_for_fix and not self.reloads:  # (a later one is the old code's, late)
             self.waiting_for_fix = True
             logger.error("the app cannot start; waiting for a change to try again:\n%s", error)
@@ -359,7 +356,7 @@ class Reloader(Component):
             watcher_main(self.rules, self.config.reload_delay, theirs, close, primary_pid)
         theirs.close()
         self.pid, self.channel = pid, Channel(ours)
-        primary.on_child_exit[pid] = self._watcher_exited
+        primary.watch_child(pid, self._watcher_exited)
         primary.add_reader(self.channel, self._on_channel)
 
     def _close_channel(self) -> None:

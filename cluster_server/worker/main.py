@@ -29,7 +29,6 @@ import sys
 import time
 import traceback
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any, NoReturn
 
 import uvicorn
@@ -44,30 +43,17 @@ from cluster_server.scheduling.worker import WorkerHandOff, worker_sockets
 from cluster_server.wire.channel import Channel, FdsTruncated
 from cluster_server.worker.health import HealthMiddleware, HealthState, health_handler
 from cluster_server.worker.interface import adapt_app
+from cluster_server.worker.spec import DUMP_SIGNAL, EXIT_BOOT_FAILURE, WorkerSpec
 from cluster_server.worker.uvicorn_glue import WorkerServer, guard_request_head, run_on_fresh_loop, wrap_loaded_app
 
 logger = logging.getLogger("cluster_server.worker")
 
-#: exit status of a worker that could not load the app or start it
-EXIT_BOOT_FAILURE = 3
 #: the signal the kernel sends a worker whose primary died (Linux)
 ORPHAN_SIGNAL = signal.SIGUSR2
 #: seconds an orphaned worker gets to finish before it is gone for good
 ORPHAN_GRACE = 1.0
-#: the signal that makes a worker dump every thread's stack to stderr
-DUMP_SIGNAL = signal.SIGUSR1
 #: a worker forked by a template waits this long to be re-parented to the primary
 REPARENT_TIMEOUT = 2.0
-
-
-@dataclass(frozen=True)
-class WorkerSpec:
-    """What the primary tells a new worker, frozen at fork time."""
-
-    id: int
-    generation: int
-    primary_pid: int
-    listeners: tuple[socket.socket, ...]
 
 
 def load_app(config: Config) -> Any:
