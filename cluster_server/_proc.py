@@ -10,6 +10,7 @@ import random
 import signal
 import sys
 from collections.abc import Iterable
+from typing import NamedTuple
 
 from setproctitle import setproctitle as _setproctitle
 
@@ -94,18 +95,39 @@ def flush_output() -> None:
             pass
 
 
+class ExitStatus(NamedTuple):
+    """A wait status (``os.waitpid``), decoded: the one place that reads one."""
+
+    #: the exit code, if the process exited
+    code: int | None
+    #: the signal that killed it, if one did (a ``signal.Signals`` when Python knows its name)
+    signal: int | None
+    raw: int
+
+    @classmethod
+    def of(cls, status: int) -> ExitStatus:
+        if os.WIFSIGNALED(status):
+            sig = os.WTERMSIG(status)
+            try:
+                return cls(None, signal.Signals(sig), status)
+            except ValueError:
+                return cls(None, sig, status)
+        if os.WIFEXITED(status):
+            return cls(os.WEXITSTATUS(status), None, status)
+        return cls(None, None, status)
+
+    def __str__(self) -> str:
+        """In words: ``exit code 3``, ``killed by SIGKILL``."""
+        if self.signal is not None:
+            return f"killed by {self.signal.name if isinstance(self.signal, signal.Signals) else self.signal}"
+        if self.code is not None:
+            return f"exit code {self.code}"
+        return f"status {self.raw}"
+
+
 def describe_status(status: int) -> str:
     """A wait status in words: ``exit code 3``, ``killed by SIGKILL``."""
-    if os.WIFSIGNALED(status):
-        sig = os.WTERMSIG(status)
-        try:
-            name = signal.Signals(sig).name
-        except ValueError:
-            name = str(sig)
-        return f"killed by {name}"
-    if os.WIFEXITED(status):
-        return f"exit code {os.WEXITSTATUS(status)}"
-    return f"status {status}"
+    return str(ExitStatus.of(status))
 
 
 _PAGE_SIZE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096

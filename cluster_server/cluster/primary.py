@@ -29,13 +29,14 @@ import subprocess
 import sys
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NoReturn
 
 from cluster_server import _proc
 from cluster_server._errors import ChannelError, DisconnectedError, RequestError
 from cluster_server.cluster.worker import MainTarget, describe_exception, main_target, run_forked
 from cluster_server.wire import channel as _channel
-from cluster_server.wire.channel import Channel, Message
+from cluster_server.wire.channel import Channel, Message, receive_all
+from cluster_server.wire.spawn import fork_child
 
 logger = logging.getLogger("cluster_server.cluster")
 
@@ -139,18 +140,6 @@ def _spawn(aw: Awaitable[Any], what: str) -> None:
             logger.error("%s raised", what, exc_info=exc)
 
     task.add_done_callback(done)
-
-
-def _signal_of(status: int) -> tuple[int | None, signal.Signals | None]:
-    if os.WIFSIGNALED(status):
-        num = os.WTERMSIG(status)
-        try:
-            return None, signal.Signals(num)
-        except ValueError:
-            return None, None
-    if os.WIFEXITED(status):
-        return os.WEXITSTATUS(status), None
-    return None, None
 
 
 class Worker(Emitter):
@@ -385,19 +374,20 @@ class ClusterPrimary(Emitter):
         settings = self.settings
         target: MainTarget = ("path", os.path.abspath(settings.exec)) if settings.exec else main_target()
         worker_id = next(self._ids)
-        ours, theirs = _channel.pair()
         process: subprocess.Popen[bytes] | None = None
-        try:
-            if settings.start_method == "fork":
-                pid = self._fork(worker_id, ours, theirs, env, target, settings.args)
-            else:
+        if settings.start_method == "fork":
+            main = functools.partial(self._forked, worker_id, os.getpid(), env, target, settings.args)
+            pid, ours = fork_child(main)
+        else:
+            ours, theirs = _channel.pair()
+            try:
                 process = self._spawn(worker_id, theirs, env, target, settings)
-                pid = process.pid
-        except BaseException:
-            ours.close()
-            raise
-        finally:
-            theirs.close()
+            except BaseException:
+                ours.close()
+                raise
+            finally:
+                theirs.close()
+            pid = process.pid
         w = Worker(self, worker_id, pid, Channel(ours), process)
         try:
             w._pidfd = os.pidfd_open(pid)
@@ -409,25 +399,21 @@ class ClusterPrimary(Emitter):
         self.call_soon(self.emit, "fork", w)
         return w
 
-    def _fork(
+    def _forked(
         self,
         worker_id: int,
-        ours: socket.socket,
-        theirs: socket.socket,
+        primary_pid: int,
         env: dict[str, str] | None,
         target: MainTarget,
         args: Sequence[str],
-    ) -> int:
-        _proc.flush_output()
-        primary_pid = os.getpid()
-        pid = os.fork()
-        if pid == 0:  # pragma: no cover - the child never returns
-            try:
-                ours.close()
-                self.close_in_child()
-            finally:
-                run_forked(worker_id, theirs, primary_pid, env, target, args)
-        return pid
+        sock: socket.socket,
+        close: list[int],
+    ) -> NoReturn:  # pragma: no cover - in the forked worker
+        try:
+            _proc.close_all(close)  # our end of its channel
+            self.close_in_child()
+        finally:
+            run_forked(worker_id, sock, primary_pid, env, target, args)
 
     def _spawn(
         self, worker_id: int, theirs: socket.socket, env: dict[str, str] | None, target: MainTarget, settings: Settings
@@ -488,10 +474,10 @@ class ClusterPrimary(Emitter):
         if w.is_connected():
             self._on_readable(w)
             self.close_channel(w)
-        if status == -1:
-            code, sig = None, None
-        else:
-            code, sig = _signal_of(status)
+        st = _proc.ExitStatus.of(status) if status != -1 else None  # -1: its status is lost
+        code = st.code if st is not None else None
+        # (a signal Python has no name for is reported as none, as Node does)
+        sig = st.signal if st is not None and isinstance(st.signal, signal.Signals) else None
         w.exit_code, w.signal_code = code, sig
         if w.process is not None:
             w.process.returncode = code if sig is None else -int(sig)
@@ -545,10 +531,7 @@ class ClusterPrimary(Emitter):
                 )
             return False
         try:
-            sent = ch.send(msg, fds)
-        except (TypeError, ValueError, ChannelError):
-            _proc.close_all(fds)  # could not be encoded: nothing was taken
-            raise
+            sent = ch.send(msg, fds)  # (the channel closes the fds if it raises)
         except OSError:
             # Gone (mid-broadcast, say): it reads as a disconnect, on the next tick.
             self.call_soon(self.close_channel, w)
@@ -580,23 +563,14 @@ class ClusterPrimary(Emitter):
         ch = w._channel
         if ch is None or ch.closed:
             return
+        if not receive_all(ch, functools.partial(self._dispatch, w), f"worker {w.id} [pid {w.pid}]"):
+            self.close_channel(w)
+
+    def _dispatch(self, w: Worker, msg: Message, fds: list[int]) -> None:
         try:
-            for msg, fds in ch.receive():
-                if isinstance(msg, ChannelError):
-                    _proc.close_all(fds)
-                    logger.warning("worker %d [pid %d]: dropped a message: %s", w.id, w.pid, msg)
-                    continue
-                try:
-                    self._handle(w, msg, fds)
-                except Exception:
-                    logger.exception("worker %d [pid %d]: handling %.200r raised", w.id, w.pid, msg)
-                if not w.is_connected():  # a listener closed it
-                    return
-        except EOFError:
-            self.close_channel(w)
-        except OSError as exc:
-            logger.warning("worker %d [pid %d]: channel error %s", w.id, w.pid, exc)
-            self.close_channel(w)
+            self._handle(w, msg, fds)
+        except Exception:  # a listener's bug: the next message is still read
+            logger.exception("worker %d [pid %d]: handling %.200r raised", w.id, w.pid, msg)
 
     def _handle(self, w: Worker, msg: Message, fds: list[int]) -> None:
         _proc.close_all(fds)  # a worker's messages carry no fds

@@ -52,7 +52,6 @@ import socket
 import sys
 import threading
 import time
-import traceback
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, NoReturn
@@ -61,6 +60,7 @@ from cluster_server import _proc
 from cluster_server._errors import BindError, ChannelError, ClusterRoleError, DisconnectedError, RequestError
 from cluster_server.wire import channel as _channel
 from cluster_server.wire.channel import Message
+from cluster_server.wire.spawn import child_main
 
 logger = logging.getLogger("cluster_server.cluster")
 
@@ -617,8 +617,8 @@ def run_forked(
     args: Sequence[str],
 ) -> NoReturn:
     """A forked worker: re-run the program's main (Node's semantics), then exit. Never returns."""
-    code = 1
-    try:
+
+    def body() -> int:
         reset_signals()
         # The parent's running loop must never be touched here (its epoll is shared
         # with the parent's): forget it without closing it. The stack keeps it alive.
@@ -626,14 +626,9 @@ def run_forked(
         if env:
             os.environ.update(env)
         start_link(worker_id, sock, primary_pid)
-        code = run_main(target, args)
-    except SystemExit as exc:
-        code = exit_code_of(exc)
-    except BaseException:
-        traceback.print_exc()
-    finally:
-        _proc.flush_output()
-        os._exit(code)
+        return run_main(target, args)
+
+    child_main(body, f"worker {worker_id} crashed")
 
 
 def run_main(target: MainTarget, args: Sequence[str]) -> int:

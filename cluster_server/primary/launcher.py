@@ -9,16 +9,16 @@ a fake one.
 
 from __future__ import annotations
 
+import functools
 import os
 import socket
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, NoReturn, Protocol
 
-from cluster_server import _proc
 from cluster_server._config import Config
 from cluster_server.primary.component import Component, override
-from cluster_server.wire import channel as _channel
 from cluster_server.wire.channel import Channel
+from cluster_server.wire.spawn import fork_child
 from cluster_server.worker.spec import WorkerSpec
 
 if TYPE_CHECKING:
@@ -48,30 +48,15 @@ class ForkLauncher(Component):
 
     def spawn(self, worker: Worker) -> tuple[int, Channel | None]:
         """Fork ``worker``. Raises ``OSError`` (nothing left open) when the primary cannot."""
-        ours, theirs = _channel.pair()
-        try:
-            return self._fork(worker, ours, theirs)
-        except BaseException:
-            ours.close()
-            raise
-        finally:
-            theirs.close()
-
-    def _fork(self, worker: Worker, ours: socket.socket, theirs: socket.socket) -> tuple[int, Channel]:
         primary = self.primary
-        close = [*primary.fds_to_close_in_child(), ours.fileno()]
         spec = WorkerSpec(
             id=worker.id,
             generation=worker.generation,
             primary_pid=os.getpid(),
             listeners=tuple(lst.sock for lst in primary.listeners),
         )
-        _proc.flush_output()
-        pid = os.fork()
-        if pid == 0:  # pragma: no cover - the child never returns from worker_main
-            from cluster_server.worker.main import load_app, worker_main  # uvicorn: in the worker only
-
-            worker_main(primary.config, spec, theirs, close, self.load or load_app)
+        main = functools.partial(_worker, primary.config, spec, self.load)
+        pid, ours = fork_child(main, primary.fds_to_close_in_child())
         return pid, Channel(ours)
 
     def kill(self, pid: int, sig: int) -> None:
@@ -79,3 +64,11 @@ class ForkLauncher(Component):
             os.kill(pid, sig)
         except ProcessLookupError:
             pass
+
+
+def _worker(
+    config: Config, spec: WorkerSpec, load: Callable[[Config], Any] | None, sock: socket.socket, close: list[int]
+) -> NoReturn:  # pragma: no cover - in the forked worker
+    from cluster_server.worker.main import load_app, worker_main  # uvicorn and the app: in the worker only
+
+    worker_main(config, spec, sock, close, load or load_app)

@@ -20,21 +20,23 @@ import math
 import os
 import selectors
 import signal
+import socket
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ParamSpec, TypeVar
 
 from cluster_server import _proc
 from cluster_server._config import Config
-from cluster_server._errors import AppLoadError, ChannelError, ClusterServerError, WorkerBootError
+from cluster_server._errors import AppLoadError, ClusterServerError, WorkerBootError
+from cluster_server._proc import ExitStatus, describe_status
 from cluster_server._proc import close_all as _close_fds
-from cluster_server._proc import describe_status
 from cluster_server.primary.component import MAX_FAILURES, Component, Sample, WorkerEvent
 from cluster_server.primary.launcher import ForkLauncher, Launcher
 from cluster_server.primary.sockets import Listener
 from cluster_server.primary.state import WorkerState, check_transition, exit_state
-from cluster_server.wire.channel import Channel, Message
+from cluster_server.wire.channel import Channel, Message, receive_all
+from cluster_server.wire.spawn import ChildMain, fork_child
 from cluster_server.worker.spec import DUMP_SIGNAL, EXIT_BOOT_FAILURE
 
 logger = logging.getLogger("cluster_server")
@@ -332,6 +334,16 @@ class Primary:
 
     # -- what components may change ---------------------------------------------
 
+    def start_child(
+        self, main: ChildMain, on_exit: Callable[[int, int], None], close: Iterable[int] = ()
+    ) -> tuple[int, socket.socket]:
+        """Fork a component's child (a template, the reload watcher, an upgrade), joined by a
+        channel: its pid and our end. It gets ``main(its end, fds to close)``: the primary's
+        fds and ``close``. ``on_exit(pid, status)`` runs once it is reaped. Raises OSError."""
+        pid, ours = fork_child(main, [*self.fds_to_close_in_child(), *close])
+        self.watch_child(pid, on_exit)
+        return pid, ours
+
     def watch_child(self, pid: int, on_exit: Callable[[int, int], None]) -> None:
         """A child that is not a worker (a template, the watcher...): ``on_exit(pid, status)`` when reaped."""
         self._child_exits[pid] = on_exit
@@ -523,7 +535,7 @@ class Primary:
             if w.boot_error is not None:
                 err: ClusterServerError = (
                     AppLoadError(w.boot_error)
-                    if _exit_code(status) == EXIT_BOOT_FAILURE and w.boot_stage != "lifespan"
+                    if ExitStatus.of(status).code == EXIT_BOOT_FAILURE and w.boot_stage != "lifespan"
                     else WorkerBootError(w.boot_error)
                 )
             else:
@@ -584,16 +596,9 @@ class Primary:
             except OSError:
                 self._forget_channel(w)
                 return
-        if not mask & selectors.EVENT_READ:
-            return
-        try:
-            for msg, fds in w.channel.receive():
-                if isinstance(msg, ChannelError):
-                    _close_fds(fds)
-                    logger.warning("%s: dropped a message: %s", w.name, msg)
-                    continue
-                self.handle_message(w, msg, fds)
-        except EOFError:
+        if mask & selectors.EVENT_READ and not receive_all(
+            w.channel, functools.partial(self.handle_message, w), w.name
+        ):
             self._forget_channel(w)
 
     def _watch(self, w: Worker) -> None:
@@ -604,15 +609,14 @@ class Primary:
 
     def send(self, w: Worker, msg: Message, fds: list[int] | None = None) -> bool:
         """Send a message to a worker (fds are handed over). False if the worker is gone."""
-        if w.channel is None or w.channel.closed:
+        if w.channel is None:
             _close_fds(fds or [])
             return False
         try:
             if not w.channel.send(msg, fds or ()):
                 self._watch(w)
-        except OSError:
+        except OSError:  # gone, or closed already (the channel closed the fds)
             self._forget_channel(w)
-            _close_fds(fds or [])  # not sent, not queued: still ours
             return False
         return True
 
@@ -870,7 +874,3 @@ class Primary:
         for c in self.components:
             fds += self._call(c, [], c.fds_to_close_in_child)
         return fds
-
-
-def _exit_code(status: int) -> int | None:
-    return os.waitstatus_to_exitcode(status) if os.WIFEXITED(status) else None

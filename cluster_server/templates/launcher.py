@@ -7,6 +7,7 @@ primary's children (a child subreaper and a double fork).
 
 from __future__ import annotations
 
+import functools
 import gc
 import logging
 import math
@@ -18,7 +19,7 @@ from typing import TYPE_CHECKING, Literal
 
 from cluster_server import _proc
 from cluster_server._config import Config
-from cluster_server._errors import AppLoadError, ChannelError
+from cluster_server._errors import AppLoadError
 from cluster_server.primary.component import Component, WorkerEvent, override
 from cluster_server.primary.launcher import ForkLauncher
 from cluster_server.templates.process import (
@@ -30,7 +31,7 @@ from cluster_server.templates.process import (
 )
 from cluster_server.templates.reload import Reloader, WatchRules, _stop_child
 from cluster_server.wire import channel as _channel
-from cluster_server.wire.channel import Channel, Message, send_blocking
+from cluster_server.wire.channel import Channel, Message, receive_all, send_blocking
 
 if TYPE_CHECKING:
     from cluster_server.primary.loop import Primary, Worker
@@ -65,20 +66,19 @@ class Template:
 
     def start(self) -> None:
         primary = self.launcher.primary
-        ours, theirs = _channel.pair()
-        close = [*primary.fds_to_close_in_child(), ours.fileno()]
-        listeners = tuple(lst.sock for lst in primary.listeners)
-        primary_pid = os.getpid()
+        main = functools.partial(
+            template_main,
+            primary.config,
+            self.kind,
+            primary_pid=os.getpid(),
+            listeners=tuple(lst.sock for lst in primary.listeners),
+            rules=self.launcher.rules,
+        )
         # The primary's own objects live as long as it does: freeze them so that its
         # collections do not copy the pages it shares with the template and workers.
         gc.freeze()
-        _proc.flush_output()
-        pid = os.fork()
-        if pid == 0:  # pragma: no cover - the child never returns
-            template_main(primary.config, self.kind, theirs, close, primary_pid, listeners, self.launcher.rules)
-        theirs.close()
-        self.pid, self.channel = pid, Channel(ours)
-        primary.watch_child(pid, self._exited)
+        self.pid, ours = primary.start_child(main, self._exited)
+        self.channel = Channel(ours)
         primary.add_reader(self.channel, self._on_channel)
 
     def fileno(self) -> int | None:
@@ -89,17 +89,13 @@ class Template:
             self.launcher.template_message(self, msg)
 
     def _receive(self) -> list[Message]:
-        if self.channel is None:
-            return []
         out: list[Message] = []
-        try:
-            for msg, fds in self.channel.receive():
-                _proc.close_all(fds)
-                if isinstance(msg, ChannelError):
-                    logger.warning("%s: dropped a message: %s", self.name, msg)
-                else:
-                    out.append(msg)
-        except EOFError:
+
+        def keep(msg: Message, fds: list[int]) -> None:
+            _proc.close_all(fds)  # a template sends none
+            out.append(msg)
+
+        if self.channel is not None and not receive_all(self.channel, keep, self.name):
             self._close_channel()
         return out
 

@@ -57,10 +57,11 @@ from typing import Any, Literal, NoReturn
 
 from cluster_server import _proc
 from cluster_server._config import Config
-from cluster_server._errors import AppLoadError, ChannelError, ClusterServerError
+from cluster_server._errors import AppLoadError, ClusterServerError
 from cluster_server.ops import privileges as _privileges
 from cluster_server.templates.reload import WatchRules, fresh_import_hook
-from cluster_server.wire.channel import Channel, Message, send_blocking
+from cluster_server.wire.channel import Channel, Message, receive_all, send_blocking
+from cluster_server.wire.spawn import child_main
 from cluster_server.worker.main import load_app, uvicorn_config, worker_main
 from cluster_server.worker.spec import EXIT_BOOT_FAILURE, WorkerSpec
 
@@ -134,16 +135,12 @@ def template_main(
     rules: WatchRules | None,
 ) -> NoReturn:
     """Entry point of a forked template. Never returns."""
-    code = 1
-    try:
+
+    def body() -> int:
         _proc.after_fork_in_child(close_fds)
-        code = _TemplateProcess(config, kind, Channel(sock), primary_pid, listeners, rules).run()
-    except BaseException:
-        logger.exception("the %s template crashed", kind)
-    finally:
-        logging.shutdown()
-        _proc.flush_output()
-        os._exit(code)
+        return _TemplateProcess(config, kind, Channel(sock), primary_pid, listeners, rules).run()
+
+    child_main(body, f"the {kind} template crashed")
 
 
 class _TemplateProcess:
@@ -292,14 +289,14 @@ class _TemplateProcess:
             if not ready:
                 self.check_stale()
                 continue
-            try:
-                for msg, fds in self.channel.receive():
-                    if isinstance(msg, ChannelError) or msg.get("t") != "spawn" or len(fds) != 1:
-                        _proc.close_all(fds)
-                        continue
-                    self.spawn(msg, fds[0])
-            except EOFError:
+            if not receive_all(self.channel, self._request, "template"):
                 return 0  # the primary closed our channel: we are done
+
+    def _request(self, msg: Message, fds: list[int]) -> None:
+        if msg.get("t") != "spawn" or len(fds) != 1:
+            _proc.close_all(fds)
+            return
+        self.spawn(msg, fds[0])
 
     def check_stale(self) -> None:
         if self.stale:

@@ -41,10 +41,10 @@ from typing import TYPE_CHECKING, Any, NoReturn
 
 from cluster_server import _proc
 from cluster_server._config import Config
-from cluster_server._errors import ChannelError, ClusterServerError
+from cluster_server._errors import ClusterServerError
 from cluster_server.primary.component import Component, override
-from cluster_server.wire import channel as _channel
-from cluster_server.wire.channel import Channel, send_blocking
+from cluster_server.wire.channel import Channel, Message, receive_all, send_blocking
+from cluster_server.wire.spawn import child_main
 
 if TYPE_CHECKING:
     from cluster_server.primary.loop import Primary
@@ -238,15 +238,12 @@ def watcher_main(
     rules: WatchRules, delay: float, sock: socket.socket, close_fds: list[int], primary_pid: int
 ) -> NoReturn:
     """Entry point of the forked watcher process. Never returns."""
-    code = 1
-    try:
+
+    def body() -> int:
         _proc.after_fork_in_child(close_fds)
-        code = _watch(rules, delay, Channel(sock), primary_pid)
-    except BaseException:
-        logger.exception("the reload watcher crashed")
-    finally:
-        logging.shutdown()
-        os._exit(code)
+        return _watch(rules, delay, Channel(sock), primary_pid)
+
+    child_main(body, "the reload watcher crashed")
 
 
 def _watch(rules: WatchRules, delay: float, channel: Channel, primary_pid: int) -> int:
@@ -346,17 +343,11 @@ class Reloader(Component):
         assert primary is not None
         if primary.stopping:
             return
-        ours, theirs = _channel.pair()
+        main = functools.partial(watcher_main, self.rules, self.config.reload_delay, primary_pid=os.getpid())
         # The watcher serves nothing: it does not keep the listening sockets either.
-        close = [*primary.fds_to_close_in_child(), ours.fileno(), *(lst.sock.fileno() for lst in primary.listeners)]
-        primary_pid = os.getpid()
-        _proc.flush_output()
-        pid = os.fork()
-        if pid == 0:  # pragma: no cover - the child never returns
-            watcher_main(self.rules, self.config.reload_delay, theirs, close, primary_pid)
-        theirs.close()
+        serving = [lst.sock.fileno() for lst in primary.listeners]
+        pid, ours = primary.start_child(main, self._watcher_exited, close=serving)
         self.pid, self.channel = pid, Channel(ours)
-        primary.watch_child(pid, self._watcher_exited)
         primary.add_reader(self.channel, self._on_channel)
 
     def _close_channel(self) -> None:
@@ -382,17 +373,11 @@ class Reloader(Component):
 
     def _on_channel(self, mask: int) -> None:
         assert self.channel is not None
-        try:
-            for msg, fds in self.channel.receive():
-                _proc.close_all(fds)
-                if isinstance(msg, ChannelError):
-                    logger.warning("reload watcher: dropped a message: %s", msg)
-                    continue
-                self.handle(msg)
-        except EOFError:
+        if not receive_all(self.channel, self.handle, "reload watcher"):
             self._close_channel()
 
-    def handle(self, msg: dict[str, Any]) -> None:
+    def handle(self, msg: Message, fds: list[int]) -> None:
+        _proc.close_all(fds)  # the watcher sends none
         kind = msg.get("t")
         if kind == "watching":
             logger.info("reload: watching %s for changes", ", ".join(self.rules.roots))

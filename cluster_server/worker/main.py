@@ -35,12 +35,13 @@ import uvicorn
 
 from cluster_server import _proc
 from cluster_server._config import Config
-from cluster_server._errors import AppLoadError, BindError, ChannelError, ClusterServerError
+from cluster_server._errors import AppLoadError, BindError, ClusterServerError
 from cluster_server.cluster.http import enter_worker
 from cluster_server.ops import privileges as _privileges
 from cluster_server.scheduling.protocol import HANDOFF
 from cluster_server.scheduling.worker import WorkerHandOff, worker_sockets
-from cluster_server.wire.channel import Channel, FdsTruncated
+from cluster_server.wire.channel import Channel, Message, receive_all
+from cluster_server.wire.spawn import child_main
 from cluster_server.worker.health import HealthMiddleware, HealthState, health_handler
 from cluster_server.worker.interface import adapt_app
 from cluster_server.worker.spec import DUMP_SIGNAL, EXIT_BOOT_FAILURE, WorkerSpec
@@ -155,19 +156,12 @@ def worker_main(
     ``load`` returns the app (a template passes the app it preloaded, or an
     importer that reloads the project's modules).
     """
-    code = 1
-    try:
+
+    def body() -> int:
         _proc.after_fork_in_child(close_fds)
-        code = _run(config, spec, Channel(channel_sock), load)
-    except SystemExit as exc:
-        code = exc.code if isinstance(exc.code, int) else 1
-    except BaseException:
-        logger.exception("worker %d crashed", spec.id)
-        code = 1
-    finally:
-        logging.shutdown()
-        _proc.flush_output()  # tolerates a closed or None stream: nothing may stop os._exit
-        os._exit(code)
+        return _run(config, spec, Channel(channel_sock), load)
+
+    child_main(body, f"worker {spec.id} crashed")
 
 
 def _await_parent(pid: int, timeout: float) -> bool:
@@ -257,19 +251,17 @@ def _run(config: Config, spec: WorkerSpec, channel: Channel, load: Callable[[Con
         loop = asyncio.get_running_loop()
         link.serve(server, loop)
 
+        def dispatch(msg: Message, fds: list[int]) -> None:
+            handler = server.handlers.get(str(msg.get("t")))
+            if handler is None:
+                _proc.close_all(fds)
+                logger.warning("worker %d: dropped a message from the primary: %.200s", spec.id, msg)
+                return
+            handler(msg, fds)
+
         def on_channel() -> None:
-            try:
-                for msg, fds in channel.receive():
-                    if isinstance(msg, FdsTruncated) and msg.message is not None:
-                        msg = {**msg.message, "ctrunc": True}  # the handler refuses what it lost
-                    handler = None if isinstance(msg, ChannelError) else server.handlers.get(str(msg.get("t")))
-                    if handler is None:
-                        _proc.close_all(fds)
-                        logger.warning("worker %d: dropped a message from the primary: %.200s", spec.id, msg)
-                        continue
-                    assert not isinstance(msg, ChannelError)
-                    handler(msg, fds)
-            except EOFError:
+            # (a message that lost fds is handed on marked "ctrunc": its handler refuses what it lost)
+            if not receive_all(channel, dispatch, f"worker {spec.id}", truncated=True):
                 loop.remove_reader(channel.fileno())
                 orphaned()
 
