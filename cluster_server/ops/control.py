@@ -191,6 +191,9 @@ def _wants_input(c: _Client) -> bool:
 class ControlServer(ClientServer[_Client]):
     """The control socket, as a primary component."""
 
+    max_clients = MAX_CLIENTS
+    what = "control socket"
+
     def __init__(
         self,
         path: str | None,
@@ -244,6 +247,7 @@ class ControlServer(ClientServer[_Client]):
         p.add_reader(self.sock, self._accept)
         logger.info("control socket: %s (cluster-server ctl --control-socket %s status)", self.path, self.path)
 
+    @override
     def stop_listening(self) -> None:
         """Stop accepting (the file stays, for a successor); clients being served are finished."""
         if self.sock is None:
@@ -266,34 +270,21 @@ class ControlServer(ClientServer[_Client]):
             pass
         self._inode = None
 
-    @override
-    def close(self) -> None:
-        self._drop_all()
-        self.stop_listening()
-
-    @override
-    def fds_to_close_in_child(self) -> list[int]:
-        fds = list(self.clients)
-        if self.sock is not None:
-            fds.append(self.sock.fileno())
-        return fds
-
     # -- I/O --
 
     @override
-    def _accept(self, mask: int) -> None:
-        assert self.sock is not None and self.primary is not None
-        for conn in self._accepted(self.sock, MAX_CLIENTS, "control socket"):
-            if len(self.clients) >= MAX_CLIENTS:
-                # Make room by dropping the client closest to its deadline (an idle one),
-                # so clients that say nothing cannot lock an operator out.
-                self._drop(min(self.clients, key=lambda fd: self.clients[fd].deadline))
-            client = _Client(conn, self.primary.clock() + IDLE_TIMEOUT)
-            self._add(client)
-            if not _peer_allowed(conn):
-                self._reply(client, {"ok": False, "error": "permission denied: not the server's user or root"})
-                client.close_when_flushed = True
-                self._after_write(conn.fileno(), client)
+    def _welcome(self, conn: socket.socket) -> None:
+        assert self.primary is not None
+        if len(self.clients) >= MAX_CLIENTS:
+            # Make room by dropping the client closest to its deadline (an idle one),
+            # so clients that say nothing cannot lock an operator out.
+            self._drop(min(self.clients, key=lambda fd: self.clients[fd].deadline))
+        client = _Client(conn, self.primary.clock() + IDLE_TIMEOUT)
+        self._add(client)
+        if not _peer_allowed(conn):
+            self._reply(client, {"ok": False, "error": "permission denied: not the server's user or root"})
+            client.close_when_flushed = True
+            self._after_write(conn.fileno(), client)
 
     @override
     def _serve(self, fd: int, client: _Client, mask: int) -> None:

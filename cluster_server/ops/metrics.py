@@ -166,6 +166,9 @@ class _Client(Client):
 class MetricsServer(ClientServer[_Client]):
     """The metrics endpoint, as a primary component."""
 
+    max_clients = MAX_CLIENTS
+    what = "metrics"
+
     def __init__(
         self, bind_to: str, watch: ClusterWatch, *, sock: socket.socket | None = None, defer: bool = False
     ) -> None:
@@ -201,6 +204,7 @@ class MetricsServer(ClientServer[_Client]):
         host, port = self.address
         logger.info("metrics: http://%s:%d/metrics", f"[{host}]" if ":" in host else host, port)
 
+    @override
     def stop_listening(self) -> None:
         """Stop accepting (an upgrade's successor has the socket now)."""
         if self.sock is not None:
@@ -211,22 +215,12 @@ class MetricsServer(ClientServer[_Client]):
         self.active = False
 
     @override
-    def close(self) -> None:
-        self._drop_all()
-        self.stop_listening()
-
-    @override
-    def fds_to_close_in_child(self) -> list[int]:
-        return [*self.clients, *([self.sock.fileno()] if self.sock is not None else [])]
-
-    @override
-    def _accept(self, mask: int) -> None:
-        assert self.sock is not None and self.primary is not None
-        for conn in self._accepted(self.sock, MAX_CLIENTS, "metrics"):
-            if len(self.clients) >= MAX_CLIENTS:
-                conn.close()
-                continue
-            self._add(_Client(conn, self.primary.clock() + DEADLINE))
+    def _welcome(self, conn: socket.socket) -> None:
+        assert self.primary is not None
+        if len(self.clients) >= MAX_CLIENTS:
+            conn.close()  # a scraper that retries is answered soon enough
+            return
+        self._add(_Client(conn, self.primary.clock() + DEADLINE))
 
     @override
     def _serve(self, fd: int, c: _Client, mask: int) -> None:

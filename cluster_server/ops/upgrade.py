@@ -264,9 +264,8 @@ class Upgrader(Component):
 
     def _close_pipe(self) -> None:
         if self.pipe is not None:
-            if self.primary is not None:
-                self.primary.remove_reader(self.pipe)
-            self.pipe.close()
+            assert self.primary is not None  # (a pipe is made once attached)
+            self.primary.close_reader(self.pipe)
             self.pipe = None
 
     @override

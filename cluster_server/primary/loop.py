@@ -395,6 +395,11 @@ class Primary:
             except (KeyError, ValueError):
                 pass
 
+    def close_reader(self, fileobj: Channel | socket.socket) -> None:
+        """Stop watching ``fileobj``, and close it."""
+        self.remove_reader(fileobj)
+        fileobj.close()
+
     # -- signals ------------------------------------------------------------
 
     def _install_signals(self) -> None:
@@ -621,10 +626,8 @@ class Primary:
         return True
 
     def _forget_channel(self, w: Worker) -> None:
-        if w.channel is None or w.channel.closed:
-            return
-        self.remove_reader(w.channel)
-        w.channel.close()
+        if w.channel is not None and not w.channel.closed:
+            self.close_reader(w.channel)
 
     def handle_message(self, w: Worker, msg: Message, fds: list[int] | None = None) -> None:
         """React to one message from a worker; anything unexpected is logged and dropped."""

@@ -101,8 +101,7 @@ class Template:
 
     def _close_channel(self) -> None:
         if self.channel is not None:
-            self.launcher.primary.remove_reader(self.channel)
-            self.channel.close()
+            self.launcher.primary.close_reader(self.channel)
             self.channel = None
 
     def _exited(self, pid: int, status: int) -> None:

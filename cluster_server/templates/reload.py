@@ -352,9 +352,8 @@ class Reloader(Component):
 
     def _close_channel(self) -> None:
         if self.channel is not None:
-            if self.primary is not None:
-                self.primary.remove_reader(self.channel)
-            self.channel.close()
+            assert self.primary is not None  # (a channel is made once attached)
+            self.primary.close_reader(self.channel)
             self.channel = None
 
     def _watcher_exited(self, pid: int, status: int) -> None:
