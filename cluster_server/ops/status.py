@@ -16,6 +16,7 @@ from __future__ import annotations
 import collections
 import logging
 import os
+import sys
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -34,6 +35,16 @@ logger = logging.getLogger("cluster_server")
 UNPLANNED = frozenset({"crash", "boot_failure", "timeout", "ready_timeout"})
 #: every state a row of ``ctl status`` can show (``backoff``: an empty slot waiting to restart)
 STATES = ("booting", "ready", "draining", "backoff")
+
+
+def primary_modules() -> list[str]:
+    """The top-level packages imported in this (primary) process, for ``ctl status --json``.
+
+    The HTTP primary never imports the app, uvicorn or asyncio: those load in the
+    workers, after the fork. A name here that should not be (the app's package,
+    say) means something imported it into the primary.
+    """
+    return sorted({name.partition(".")[0] for name in list(sys.modules)})
 
 
 def exit_reason(w: Worker) -> str:
@@ -187,6 +198,7 @@ class ClusterWatch(Component):
             "exits": dict(self.exits),
             "rolls": dict(self.rolls),
             "rows": rows,
+            "modules": primary_modules(),
         }
 
     def summary(self) -> str:

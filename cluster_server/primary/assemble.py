@@ -15,7 +15,6 @@ from typing import TYPE_CHECKING, Any
 
 from cluster_server import _proc
 from cluster_server._config import Config
-from cluster_server.cluster.http import Messaging
 from cluster_server.ops import privileges as _privileges
 from cluster_server.ops.control import ControlServer
 from cluster_server.ops.status import ClusterWatch
@@ -24,6 +23,7 @@ from cluster_server.ops.upgrade import PidFile, Upgrader
 from cluster_server.primary.component import Component
 from cluster_server.primary.launcher import ForkLauncher
 from cluster_server.primary.loop import Primary
+from cluster_server.primary.messaging import Messaging
 from cluster_server.primary.recycle import Recycler
 from cluster_server.primary.sockets import bind_listeners, take_inherited
 from cluster_server.primary.tls import check_tls

@@ -62,7 +62,6 @@ from cluster_server.ops import privileges as _privileges
 from cluster_server.templates.reload import WatchRules, fresh_import_hook
 from cluster_server.wire.channel import Channel, Message, receive_all, send_blocking
 from cluster_server.wire.spawn import child_main
-from cluster_server.worker.main import load_app, uvicorn_config, worker_main
 from cluster_server.worker.spec import EXIT_BOOT_FAILURE, WorkerSpec
 
 logger = logging.getLogger("cluster_server")
@@ -105,10 +104,13 @@ def _machinery(filename: str) -> bool:
     return filename.startswith("<frozen") or filename.startswith(_MACHINERY_DIRS)
 
 
-def load_with_traceback(config: Config, load: Callable[[Config], Any] = load_app) -> Any:
-    """``load(config)``, with the original error's short traceback added to an AppLoadError."""
+def load_with_traceback(config: Config, load: Callable[[Config], Any] | None = None) -> Any:
+    """``load(config)`` (default: import ``config.app``), with the original error's short
+    traceback added to an AppLoadError."""
+    from cluster_server.worker.main import load_app  # in a worker or template: never the primary
+
     try:
-        return load(config)
+        return (load or load_app)(config)
     except AppLoadError as exc:
         original = exc.__cause__ or exc.__context__
         if original is None or isinstance(original, ModuleNotFoundError):
@@ -157,7 +159,7 @@ class _TemplateProcess:
     ) -> None:
         self.config, self.kind, self.channel = config, kind, channel
         self.primary_pid, self.listeners, self.rules = primary_pid, listeners, rules
-        self.load: Callable[[Config], Any] = load_app
+        self.load: Callable[[Config], Any] = load_with_traceback
         self.deps: dict[str, int] = {}  # file -> mtime_ns, for the staleness check
         self.stale = False
 
@@ -227,6 +229,8 @@ class _TemplateProcess:
                 os.dup2(devnull, 1)  # the workers will show the app's output and errors
                 os.dup2(devnull, 2)
                 try:
+                    from cluster_server.worker.main import load_app
+
                     app = load_app(self.config)
                     _warm_uvicorn(self.config, app)
                 except BaseException:
@@ -345,6 +349,8 @@ class _TemplateProcess:
                 if pid == 0:
                     os.close(w)
                     gc.enable()
+                    from cluster_server.worker.main import worker_main
+
                     worker_main(self.config, spec, socket.socket(fileno=fd), [self.channel.fileno()], self.load)
                 os.write(w, str(pid).encode())
             finally:
@@ -365,6 +371,8 @@ class _TemplateProcess:
 
 def _warm_uvicorn(config: Config, app: Any) -> None:
     """Import what uvicorn's Config.load() imports (protocols, loop), so the workers share it."""
+    from cluster_server.worker.main import uvicorn_config
+
     try:
         uvicorn_config(config, app).load()
     except BaseException:  # the workers will report it properly
