@@ -73,88 +73,100 @@ class _Collector:
         self.server = server
 
     def collect(self) -> Iterator[Any]:
-        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
-
         watch = self.server.watch
         p = self.server.primary
         assert p is not None
         snap = watch.snapshot()
-        rows = snap["rows"]
+        yield from _cluster_families(snap)
+        yield from _history_families(watch, snap)
+        yield from _worker_families(snap["rows"])
+        yield from _extra_families(p)
 
-        info = GaugeMetricFamily("cluster_server_info", "cluster-server's version and app", labels=["version", "app"])
-        info.add_metric([snap["version"], snap["app"]], 1)
-        yield info
-        yield GaugeMetricFamily(
-            "cluster_server_workers_configured", "Worker slots (--workers, ctl scale)", snap["workers"]
-        )
-        yield GaugeMetricFamily(
-            "cluster_server_generation", "Current code generation (+1 per rolling restart)", snap["generation"]
-        )
-        by_state = GaugeMetricFamily(
-            "cluster_server_workers", "Workers by state (backoff: an empty slot waiting to restart)", labels=["state"]
-        )
-        for state in STATES:
-            by_state.add_metric([state], snap["states"][state])
-        yield by_state
 
-        restarts = CounterMetricFamily(
-            "cluster_server_worker_restarts",
-            "Workers that exited, by reason: crash, boot_failure, timeout (hung), ready_timeout, rolled...",
-            labels=["reason"],
-        )
-        for reason in EXIT_REASONS:
-            restarts.add_metric([reason], watch.exits.get(reason, 0))
-        for reason, n in sorted(watch.exits.items()):
-            if reason not in EXIT_REASONS:
-                restarts.add_metric([reason], n)
-        yield restarts
+def _cluster_families(snap: dict[str, Any]) -> Iterator[Any]:
+    """The cluster as it is configured and runs now."""
+    from prometheus_client.core import GaugeMetricFamily
 
-        rolls = CounterMetricFamily(
-            "cluster_server_rolling_restarts", "Rolling restarts, by outcome", labels=["outcome"]
-        )
-        for outcome in ("completed", "failed", "aborted"):
-            rolls.add_metric([outcome], watch.rolls.get(outcome, 0))
-        yield rolls
-        yield GaugeMetricFamily(
-            "cluster_server_rolling_restart_in_progress",
-            "1 while a rolling restart runs",
-            int(snap["roll"] is not None),
-        )
+    info = GaugeMetricFamily("cluster_server_info", "cluster-server's version and app", labels=["version", "app"])
+    info.add_metric([snap["version"], snap["app"]], 1)
+    yield info
+    yield GaugeMetricFamily("cluster_server_workers_configured", "Worker slots (--workers, ctl scale)", snap["workers"])
+    yield GaugeMetricFamily(
+        "cluster_server_generation", "Current code generation (+1 per rolling restart)", snap["generation"]
+    )
+    by_state = GaugeMetricFamily(
+        "cluster_server_workers", "Workers by state (backoff: an empty slot waiting to restart)", labels=["state"]
+    )
+    for state in STATES:
+        by_state.add_metric([state], snap["states"][state])
+    yield by_state
 
-        labels = ["worker", "pid"]
-        requests = CounterMetricFamily("cluster_server_worker_requests", "Requests a worker served", labels=labels)
-        conns = GaugeMetricFamily(
-            "cluster_server_worker_open_connections", "Open connections of a worker", labels=labels
-        )
-        hb = GaugeMetricFamily(
-            "cluster_server_worker_heartbeat_age_seconds", "Seconds since a worker's last heartbeat", labels=labels
-        )
-        rss = GaugeMetricFamily("cluster_server_worker_rss_bytes", "Resident memory of a worker", labels=labels)
-        up = GaugeMetricFamily(
-            "cluster_server_worker_uptime_seconds", "Seconds since a worker was started", labels=labels
-        )
-        for row in rows:
-            if row["pid"] is None:
-                continue
-            lv = [str(row["id"]), str(row["pid"])]
-            requests.add_metric(lv, row["requests"])
-            conns.add_metric(lv, row["connections"])
-            up.add_metric(lv, row["uptime"])
-            if row["heartbeat_age"] is not None:
-                hb.add_metric(lv, row["heartbeat_age"])
-            if row["rss"] is not None:
-                rss.add_metric(lv, row["rss"])
-        yield from (requests, conns, hb, rss, up)
 
-        # Samples other components offer (the round-robin scheduler's accept backlog...).
-        extra: dict[str, Any] = {}
-        for name, help_text, kind, sample_labels, value in p.metrics_samples():
-            family = extra.get(name)
-            if family is None:
-                cls = CounterMetricFamily if kind == "counter" else GaugeMetricFamily
-                family = extra[name] = cls(name, help_text, labels=sorted(sample_labels))
-            family.add_metric([str(sample_labels[k]) for k in sorted(sample_labels)], value)
-        yield from extra.values()
+def _history_families(watch: ClusterWatch, snap: dict[str, Any]) -> Iterator[Any]:
+    """What happened since the primary started: exits by reason, rolling restarts by outcome."""
+    from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+    restarts = CounterMetricFamily(
+        "cluster_server_worker_restarts",
+        "Workers that exited, by reason: crash, boot_failure, timeout (hung), ready_timeout, rolled...",
+        labels=["reason"],
+    )
+    for reason in EXIT_REASONS:
+        restarts.add_metric([reason], watch.exits.get(reason, 0))
+    for reason, n in sorted(watch.exits.items()):
+        if reason not in EXIT_REASONS:
+            restarts.add_metric([reason], n)
+    yield restarts
+
+    rolls = CounterMetricFamily("cluster_server_rolling_restarts", "Rolling restarts, by outcome", labels=["outcome"])
+    for outcome in ("completed", "failed", "aborted"):
+        rolls.add_metric([outcome], watch.rolls.get(outcome, 0))
+    yield rolls
+    yield GaugeMetricFamily(
+        "cluster_server_rolling_restart_in_progress",
+        "1 while a rolling restart runs",
+        int(snap["roll"] is not None),
+    )
+
+
+def _worker_families(rows: list[dict[str, Any]]) -> Iterator[Any]:
+    """One sample per live worker in each family."""
+    from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+    labels = ["worker", "pid"]
+    requests = CounterMetricFamily("cluster_server_worker_requests", "Requests a worker served", labels=labels)
+    conns = GaugeMetricFamily("cluster_server_worker_open_connections", "Open connections of a worker", labels=labels)
+    hb = GaugeMetricFamily(
+        "cluster_server_worker_heartbeat_age_seconds", "Seconds since a worker's last heartbeat", labels=labels
+    )
+    rss = GaugeMetricFamily("cluster_server_worker_rss_bytes", "Resident memory of a worker", labels=labels)
+    up = GaugeMetricFamily("cluster_server_worker_uptime_seconds", "Seconds since a worker was started", labels=labels)
+    for row in rows:
+        if row["pid"] is None:
+            continue
+        lv = [str(row["id"]), str(row["pid"])]
+        requests.add_metric(lv, row["requests"])
+        conns.add_metric(lv, row["connections"])
+        up.add_metric(lv, row["uptime"])
+        if row["heartbeat_age"] is not None:
+            hb.add_metric(lv, row["heartbeat_age"])
+        if row["rss"] is not None:
+            rss.add_metric(lv, row["rss"])
+    yield from (requests, conns, hb, rss, up)
+
+
+def _extra_families(p: Primary) -> Iterator[Any]:
+    """Samples other components offer (the round-robin scheduler's accept backlog...)."""
+    from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+    extra: dict[str, Any] = {}
+    for name, help_text, kind, sample_labels, value in p.metrics_samples():
+        family = extra.get(name)
+        if family is None:
+            cls = CounterMetricFamily if kind == "counter" else GaugeMetricFamily
+            family = extra[name] = cls(name, help_text, labels=sorted(sample_labels))
+        family.add_metric([str(sample_labels[k]) for k in sorted(sample_labels)], value)
+    yield from extra.values()
 
 
 class _Client(Client):

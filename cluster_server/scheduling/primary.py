@@ -524,7 +524,6 @@ class HandOff(Component):
 
     def _on_ack(self, peer: _Peer, msg: Message) -> None:
         """Apply one ack. Raises TypeError on a malformed field (then nothing is applied)."""
-        w = peer.worker
         assert self.primary is not None
         now = self.primary.clock()
         if self.least_busy and peer.unacked and now - peer.progress_at >= BLOCKED:
@@ -541,53 +540,66 @@ class HandOff(Component):
             counts = _int(msg.get("k"), "k"), _int(msg.get("o"), "o")
         conns = _int(msg["c"], "c") if "c" in msg else None
         for bid in taken:
-            fds = peer.batches.pop(bid, None)
-            if fds is None:
-                logger.warning("%s acknowledged batch %r, which it does not hold; ignored", w.name, bid)
-                continue
-            peer.unacked -= len(fds)
-            close_all(fds)
-            peer.backoff = 0.0
-            if peer.limit < self.window:
-                peer.limit = min(self.window, peer.limit * 2)
+            self._taken(peer, bid)
         for bid in draining:
-            fds = peer.batches.pop(bid, None)
-            if fds is None:
-                logger.warning("%s refused batch %r, which it does not hold; ignored", w.name, bid)
-                continue
-            if not peer.closing:
-                logger.info("%s is stopping and refused %d connection(s): re-routing them", w.name, len(fds))
-            self._retire(peer)
-            self._reroute(peer, fds)
+            self._refused_draining(peer, bid)
         for bid, indexes in parsed:
-            fds = peer.batches.pop(bid, None)
-            if fds is None:
-                logger.warning("%s refused batch %r, which it does not hold; ignored", w.name, bid)
-                continue
-            refused = sorted({i for i in indexes if 0 <= i < len(fds)}) if indexes else range(len(fds))
-            back = [fds[i] for i in refused]
-            keep = set(refused)
-            close_all([fd for i, fd in enumerate(fds) if i not in keep])
-            peer.unacked -= len(fds) - len(back)
-            self._reroute(peer, back)
-            # Send it no more than it could take: a batch larger than its free fds
-            # would be refused whole (MSG_CTRUNC) again and again.
-            peer.limit = max(1, min(peer.limit, len(fds)) // 2, len(fds) - len(back))
-            assert self.primary is not None
-            first = peer.backoff == 0.0  # warn once per episode, not for every retry
-            peer.backoff = min(max(RETRY_FIRST, peer.backoff * 2), RETRY_CAP)
-            peer.blocked_until = self.primary.clock() + peer.backoff
-            logger.log(
-                logging.WARNING if first else logging.DEBUG,
-                "%s is at its file-descriptor limit and refused %d connection(s): re-routing them; "
-                "it gets none for %.2f s (raise its RLIMIT_NOFILE / ulimit -n)",
-                w.name,
-                len(back),
-                peer.backoff,
-            )
+            self._refused_at_fd_limit(peer, bid, indexes)
         if counts is not None:
             peer.taken, peer.open = counts
             peer.conns = counts[1] if conns is None else conns
+
+    def _taken(self, peer: _Peer, bid: int) -> None:
+        """The worker took every fd of batch ``bid``: ours are closed, its window grows back."""
+        fds = peer.batches.pop(bid, None)
+        if fds is None:
+            logger.warning("%s acknowledged batch %r, which it does not hold; ignored", peer.worker.name, bid)
+            return
+        peer.unacked -= len(fds)
+        close_all(fds)
+        peer.backoff = 0.0
+        if peer.limit < self.window:
+            peer.limit = min(self.window, peer.limit * 2)
+
+    def _refused_draining(self, peer: _Peer, bid: int) -> None:
+        """The worker is stopping and refused batch ``bid``: route it elsewhere, and no more to it."""
+        fds = peer.batches.pop(bid, None)
+        if fds is None:
+            logger.warning("%s refused batch %r, which it does not hold; ignored", peer.worker.name, bid)
+            return
+        if not peer.closing:
+            logger.info("%s is stopping and refused %d connection(s): re-routing them", peer.worker.name, len(fds))
+        self._retire(peer)
+        self._reroute(peer, fds)
+
+    def _refused_at_fd_limit(self, peer: _Peer, bid: int, indexes: list[int]) -> None:
+        """The worker is at its fd limit and refused fds ``indexes`` of batch ``bid`` (all if none)."""
+        w = peer.worker
+        fds = peer.batches.pop(bid, None)
+        if fds is None:
+            logger.warning("%s refused batch %r, which it does not hold; ignored", w.name, bid)
+            return
+        refused = sorted({i for i in indexes if 0 <= i < len(fds)}) if indexes else range(len(fds))
+        back = [fds[i] for i in refused]
+        keep = set(refused)
+        close_all([fd for i, fd in enumerate(fds) if i not in keep])
+        peer.unacked -= len(fds) - len(back)
+        self._reroute(peer, back)
+        # Send it no more than it could take: a batch larger than its free fds
+        # would be refused whole (MSG_CTRUNC) again and again.
+        peer.limit = max(1, min(peer.limit, len(fds)) // 2, len(fds) - len(back))
+        assert self.primary is not None
+        first = peer.backoff == 0.0  # warn once per episode, not for every retry
+        peer.backoff = min(max(RETRY_FIRST, peer.backoff * 2), RETRY_CAP)
+        peer.blocked_until = self.primary.clock() + peer.backoff
+        logger.log(
+            logging.WARNING if first else logging.DEBUG,
+            "%s is at its file-descriptor limit and refused %d connection(s): re-routing them; "
+            "it gets none for %.2f s (raise its RLIMIT_NOFILE / ulimit -n)",
+            w.name,
+            len(back),
+            peer.backoff,
+        )
 
 
 def _int(value: Any, key: str) -> int:

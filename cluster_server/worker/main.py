@@ -159,7 +159,7 @@ def worker_main(
 
     def body() -> int:
         _proc.after_fork_in_child(close_fds)
-        return _run(config, spec, Channel(channel_sock), load)
+        return _WorkerProcess(config, spec, Channel(channel_sock), load).run()
 
     child_main(body, f"worker {spec.id} crashed")
 
@@ -175,108 +175,138 @@ def _await_parent(pid: int, timeout: float) -> bool:
     return True
 
 
-def _run(config: Config, spec: WorkerSpec, channel: Channel, load: Callable[[Config], Any] = load_app) -> int:
-    _proc.set_title(f"cluster-server: worker {spec.id} [{config.app_name}]")
-    # (before dropping privileges: cluster-server's own imports do not depend on --user's rights)
-    link = enter_worker(spec.id, channel)  # cluster.is_worker, before the app is imported
-    family = spec.listeners[0].family if spec.listeners else socket.AF_INET
-    try:  # this worker's own sockets (reuseport), bound before --user drops the right to low ports
-        sockets = worker_sockets(config, spec.listeners)
-    except BindError as exc:
-        channel.send({"t": "boot_error", "error": str(exc)})
-        return 1
-    try:  # --user/--group, before the parent-death signal: changing credentials clears it
-        _privileges.drop(config)
-    except ClusterServerError as exc:
-        channel.send({"t": "boot_error", "error": str(exc)})
-        return EXIT_BOOT_FAILURE
-    # The parent-death signal fires when the *current* parent dies: set it only
-    # once the primary is our parent, or a template's middle process would fire it.
-    if not _await_parent(spec.primary_pid, REPARENT_TIMEOUT):
-        return 1
-    _proc.set_parent_death_signal(ORPHAN_SIGNAL)
-    if os.getppid() != spec.primary_pid:
-        return 1  # the primary died before we could ask to be told
-    signal.signal(ORPHAN_SIGNAL, signal.SIG_DFL)  # until the server installs its handler
+class _WorkerProcess:
+    """One HTTP worker's life, after the fork hygiene: returns its exit status."""
 
-    def report(msg: dict[str, Any]) -> None:
+    def __init__(self, config: Config, spec: WorkerSpec, channel: Channel, load: Callable[[Config], Any]) -> None:
+        self.config, self.spec, self.channel, self.load = config, spec, channel, load
+        self.sockets: list[socket.socket] | None = None
+        self.server: WorkerServer | None = None
+        self.loop: asyncio.AbstractEventLoop | None = None
+
+    def run(self) -> int:
+        config = self.config
+        _proc.set_title(f"cluster-server: worker {self.spec.id} [{config.app_name}]")
+        # (before dropping privileges: cluster-server's own imports do not depend on --user's rights)
+        self.link = enter_worker(self.spec.id, self.channel)  # cluster.is_worker, before the app is imported
+        failed = self._settle()
+        if failed is not None:
+            return failed
+        uconfig = self._load()
+        if uconfig is None:
+            return EXIT_BOOT_FAILURE
+        server = self.server = self._make_server(uconfig)
+        signal.signal(ORPHAN_SIGNAL, self._orphan_signal)
+        # A hung worker: the primary sends DUMP_SIGNAL, we print every thread's stack
+        # (from C, so it works while the event loop is blocked), then it kills us.
+        faulthandler.register(DUMP_SIGNAL, all_threads=True, chain=False)
         try:
-            channel.send(msg)
+            run_on_fresh_loop(self._serve(), uconfig)
+        except SystemExit as exc:
+            if not server.started:  # lifespan startup failed; uvicorn logged why
+                error = f"lifespan startup of {config.app_name} failed; see the log above"
+                self.report({"t": "boot_error", "error": error, "stage": "lifespan"})
+                return EXIT_BOOT_FAILURE
+            return exc.code if isinstance(exc.code, int) else 1
+        return 0
+
+    def _settle(self) -> int | None:
+        """Bind this worker's own sockets, drop privileges, become the primary's child and
+        ask to be told when it dies. An exit status when the worker cannot."""
+        config, spec = self.config, self.spec
+        try:  # this worker's own sockets (reuseport), bound before --user drops the right to low ports
+            self.sockets = worker_sockets(config, spec.listeners)
+        except BindError as exc:
+            self.channel.send({"t": "boot_error", "error": str(exc)})
+            return 1
+        try:  # --user/--group, before the parent-death signal: changing credentials clears it
+            _privileges.drop(config)
+        except ClusterServerError as exc:
+            self.channel.send({"t": "boot_error", "error": str(exc)})
+            return EXIT_BOOT_FAILURE
+        # The parent-death signal fires when the *current* parent dies: set it only
+        # once the primary is our parent, or a template's middle process would fire it.
+        if not _await_parent(spec.primary_pid, REPARENT_TIMEOUT):
+            return 1
+        _proc.set_parent_death_signal(ORPHAN_SIGNAL)
+        if os.getppid() != spec.primary_pid:
+            return 1  # the primary died before we could ask to be told
+        signal.signal(ORPHAN_SIGNAL, signal.SIG_DFL)  # until the server installs its handler
+        return None
+
+    def _load(self) -> uvicorn.Config | None:
+        """The app, in uvicorn's loaded config; None (the primary is told why) if it cannot be loaded."""
+        config = self.config
+        try:
+            if config.env_file is not None:
+                _proc.load_env_file(config.env_file)
+            uconfig = uvicorn_config(config, self.load(config))
+            uconfig.load()
+            guard_request_head(uconfig, config.timeout_request_header, config.max_request_head_size)
+        except AppLoadError as exc:
+            self.report({"t": "boot_error", "error": str(exc), "stage": "load"})
+            return None
+        except SystemExit:  # uvicorn's Config.load exits on what it cannot load
+            error = f"uvicorn could not load {config.app_name}; see the log above"
+            self.report({"t": "boot_error", "error": error, "stage": "load"})
+            return None
+        return uconfig
+
+    def _make_server(self, uconfig: uvicorn.Config) -> WorkerServer:
+        server = WorkerServer(
+            uconfig,
+            on_ready=lambda: self.report({"t": "ready"}),
+            on_heartbeat=lambda s: self.report({"t": "hb", "r": s.total_requests, "c": s.open_connections}),
+            heartbeat_interval=self.config.heartbeat_interval,
+        )
+        if (health_path := self.config.health_path) is not None:
+            health = HealthState()
+            wrap_loaded_app(uconfig, lambda app: HealthMiddleware(app, health_path, health))
+            server.handlers["health"] = health_handler(health)
+        return server
+
+    def report(self, msg: Message) -> None:
+        try:
+            self.channel.send(msg)
         except (BrokenPipeError, ConnectionResetError):
             pass  # the primary is gone; the orphan path ends us
 
-    try:
-        if config.env_file is not None:
-            _proc.load_env_file(config.env_file)
-        app = load(config)
-        uconfig = uvicorn_config(config, app)
-        uconfig.load()
-        guard_request_head(uconfig, config.timeout_request_header, config.max_request_head_size)
-    except AppLoadError as exc:
-        report({"t": "boot_error", "error": str(exc), "stage": "load"})
-        return EXIT_BOOT_FAILURE
-    except SystemExit:  # uvicorn's Config.load exits on what it cannot load
-        error = f"uvicorn could not load {config.app_name}; see the log above"
-        report({"t": "boot_error", "error": error, "stage": "load"})
-        return EXIT_BOOT_FAILURE
-
-    server = WorkerServer(
-        uconfig,
-        on_ready=lambda: report({"t": "ready"}),
-        on_heartbeat=lambda s: report({"t": "hb", "r": s.total_requests, "c": s.open_connections}),
-        heartbeat_interval=config.heartbeat_interval,
-    )
-    if (health_path := config.health_path) is not None:
-        health = HealthState()
-        wrap_loaded_app(uconfig, lambda app: HealthMiddleware(app, health_path, health))
-        server.handlers["health"] = health_handler(health)
-
-    def orphaned(*_: Any) -> None:
+    def _orphaned(self) -> None:
         # The primary is gone: finish quickly, and never outlive it by more than ~2 s.
+        assert self.server is not None
         signal.alarm(int(ORPHAN_GRACE) + 1)
-        server.drain(ORPHAN_GRACE)
+        self.server.drain(ORPHAN_GRACE)
 
-    def orphan_signal(*_: Any) -> None:
+    def _orphan_signal(self, *_: Any) -> None:
         # Only if the primary is really gone: the same signal sent to the whole process
         # group (`systemctl kill -s USR2`, meant for the primary's upgrade) is ignored.
-        if os.getppid() != spec.primary_pid:
-            orphaned()
+        if os.getppid() != self.spec.primary_pid:
+            self._orphaned()
 
-    signal.signal(ORPHAN_SIGNAL, orphan_signal)
-    # A hung worker: the primary sends DUMP_SIGNAL, we print every thread's stack
-    # (from C, so it works while the event loop is blocked), then it kills us.
-    faulthandler.register(DUMP_SIGNAL, all_threads=True, chain=False)
-
-    async def serve() -> None:
-        loop = asyncio.get_running_loop()
-        link.serve(server, loop)
-
-        def dispatch(msg: Message, fds: list[int]) -> None:
-            handler = server.handlers.get(str(msg.get("t")))
-            if handler is None:
-                _proc.close_all(fds)
-                logger.warning("worker %d: dropped a message from the primary: %.200s", spec.id, msg)
-                return
-            handler(msg, fds)
-
-        def on_channel() -> None:
-            # (a message that lost fds is handed on marked "ctrunc": its handler refuses what it lost)
-            if not receive_all(channel, dispatch, f"worker {spec.id}", truncated=True):
-                loop.remove_reader(channel.fileno())
-                orphaned()
-
+    async def _serve(self) -> None:
+        server, channel, config = self.server, self.channel, self.config
+        assert server is not None
+        loop = self.loop = asyncio.get_running_loop()
+        self.link.serve(server, loop)
         if config.scheduling in HANDOFF:
+            family = self.spec.listeners[0].family if self.spec.listeners else socket.AF_INET
             handoff = WorkerHandOff(server, channel, least_busy=config.scheduling == "least-busy", family=family)
             handoff.install(loop)
-        loop.add_reader(channel.fileno(), on_channel)
-        await server.serve(sockets=sockets)
+        loop.add_reader(channel.fileno(), self._on_channel)
+        await server.serve(sockets=self.sockets)
 
-    try:
-        run_on_fresh_loop(serve(), uconfig)
-    except SystemExit as exc:
-        if not server.started:  # lifespan startup failed; uvicorn logged why
-            error = f"lifespan startup of {config.app_name} failed; see the log above"
-            report({"t": "boot_error", "error": error, "stage": "lifespan"})
-            return EXIT_BOOT_FAILURE
-        return exc.code if isinstance(exc.code, int) else 1
-    return 0
+    def _on_channel(self) -> None:
+        # (a message that lost fds is handed on marked "ctrunc": its handler refuses what it lost)
+        if not receive_all(self.channel, self._dispatch, f"worker {self.spec.id}", truncated=True):
+            assert self.loop is not None
+            self.loop.remove_reader(self.channel.fileno())
+            self._orphaned()
+
+    def _dispatch(self, msg: Message, fds: list[int]) -> None:
+        assert self.server is not None
+        handler = self.server.handlers.get(str(msg.get("t")))
+        if handler is None:
+            _proc.close_all(fds)
+            logger.warning("worker %d: dropped a message from the primary: %.200s", self.spec.id, msg)
+            return
+        handler(msg, fds)

@@ -387,78 +387,87 @@ def guard_request_head(uconfig: uvicorn.Config, timeout: float, max_size: int) -
     ``server_state.default_headers`` are the internals this relies on.
     """
     base: Any = uconfig.http_protocol_class
+    name = f"RequestHeadGuard[{base.__name__}]"
+    attrs = {"_cs_timeout": timeout, "_cs_max_size": max_size, "__qualname__": name}
+    uconfig.http_protocol_class = type(name, (_RequestHeadGuard, base), attrs)
 
-    class RequestHeadGuard(base):  # type: ignore[misc]
-        _cs_watching = False
-        _cs_head_bytes = 0
-        _cs_timer: asyncio.TimerHandle | None = None
 
-        def connection_made(self, transport: asyncio.Transport) -> None:
-            super().connection_made(transport)
+class _RequestHeadGuard(asyncio.Protocol):
+    """What ``guard_request_head`` mixes into uvicorn's HTTP protocol class (see there)."""
+
+    _cs_timeout = 0.0
+    _cs_max_size = 0
+    _cs_watching = False
+    _cs_head_bytes = 0
+    _cs_timer: asyncio.TimerHandle | None = None
+    # uvicorn's protocol internals this relies on
+    cycle: Any
+    transport: Any
+    server_state: Any
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        self._cs_watching = True
+        self._cs_arm()  # a connection that never sends anything is closed too
+
+    def data_received(self, data: bytes) -> None:
+        if not self._cs_watching and (self.cycle is None or self.cycle.response_complete):
+            # The next request on a keep-alive connection begins. No timer yet: most
+            # heads arrive whole in one read, and then none is needed.
             self._cs_watching = True
-            self._cs_arm()  # a connection that never sends anything is closed too
-
-        def data_received(self, data: bytes) -> None:
-            if not self._cs_watching and (self.cycle is None or self.cycle.response_complete):
-                # The next request on a keep-alive connection begins. No timer yet: most
-                # heads arrive whole in one read, and then none is needed.
-                self._cs_watching = True
-                self._cs_head_bytes = 0
-            before = self.cycle
-            super().data_received(data)
-            if not self._cs_watching:
-                return
-            transport = self.transport
-            if self.cycle is not before or transport.is_closing() or transport.get_protocol() is not self:
-                self._cs_stop()  # the head is complete (or uvicorn answered/closed/upgraded)
-                return
-            self._cs_head_bytes += len(data)
-            if self._cs_head_bytes > max_size:
-                self._cs_stop()
-                logger.warning("%s: request head over %d bytes; answered 431", _peer(self), max_size)
-                self._cs_answer(431, "Request Header Fields Too Large", "Request head too large.")
-            elif self._cs_timer is None:
-                self._cs_arm()
-
-        def connection_lost(self, exc: Exception | None) -> None:
+            self._cs_head_bytes = 0
+        before = self.cycle
+        super().data_received(data)
+        if not self._cs_watching:
+            return
+        transport = self.transport
+        if self.cycle is not before or transport.is_closing() or transport.get_protocol() is not self:
+            self._cs_stop()  # the head is complete (or uvicorn answered/closed/upgraded)
+            return
+        self._cs_head_bytes += len(data)
+        if self._cs_head_bytes > self._cs_max_size:
             self._cs_stop()
-            super().connection_lost(exc)
+            logger.warning("%s: request head over %d bytes; answered 431", _peer(self), self._cs_max_size)
+            self._cs_answer(431, "Request Header Fields Too Large", "Request head too large.")
+        elif self._cs_timer is None:
+            self._cs_arm()
 
-        def _cs_arm(self) -> None:
-            if timeout > 0:
-                self._cs_timer = asyncio.get_running_loop().call_later(timeout, self._cs_expired)
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._cs_stop()
+        super().connection_lost(exc)
 
-        def _cs_stop(self) -> None:
-            self._cs_watching = False
-            if self._cs_timer is not None:
-                self._cs_timer.cancel()
-                self._cs_timer = None
+    def _cs_arm(self) -> None:
+        if self._cs_timeout > 0:
+            self._cs_timer = asyncio.get_running_loop().call_later(self._cs_timeout, self._cs_expired)
 
-        def _cs_expired(self) -> None:
+    def _cs_stop(self) -> None:
+        self._cs_watching = False
+        if self._cs_timer is not None:
+            self._cs_timer.cancel()
             self._cs_timer = None
-            self._cs_watching = False
-            transport = self.transport
-            if transport.is_closing() or transport.get_protocol() is not self:
-                return
-            if self._cs_head_bytes:
-                logger.info("%s: no complete request head within %g s; answered 408", _peer(self), timeout)
-                self._cs_answer(408, "Request Timeout", "Request head not received in time.")
-            else:
-                transport.close()  # opened and never used (a browser's preconnect, say)
 
-        def _cs_answer(self, status: int, reason: str, body: str) -> None:
-            head = [f"HTTP/1.1 {status} {reason}\r\n".encode("ascii")]
-            for name, value in self.server_state.default_headers:
-                head += [name, b": ", value, b"\r\n"]
-            head.append(
-                f"content-type: text/plain; charset=utf-8\r\ncontent-length: {len(body)}\r\n"
-                f"connection: close\r\n\r\n{body}".encode("ascii")
-            )
-            self.transport.write(b"".join(head))
-            self.transport.close()
+    def _cs_expired(self) -> None:
+        self._cs_timer = None
+        self._cs_watching = False
+        transport = self.transport
+        if transport.is_closing() or transport.get_protocol() is not self:
+            return
+        if self._cs_head_bytes:
+            logger.info("%s: no complete request head within %g s; answered 408", _peer(self), self._cs_timeout)
+            self._cs_answer(408, "Request Timeout", "Request head not received in time.")
+        else:
+            transport.close()  # opened and never used (a browser's preconnect, say)
 
-    RequestHeadGuard.__name__ = RequestHeadGuard.__qualname__ = f"RequestHeadGuard[{base.__name__}]"
-    uconfig.http_protocol_class = RequestHeadGuard
+    def _cs_answer(self, status: int, reason: str, body: str) -> None:
+        head = [f"HTTP/1.1 {status} {reason}\r\n".encode("ascii")]
+        for name, value in self.server_state.default_headers:
+            head += [name, b": ", value, b"\r\n"]
+        head.append(
+            f"content-type: text/plain; charset=utf-8\r\ncontent-length: {len(body)}\r\n"
+            f"connection: close\r\n\r\n{body}".encode("ascii")
+        )
+        self.transport.write(b"".join(head))
+        self.transport.close()
 
 
 def _peer(protocol: Any) -> str:
