@@ -29,11 +29,12 @@ from cluster_server._errors import ClusterRoleError, DisconnectedError
 from cluster_server.cluster.worker import Endpoint
 from cluster_server.wire import channel as _channel
 from cluster_server.wire.channel import Channel, Message
+from cluster_server.wire.messages import BCAST, MSG, REQ, RES
 
 logger = logging.getLogger("cluster_server")
 
 #: the worker message types this component handles in the HTTP primary
-MESSAGE_TYPES = ("msg", "bcast", "req", "res")
+MESSAGE_TYPES = frozenset({MSG, BCAST, REQ})
 
 
 class Messaging:
@@ -51,20 +52,20 @@ class Messaging:
         if kind not in MESSAGE_TYPES:
             return False
         _proc.close_all(fds)  # these messages carry none
-        if kind == "bcast":
-            out = {"t": "msg", "data": msg.get("data")}
+        if kind == BCAST:
+            out = {"t": MSG, "data": msg.get("data")}
             for other in list(self.primary.workers.values()):
                 if other is not w or msg.get("self"):
                     self.primary.send(other, out)
-        elif kind == "msg":
+        elif kind == MSG:
             logger.debug("%s sent the primary %.200r", w.name, msg.get("data"))
-        elif kind == "req":
+        elif kind == REQ:
             rid = msg.get("id")
             if isinstance(rid, int):
                 try:
-                    reply: Message = {"t": "res", "id": rid, "data": self.answer(msg.get("data"))}
+                    reply: Message = {"t": RES, "id": rid, "data": self.answer(msg.get("data"))}
                 except (ValueError, TypeError, KeyError) as exc:
-                    reply = {"t": "res", "id": rid, "error": f"the primary cannot answer: {exc}"}
+                    reply = {"t": RES, "id": rid, "error": f"the primary cannot answer: {exc}"}
                 self.primary.send(w, reply)
         return True
 
@@ -110,7 +111,7 @@ class LoopLink(Endpoint):
         """Called on the worker's loop before it serves: take our message types."""
         self.loop = loop
         self._loop_thread = threading.get_ident()
-        for kind in ("msg", "req", "res"):
+        for kind in (MSG, RES):
             server.handlers[kind] = self.dispatch
         if self.channel.pending:  # queued while the app was imported, before there was a loop
             flush_when_writable(loop, self.channel)

@@ -36,6 +36,17 @@ from cluster_server._errors import ChannelError, DisconnectedError, RequestError
 from cluster_server.cluster.worker import MainTarget, describe_exception, main_target, run_forked
 from cluster_server.wire import channel as _channel
 from cluster_server.wire.channel import Channel, Message
+from cluster_server.wire.messages import (
+    BCAST,
+    DISCONNECT,
+    DISCONNECTING,
+    LISTEN,
+    LISTENING,
+    MSG,
+    ONLINE,
+    REQ,
+    RES,
+)
 
 logger = logging.getLogger("cluster_server.cluster")
 
@@ -192,7 +203,7 @@ class Worker(Emitter):
 
     def send(self, data: Any) -> bool:
         """Send a message (JSON-compatible data). False if the worker is disconnected: dropped."""
-        return self._primary.send(self, {"t": "msg", "data": data})
+        return self._primary.send(self, {"t": MSG, "data": data})
 
     async def request(self, data: Any, timeout: float | None = 5.0) -> Any:
         """Send a request; return the worker's ``on_request`` handler's answer."""
@@ -201,7 +212,7 @@ class Worker(Emitter):
     def disconnect(self) -> None:
         """Ask the worker to close its servers and its channel, then exit (graceful)."""
         self.exited_after_disconnect = True
-        self._primary.send(self, {"t": "disconnect"})
+        self._primary.send(self, {"t": DISCONNECT})
 
     def kill(self, sig: int = signal.SIGTERM) -> None:
         """Send ``sig`` to the worker and close its channel."""
@@ -572,7 +583,7 @@ class ClusterPrimary(Emitter):
 
     def broadcast(self, data: Any, exclude: Worker | None = None) -> int:
         """Send to every connected worker; returns how many it was sent to."""
-        msg = {"t": "msg", "data": data}
+        msg = {"t": MSG, "data": data}
         _channel.encode(msg)  # fail here, once, if it cannot be sent
         return sum(self.send(w, msg) for w in list(self.workers.values()) if w is not exclude)
 
@@ -601,29 +612,29 @@ class ClusterPrimary(Emitter):
     def _handle(self, w: Worker, msg: Message, fds: list[int]) -> None:
         _proc.close_all(fds)  # a worker's messages carry no fds
         kind = msg.get("t")
-        if kind == "res":
+        if kind == RES:
             self._resolve(w, msg)
-        elif kind == "msg":
+        elif kind == MSG:
             data = msg.get("data")
             w.emit("message", data)
             self.emit("message", w, data)
-        elif kind == "online":
+        elif kind == ONLINE:
             w.state = "online"
             w.emit("online")
             self.emit("online", w)
-        elif kind == "listen":
+        elif kind == LISTEN:
             self._listen(w, msg)
-        elif kind == "listening":
+        elif kind == LISTENING:
             addr = _address(msg.get("addr"))
             w.state = "listening"
             w.emit("listening", addr)
             self.emit("listening", w, addr)
-        elif kind == "req":
+        elif kind == REQ:
             self._answer(w, msg)
-        elif kind == "bcast":
+        elif kind == BCAST:
             data = msg.get("data")
             self.broadcast(data, exclude=None if msg.get("self") else w)
-        elif kind == "disconnecting":
+        elif kind == DISCONNECTING:
             w.exited_after_disconnect = True
         else:
             logger.warning("worker %d [pid %d] sent an unknown message %.200r; ignored", w.id, w.pid, msg)
@@ -636,7 +647,7 @@ class ClusterPrimary(Emitter):
         fut: asyncio.Future[Any] = loop.create_future()
         w._pending[rid] = fut
         try:
-            if not self.send(w, {"t": "req", "id": rid, "data": data}):
+            if not self.send(w, {"t": REQ, "id": rid, "data": data}):
                 if w.is_connected():
                     raise RequestError(f"worker {w.id} reads no messages (its queue is full); request not sent")
                 raise DisconnectedError(f"worker {w.id} is disconnected")
@@ -693,7 +704,7 @@ class ClusterPrimary(Emitter):
             self._reply(w, rid, data=task.result())
 
     def _reply(self, w: Worker, rid: int, *, data: Any = None, error: str | None = None, **extra: Any) -> None:
-        msg: Message = {"t": "res", "id": rid, **extra}
+        msg: Message = {"t": RES, "id": rid, **extra}
         if error is not None:
             msg["error"] = error
         else:
@@ -701,7 +712,7 @@ class ClusterPrimary(Emitter):
         try:
             self.send(w, msg)
         except (TypeError, ValueError, ChannelError) as exc:
-            self.send(w, {"t": "res", "id": rid, "error": f"the primary's answer cannot be sent: {exc}"})
+            self.send(w, {"t": RES, "id": rid, "error": f"the primary's answer cannot be sent: {exc}"})
 
     # -- shared handles ---------------------------------------------------------------------
 
@@ -746,7 +757,7 @@ class ClusterPrimary(Emitter):
             return
         name = sock.getsockname()
         self.send(
-            w, {"t": "res", "id": rid, "data": list(name) if isinstance(name, tuple) else name}, [os.dup(sock.fileno())]
+            w, {"t": RES, "id": rid, "data": list(name) if isinstance(name, tuple) else name}, [os.dup(sock.fileno())]
         )
 
     def close_handles(self) -> None:

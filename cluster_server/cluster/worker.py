@@ -16,23 +16,10 @@ consumer asked for. Two transports sit under it:
   uvicorn event loop already reads the channel, so dispatch happens there and
   no thread is started.
 
-Wire messages (JSON objects, ``t`` is the type) between a worker and its
-primary, on top of the HTTP server's own (``ready``, ``hb``, ``boot_error``):
-
-=============  =========  ==============================================
-type           direction  meaning
-=============  =========  ==============================================
-``online``     w -> p     the worker runtime started
-``msg``        both       ``{"data": X}``: a user message
-``bcast``      w -> p     ``{"data": X, "self": bool}``: relay to the other workers
-``req``        both       ``{"id": n, "data": X}``: a request, answered by ``res``
-``res``        both       ``{"id": n, "data": X}`` or ``{"id": n, "error": "..."}``
-``listen``     w -> p     ``{"id": n, "addr": [host, port] | path, "backlog": n}``;
-                          answered by ``res`` carrying the listening fd
-``listening``  w -> p     ``{"addr": ...}``: the worker serves on a handle
-``disconnect`` p -> w     close your servers and the channel, then exit
-``disconnecting`` w -> p  the worker disconnects of its own accord
-=============  =========  ==============================================
+The messages between a worker and its primary (``online``, ``msg``,
+``bcast``, ``req``, ``res``, ``listen``, ``listening``, ``disconnect``,
+``disconnecting``) are the ``cluster`` channel's in ``wire/messages.py``, with
+their fields (docs/architecture.md has the table).
 """
 
 from __future__ import annotations
@@ -61,6 +48,17 @@ from cluster_server import _proc
 from cluster_server._errors import BindError, ChannelError, ClusterRoleError, DisconnectedError, RequestError
 from cluster_server.wire import channel as _channel
 from cluster_server.wire.channel import Message
+from cluster_server.wire.messages import (
+    BCAST,
+    DISCONNECT,
+    DISCONNECTING,
+    LISTEN,
+    LISTENING,
+    MSG,
+    ONLINE,
+    REQ,
+    RES,
+)
 
 logger = logging.getLogger("cluster_server.cluster")
 
@@ -128,10 +126,10 @@ class Endpoint(abc.ABC):
     # -- sending ------------------------------------------------------------------
 
     def send(self, data: Any) -> None:
-        self._send({"t": "msg", "data": data})
+        self._send({"t": MSG, "data": data})
 
     def broadcast(self, data: Any, include_self: bool = False) -> None:
-        self._send({"t": "bcast", "data": data, "self": include_self})
+        self._send({"t": BCAST, "data": data, "self": include_self})
 
     def _start_request(self, msg: Message) -> tuple[int, concurrent.futures.Future[tuple[Any, list[int]]]]:
         rid = next(self._ids)
@@ -162,13 +160,13 @@ class Endpoint(abc.ABC):
 
     def request_sync(self, data: Any, timeout: float | None = 5.0) -> Any:
         self._check_may_block("cluster.request_sync()")
-        rid, fut = self._start_request({"t": "req", "data": data})
+        rid, fut = self._start_request({"t": REQ, "data": data})
         value, fds = self._wait_answer(rid, fut, timeout, f"the primary did not answer within {timeout} s")
         _proc.close_all(fds)
         return value
 
     async def request(self, data: Any, timeout: float | None = 5.0) -> Any:
-        rid, fut = self._start_request({"t": "req", "data": data})
+        rid, fut = self._start_request({"t": REQ, "data": data})
         try:
             value, fds = await asyncio.wait_for(asyncio.wrap_future(fut), timeout)
         except TimeoutError:
@@ -187,14 +185,14 @@ class Endpoint(abc.ABC):
         else:
             host, port = address
             addr = [str(host), int(port)]
-        rid, fut = self._start_request({"t": "listen", "addr": addr, "backlog": int(backlog)})
+        rid, fut = self._start_request({"t": LISTEN, "addr": addr, "backlog": int(backlog)})
         late = f"the primary did not answer a listen request within {LISTEN_TIMEOUT} s"
         name, fds = self._wait_answer(rid, fut, LISTEN_TIMEOUT, late)
         if not fds:
             raise BindError(f"the primary sent no socket for {address!r}")
         _proc.close_all(fds[1:])
         sock = socket.socket(fileno=fds[0])
-        self._send({"t": "listening", "addr": name})
+        self._send({"t": LISTENING, "addr": name})
         return sock
 
     # -- receiving ----------------------------------------------------------------
@@ -301,15 +299,15 @@ class Endpoint(abc.ABC):
 
     def dispatch(self, msg: Message, fds: list[int]) -> None:
         kind = msg.get("t")
-        if kind == "res":
+        if kind == RES:
             self._resolve(msg, fds)
             return
         _proc.close_all(fds)
-        if kind == "msg":
+        if kind == MSG:
             self._deliver(msg.get("data"))
-        elif kind == "req":
+        elif kind == REQ:
             self._answer(msg)
-        elif kind == "disconnect":
+        elif kind == DISCONNECT:
             self.disconnect(asked=True)
         else:
             logger.warning("worker %d: unknown message from the primary %.200r; ignored", self.id, msg)
@@ -385,7 +383,7 @@ class Endpoint(abc.ABC):
             self._reply(rid, data=fut.result())
 
     def _reply(self, rid: int, *, data: Any = None, error: str | None = None) -> None:
-        msg: Message = {"t": "res", "id": rid, "error": error} if error is not None else {"t": "res", "id": rid}
+        msg: Message = {"t": RES, "id": rid, "error": error} if error is not None else {"t": RES, "id": rid}
         if error is None:
             msg["data"] = data
         try:
@@ -423,7 +421,7 @@ class Endpoint(abc.ABC):
             self.disconnecting = True
         if not asked:
             try:
-                self._send({"t": "disconnecting"})
+                self._send({"t": DISCONNECTING})
             except DisconnectedError:
                 pass
         for listener in self._on_disconnect:
@@ -475,7 +473,7 @@ class ThreadLink(Endpoint):
         self._thread = threading.Thread(target=self._read_loop, name="cluster-channel", daemon=True)
 
     def start(self) -> None:
-        self._send({"t": "online"})
+        self._send({"t": ONLINE})
         self._thread.start()
 
     def fileno(self) -> int:

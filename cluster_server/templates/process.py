@@ -61,6 +61,7 @@ from cluster_server._errors import AppLoadError, ChannelError, ClusterServerErro
 from cluster_server.ops import privileges as _privileges
 from cluster_server.templates.reload import WatchRules, fresh_import_hook
 from cluster_server.wire.channel import Channel, Message, send_blocking
+from cluster_server.wire.messages import ERROR, READY, SPAWN, SPAWN_FAILED, SPAWNED, STALE
 from cluster_server.worker.main import EXIT_BOOT_FAILURE, WorkerSpec, load_app, uvicorn_config, worker_main
 
 logger = logging.getLogger("cluster_server")
@@ -173,7 +174,7 @@ class _TemplateProcess:
         try:  # the app's imports run as --user, as in a worker; before the parent-death signal
             _privileges.drop(self.config)  # (changing credentials clears it)
         except ClusterServerError as exc:
-            send_blocking(self.channel, {"t": "error", "error": str(exc)})
+            send_blocking(self.channel, {"t": ERROR, "error": str(exc)})
             return EXIT_BOOT_FAILURE
         _proc.set_parent_death_signal(signal.SIGKILL)
         if os.getppid() != self.primary_pid:
@@ -188,7 +189,7 @@ class _TemplateProcess:
             try:
                 app = load_with_traceback(self.config)
             except AppLoadError as exc:
-                send_blocking(self.channel, {"t": "error", "error": str(exc)})
+                send_blocking(self.channel, {"t": ERROR, "error": str(exc)})
                 return EXIT_BOOT_FAILURE
             _warm_uvicorn(self.config, app)
             self.load = lambda _config: app
@@ -204,12 +205,12 @@ class _TemplateProcess:
             self.deps = _dependency_files(rules, self.config, inherited)
             fresh_import_hook(rules)  # once here, so a worker has less to do
         if threading.active_count() > 1:
-            send_blocking(self.channel, {"t": "error", "error": "importing the app started a thread", "threaded": True})
+            send_blocking(self.channel, {"t": ERROR, "error": "importing the app started a thread", "threaded": True})
             return EXIT_THREADED
         gc.freeze()
         send_blocking(
             self.channel,
-            {"t": "ready", "modules": count, "seconds": round(time.monotonic() - started, 3)},
+            {"t": READY, "modules": count, "seconds": round(time.monotonic() - started, 3)},
         )
         return self.serve()
 
@@ -277,7 +278,7 @@ class _TemplateProcess:
             if threading.active_count() > 1:
                 send_blocking(
                     self.channel,
-                    {"t": "error", "error": f"importing {name!r} started a thread", "threaded": True},
+                    {"t": ERROR, "error": f"importing {name!r} started a thread", "threaded": True},
                 )
                 return -1
         return count
@@ -293,7 +294,7 @@ class _TemplateProcess:
                 continue
             try:
                 for msg, fds in self.channel.receive():
-                    if isinstance(msg, ChannelError) or msg.get("t") != "spawn" or len(fds) != 1:
+                    if isinstance(msg, ChannelError) or msg.get("t") != SPAWN or len(fds) != 1:
                         _proc.close_all(fds)
                         continue
                     self.spawn(msg, fds[0])
@@ -313,7 +314,7 @@ class _TemplateProcess:
                 changed.append(path)
         if changed:
             self.stale = True
-            send_blocking(self.channel, {"t": "stale", "files": changed[:20], "n": len(changed)})
+            send_blocking(self.channel, {"t": STALE, "files": changed[:20], "n": len(changed)})
 
     def spawn(self, msg: Message, fd: int) -> None:
         try:
@@ -326,9 +327,9 @@ class _TemplateProcess:
             pid = self.double_fork(spec, fd)
         except (OSError, KeyError, TypeError, ValueError) as exc:
             os.close(fd)
-            send_blocking(self.channel, {"t": "spawn_failed", "error": f"{type(exc).__name__}: {exc}"})
+            send_blocking(self.channel, {"t": SPAWN_FAILED, "error": f"{type(exc).__name__}: {exc}"})
             return
-        send_blocking(self.channel, {"t": "spawned", "pid": pid})
+        send_blocking(self.channel, {"t": SPAWNED, "pid": pid})
 
     def double_fork(self, spec: WorkerSpec, fd: int) -> int:
         """Fork a worker that the primary (a child subreaper) inherits; return its pid."""

@@ -30,6 +30,7 @@ from typing import Any
 
 from cluster_server._config import Config
 from cluster_server._proc import close_all
+from cluster_server.wire.messages import HEALTH
 
 logger = logging.getLogger("cluster_server")
 
@@ -38,8 +39,6 @@ Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
 Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
-#: message type on the worker channel
-MESSAGE = "health"
 #: what the health path says, and why
 OK, STARTING, SHUTTING_DOWN = "ok", "starting", "shutting down"
 
@@ -172,4 +171,4 @@ class ShutdownDelay:
             self.primary.send(w, self._message())
 
     def _message(self) -> dict[str, Any]:
-        return {"t": MESSAGE, "ok": self.status == OK, "status": self.status}
+        return {"t": HEALTH, "ok": self.status == OK, "status": self.status}
