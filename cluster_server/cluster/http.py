@@ -8,7 +8,8 @@ does (``send``, ``broadcast``, ``on_message``, ``recv``, ``messages``,
   handles the worker messages ``msg`` (logged at debug level: the HTTP primary
   runs no user code), ``bcast`` (relayed as ``msg`` to every other worker with
   an open channel, and to the sender too when it asks) and ``req``, which it
-  answers itself (see :meth:`Messaging.answer`). A worker gone mid-broadcast is
+  answers itself (see :meth:`Messaging.answer`; the reply goes through
+  ``wire/request.py``'s ``Replier``, as every answer does). A worker gone mid-broadcast is
   skipped (``primary.send`` returns False); nothing blocks.
 - :class:`LoopLink`, the worker's ``Endpoint``: the uvicorn event loop already
   reads the channel (``server.handlers``), so messages are dispatched there, on
@@ -30,6 +31,7 @@ from cluster_server.cluster.worker import Endpoint
 from cluster_server.wire import channel as _channel
 from cluster_server.wire.channel import Channel, Message
 from cluster_server.wire.messages import BCAST, MSG, REQ, RES
+from cluster_server.wire.request import Replier
 
 logger = logging.getLogger("cluster_server")
 
@@ -62,11 +64,13 @@ class Messaging:
         elif kind == REQ:
             rid = msg.get("id")
             if isinstance(rid, int):
+                replier = Replier(lambda reply, fds: self.primary.send(w, reply, list(fds)), "the primary")
                 try:
-                    reply: Message = {"t": RES, "id": rid, "data": self.answer(msg.get("data"))}
-                except (ValueError, TypeError, KeyError) as exc:
-                    reply = {"t": RES, "id": rid, "error": f"the primary cannot answer: {exc}"}
-                self.primary.send(w, reply)
+                    value = self.answer(msg.get("data"))
+                except Exception as exc:  # whatever a worker asks, the primary answers and goes on
+                    replier.refuse(rid, f"the primary cannot answer: {exc}")
+                else:
+                    replier.answer(rid, value)
         return True
 
     def answer(self, data: Any) -> Any:

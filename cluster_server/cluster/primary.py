@@ -33,7 +33,7 @@ from typing import Any
 
 from cluster_server import _proc
 from cluster_server._errors import ChannelError, DisconnectedError, RequestError
-from cluster_server.cluster.worker import MainTarget, describe_exception, main_target, run_forked
+from cluster_server.cluster.worker import MainTarget, main_target, run_forked
 from cluster_server.wire import channel as _channel
 from cluster_server.wire.channel import Channel, Message
 from cluster_server.wire.messages import (
@@ -47,6 +47,7 @@ from cluster_server.wire.messages import (
     REQ,
     RES,
 )
+from cluster_server.wire.request import Answer, Pending, Replier
 
 logger = logging.getLogger("cluster_server.cluster")
 
@@ -152,6 +153,14 @@ def _spawn(aw: Awaitable[Any], what: str) -> None:
     task.add_done_callback(done)
 
 
+def _run_answer(aw: Awaitable[Any]) -> asyncio.Future[Any]:
+    """Run an async request handler's answer as a task (kept referenced until it is done)."""
+    task = asyncio.ensure_future(aw)
+    _tasks.add(task)
+    task.add_done_callback(_tasks.discard)
+    return task
+
+
 def _signal_of(status: int) -> tuple[int | None, signal.Signals | None]:
     if os.WIFSIGNALED(status):
         num = os.WTERMSIG(status)
@@ -194,7 +203,9 @@ class Worker(Emitter):
         self._channel: Channel | None = channel
         self._pidfd = -1
         self._dead = False
-        self._pending: dict[int, asyncio.Future[Any]] = {}
+        #: the primary's requests to this worker, waiting for their answers
+        self._requests: Pending[asyncio.Future[Answer]] = Pending()
+        self._replier = Replier(functools.partial(primary.send, self), "the primary")
         self._queue_full_warned = False
         self._poll: asyncio.TimerHandle | None = None
 
@@ -240,7 +251,6 @@ class ClusterPrimary(Emitter):
         self.workers: dict[int, Worker] = {}
         self._live: dict[int, Worker] = {}  # not yet exited, by id
         self._ids = itertools.count(1)
-        self._request_ids = itertools.count(1)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._soon: list[Callable[[], None]] = []
         self._changed: asyncio.Event | None = None
@@ -523,10 +533,7 @@ class ClusterPrimary(Emitter):
         ch.close()
         if not w._dead:
             w.state = "disconnected"
-        pending, w._pending = w._pending, {}
-        for fut in pending.values():
-            if not fut.done():
-                fut.set_exception(DisconnectedError(f"worker {w.id} disconnected before it answered"))
+        w._requests.close(lambda: DisconnectedError(f"worker {w.id} disconnected before it answered"))
         w.emit("disconnect")
         self.emit("disconnect", w)
         self._forget(w)
@@ -613,7 +620,8 @@ class ClusterPrimary(Emitter):
         _proc.close_all(fds)  # a worker's messages carry no fds
         kind = msg.get("t")
         if kind == RES:
-            self._resolve(w, msg)
+            if not w._requests.resolve(msg, []):
+                logger.debug("worker %d: an answer nobody waits for (late?) %.200r", w.id, msg)
         elif kind == MSG:
             data = msg.get("data")
             w.emit("message", data)
@@ -643,30 +651,21 @@ class ClusterPrimary(Emitter):
 
     async def request(self, w: Worker, data: Any, timeout: float | None) -> Any:
         loop = self.attach()
-        rid = next(self._request_ids)
-        fut: asyncio.Future[Any] = loop.create_future()
-        w._pending[rid] = fut
+        fut: asyncio.Future[Answer] = loop.create_future()
+        rid = w._requests.add(fut)
+        if rid is None:
+            raise DisconnectedError(f"worker {w.id} is disconnected")
         try:
             if not self.send(w, {"t": REQ, "id": rid, "data": data}):
                 if w.is_connected():
                     raise RequestError(f"worker {w.id} reads no messages (its queue is full); request not sent")
                 raise DisconnectedError(f"worker {w.id} is disconnected")
-            return await asyncio.wait_for(fut, timeout)
+            value, _fds = await asyncio.wait_for(fut, timeout)  # (a worker's answers carry no fds)
+            return value
         except TimeoutError:
             raise TimeoutError(f"worker {w.id} did not answer within {timeout} s") from None
         finally:
-            w._pending.pop(rid, None)
-
-    def _resolve(self, w: Worker, msg: Message) -> None:
-        rid = msg.get("id")
-        fut = w._pending.pop(rid, None) if isinstance(rid, int) else None
-        if fut is None or fut.done():
-            logger.debug("worker %d: an answer nobody waits for (late?) %.200r", w.id, msg)
-            return
-        if "error" in msg:
-            fut.set_exception(RequestError(str(msg["error"])))
-        else:
-            fut.set_result(msg.get("data"))
+            w._requests.discard(rid)
 
     def on_request(self, fn: Callable[[Worker, Any], Any] | None) -> None:
         if fn is not None and not callable(fn):
@@ -680,39 +679,9 @@ class ClusterPrimary(Emitter):
             return
         handler = self._request_handler
         if handler is None:
-            self._reply(w, rid, error="the primary has no request handler (cluster.on_request)")
+            w._replier.refuse(rid, "the primary has no request handler (cluster.on_request)")
             return
-        try:
-            result = handler(w, msg.get("data"))
-        except Exception as exc:
-            self._reply(w, rid, error=f"the primary's request handler raised {describe_exception(exc)}")
-            return
-        if inspect.isawaitable(result):
-            task = asyncio.ensure_future(result)
-            _tasks.add(task)
-            task.add_done_callback(functools.partial(self._reply_from, w, rid))
-        else:
-            self._reply(w, rid, data=result)
-
-    def _reply_from(self, w: Worker, rid: int, task: asyncio.Future[Any]) -> None:
-        _tasks.discard(task)
-        if task.cancelled():
-            self._reply(w, rid, error="the primary's request handler was cancelled")
-        elif (exc := task.exception()) is not None:
-            self._reply(w, rid, error=f"the primary's request handler raised {describe_exception(exc)}")
-        else:
-            self._reply(w, rid, data=task.result())
-
-    def _reply(self, w: Worker, rid: int, *, data: Any = None, error: str | None = None, **extra: Any) -> None:
-        msg: Message = {"t": RES, "id": rid, **extra}
-        if error is not None:
-            msg["error"] = error
-        else:
-            msg["data"] = data
-        try:
-            self.send(w, msg)
-        except (TypeError, ValueError, ChannelError) as exc:
-            self.send(w, {"t": RES, "id": rid, "error": f"the primary's answer cannot be sent: {exc}"})
+        w._replier.call(rid, functools.partial(handler, w), msg.get("data"), _run_answer)
 
     # -- shared handles ---------------------------------------------------------------------
 
@@ -753,12 +722,10 @@ class ClusterPrimary(Emitter):
         try:
             sock = self.handle_for(addr, backlog if isinstance(backlog, int) and backlog > 0 else 511)
         except (OSError, ValueError) as exc:
-            self._reply(w, rid, error=f"the primary cannot listen on {addr!r}: {exc}", kind="bind")
+            w._replier.refuse(rid, f"the primary cannot listen on {addr!r}: {exc}", kind="bind")
             return
         name = sock.getsockname()
-        self.send(
-            w, {"t": RES, "id": rid, "data": list(name) if isinstance(name, tuple) else name}, [os.dup(sock.fileno())]
-        )
+        w._replier.answer(rid, list(name) if isinstance(name, tuple) else name, [os.dup(sock.fileno())])
 
     def close_handles(self) -> None:
         for sock in self._handles.values():

@@ -30,7 +30,6 @@ import asyncio
 import collections
 import concurrent.futures
 import inspect
-import itertools
 import logging
 import os
 import runpy
@@ -45,7 +44,7 @@ from dataclasses import dataclass
 from typing import Any, NoReturn
 
 from cluster_server import _proc
-from cluster_server._errors import BindError, ChannelError, ClusterRoleError, DisconnectedError, RequestError
+from cluster_server._errors import BindError, ChannelError, ClusterRoleError, DisconnectedError
 from cluster_server.wire import channel as _channel
 from cluster_server.wire.channel import Message
 from cluster_server.wire.messages import (
@@ -59,6 +58,7 @@ from cluster_server.wire.messages import (
     REQ,
     RES,
 )
+from cluster_server.wire.request import Answer, Pending, Replier
 
 logger = logging.getLogger("cluster_server.cluster")
 
@@ -78,10 +78,6 @@ class Listener:
     loop: asyncio.AbstractEventLoop | None
 
 
-def describe_exception(exc: BaseException) -> str:
-    return f"{type(exc).__name__}: {exc}"
-
-
 class Endpoint(abc.ABC):
     """A worker's end of its link to the primary; the transport is a subclass."""
 
@@ -99,8 +95,9 @@ class Endpoint(abc.ABC):
         #: requests that came before any handler was set: they wait for one (the
         #: asker's timeout bounds the wait), so a worker's start-up is no race
         self._unanswered: collections.deque[Message] = collections.deque(maxlen=MAX_INBOX)
-        self._pending: dict[int, concurrent.futures.Future[tuple[Any, list[int]]]] = {}
-        self._ids = itertools.count(1)
+        #: this worker's requests to the primary, waiting for their answers
+        self._requests: Pending[concurrent.futures.Future[Answer]] = Pending()
+        self._replier = Replier(self._send, f"worker {worker_id}")
         self._closers: list[Callable[[], None]] = []
         self.connected = True
         self.disconnecting = False
@@ -131,32 +128,28 @@ class Endpoint(abc.ABC):
     def broadcast(self, data: Any, include_self: bool = False) -> None:
         self._send({"t": BCAST, "data": data, "self": include_self})
 
-    def _start_request(self, msg: Message) -> tuple[int, concurrent.futures.Future[tuple[Any, list[int]]]]:
-        rid = next(self._ids)
-        fut: concurrent.futures.Future[tuple[Any, list[int]]] = concurrent.futures.Future()
-        with self._lock:
-            if not self.connected:
-                raise DisconnectedError(f"worker {self.id} is disconnected from its primary")
-            self._pending[rid] = fut
+    def _start_request(self, msg: Message) -> tuple[int, concurrent.futures.Future[Answer]]:
+        fut: concurrent.futures.Future[Answer] = concurrent.futures.Future()
+        rid = self._requests.add(fut)
+        if rid is None:
+            raise DisconnectedError(f"worker {self.id} is disconnected from its primary")
         try:
             self._send({**msg, "id": rid})
         except BaseException:
-            with self._lock:
-                self._pending.pop(rid, None)
+            self._requests.discard(rid)
             raise
         return rid, fut
 
     def _wait_answer(
-        self, rid: int, fut: concurrent.futures.Future[tuple[Any, list[int]]], timeout: float | None, late: str
-    ) -> tuple[Any, list[int]]:
+        self, rid: int, fut: concurrent.futures.Future[Answer], timeout: float | None, late: str
+    ) -> Answer:
         """Block until request ``rid`` is answered: (data, fds); TimeoutError(``late``) after ``timeout`` s."""
         try:
             return fut.result(timeout)
         except concurrent.futures.TimeoutError:
             raise TimeoutError(late) from None
         finally:
-            with self._lock:
-                self._pending.pop(rid, None)
+            self._requests.discard(rid)
 
     def request_sync(self, data: Any, timeout: float | None = 5.0) -> Any:
         self._check_may_block("cluster.request_sync()")
@@ -172,8 +165,7 @@ class Endpoint(abc.ABC):
         except TimeoutError:
             raise TimeoutError(f"the primary did not answer within {timeout} s") from None
         finally:
-            with self._lock:
-                self._pending.pop(rid, None)
+            self._requests.discard(rid)
         _proc.close_all(fds)
         return value
 
@@ -358,58 +350,13 @@ class Endpoint(abc.ABC):
             if handler is None:
                 self._unanswered.append(msg)
                 return
-        data = msg.get("data")
-        if handler.loop is not None:
-            try:
-                cf = asyncio.run_coroutine_threadsafe(handler.fn(data), handler.loop)
-            except RuntimeError as exc:  # the loop is closed
-                self._reply(rid, error=f"worker {self.id}: {exc}")
-                return
-            cf.add_done_callback(lambda f: self._reply_from(rid, f))
-            return
-        try:
-            result = handler.fn(data)
-        except Exception as exc:
-            self._reply(rid, error=f"worker {self.id}'s request handler raised {describe_exception(exc)}")
-            return
-        self._reply(rid, data=result)
-
-    def _reply_from(self, rid: int, fut: concurrent.futures.Future[Any]) -> None:
-        if fut.cancelled():
-            self._reply(rid, error=f"worker {self.id}'s request handler was cancelled")
-        elif (exc := fut.exception()) is not None:
-            self._reply(rid, error=f"worker {self.id}'s request handler raised {describe_exception(exc)}")
-        else:
-            self._reply(rid, data=fut.result())
-
-    def _reply(self, rid: int, *, data: Any = None, error: str | None = None) -> None:
-        msg: Message = {"t": RES, "id": rid, "error": error} if error is not None else {"t": RES, "id": rid}
-        if error is None:
-            msg["data"] = data
-        try:
-            self._send(msg)
-        except (TypeError, ValueError, ChannelError) as exc:
-            self._reply(rid, error=f"worker {self.id}'s answer cannot be sent: {exc}")
-        except DisconnectedError:
-            pass
+        loop = handler.loop
+        schedule = None if loop is None else lambda aw: asyncio.run_coroutine_threadsafe(aw, loop)
+        self._replier.call(rid, handler.fn, msg.get("data"), schedule)
 
     def _resolve(self, msg: Message, fds: list[int]) -> None:
-        rid = msg.get("id")
-        with self._lock:
-            fut = self._pending.pop(rid, None) if isinstance(rid, int) else None
-        if fut is None:
-            _proc.close_all(fds)
+        if not self._requests.resolve(msg, fds):
             logger.debug("worker %d: an answer nobody waits for (late?) %.200r", self.id, msg)
-            return
-        try:
-            if "error" in msg:
-                _proc.close_all(fds)
-                err = str(msg["error"])
-                fut.set_exception(BindError(err) if msg.get("kind") == "bind" else RequestError(err))
-            else:
-                fut.set_result((msg.get("data"), fds))
-        except concurrent.futures.InvalidStateError:  # timed out meanwhile
-            _proc.close_all(fds)
 
     # -- disconnecting --------------------------------------------------------------
 
@@ -439,14 +386,9 @@ class Endpoint(abc.ABC):
             if not self.connected:
                 return
             self.connected = False
-            pending, self._pending = self._pending, {}
             self._disconnected.set()
             self._wake_all()
-        for fut in pending.values():
-            try:
-                fut.set_exception(DisconnectedError(f"worker {self.id} disconnected before the answer came"))
-            except concurrent.futures.InvalidStateError:
-                pass
+        self._requests.close(lambda: DisconnectedError(f"worker {self.id} disconnected before the answer came"))
 
 
 def _wake(waker: asyncio.Future[None]) -> None:
