@@ -45,12 +45,11 @@ from __future__ import annotations
 
 import asyncio
 import http.server
-import os
 import socket
 import socketserver
 import threading
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from cluster_server._errors import (
     BindError,
@@ -59,16 +58,10 @@ from cluster_server._errors import (
     DisconnectedError,
     RequestError,
 )
-from cluster_server.cluster.primary import (
-    CHANNEL_FD_ENV,
-    START_METHOD_ENV,
-    START_METHODS,
-    WORKER_ID_ENV,
-    ClusterPrimary,
-    Settings,
-    Worker,
-)
-from cluster_server.cluster.worker import Endpoint, start_link
+from cluster_server.cluster import role as _role
+from cluster_server.cluster.primary import START_METHOD_ENV, START_METHODS, ClusterPrimary, Settings, Worker
+from cluster_server.cluster.role import CurrentWorker
+from cluster_server.cluster.worker import CHANNEL_FD_ENV, WORKER_ID_ENV, Endpoint
 
 __all__ = [
     "CHANNEL_FD_ENV",
@@ -115,85 +108,68 @@ __all__ = [
 ]
 
 
-class CurrentWorker:
-    """``cluster.worker`` in a worker: this worker's id and pid, and its link to the primary."""
-
-    def __init__(self, endpoint: Endpoint) -> None:
-        self._endpoint = endpoint
-
-    @property
-    def id(self) -> int:
-        """Its id in the primary (in an HTTP worker of cluster-server: its slot, 1..N)."""
-        return self._endpoint.id
-
-    @property
-    def pid(self) -> int:
-        return self._endpoint.pid
-
-    def send(self, data: Any) -> None:
-        self._endpoint.send(data)
-
-    def disconnect(self) -> None:
-        """Close this worker's servers and channel; the worker then exits when its code returns."""
-        self._endpoint.disconnect()
-
-    def is_connected(self) -> bool:
-        return self._endpoint.connected
-
-    def on(self, event: str, fn: Callable[..., Any] | None = None) -> Any:
-        """``message`` (``fn(data)``) or ``disconnect`` (``fn()``); without ``fn``, a decorator."""
-        if fn is None:
-            return lambda f: self.on(event, f)
-        if event == "message":
-            self._endpoint.on_message(fn)
-        elif event == "disconnect":
-            self._endpoint.on_disconnect(fn)
-        else:
-            raise ValueError(f"unknown worker event {event!r}; expected 'message' or 'disconnect'")
-        return fn
-
-    def __repr__(self) -> str:
-        return f"<CurrentWorker id={self.id} pid={self.pid}>"
-
-
 #: Node's ``cluster.schedulingPolicy``: only the shared handle is implemented here
 #: (every worker accepts on the socket the primary bound); see docs/cluster-api.md.
 scheduling_policy = "shared"
 
-_primary = ClusterPrimary()
-_endpoint: Endpoint | None = None
+if _role.primary is None:
+    _role.adopt_primary(ClusterPrimary())
+# Importing cluster/worker.py made the submodule this package's attribute ``worker``: drop
+# it, so that ``cluster.worker`` is this process's worker (read by ``__getattr__``).
+globals().pop("worker", None)
 
-is_primary: bool = True
-is_worker: bool = False
+# The role (``is_primary``, ``is_worker``, ``worker``) and the primary's ``workers`` and
+# ``settings`` are read from cluster/role.py each time (``__getattr__`` below): the runtimes
+# change the role there, never here.
+is_primary: bool
+is_worker: bool
 #: this worker, in a worker; None in the primary
-worker: CurrentWorker | None = None
+worker: CurrentWorker | None
 #: the primary's workers by id (a worker stays until it has both disconnected and exited)
-workers: dict[int, Worker] = _primary.workers
+workers: dict[int, Worker]
 #: how fork() starts workers (``setup_primary`` changes it)
-settings: Settings = _primary.settings
+settings: Settings
 
 
-def _become_worker(endpoint: Endpoint) -> None:
-    """Switch this process to the worker role (called by the worker runtimes)."""
-    global _primary, _endpoint, is_primary, is_worker, worker, workers
-    _primary = ClusterPrimary()
-    _endpoint = endpoint
-    is_primary, is_worker = False, True
-    worker = CurrentWorker(endpoint)
-    workers = {}
+def _the_primary() -> ClusterPrimary:
+    primary = _role.primary
+    assert primary is not None  # made when this module was imported
+    return primary
+
+
+if not TYPE_CHECKING:  # (so that mypy still reports a misspelled attribute of the module)
+
+    def __getattr__(name: str) -> Any:
+        if name == "is_primary":
+            return _role.name == "primary"
+        if name == "is_worker":
+            return _role.name == "worker"
+        if name == "worker":
+            return _role.worker
+        if name == "workers":
+            return _the_primary().workers if _role.name != "worker" else {}
+        if name == "settings":
+            return _the_primary().settings
+        if name == "_endpoint":
+            return _role.endpoint
+        if name == "_primary":
+            return _the_primary()
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def _need_primary(what: str) -> ClusterPrimary:
-    if _endpoint is not None:
-        raise ClusterRoleError(f"cluster.{what} is for the primary; this process is worker {_endpoint.id}")
-    return _primary
+    endpoint = _role.endpoint
+    if endpoint is not None:
+        raise ClusterRoleError(f"cluster.{what} is for the primary; this process is worker {endpoint.id}")
+    return _the_primary()
 
 
 def _need_worker(what: str, instead: str = "") -> Endpoint:
-    if _endpoint is None:
+    endpoint = _role.endpoint
+    if endpoint is None:
         hint = f"; in the primary use {instead}" if instead else ""
         raise ClusterRoleError(f"cluster.{what} is for workers{hint}")
-    return _endpoint
+    return endpoint
 
 
 # -- the primary ---------------------------------------------------------------------------
@@ -214,7 +190,6 @@ def setup_primary(
     interpreter's); ``start_method``: ``"fork"`` (default, or the
     ``CLUSTER_SERVER_START_METHOD`` environment variable) or ``"spawn"``.
     """
-    global settings
     primary = _need_primary("setup_primary()")
     old = primary.settings
     primary.setup(
@@ -225,7 +200,6 @@ def setup_primary(
             start_method=old.start_method if start_method is None else start_method,
         )
     )
-    settings = primary.settings
 
 
 def fork(env: dict[str, str] | None = None) -> Worker:
@@ -266,10 +240,10 @@ async def wait() -> None:
 
 def disconnect() -> None:
     """Primary: ask every worker to disconnect. Worker: disconnect this worker."""
-    if _endpoint is not None:
-        _endpoint.disconnect()
+    if _role.endpoint is not None:
+        _role.endpoint.disconnect()
         return
-    for w in list(_primary.workers.values()):
+    for w in list(_the_primary().workers.values()):
         if w.is_connected():
             w.disconnect()
 
@@ -280,10 +254,10 @@ def on_request(fn: Callable[..., Any] | None) -> Callable[..., Any] | None:
     The return value (or, for ``async def``, its result) is the answer; an
     exception is sent back as a ``RequestError``. One handler; None removes it.
     """
-    if _endpoint is not None:
-        _endpoint.on_request(fn)
+    if _role.endpoint is not None:
+        _role.endpoint.on_request(fn)
     else:
-        _primary.on_request(fn)
+        _the_primary().on_request(fn)
     return fn
 
 
@@ -296,10 +270,10 @@ def broadcast(data: Any, *, include_self: bool = False) -> int | None:
     Worker: have the primary send it to every other worker (and to this one if
     ``include_self``); returns None.
     """
-    if _endpoint is not None:
-        _endpoint.broadcast(data, include_self)
+    if _role.endpoint is not None:
+        _role.endpoint.broadcast(data, include_self)
         return None
-    return _primary.broadcast(data)
+    return _the_primary().broadcast(data)
 
 
 def listen(address: tuple[str, int] | str, *, backlog: int = 511) -> socket.socket:
@@ -310,9 +284,9 @@ def listen(address: tuple[str, int] | str, *, backlog: int = 511) -> socket.sock
     random the first time and the same for every worker after. In the primary,
     the same cached socket (a duplicate you own).
     """
-    if _endpoint is not None:
-        return _endpoint.listen(address, backlog)
-    sock = _primary.handle_for(address if isinstance(address, str) else list(address), backlog)
+    if _role.endpoint is not None:
+        return _role.endpoint.listen(address, backlog)
+    sock = _the_primary().handle_for(address if isinstance(address, str) else list(address), backlog)
     return sock.dup()
 
 
@@ -386,20 +360,21 @@ class ServerMixin:
     server_address: Any
 
     def server_bind(self) -> None:
-        if _endpoint is None:
+        endpoint = _role.endpoint
+        if endpoint is None:
             super().server_bind()  # type: ignore[misc]
             return
         self.socket.close()
-        self.socket = _endpoint.listen(self.server_address, getattr(self, "request_queue_size", 511))
+        self.socket = endpoint.listen(self.server_address, getattr(self, "request_queue_size", 511))
         self.server_address = self.socket.getsockname()
         if isinstance(self.server_address, tuple):
             # http.server.HTTPServer.server_bind would look the host up (getfqdn): not needed
             host, port = self.server_address[:2]
             self.server_name, self.server_port = host, port
-        _endpoint.add_closer(self._cluster_disconnect)
+        endpoint.add_closer(self._cluster_disconnect)
 
     def server_activate(self) -> None:
-        if _endpoint is None:
+        if _role.endpoint is None:
             super().server_activate()  # type: ignore[misc]
 
     def _cluster_disconnect(self) -> None:
@@ -419,12 +394,3 @@ class ThreadingHTTPServer(ServerMixin, http.server.ThreadingHTTPServer):
 
 class TCPServer(ServerMixin, socketserver.TCPServer):
     """``socketserver.TCPServer`` listening through the primary in a worker."""
-
-
-# -- a worker started with the spawn method: the environment says so -------------------------------
-
-if WORKER_ID_ENV in os.environ and _endpoint is None:
-    _wid = int(os.environ.pop(WORKER_ID_ENV))
-    _fd = int(os.environ.pop(CHANNEL_FD_ENV))
-    os.set_inheritable(_fd, False)
-    start_link(_wid, socket.socket(fileno=_fd), None)

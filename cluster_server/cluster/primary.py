@@ -33,7 +33,7 @@ from typing import Any
 
 from cluster_server import _proc
 from cluster_server._errors import ChannelError, DisconnectedError, RequestError
-from cluster_server.cluster.worker import MainTarget, main_target, run_forked
+from cluster_server.cluster.worker import CHANNEL_FD_ENV, WORKER_ID_ENV, MainTarget, main_target, run_forked
 from cluster_server.wire import channel as _channel
 from cluster_server.wire.channel import Channel, Message
 from cluster_server.wire.messages import (
@@ -52,10 +52,16 @@ from cluster_server.wire.request import Answer, Pending, Replier
 logger = logging.getLogger("cluster_server.cluster")
 
 START_METHODS = ("fork", "spawn")
-#: marks a spawned worker (like Node's NODE_UNIQUE_ID); removed from its environment at start
-WORKER_ID_ENV = "CLUSTER_SERVER_WORKER_ID"
-#: the spawned worker's channel fd (passed with pass_fds)
-CHANNEL_FD_ENV = "CLUSTER_SERVER_CHANNEL_FD"
+#: what a spawned worker's interpreter runs first (``-c``; its arguments: where this
+#: cluster_server was imported from, then the program and its arguments): import
+#: cluster-server from the same place as the primary did, and hand over to
+#: ``cluster/worker.py``'s ``spawned_main``, which links to the primary, then runs the program
+SPAWN_BOOTSTRAP = (
+    "import sys; r = sys.argv.pop(1); sys.path.insert(0, r); "
+    "from cluster_server.cluster.worker import spawned_main; sys.path.remove(r); spawned_main()"
+)
+#: the directory cluster_server was imported from
+_IMPORTED_FROM = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 #: the default start method, so one script runs unchanged under both
 START_METHOD_ENV = "CLUSTER_SERVER_START_METHOD"
 #: bytes queued for one worker that does not read (stopped, hung) before new messages
@@ -454,7 +460,7 @@ class ClusterPrimary(Emitter):
         self, worker_id: int, theirs: socket.socket, env: dict[str, str] | None, target: MainTarget, settings: Settings
     ) -> subprocess.Popen[bytes]:
         kind, name = target
-        argv = [sys.executable, *settings.exec_argv, *(["-m", name] if kind == "module" else [name]), *settings.args]
+        argv = [sys.executable, *settings.exec_argv, "-c", SPAWN_BOOTSTRAP, _IMPORTED_FROM, kind, name, *settings.args]
         fd = theirs.fileno()
         child_env = {**os.environ, **(env or {}), WORKER_ID_ENV: str(worker_id), CHANNEL_FD_ENV: str(fd)}
         return subprocess.Popen(argv, env=child_env, pass_fds=(fd,))

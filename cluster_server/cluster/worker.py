@@ -45,6 +45,7 @@ from typing import Any, NoReturn
 
 from cluster_server import _proc
 from cluster_server._errors import BindError, ChannelError, ClusterRoleError, DisconnectedError
+from cluster_server.cluster import role as _role
 from cluster_server.wire import channel as _channel
 from cluster_server.wire.channel import Message
 from cluster_server.wire.messages import (
@@ -68,6 +69,10 @@ MAX_INBOX = 100_000
 LISTEN_TIMEOUT = 30.0
 #: the signal a worker gets when its primary dies (Linux), on top of the channel closing
 ORPHAN_SIGNAL = signal.SIGTERM
+#: marks a spawned worker (like Node's NODE_UNIQUE_ID); removed from its environment at start
+WORKER_ID_ENV = "CLUSTER_SERVER_WORKER_ID"
+#: the spawned worker's channel fd (passed with pass_fds)
+CHANNEL_FD_ENV = "CLUSTER_SERVER_CHANNEL_FD"
 
 
 @dataclass
@@ -523,9 +528,7 @@ def start_link(worker_id: int, sock: socket.socket, primary_pid: int | None) -> 
     """Become a worker: link to the primary, tell it we are online."""
     _proc.set_parent_death_signal(ORPHAN_SIGNAL)
     link = ThreadLink(worker_id, sock)
-    from cluster_server import cluster
-
-    cluster._become_worker(link)
+    _role.become_worker(link)
     _quiet_keyboard_interrupt()
     try:
         if primary_pid is not None and os.getppid() != primary_pid:
@@ -574,6 +577,29 @@ def run_forked(
     finally:
         _proc.flush_output()
         os._exit(code)
+
+
+def spawned_main() -> NoReturn:
+    """A spawned worker: link to the primary, then run the program as ``__main__``; exit with its code.
+
+    A fresh interpreter runs this first (``python [options] -c BOOTSTRAP kind name
+    args...``, see ``cluster/primary.py``'s ``SPAWN_BOOTSTRAP``), as Node sets up a
+    worker's channel before its main module runs: the role is set and the channel
+    thread started before the program imports anything, never from inside an import
+    of ``cluster_server.cluster``. The environment names the worker and its channel
+    (like Node's ``NODE_UNIQUE_ID``); both are removed before the program runs.
+    """
+    worker_id = int(os.environ.pop(WORKER_ID_ENV))
+    fd = int(os.environ.pop(CHANNEL_FD_ENV))
+    kind, name, *args = sys.argv[1:]
+    target: MainTarget = ("module", name) if kind == "module" else ("path", name)
+    if not sys.flags.safe_path and sys.path and sys.path[0] == "":
+        # `python -c` put the current directory first; `python script.py` puts the
+        # script's directory there, and `python -m` the current directory, by its full path
+        sys.path[0] = os.path.dirname(os.path.realpath(name)) if kind == "path" else os.getcwd()
+    os.set_inheritable(fd, False)
+    start_link(worker_id, socket.socket(fileno=fd), None)
+    sys.exit(run_main(target, args))
 
 
 def run_main(target: MainTarget, args: Sequence[str]) -> int:
