@@ -32,7 +32,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from cluster_server import _proc
-from cluster_server._errors import ChannelError, DisconnectedError, RequestError
+from cluster_server._errors import ChannelError, DisconnectedError, IllegalTransition, RequestError
+from cluster_server.cluster.state import ClusterWorkerState, check_transition
 from cluster_server.cluster.worker import CHANNEL_FD_ENV, WORKER_ID_ENV, MainTarget, main_target, run_forked
 from cluster_server.wire import channel as _channel
 from cluster_server.wire.channel import Channel, Message
@@ -200,8 +201,8 @@ class Worker(Emitter):
         self.process = process
         #: True once ``disconnect()`` or ``kill()`` was called (or the worker disconnected itself)
         self.exited_after_disconnect = False
-        #: "none", "online", "listening", "disconnected", "dead"
-        self.state = "none"
+        #: Node's states, "none", "online", "listening", "disconnected", "dead" (``cluster/state.py``)
+        self.state = ClusterWorkerState.NONE
         #: after the exit: its exit code (None if killed by a signal) and the signal
         self.exit_code: int | None = None
         self.signal_code: signal.Signals | None = None
@@ -241,6 +242,9 @@ class Worker(Emitter):
 
     def is_connected(self) -> bool:
         return self._channel is not None and not self._channel.closed
+
+    def _move(self, new: ClusterWorkerState) -> None:
+        self.state = check_transition(self.state, new)
 
     def is_dead(self) -> bool:
         return self._dead
@@ -522,7 +526,7 @@ class ClusterPrimary(Emitter):
         w.exit_code, w.signal_code = code, sig
         if w.process is not None:
             w.process.returncode = code if sig is None else -int(sig)
-        w.state = "dead"
+        w._move(ClusterWorkerState.DEAD)
         self._live.pop(w.id, None)
         w.emit("exit", code, sig)
         self.emit("exit", w, code, sig)
@@ -538,7 +542,7 @@ class ClusterPrimary(Emitter):
             self._loop.remove_writer(ch.fileno())
         ch.close()
         if not w._dead:
-            w.state = "disconnected"
+            w._move(ClusterWorkerState.DISCONNECTED)
         w._requests.close(lambda: DisconnectedError(f"worker {w.id} disconnected before it answered"))
         w.emit("disconnect")
         self.emit("disconnect", w)
@@ -569,10 +573,7 @@ class ClusterPrimary(Emitter):
                 )
             return False
         try:
-            sent = ch.send(msg, fds)
-        except (TypeError, ValueError, ChannelError):
-            _proc.close_all(fds)  # could not be encoded: nothing was taken
-            raise
+            sent = ch.send(msg, fds)  # (the channel owns the fds, sent or not)
         except OSError:
             # Gone (mid-broadcast, say): it reads as a disconnect, on the next tick.
             self.call_soon(self.close_channel, w)
@@ -633,16 +634,16 @@ class ClusterPrimary(Emitter):
             w.emit("message", data)
             self.emit("message", w, data)
         elif kind == ONLINE:
-            w.state = "online"
-            w.emit("online")
-            self.emit("online", w)
+            if self._worker_moves(w, ClusterWorkerState.ONLINE):
+                w.emit("online")
+                self.emit("online", w)
         elif kind == LISTEN:
             self._listen(w, msg)
         elif kind == LISTENING:
             addr = _address(msg.get("addr"))
-            w.state = "listening"
-            w.emit("listening", addr)
-            self.emit("listening", w, addr)
+            if self._worker_moves(w, ClusterWorkerState.LISTENING):
+                w.emit("listening", addr)
+                self.emit("listening", w, addr)
         elif kind == REQ:
             self._answer(w, msg)
         elif kind == BCAST:
@@ -652,6 +653,15 @@ class ClusterPrimary(Emitter):
             w.exited_after_disconnect = True
         else:
             logger.warning("worker %d [pid %d] sent an unknown message %.200r; ignored", w.id, w.pid, msg)
+
+    def _worker_moves(self, w: Worker, new: ClusterWorkerState) -> bool:
+        """A worker's message moves it to ``new``: False (logged, ignored) where the table has no such move."""
+        try:
+            w._move(new)
+        except IllegalTransition:
+            logger.warning("worker %d [pid %d] said %s while %s; ignored", w.id, w.pid, new.value, w.state.value)
+            return False
+        return True
 
     # -- requests -------------------------------------------------------------------------
 
