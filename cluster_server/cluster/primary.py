@@ -36,18 +36,8 @@ from cluster_server._errors import ChannelError, DisconnectedError, IllegalTrans
 from cluster_server.cluster.state import ClusterWorkerState, check_transition
 from cluster_server.cluster.worker import CHANNEL_FD_ENV, WORKER_ID_ENV, MainTarget, main_target, run_forked
 from cluster_server.wire import channel as _channel
+from cluster_server.wire import messages
 from cluster_server.wire.channel import Channel, Message
-from cluster_server.wire.messages import (
-    BCAST,
-    DISCONNECT,
-    DISCONNECTING,
-    LISTEN,
-    LISTENING,
-    MSG,
-    ONLINE,
-    REQ,
-    RES,
-)
 from cluster_server.wire.request import Answer, Pending, Replier
 
 logger = logging.getLogger("cluster_server.cluster")
@@ -221,7 +211,7 @@ class Worker(Emitter):
 
     def send(self, data: Any) -> bool:
         """Send a message (JSON-compatible data). False if the worker is disconnected: dropped."""
-        return self._primary.send(self, {"t": MSG, "data": data})
+        return self._primary.send(self, {"t": messages.MSG, "data": data})
 
     async def request(self, data: Any, timeout: float | None = 5.0) -> Any:
         """Send a request; return the worker's ``on_request`` handler's answer."""
@@ -230,7 +220,7 @@ class Worker(Emitter):
     def disconnect(self) -> None:
         """Ask the worker to close its servers and its channel, then exit (graceful)."""
         self.exited_after_disconnect = True
-        self._primary.send(self, {"t": DISCONNECT})
+        self._primary.send(self, {"t": messages.DISCONNECT})
 
     def kill(self, sig: int = signal.SIGTERM) -> None:
         """Send ``sig`` to the worker and close its channel."""
@@ -597,7 +587,7 @@ class ClusterPrimary(Emitter):
 
     def broadcast(self, data: Any, exclude: Worker | None = None) -> int:
         """Send to every connected worker; returns how many it was sent to."""
-        msg = {"t": MSG, "data": data}
+        msg = {"t": messages.MSG, "data": data}
         _channel.encode(msg)  # fail here, once, if it cannot be sent
         return sum(self.send(w, msg) for w in list(self.workers.values()) if w is not exclude)
 
@@ -626,30 +616,30 @@ class ClusterPrimary(Emitter):
     def _handle(self, w: Worker, msg: Message, fds: list[int]) -> None:
         _proc.close_all(fds)  # a worker's messages carry no fds
         kind = msg.get("t")
-        if kind == RES:
+        if kind == messages.RES:
             if not w._requests.resolve(msg, []):
                 logger.debug("worker %d: an answer nobody waits for (late?) %.200r", w.id, msg)
-        elif kind == MSG:
+        elif kind == messages.MSG:
             data = msg.get("data")
             w.emit("message", data)
             self.emit("message", w, data)
-        elif kind == ONLINE:
+        elif kind == messages.ONLINE:
             if self._worker_moves(w, ClusterWorkerState.ONLINE):
                 w.emit("online")
                 self.emit("online", w)
-        elif kind == LISTEN:
+        elif kind == messages.LISTEN:
             self._listen(w, msg)
-        elif kind == LISTENING:
+        elif kind == messages.LISTENING:
             addr = _address(msg.get("addr"))
             if self._worker_moves(w, ClusterWorkerState.LISTENING):
                 w.emit("listening", addr)
                 self.emit("listening", w, addr)
-        elif kind == REQ:
+        elif kind == messages.REQ:
             self._answer(w, msg)
-        elif kind == BCAST:
+        elif kind == messages.BCAST:
             data = msg.get("data")
             self.broadcast(data, exclude=None if msg.get("self") else w)
-        elif kind == DISCONNECTING:
+        elif kind == messages.DISCONNECTING:
             w.exited_after_disconnect = True
         else:
             logger.warning("worker %d [pid %d] sent an unknown message %.200r; ignored", w.id, w.pid, msg)
@@ -672,7 +662,7 @@ class ClusterPrimary(Emitter):
         if rid is None:
             raise DisconnectedError(f"worker {w.id} is disconnected")
         try:
-            if not self.send(w, {"t": REQ, "id": rid, "data": data}):
+            if not self.send(w, {"t": messages.REQ, "id": rid, "data": data}):
                 if w.is_connected():
                     raise RequestError(f"worker {w.id} reads no messages (its queue is full); request not sent")
                 raise DisconnectedError(f"worker {w.id} is disconnected")
