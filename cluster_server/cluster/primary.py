@@ -563,7 +563,10 @@ class ClusterPrimary(Emitter):
                 )
             return False
         try:
-            sent = ch.send(msg, fds)  # (the channel owns the fds, sent or not)
+            sent = ch.send(msg, fds)
+        except (TypeError, ValueError, ChannelError):
+            _proc.close_all(fds)  # could not be encoded: nothing was taken
+            raise
         except OSError:
             # Gone (mid-broadcast, say): it reads as a disconnect, on the next tick.
             self.call_soon(self.close_channel, w)

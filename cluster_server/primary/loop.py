@@ -522,8 +522,9 @@ class Primary:
         try:
             if not w.channel.send(msg, fds or ()):
                 self._watch(w)
-        except OSError:  # (the channel closed the fds)
+        except OSError:
             self._forget_channel(w)
+            _close_fds(fds or [])  # not sent, not queued: still ours
             return False
         return True
 

@@ -119,24 +119,17 @@ class Channel:
         return self._out_bytes
 
     def send(self, msg: Message, fds: Iterable[int] = ()) -> bool:
-        """Send ``msg`` with ``fds``, which the channel owns from now on, whatever happens:
-        it closes them once sent, or at once when ``send`` raises. So no sender has to
-        remember which failures left the fds its own (and none closes them twice).
+        """Send ``msg`` (and dup'd copies of ``fds``' ownership: the caller's fds are
+        transferred to the channel, which closes them once sent).
 
         Returns True when the kernel took it now, False when it was queued.
-        Raises ``BrokenPipeError`` (or another ``OSError``) when the peer is gone, and
-        ``ChannelError``/``TypeError``/``ValueError`` when ``msg`` cannot be encoded.
+        Raises ``BrokenPipeError`` when the peer is gone.
         """
-        fds = list(fds)
-        try:
-            if self.closed:
-                raise BrokenPipeError(errno.EPIPE, "channel is closed")
-            item = (encode(msg), fds)
-            if not self._out and self._try_send(item):
-                return True
-        except BaseException:
-            _close_all(fds)
-            raise
+        if self.closed:
+            raise BrokenPipeError(errno.EPIPE, "channel is closed")
+        item = (encode(msg), list(fds))
+        if not self._out and self._try_send(item):
+            return True
         self._out.append(item)
         self._out_bytes += len(item[0])
         self._out_fds += len(item[1])
