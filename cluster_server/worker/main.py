@@ -43,9 +43,7 @@ logger = logging.getLogger("cluster_server.worker")
 
 #: exit status of a worker that could not load the app or start it
 EXIT_BOOT_FAILURE = 3
-#: the signal the kernel sends a worker whose primary died (Linux). Not SIGTERM, which the
-#: primary sends to mean "drain" (a cluster.fork() worker, which has no such meaning for it,
-#: gets SIGTERM: cluster/worker.py's ORPHAN_TERM_SIGNAL)
+#: the signal the kernel sends a worker whose primary died (Linux)
 ORPHAN_SIGNAL = signal.SIGUSR2
 #: seconds an orphaned worker gets to finish before it is gone for good
 ORPHAN_GRACE = 1.0
