@@ -150,14 +150,6 @@ def _spawn(aw: Awaitable[Any], what: str) -> None:
     task.add_done_callback(done)
 
 
-def _run_answer(aw: Awaitable[Any]) -> asyncio.Future[Any]:
-    """Run an async request handler's answer as a task (kept referenced until it is done)."""
-    task = asyncio.ensure_future(aw)
-    _tasks.add(task)
-    task.add_done_callback(_tasks.discard)
-    return task
-
-
 def _signal_of(status: int) -> tuple[int | None, signal.Signals | None]:
     if os.WIFSIGNALED(status):
         num = os.WTERMSIG(status)
@@ -762,3 +754,11 @@ def _address(addr: Any) -> Any:
     if isinstance(addr, list):
         return tuple(addr)
     return addr
+
+
+def _run_answer(aw: Awaitable[Any]) -> asyncio.Future[Any]:
+    """Run an async request handler's answer as a task (kept referenced until it is done)."""
+    task = asyncio.ensure_future(aw)
+    _tasks.add(task)
+    task.add_done_callback(_tasks.discard)
+    return task
