@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -205,7 +206,8 @@ def test_a_worker_is_linked_before_its_program_runs(tmp_path: Path, start_method
 
 def test_importing_the_api_starts_nothing_and_the_role_is_read_from_one_place() -> None:
     """Importing ``cluster_server.cluster`` with a spawned worker's environment starts no thread and
-    takes no role; the role lives in cluster/role.py, and the facade only reads it."""
+    takes no role; the role lives in cluster/role.py, the facade follows it, and nothing else in
+    the package writes the facade's role attributes."""
     code = textwrap.dedent(
         """
         import json, threading
@@ -214,14 +216,21 @@ def test_importing_the_api_starts_nothing_and_the_role_is_read_from_one_place() 
         seen = [cluster.is_primary, cluster.is_worker, cluster.worker, threading.active_count()]
         role.become_template()
         seen += [cluster.is_primary, cluster.is_worker, cluster.worker, cluster.workers]
-        seen.append(sorted(n for n in ("is_primary", "is_worker", "worker", "workers") if n in vars(cluster)))
         print(json.dumps(seen))
         """
     )
     env = program_env(CLUSTER_SERVER_WORKER_ID="1", CLUSTER_SERVER_CHANNEL_FD="9")
     done = Done(*run_in_session([sys.executable, "-c", code], ROOT, env, 30))
     assert done.rc == 0, done
-    assert json.loads(done.out) == [True, False, None, 1, False, False, None, {}, []]
+    assert json.loads(done.out) == [True, False, None, 1, False, False, None, {}]
+    writes = re.compile(r"\bcluster\.(is_primary|is_worker|worker|workers|settings|_endpoint|_primary)\s*=[^=]")
+    found = [
+        f"{path.relative_to(ROOT)}:{n}"
+        for path in sorted((ROOT / "cluster_server").rglob("*.py"))
+        for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1)
+        if writes.search(line)
+    ]
+    assert found == [], "the role is changed through cluster/role.py, not by writing the facade"
 
 
 def test_kill_crash_and_self_disconnect(tmp_path: Path) -> None:

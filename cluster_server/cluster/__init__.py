@@ -49,7 +49,7 @@ import socket
 import socketserver
 import threading
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from cluster_server._errors import (
     BindError,
@@ -112,64 +112,47 @@ __all__ = [
 #: (every worker accepts on the socket the primary bound); see docs/cluster-api.md.
 scheduling_policy = "shared"
 
-if _role.primary is None:
-    _role.adopt_primary(ClusterPrimary())
-# Importing cluster/worker.py made the submodule this package's attribute ``worker``: drop
-# it, so that ``cluster.worker`` is this process's worker (read by ``__getattr__``).
-globals().pop("worker", None)
-
-# The role (``is_primary``, ``is_worker``, ``worker``) and the primary's ``workers`` and
-# ``settings`` are read from cluster/role.py each time (``__getattr__`` below): the runtimes
-# change the role there, never here.
-is_primary: bool
-is_worker: bool
+#: the role, copied from cluster/role.py by ``_read_role`` (the runtimes change it there)
+is_primary: bool = True
+is_worker: bool = False
 #: this worker, in a worker; None in the primary
-worker: CurrentWorker | None
+worker: CurrentWorker | None = None
 #: the primary's workers by id (a worker stays until it has both disconnected and exited)
-workers: dict[int, Worker]
+workers: dict[int, Worker] = {}
 #: how fork() starts workers (``setup_primary`` changes it)
 settings: Settings
+_endpoint: Endpoint | None = None
+_primary: ClusterPrimary
 
 
-def _the_primary() -> ClusterPrimary:
-    primary = _role.primary
-    assert primary is not None  # made when this module was imported
-    return primary
+def _read_role() -> None:
+    """Copy the role from cluster/role.py into this module; it calls this on every change."""
+    global is_primary, is_worker, worker, workers, settings, _endpoint, _primary
+    is_primary, is_worker = _role.name == "primary", _role.name == "worker"
+    worker, _endpoint = _role.worker, _role.endpoint
+    if _role.primary is not None:
+        _primary = _role.primary
+        settings = _primary.settings
+        # a worker keeps its copy of the primary's state (forked) but has no workers of its own
+        workers = {} if is_worker else _primary.workers
 
 
-if not TYPE_CHECKING:  # (so that mypy still reports a misspelled attribute of the module)
-
-    def __getattr__(name: str) -> Any:
-        if name == "is_primary":
-            return _role.name == "primary"
-        if name == "is_worker":
-            return _role.name == "worker"
-        if name == "worker":
-            return _role.worker
-        if name == "workers":
-            return _the_primary().workers if _role.name != "worker" else {}
-        if name == "settings":
-            return _the_primary().settings
-        if name == "_endpoint":
-            return _role.endpoint
-        if name == "_primary":
-            return _the_primary()
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+if _role.primary is None:
+    _role.adopt_primary(ClusterPrimary())
+_role.on_change(_read_role)
 
 
 def _need_primary(what: str) -> ClusterPrimary:
-    endpoint = _role.endpoint
-    if endpoint is not None:
-        raise ClusterRoleError(f"cluster.{what} is for the primary; this process is worker {endpoint.id}")
-    return _the_primary()
+    if _endpoint is not None:
+        raise ClusterRoleError(f"cluster.{what} is for the primary; this process is worker {_endpoint.id}")
+    return _primary
 
 
 def _need_worker(what: str, instead: str = "") -> Endpoint:
-    endpoint = _role.endpoint
-    if endpoint is None:
+    if _endpoint is None:
         hint = f"; in the primary use {instead}" if instead else ""
         raise ClusterRoleError(f"cluster.{what} is for workers{hint}")
-    return endpoint
+    return _endpoint
 
 
 # -- the primary ---------------------------------------------------------------------------
@@ -190,6 +173,7 @@ def setup_primary(
     interpreter's); ``start_method``: ``"fork"`` (default, or the
     ``CLUSTER_SERVER_START_METHOD`` environment variable) or ``"spawn"``.
     """
+    global settings
     primary = _need_primary("setup_primary()")
     old = primary.settings
     primary.setup(
@@ -200,6 +184,7 @@ def setup_primary(
             start_method=old.start_method if start_method is None else start_method,
         )
     )
+    settings = primary.settings
 
 
 def fork(env: dict[str, str] | None = None) -> Worker:
@@ -240,10 +225,10 @@ async def wait() -> None:
 
 def disconnect() -> None:
     """Primary: ask every worker to disconnect. Worker: disconnect this worker."""
-    if _role.endpoint is not None:
-        _role.endpoint.disconnect()
+    if _endpoint is not None:
+        _endpoint.disconnect()
         return
-    for w in list(_the_primary().workers.values()):
+    for w in list(_primary.workers.values()):
         if w.is_connected():
             w.disconnect()
 
@@ -254,10 +239,10 @@ def on_request(fn: Callable[..., Any] | None) -> Callable[..., Any] | None:
     The return value (or, for ``async def``, its result) is the answer; an
     exception is sent back as a ``RequestError``. One handler; None removes it.
     """
-    if _role.endpoint is not None:
-        _role.endpoint.on_request(fn)
+    if _endpoint is not None:
+        _endpoint.on_request(fn)
     else:
-        _the_primary().on_request(fn)
+        _primary.on_request(fn)
     return fn
 
 
@@ -270,10 +255,10 @@ def broadcast(data: Any, *, include_self: bool = False) -> int | None:
     Worker: have the primary send it to every other worker (and to this one if
     ``include_self``); returns None.
     """
-    if _role.endpoint is not None:
-        _role.endpoint.broadcast(data, include_self)
+    if _endpoint is not None:
+        _endpoint.broadcast(data, include_self)
         return None
-    return _the_primary().broadcast(data)
+    return _primary.broadcast(data)
 
 
 def listen(address: tuple[str, int] | str, *, backlog: int = 511) -> socket.socket:
@@ -284,9 +269,9 @@ def listen(address: tuple[str, int] | str, *, backlog: int = 511) -> socket.sock
     random the first time and the same for every worker after. In the primary,
     the same cached socket (a duplicate you own).
     """
-    if _role.endpoint is not None:
-        return _role.endpoint.listen(address, backlog)
-    sock = _the_primary().handle_for(address if isinstance(address, str) else list(address), backlog)
+    if _endpoint is not None:
+        return _endpoint.listen(address, backlog)
+    sock = _primary.handle_for(address if isinstance(address, str) else list(address), backlog)
     return sock.dup()
 
 
@@ -360,21 +345,20 @@ class ServerMixin:
     server_address: Any
 
     def server_bind(self) -> None:
-        endpoint = _role.endpoint
-        if endpoint is None:
+        if _endpoint is None:
             super().server_bind()  # type: ignore[misc]
             return
         self.socket.close()
-        self.socket = endpoint.listen(self.server_address, getattr(self, "request_queue_size", 511))
+        self.socket = _endpoint.listen(self.server_address, getattr(self, "request_queue_size", 511))
         self.server_address = self.socket.getsockname()
         if isinstance(self.server_address, tuple):
             # http.server.HTTPServer.server_bind would look the host up (getfqdn): not needed
             host, port = self.server_address[:2]
             self.server_name, self.server_port = host, port
-        endpoint.add_closer(self._cluster_disconnect)
+        _endpoint.add_closer(self._cluster_disconnect)
 
     def server_activate(self) -> None:
-        if _role.endpoint is None:
+        if _endpoint is None:
             super().server_activate()  # type: ignore[misc]
 
     def _cluster_disconnect(self) -> None:

@@ -2,9 +2,11 @@
 
 ``cluster.is_primary``, ``cluster.is_worker``, ``cluster.worker`` (and
 ``workers``, ``settings``) are read from here by the facade
-(``cluster/__init__.py``); nothing writes the facade's attributes. The role
-changes only through the functions below, called by the runtime that makes a
-process what it is:
+(``cluster/__init__.py``): it registers with :func:`on_change` and copies the
+role into its own attributes each time it changes, so reading
+``cluster.is_worker`` costs what any module attribute costs, and nothing below
+the facade writes its attributes. The role changes only through the functions
+below, called by the runtime that makes a process what it is:
 
 - every process starts as the primary (a program run by hand, the HTTP primary);
 - :func:`become_worker`: a worker linked to its primary, before the program's
@@ -83,19 +85,36 @@ class CurrentWorker:
         return f"<CurrentWorker id={self.id} pid={self.pid}>"
 
 
+_readers: list[Callable[[], None]] = []
+
+
+def on_change(reader: Callable[[], None]) -> None:
+    """Call ``reader()`` now and after every change of the role."""
+    _readers.append(reader)
+    reader()
+
+
+def _changed() -> None:
+    for reader in _readers:
+        reader()
+
+
 def become_worker(link: Endpoint) -> None:
     """This process is a worker from now on, linked to its primary by ``link``."""
     global name, endpoint, worker
     name, endpoint, worker = "worker", link, CurrentWorker(link)
+    _changed()
 
 
 def become_template() -> None:
     """This process is a template of cluster-server: neither the primary nor a worker."""
     global name
     name = "template"
+    _changed()
 
 
 def adopt_primary(state: ClusterPrimary) -> None:
     """Keep the primary's state (the facade makes it once, when it is first imported)."""
     global primary
     primary = state
+    _changed()
