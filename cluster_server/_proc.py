@@ -59,7 +59,7 @@ def set_child_subreaper() -> bool:
 
 
 def after_fork_in_child(close_fds: list[int]) -> None:
-    """Fork hygiene for a new worker (see DESIGN.md): do this first thing."""
+    """Fork hygiene for a new worker (docs/index.md, "The workers"): do this first thing."""
     # The primary's wakeup fd is its self-pipe; a worker writing to it would wake
     # the primary with the worker's signals.
     signal.set_wakeup_fd(-1)

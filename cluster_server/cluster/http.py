@@ -21,9 +21,11 @@ from collections.abc import Sequence
 from typing import Any
 
 from cluster_server._errors import ClusterRoleError, DisconnectedError
+from cluster_server.cluster import role as _role
 from cluster_server.cluster.worker import Endpoint
 from cluster_server.wire import channel as _channel
 from cluster_server.wire.channel import Channel, Message
+from cluster_server.wire.messages import MSG, RES
 
 logger = logging.getLogger("cluster_server")
 
@@ -41,7 +43,7 @@ class LoopLink(Endpoint):
         """Called on the worker's loop before it serves: take our message types."""
         self.loop = loop
         self._loop_thread = threading.get_ident()
-        for kind in ("msg", "req", "res"):
+        for kind in (MSG, RES):
             server.handlers[kind] = self.dispatch
         if self.channel.pending:  # queued while the app was imported, before there was a loop
             flush_when_writable(loop, self.channel)
@@ -112,8 +114,6 @@ def _flush(loop: asyncio.AbstractEventLoop, channel: Channel) -> None:
 
 def enter_worker(worker_id: int, channel: Channel) -> LoopLink:
     """In a new HTTP worker, before the app is imported: make ``cluster.is_worker`` true."""
-    from cluster_server import cluster
-
     link = LoopLink(worker_id, channel)
-    cluster._become_worker(link)
+    _role.become_worker(link)
     return link

@@ -36,6 +36,7 @@ from cluster_server.primary.launcher import ForkLauncher, Launcher
 from cluster_server.primary.sockets import Listener
 from cluster_server.primary.state import WorkerState, check_transition, exit_state
 from cluster_server.wire.channel import Channel, Message, receive_all
+from cluster_server.wire.messages import BOOT_ERROR, HEARTBEAT, READY
 from cluster_server.wire.spawn import ChildMain, fork_child
 from cluster_server.worker.spec import DUMP_SIGNAL, EXIT_BOOT_FAILURE
 
@@ -53,6 +54,8 @@ MAX_WAIT = 1.0
 SPAWN_RETRY = 1.0
 #: unexpected exceptions the loop survives (draining) before it kills the workers and exits
 MAX_LOOP_ERRORS = 100
+#: the worker messages the primary handles itself; components get the others first
+_OWN_MESSAGES = frozenset({HEARTBEAT, READY, BOOT_ERROR})
 
 _S = WorkerState
 _P = ParamSpec("_P")
@@ -632,25 +635,25 @@ class Primary:
     def handle_message(self, w: Worker, msg: Message, fds: list[int] | None = None) -> None:
         """React to one message from a worker; anything unexpected is logged and dropped."""
         kind = msg.get("t")
-        if kind not in ("hb", "ready", "boot_error"):
+        if kind not in _OWN_MESSAGES:
             for comp in self.components:
                 # A hook that raised may have closed the fds already: they count as taken.
                 if self._call(comp, True, comp.worker_message, w, msg, fds or []):
                     return
         _close_fds(fds or [])
-        if kind == "hb":
+        if kind == HEARTBEAT:
             w.last_heartbeat = self.clock()
             r, c = msg.get("r"), msg.get("c")
             if isinstance(r, int) and isinstance(c, int):
                 w.requests, w.connections = r, c
-        elif kind == "ready":
+        elif kind == READY:
             if w.state is not _S.BOOTING:
                 logger.warning("%s said ready twice; ignored", w.name)
                 return
             if w.exit_status:
                 return  # read only after it was reaped (see child_exited): it serves nothing
             self.worker_ready(w)
-        elif kind == "boot_error":
+        elif kind == BOOT_ERROR:
             err = msg.get("error")
             w.boot_error = str(err)[:2000] if err is not None else "unknown error"
             stage = msg.get("stage")

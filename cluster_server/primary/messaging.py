@@ -6,7 +6,8 @@ An app in an HTTP worker talks to its primary with ``cluster.send``,
 messages ``msg`` (logged at debug level: the HTTP primary runs no user code),
 ``bcast`` (relayed as ``msg`` to every other worker with an open channel, and
 to the sender too when it asks) and ``req``, which it answers itself (see
-:meth:`Messaging.answer`). A worker gone mid-broadcast is skipped
+:meth:`Messaging.answer`; the reply goes through
+``wire/request.py``'s ``Replier``, as every answer does). A worker gone mid-broadcast is skipped
 (``primary.send`` returns False); nothing blocks.
 """
 
@@ -18,6 +19,8 @@ from typing import TYPE_CHECKING, Any
 from cluster_server import _proc
 from cluster_server.primary.component import Component, override
 from cluster_server.wire.channel import Message
+from cluster_server.wire.messages import BCAST, MSG, REQ
+from cluster_server.wire.request import Replier
 
 if TYPE_CHECKING:
     from cluster_server.primary.loop import Primary, Worker
@@ -25,7 +28,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger("cluster_server")
 
 #: the worker message types this component handles
-MESSAGE_TYPES = ("msg", "bcast", "req", "res")
+MESSAGE_TYPES = frozenset({MSG, BCAST, REQ})
 
 
 class Messaging(Component):
@@ -46,21 +49,23 @@ class Messaging(Component):
         if kind not in MESSAGE_TYPES:
             return False
         _proc.close_all(fds)  # these messages carry none
-        if kind == "bcast":
-            out = {"t": "msg", "data": msg.get("data")}
+        if kind == BCAST:
+            out = {"t": MSG, "data": msg.get("data")}
             for other in list(self.primary.workers.values()):
                 if other is not w or msg.get("self"):
                     self.primary.send(other, out)
-        elif kind == "msg":
+        elif kind == MSG:
             logger.debug("%s sent the primary %.200r", w.name, msg.get("data"))
-        elif kind == "req":
+        elif kind == REQ:
             rid = msg.get("id")
             if isinstance(rid, int):
+                replier = Replier(lambda reply, fds: self.primary.send(w, reply, list(fds)), "the primary")
                 try:
-                    reply: Message = {"t": "res", "id": rid, "data": self.answer(msg.get("data"))}
-                except (ValueError, TypeError, KeyError) as exc:
-                    reply = {"t": "res", "id": rid, "error": f"the primary cannot answer: {exc}"}
-                self.primary.send(w, reply)
+                    value = self.answer(msg.get("data"))
+                except Exception as exc:  # whatever a worker asks, the primary answers and goes on
+                    replier.refuse(rid, f"the primary cannot answer: {exc}")
+                else:
+                    replier.answer(rid, value)
         return True
 
     def answer(self, data: Any) -> Any:

@@ -38,6 +38,7 @@ from cluster_server.scheduling.protocol import (
     WINDOW,
 )
 from cluster_server.wire.channel import MAX_FDS, Message
+from cluster_server.wire.messages import ACK, CONN
 
 if TYPE_CHECKING:
     from cluster_server._config import Config
@@ -181,7 +182,7 @@ class HandOff(Component):
 
     @override
     def worker_message(self, w: Worker, msg: Message, fds: list[int]) -> bool:
-        if msg.get("t") != "ack":
+        if msg.get("t") != ACK:
             return False
         close_all(fds)  # an ack carries no fds; anything attached is junk
         peer = self.peers.get(w.pid)
@@ -482,7 +483,7 @@ class HandOff(Component):
         peer.batches[bid] = fds
         peer.unacked += len(fds)
         peer.handed += len(fds)
-        msg: Message = {"t": "conn", "b": bid, "force": True} if force else {"t": "conn", "b": bid}
+        msg: Message = {"t": CONN, "b": bid, "force": True} if force else {"t": CONN, "b": bid}
         if self.primary.clock() < self._queue_until:
             msg["q"] = 1
         if not self.primary.send(peer.worker, msg, dups):

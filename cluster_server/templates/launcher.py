@@ -32,6 +32,7 @@ from cluster_server.templates.process import (
 from cluster_server.templates.reload import Reloader, WatchRules, _stop_child
 from cluster_server.wire import channel as _channel
 from cluster_server.wire.channel import Channel, Message, receive_all, send_blocking
+from cluster_server.wire.messages import ERROR, READY, SPAWN, SPAWN_FAILED, SPAWNED, STALE
 
 if TYPE_CHECKING:
     from cluster_server.primary.loop import Primary, Worker
@@ -115,7 +116,7 @@ class Template:
         if self.channel is None or self.state != "ready":
             raise TemplateError(f"{self.name} is not ready")
         ours, theirs = _channel.pair()
-        request = {"t": "spawn", "id": worker.id, "generation": worker.generation}
+        request = {"t": SPAWN, "id": worker.id, "generation": worker.generation}
         try:
             send_blocking(self.channel, request, [theirs.detach()], SPAWN_TIMEOUT)  # the channel owns the fd now
         except (OSError, TimeoutError) as exc:
@@ -125,9 +126,9 @@ class Template:
         while True:
             for msg in self._receive():
                 kind = msg.get("t")
-                if kind == "spawned" and isinstance(msg.get("pid"), int) and msg["pid"] > 0:
+                if kind == SPAWNED and isinstance(msg.get("pid"), int) and msg["pid"] > 0:
                     return int(msg["pid"]), Channel(ours)
-                if kind == "spawn_failed":
+                if kind == SPAWN_FAILED:
                     ours.close()
                     raise TemplateError(f"{self.name} could not fork a worker: {msg.get('error')}")
                 self.backlog.append(msg)  # handled on the next tick
@@ -285,7 +286,7 @@ class TemplateLauncher(Component):
 
     def template_message(self, t: Template, msg: Message) -> None:
         kind = msg.get("t")
-        if kind == "ready" and t.state == "building":
+        if kind == READY and t.state == "building":
             t.state = "ready"
             logger.info(
                 "%s ready: %s in %.2f s",
@@ -294,10 +295,10 @@ class TemplateLauncher(Component):
                 self.primary.clock() - t.started_at,
             )
             self.template_ready(t)
-        elif kind == "error":
+        elif kind == ERROR:
             t.error = str(msg.get("error"))[:4000]
             t.threaded = bool(msg.get("threaded"))
-        elif kind == "stale":
+        elif kind == STALE:
             if t is not (self.templates[-1] if self.templates else None) or self.building is not None:
                 return
             self.stale_files = [str(f) for f in msg.get("files") or ()]

@@ -61,6 +61,7 @@ from cluster_server._errors import AppLoadError, ClusterServerError
 from cluster_server.ops import privileges as _privileges
 from cluster_server.templates.reload import WatchRules, fresh_import_hook
 from cluster_server.wire.channel import Channel, Message, receive_all, send_blocking
+from cluster_server.wire.messages import ERROR, READY, SPAWN, SPAWN_FAILED, SPAWNED, STALE
 from cluster_server.wire.spawn import child_main
 from cluster_server.worker.spec import EXIT_BOOT_FAILURE, WorkerSpec
 
@@ -165,15 +166,15 @@ class _TemplateProcess:
 
     def run(self) -> int:
         _proc.set_title(f"cluster-server: template [{self.config.app_name}]")
-        # What a worker imports before it drops privileges, imported here before we do.
-        from cluster_server import cluster
-
         # The app's import-time code runs here: in neither the primary nor a worker.
-        cluster.is_primary = False
+        # (Imported here, before privileges drop, as a worker imports it before it does.)
+        from cluster_server.cluster import role
+
+        role.become_template()
         try:  # the app's imports run as --user, as in a worker; before the parent-death signal
             _privileges.drop(self.config)  # (changing credentials clears it)
         except ClusterServerError as exc:
-            send_blocking(self.channel, {"t": "error", "error": str(exc)})
+            send_blocking(self.channel, {"t": ERROR, "error": str(exc)})
             return EXIT_BOOT_FAILURE
         _proc.set_parent_death_signal(signal.SIGKILL)
         if os.getppid() != self.primary_pid:
@@ -188,7 +189,7 @@ class _TemplateProcess:
             try:
                 app = load_with_traceback(self.config)
             except AppLoadError as exc:
-                send_blocking(self.channel, {"t": "error", "error": str(exc)})
+                send_blocking(self.channel, {"t": ERROR, "error": str(exc)})
                 return EXIT_BOOT_FAILURE
             _warm_uvicorn(self.config, app)
             self.load = lambda _config: app
@@ -204,12 +205,12 @@ class _TemplateProcess:
             self.deps = _dependency_files(rules, self.config, inherited)
             fresh_import_hook(rules)  # once here, so a worker has less to do
         if threading.active_count() > 1:
-            send_blocking(self.channel, {"t": "error", "error": "importing the app started a thread", "threaded": True})
+            send_blocking(self.channel, {"t": ERROR, "error": "importing the app started a thread", "threaded": True})
             return EXIT_THREADED
         gc.freeze()
         send_blocking(
             self.channel,
-            {"t": "ready", "modules": count, "seconds": round(time.monotonic() - started, 3)},
+            {"t": READY, "modules": count, "seconds": round(time.monotonic() - started, 3)},
         )
         return self.serve()
 
@@ -279,7 +280,7 @@ class _TemplateProcess:
             if threading.active_count() > 1:
                 send_blocking(
                     self.channel,
-                    {"t": "error", "error": f"importing {name!r} started a thread", "threaded": True},
+                    {"t": ERROR, "error": f"importing {name!r} started a thread", "threaded": True},
                 )
                 return -1
         return count
@@ -297,7 +298,7 @@ class _TemplateProcess:
                 return 0  # the primary closed our channel: we are done
 
     def _request(self, msg: Message, fds: list[int]) -> None:
-        if msg.get("t") != "spawn" or len(fds) != 1:
+        if msg.get("t") != SPAWN or len(fds) != 1:
             _proc.close_all(fds)
             return
         self.spawn(msg, fds[0])
@@ -315,7 +316,7 @@ class _TemplateProcess:
                 changed.append(path)
         if changed:
             self.stale = True
-            send_blocking(self.channel, {"t": "stale", "files": changed[:20], "n": len(changed)})
+            send_blocking(self.channel, {"t": STALE, "files": changed[:20], "n": len(changed)})
 
     def spawn(self, msg: Message, fd: int) -> None:
         try:
@@ -328,9 +329,9 @@ class _TemplateProcess:
             pid = self.double_fork(spec, fd)
         except (OSError, KeyError, TypeError, ValueError) as exc:
             os.close(fd)
-            send_blocking(self.channel, {"t": "spawn_failed", "error": f"{type(exc).__name__}: {exc}"})
+            send_blocking(self.channel, {"t": SPAWN_FAILED, "error": f"{type(exc).__name__}: {exc}"})
             return
-        send_blocking(self.channel, {"t": "spawned", "pid": pid})
+        send_blocking(self.channel, {"t": SPAWNED, "pid": pid})
 
     def double_fork(self, spec: WorkerSpec, fd: int) -> int:
         """Fork a worker that the primary (a child subreaper) inherits; return its pid."""

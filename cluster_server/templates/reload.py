@@ -44,6 +44,7 @@ from cluster_server._config import Config
 from cluster_server._errors import ClusterServerError
 from cluster_server.primary.component import Component, override
 from cluster_server.wire.channel import Channel, Message, receive_all, send_blocking
+from cluster_server.wire.messages import CHANGES, ERROR, WATCHING
 from cluster_server.wire.spawn import child_main
 
 if TYPE_CHECKING:
@@ -267,15 +268,15 @@ def _watch(rules: WatchRules, delay: float, channel: Channel, primary_pid: int) 
             raise_interrupt=False,
         ):
             if not announced:  # the first yield: the watches are in place
-                send_blocking(channel, {"t": "watching"})
+                send_blocking(channel, {"t": WATCHING})
                 announced = True
             if changes:
                 files = sorted({path for _, path in changes})
-                send_blocking(channel, {"t": "changes", "files": files[:MAX_NAMES], "n": len(files)})
+                send_blocking(channel, {"t": CHANGES, "files": files[:MAX_NAMES], "n": len(files)})
     except (BrokenPipeError, ConnectionResetError):
         return 0  # the primary is gone
     except Exception as exc:
-        send_blocking(channel, {"t": "error", "error": f"{type(exc).__name__}: {exc}"})
+        send_blocking(channel, {"t": ERROR, "error": f"{type(exc).__name__}: {exc}"})
         return 2
     return 0
 
@@ -378,13 +379,13 @@ class Reloader(Component):
     def handle(self, msg: Message, fds: list[int]) -> None:
         _proc.close_all(fds)  # the watcher sends none
         kind = msg.get("t")
-        if kind == "watching":
+        if kind == WATCHING:
             logger.info("reload: watching %s for changes", ", ".join(self.rules.roots))
-        elif kind == "changes":
+        elif kind == CHANGES:
             files = [str(f) for f in msg.get("files") or ()]
             n = msg.get("n")
             self.reload(files, n if isinstance(n, int) else len(files))
-        elif kind == "error":
+        elif kind == ERROR:
             logger.error("reload: the file watcher failed: %s", msg.get("error"))
         else:
             logger.warning("reload watcher sent an unknown message %.200r; ignored", msg)

@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any
 from cluster_server._config import Config
 from cluster_server._proc import close_all
 from cluster_server.primary.component import Component, WorkerEvent, override
+from cluster_server.wire.messages import HEALTH
 
 if TYPE_CHECKING:
     from cluster_server.primary.loop import Primary, Worker
@@ -42,8 +43,6 @@ Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
 Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
-#: message type on the worker channel
-MESSAGE = "health"
 #: what the health path says, and why
 OK, STARTING, SHUTTING_DOWN = "ok", "starting", "shutting down"
 
@@ -182,4 +181,4 @@ class ShutdownDelay(Component):
             self.primary.send(w, self._message())
 
     def _message(self) -> dict[str, Any]:
-        return {"t": MESSAGE, "ok": self.status == OK, "status": self.status}
+        return {"t": HEALTH, "ok": self.status == OK, "status": self.status}

@@ -1,19 +1,11 @@
 """The worker: what a forked child does, from fork hygiene to exit.
 
-Messages a worker sends on its channel (JSON objects, key ``t`` is the type):
-
-- ``{"t": "ready"}`` once lifespan startup finished and the sockets are served;
-- ``{"t": "hb", "r": requests, "c": open_connections}`` every heartbeat interval,
-  from the event loop;
-- ``{"t": "boot_error", "error": "...", "stage": "load" | "lifespan"}`` when the
-  app cannot be loaded or its lifespan startup fails (then the worker exits
-  with status 3);
-- ``{"t": "ack", ...}`` under ``--scheduling round-robin/least-busy``: which handed-over
-  connections it took or refused, and its load (see ``scheduling/``).
-
-Messages it handles (``server.handlers``): ``{"t": "health", "ok": bool}``
-(``--health-path`` answers 503 once ``ok`` is false; see ``worker/health.py``);
-``{"t": "conn", "b": batch}`` with connection fds (``scheduling/worker.py``).
+On its channel it sends ``ready``, ``hb`` and ``boot_error`` (and, through the
+hand-off and the messaging link, ``ack``, ``msg``, ``bcast``, ``req``); it
+handles what the primary sends through ``server.handlers``, keyed by type:
+``health`` (``worker/health.py``), ``conn`` (``scheduling/worker.py``), ``msg``
+and ``res`` (``cluster/http.py``). Every message and its fields: the ``worker``
+channel in ``wire/messages.py`` (docs/architecture.md).
 """
 
 from __future__ import annotations
@@ -41,6 +33,7 @@ from cluster_server.ops import privileges as _privileges
 from cluster_server.scheduling.protocol import HANDOFF
 from cluster_server.scheduling.worker import WorkerHandOff, worker_sockets
 from cluster_server.wire.channel import Channel, Message, receive_all
+from cluster_server.wire.messages import BOOT_ERROR, HEALTH, HEARTBEAT, READY
 from cluster_server.wire.spawn import child_main
 from cluster_server.worker.health import HealthMiddleware, HealthState, health_handler
 from cluster_server.worker.interface import adapt_app
@@ -205,7 +198,7 @@ class _WorkerProcess:
         except SystemExit as exc:
             if not server.started:  # lifespan startup failed; uvicorn logged why
                 error = f"lifespan startup of {config.app_name} failed; see the log above"
-                self.report({"t": "boot_error", "error": error, "stage": "lifespan"})
+                self.report({"t": BOOT_ERROR, "error": error, "stage": "lifespan"})
                 return EXIT_BOOT_FAILURE
             return exc.code if isinstance(exc.code, int) else 1
         return 0
@@ -217,12 +210,12 @@ class _WorkerProcess:
         try:  # this worker's own sockets (reuseport), bound before --user drops the right to low ports
             self.sockets = worker_sockets(config, spec.listeners)
         except BindError as exc:
-            self.channel.send({"t": "boot_error", "error": str(exc)})
+            self.channel.send({"t": BOOT_ERROR, "error": str(exc)})
             return 1
         try:  # --user/--group, before the parent-death signal: changing credentials clears it
             _privileges.drop(config)
         except ClusterServerError as exc:
-            self.channel.send({"t": "boot_error", "error": str(exc)})
+            self.channel.send({"t": BOOT_ERROR, "error": str(exc)})
             return EXIT_BOOT_FAILURE
         # The parent-death signal fires when the *current* parent dies: set it only
         # once the primary is our parent, or a template's middle process would fire it.
@@ -244,25 +237,25 @@ class _WorkerProcess:
             uconfig.load()
             guard_request_head(uconfig, config.timeout_request_header, config.max_request_head_size)
         except AppLoadError as exc:
-            self.report({"t": "boot_error", "error": str(exc), "stage": "load"})
+            self.report({"t": BOOT_ERROR, "error": str(exc), "stage": "load"})
             return None
         except SystemExit:  # uvicorn's Config.load exits on what it cannot load
             error = f"uvicorn could not load {config.app_name}; see the log above"
-            self.report({"t": "boot_error", "error": error, "stage": "load"})
+            self.report({"t": BOOT_ERROR, "error": error, "stage": "load"})
             return None
         return uconfig
 
     def _make_server(self, uconfig: uvicorn.Config) -> WorkerServer:
         server = WorkerServer(
             uconfig,
-            on_ready=lambda: self.report({"t": "ready"}),
-            on_heartbeat=lambda s: self.report({"t": "hb", "r": s.total_requests, "c": s.open_connections}),
+            on_ready=lambda: self.report({"t": READY}),
+            on_heartbeat=lambda s: self.report({"t": HEARTBEAT, "r": s.total_requests, "c": s.open_connections}),
             heartbeat_interval=self.config.heartbeat_interval,
         )
         if (health_path := self.config.health_path) is not None:
             health = HealthState()
             wrap_loaded_app(uconfig, lambda app: HealthMiddleware(app, health_path, health))
-            server.handlers["health"] = health_handler(health)
+            server.handlers[HEALTH] = health_handler(health)
         return server
 
     def report(self, msg: Message) -> None:
