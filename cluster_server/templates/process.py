@@ -62,7 +62,7 @@ from cluster_server.ops import privileges as _privileges
 from cluster_server.templates.reload import WatchRules, fresh_import_hook
 from cluster_server.wire.channel import Channel, Message, receive_all, send_blocking
 from cluster_server.wire.spawn import child_main
-from cluster_server.worker.spec import EXIT_BOOT_FAILURE, WorkerSpec
+from cluster_server.worker.spec import EXIT_BOOT_FAILURE, WorkerSpec, worker_main
 
 logger = logging.getLogger("cluster_server")
 
@@ -165,8 +165,10 @@ class _TemplateProcess:
 
     def run(self) -> int:
         _proc.set_title(f"cluster-server: template [{self.config.app_name}]")
-        # What a worker imports before it drops privileges, imported here before we do.
+        # What a worker imports before it drops privileges, imported here before we do
+        # (uvicorn with worker.main: the primary never imported it).
         from cluster_server import cluster
+        from cluster_server.worker import main as _worker_main  # noqa: F401
 
         # The app's import-time code runs here: in neither the primary nor a worker.
         cluster.is_primary = False
@@ -349,8 +351,6 @@ class _TemplateProcess:
                 if pid == 0:
                     os.close(w)
                     gc.enable()
-                    from cluster_server.worker.main import worker_main
-
                     worker_main(self.config, spec, socket.socket(fileno=fd), [self.channel.fileno()], self.load)
                 os.write(w, str(pid).encode())
             finally:
