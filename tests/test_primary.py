@@ -620,6 +620,23 @@ def test_a_component_that_raises_is_logged_isolated_then_disabled(caplog_info: p
     assert not c.p.stopping and c.serving() == 1 and c.launcher.kills == [], "the cluster serves on"
 
 
+def test_a_component_whose_attach_raises_is_disabled_at_once(caplog_info: pytest.LogCaptureFixture) -> None:
+    class HalfAttached(_Broken):
+        @override
+        def attach(self, primary: Primary) -> None:
+            raise RuntimeError("cannot attach")
+
+    half = HalfAttached()
+    c = Cluster(workers=1)
+    c.p.components.append(half)
+    c.p._attach(half)  # what run() does for each component
+    assert half not in c.p.components and half.closed
+    assert "HalfAttached.attach raised" in caplog_info.text and "RuntimeError: cannot attach" in caplog_info.text
+    c.start()
+    c.tick()
+    assert c.serving() == 1 and not c.p.stopping
+
+
 def test_an_essential_component_that_keeps_failing_drains_the_cluster(caplog_info: pytest.LogCaptureFixture) -> None:
     class Router(_Broken):
         essential = True

@@ -11,15 +11,14 @@ from __future__ import annotations
 
 import functools
 import os
-import socket
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, NoReturn, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from cluster_server._config import Config
 from cluster_server.primary.component import Component, override
 from cluster_server.wire.channel import Channel
 from cluster_server.wire.spawn import fork_child
-from cluster_server.worker.spec import WorkerSpec
+from cluster_server.worker.spec import WorkerSpec, worker_main
 
 if TYPE_CHECKING:
     from cluster_server.primary.loop import Primary, Worker
@@ -55,7 +54,7 @@ class ForkLauncher(Component):
             primary_pid=os.getpid(),
             listeners=tuple(lst.sock for lst in primary.listeners),
         )
-        main = functools.partial(_worker, primary.config, spec, self.load)
+        main = functools.partial(worker_main, primary.config, spec, load=self.load)
         pid, ours = fork_child(main, primary.fds_to_close_in_child())
         return pid, Channel(ours)
 
@@ -64,11 +63,3 @@ class ForkLauncher(Component):
             os.kill(pid, sig)
         except ProcessLookupError:
             pass
-
-
-def _worker(
-    config: Config, spec: WorkerSpec, load: Callable[[Config], Any] | None, sock: socket.socket, close: list[int]
-) -> NoReturn:  # pragma: no cover - in the forked worker
-    from cluster_server.worker.main import load_app, worker_main  # uvicorn and the app: in the worker only
-
-    worker_main(config, spec, sock, close, load or load_app)

@@ -286,7 +286,7 @@ class Primary:
         except ClusterServerError:
             raise  # a start-up error the user can fix (a --control-socket path in use...)
         except Exception:
-            self._failed(c, c.attach)
+            self._failed(c, c.attach, at_once=True)  # half attached, it would only fail on
 
     def _call(self, c: Component, default: _T, hook: Callable[_P, _T], *args: _P.args, **kwargs: _P.kwargs) -> _T:
         """``hook(*args)``, one of ``c``'s hooks; ``default`` if it raises (logged, counted)."""
@@ -296,27 +296,27 @@ class Primary:
             self._failed(c, hook)
             return default
 
-    def _failed(self, c: Component, hook: Callable[..., Any]) -> None:
+    def _failed(self, c: Component, hook: Callable[..., Any], at_once: bool = False) -> None:
         """A hook of ``c`` raised (a bug): log it; disable ``c`` once it failed MAX_FAILURES times."""
         n = self._failures[id(c)] = self._failures.get(id(c), 0) + 1
         name = f"{type(c).__name__}.{getattr(hook, '__name__', '?')}"
         logger.exception("primary: %s raised (a bug; failure %d of %d before it is disabled)", name, n, MAX_FAILURES)
-        if n >= MAX_FAILURES and any(x is c for x in self.components):
-            self._disable(c)
+        if (at_once or n >= MAX_FAILURES) and any(x is c for x in self.components):
+            self._disable(c, n)
 
-    def _disable(self, c: Component) -> None:
+    def _disable(self, c: Component, errors: int) -> None:
         """No more hooks for ``c``: it is closed, or, if the cluster cannot serve without it,
         kept until the exit while the workers drain."""
         self.components = [x for x in self.components if x is not c]
         name = type(c).__name__
         if not c.essential:
-            logger.error("primary: %s disabled after %d errors; serving on without it", name, MAX_FAILURES)
+            logger.error("primary: %s disabled after %d error(s); serving on without it", name, errors)
             try:
                 c.close()
             except Exception:
                 logger.exception("primary: closing %s raised", name)
             return
-        logger.critical("primary: %s failed %d times and the cluster cannot serve without it", name, MAX_FAILURES)
+        logger.critical("primary: %s failed (%d error(s)) and the cluster cannot serve without it", name, errors)
         self._disabled.append(c)
         self.exit_code = 1
         if not self.stopping:

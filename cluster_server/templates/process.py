@@ -63,7 +63,7 @@ from cluster_server.templates.reload import WatchRules, fresh_import_hook
 from cluster_server.wire.channel import Channel, Message, receive_all, send_blocking
 from cluster_server.wire.messages import ERROR, READY, SPAWN, SPAWN_FAILED, SPAWNED, STALE
 from cluster_server.wire.spawn import child_main
-from cluster_server.worker.spec import EXIT_BOOT_FAILURE, WorkerSpec
+from cluster_server.worker.spec import EXIT_BOOT_FAILURE, WorkerSpec, worker_main
 
 logger = logging.getLogger("cluster_server")
 
@@ -166,10 +166,12 @@ class _TemplateProcess:
 
     def run(self) -> int:
         _proc.set_title(f"cluster-server: template [{self.config.app_name}]")
-        # The app's import-time code runs here: in neither the primary nor a worker.
-        # (Imported here, before privileges drop, as a worker imports it before it does.)
+        # What a worker imports before it drops privileges, imported here before we do
+        # (uvicorn with worker.main: the primary never imported it).
         from cluster_server.cluster import role
+        from cluster_server.worker import main as _worker_main  # noqa: F401
 
+        # The app's import-time code runs here: in neither the primary nor a worker.
         role.become_template()
         try:  # the app's imports run as --user, as in a worker; before the parent-death signal
             _privileges.drop(self.config)  # (changing credentials clears it)
@@ -350,8 +352,6 @@ class _TemplateProcess:
                 if pid == 0:
                     os.close(w)
                     gc.enable()
-                    from cluster_server.worker.main import worker_main
-
                     worker_main(self.config, spec, socket.socket(fileno=fd), [self.channel.fileno()], self.load)
                 os.write(w, str(pid).encode())
             finally:

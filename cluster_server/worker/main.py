@@ -21,7 +21,7 @@ import sys
 import time
 import traceback
 from collections.abc import Callable
-from typing import Any, NoReturn
+from typing import Any
 
 import uvicorn
 
@@ -34,7 +34,6 @@ from cluster_server.scheduling.protocol import HANDOFF
 from cluster_server.scheduling.worker import WorkerHandOff, worker_sockets
 from cluster_server.wire.channel import Channel, Message, receive_all
 from cluster_server.wire.messages import BOOT_ERROR, HEALTH, HEARTBEAT, READY
-from cluster_server.wire.spawn import child_main
 from cluster_server.worker.health import HealthMiddleware, HealthState, health_handler
 from cluster_server.worker.interface import adapt_app
 from cluster_server.worker.spec import DUMP_SIGNAL, EXIT_BOOT_FAILURE, WorkerSpec
@@ -137,24 +136,12 @@ def uvicorn_config(config: Config, app: Any) -> uvicorn.Config:
     )
 
 
-def worker_main(
-    config: Config,
-    spec: WorkerSpec,
-    channel_sock: socket.socket,
-    close_fds: list[int],
-    load: Callable[[Config], Any] = load_app,
-) -> NoReturn:
-    """Entry point of a forked worker. Never returns: always ``os._exit``.
-
-    ``load`` returns the app (a template passes the app it preloaded, or an
-    importer that reloads the project's modules).
-    """
-
-    def body() -> int:
-        _proc.after_fork_in_child(close_fds)
-        return _WorkerProcess(config, spec, Channel(channel_sock), load).run()
-
-    child_main(body, f"worker {spec.id} crashed")
+def run_worker(
+    config: Config, spec: WorkerSpec, channel_sock: socket.socket, load: Callable[[Config], Any] | None = None
+) -> int:
+    """A forked worker's life, after the fork hygiene (``worker_main`` in ``worker/spec.py``):
+    its exit status. ``load`` returns the app (default: import ``config.app``)."""
+    return _WorkerProcess(config, spec, Channel(channel_sock), load or load_app).run()
 
 
 def _await_parent(pid: int, timeout: float) -> bool:
