@@ -25,13 +25,13 @@ from cluster_server.primary.launcher import ForkLauncher
 from cluster_server.primary.loop import Primary
 from cluster_server.primary.messaging import Messaging
 from cluster_server.primary.recycle import Recycler
+from cluster_server.primary.shutdown_delay import ShutdownDelay
 from cluster_server.primary.sockets import bind_listeners, take_inherited
 from cluster_server.primary.tls import check_tls
 from cluster_server.scheduling.primary import primary_components
 from cluster_server.templates.launcher import TemplateLauncher
 from cluster_server.templates.process import load_project
 from cluster_server.templates.reload import Reloader
-from cluster_server.worker.health import ShutdownDelay
 
 if TYPE_CHECKING:
     from cluster_server.ops.metrics import MetricsServer

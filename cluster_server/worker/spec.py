@@ -56,3 +56,7 @@ def worker_main(
         return run_worker(config, spec, channel_sock, load)
 
     child_main(body, f"worker {spec.id} crashed")
+
+
+#: the values of a health message's "status" (what --health-path answers)
+HEALTH_OK, HEALTH_STARTING, HEALTH_SHUTTING_DOWN = "ok", "starting", "shutting down"
