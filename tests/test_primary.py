@@ -22,6 +22,7 @@ from cluster_server.primary.component import MAX_FAILURES, Component, WorkerEven
 from cluster_server.primary.loop import (
     BACKOFF_CAP,
     DUMP_GRACE,
+    SPAWN_RETRY,
     STABLE_AFTER,
     Primary,
     Worker,
@@ -209,6 +210,26 @@ def test_exit_of_unknown_pid_is_ignored() -> None:
     c = Cluster(workers=1).start()
     c.p.child_exited(99999, exited(0))
     assert c.worker(1).state is WorkerState.READY
+
+
+def test_a_worker_that_cannot_be_forked_is_retried(caplog_info: pytest.LogCaptureFixture) -> None:
+    c = Cluster(workers=2)
+    real_spawn = c.launcher.spawn
+    failing = [True]
+
+    def spawn(worker: Worker) -> tuple[int, Channel | None]:
+        if failing[0] and worker.id == 2:
+            raise OSError(24, "Too many open files")
+        return real_spawn(worker)
+
+    c.launcher.spawn = spawn  # type: ignore[method-assign]
+    c.start()
+    assert c.p.slots[2].pid is None and c.serving() == 1, "the others serve on"
+    assert "cannot start worker 2: [Errno 24] Too many open files; retrying in" in caplog_info.text
+    assert c.p.next_deadline() == pytest.approx(c.clock.now + SPAWN_RETRY)
+    failing[0] = False
+    c.tick(SPAWN_RETRY)
+    assert c.p.slots[2].pid is not None and not c.p.stopping
 
 
 def test_watch_child_takes_the_pid() -> None:
