@@ -1,25 +1,12 @@
-"""The health path (the worker's half of leaving the load balancer before stopping).
+"""The health path: the worker's half of leaving the load balancer before stopping.
 
-The primary's half is ``primary/shutdown_delay.py``.
-
-- worker side: :class:`HealthMiddleware` wraps the app and answers ``GET``/``HEAD``
-  on ``--health-path`` itself, before the app, with what the primary last told
-  the worker (``{"t": "health", "ok": bool, "status": text}`` on its channel,
-  see :func:`health_handler`): ``503 starting`` until every worker of the first
-  generation is ready, then ``200 ok``, then ``503 shutting down`` from the
-  moment the primary begins to stop.
-- primary side: :class:`ShutdownDelay`, a component of the primary's loop. It
-  says "ok" once the cluster first had all its workers ready (and to every
-  worker spawned later, while that holds). On SIGTERM it tells every worker to
-  answer 503, keeps the cluster serving normally for ``--shutdown-delay``
-  seconds, then stops it (drains every worker). A second SIGTERM drains at once.
-
-Why: an orchestrator sends SIGTERM and removes the replica from its load
-balancers *at the same time*, and the removal takes a while to reach every
-node (Kubernetes: endpoints -> kube-proxy/ingress, typically 1-5 s). A server
-that stops accepting at SIGTERM refuses the requests still routed to it during
-that window. Serving on for a few seconds while failing the health check closes
-the window. See docs/deployment.md.
+:class:`HealthMiddleware` wraps the app and answers ``GET``/``HEAD`` on
+``--health-path`` itself, before the app, with what the primary last told the
+worker (``{"t": "health", "ok": bool, "status": text}`` on its channel, see
+:func:`health_handler`): ``503 starting`` until every worker of the first
+generation is ready, then ``200 ok``, then ``503 shutting down`` from the
+moment the primary begins to stop. The primary's half, and why it matters, is
+``primary/shutdown_delay.py``.
 """
 
 from __future__ import annotations
