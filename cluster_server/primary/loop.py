@@ -545,6 +545,10 @@ class Primary:
             if isinstance(r, int) and isinstance(c, int):
                 w.requests, w.connections = r, c
         elif kind == "ready":
+            if w.state is _S.DRAINING:
+                # Asked to stop while it booted (a scale-down, a stop): it stops all the same.
+                logger.info("%s became ready after it was asked to stop (%s); it drains", w.name, w.stop_reason)
+                return
             if w.state is not _S.BOOTING:
                 logger.warning("%s said ready twice; ignored", w.name)
                 return
@@ -807,7 +811,7 @@ class ForkLauncher:
             listeners=tuple(lst.sock for lst in self.primary.listeners),
         )
         _flush_output()
-        pid = os.fork()
+        pid = _proc.fork()
         if pid == 0:  # pragma: no cover - the child never returns from worker_main
             worker_main(self.primary.config, spec, theirs, close, self.load)
         return pid, Channel(ours)

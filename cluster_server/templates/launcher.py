@@ -70,7 +70,7 @@ class Template:
         # collections do not copy the pages it shares with the template and workers.
         gc.freeze()
         _proc.flush_output()
-        pid = os.fork()
+        pid = _proc.fork()
         if pid == 0:  # pragma: no cover - the child never returns
             template_main(primary.config, self.kind, theirs, close, primary_pid, listeners, self.launcher.rules)
         theirs.close()

@@ -346,7 +346,7 @@ class Reloader:
         close = [*primary.fds_to_close_in_child(), ours.fileno(), *(lst.sock.fileno() for lst in primary.listeners)]
         primary_pid = os.getpid()
         _proc.flush_output()
-        pid = os.fork()
+        pid = _proc.fork()
         if pid == 0:  # pragma: no cover - the child never returns
             watcher_main(self.rules, self.config.reload_delay, theirs, close, primary_pid)
         theirs.close()
