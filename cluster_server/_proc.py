@@ -58,7 +58,7 @@ def set_child_subreaper() -> bool:
 
 
 #: the signal mask before ``fork()`` blocked the primary's signals; a child puts it back
-_mask_before_fork: set[signal.Signals] | None = None
+_mask_before_fork: Iterable[int] | None = None
 
 
 def fork() -> int:
