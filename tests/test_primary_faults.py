@@ -12,6 +12,8 @@ import logging
 import os
 import re
 import signal
+import socket
+import threading
 import time
 from typing import Any
 
@@ -19,7 +21,7 @@ import pytest
 
 from cluster_server import _proc
 
-from .conftest import HELLO_APP, wait_until
+from .conftest import HELLO_APP, Server, wait_until
 from .fake_primary import Harness
 
 # -- a drain sent within ms of a fork (finding 4) ---------------------------------
@@ -92,3 +94,114 @@ def test_ready_after_a_drain_is_logged_as_what_happened(caplog: pytest.LogCaptur
         h.ready(new)
     assert "became ready after it was asked to stop (scaled down); it drains" in caplog.text
     assert "twice" not in caplog.text
+
+
+# -- keep-alive requests across a roll (finding 5) ---------------------------------
+
+#: a WSGI app whose responses are slow to finish: the head and first byte go out,
+#: the rest 20 ms later (a Django view streaming a template, say)
+SLOW_FINISH_WSGI = """
+import os, time
+
+PID = str(os.getpid()).encode()
+
+def app(environ, start_response):
+    start_response("200 OK", [("Content-Type", "text/plain"), ("Content-Length", str(len(PID)))])
+    def body():
+        yield PID[:1]
+        time.sleep(0.02)
+        yield PID[1:]
+    return body()
+"""
+
+
+class KeepAliveLoad:
+    """Keep-alive clients that behave as wrk does: the next request goes out on the
+    same connection as soon as a response is in, unless it said ``Connection: close``.
+
+    A reused connection that is closed or reset before a whole response came back is
+    a failed request (httpx would notice a close that arrived before it sent, and
+    reconnect; a close that crosses the request on the wire, no client can).
+    Bounded: ``max_seconds``.
+    """
+
+    def __init__(self, port: int, threads: int = 4, max_seconds: float = 60.0) -> None:
+        self.port, self.ok = port, 0
+        self.failures: list[str] = []
+        self.deadline = time.monotonic() + max_seconds
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self._threads = [threading.Thread(target=self._run, daemon=True) for _ in range(threads)]
+        for t in self._threads:
+            t.start()
+
+    def _run(self) -> None:
+        sock: socket.socket | None = None
+        while not self._stop.is_set() and time.monotonic() < self.deadline:
+            try:
+                if sock is None:
+                    sock = socket.create_connection(("127.0.0.1", self.port), timeout=10)
+                sock.sendall(b"GET / HTTP/1.1\r\nHost: test\r\n\r\n")
+                _, close = _read_response(sock)
+                with self._lock:
+                    self.ok += 1
+                if close:
+                    sock.close()
+                    sock = None
+            except OSError as exc:
+                with self._lock:
+                    self.failures.append(f"{type(exc).__name__}: {exc}")
+                if sock is not None:
+                    sock.close()
+                sock = None
+        if sock is not None:
+            sock.close()
+
+    def count(self) -> int:
+        with self._lock:
+            return self.ok
+
+    def stop(self) -> None:
+        self._stop.set()
+        for t in self._threads:
+            t.join(15)
+
+
+def _read_response(sock: socket.socket) -> tuple[bytes, bool]:
+    """One response with a Content-Length body: (head, whether it said Connection: close)."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(65536)
+        if not chunk:
+            raise ConnectionError(f"closed after {len(data)} bytes of a response")
+        data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    lines = head.lower().split(b"\r\n")
+    length = next(int(line.split(b":")[1]) for line in lines if line.startswith(b"content-length:"))
+    while len(body) < length:
+        chunk = sock.recv(65536)
+        if not chunk:
+            raise ConnectionError("closed in the middle of a body")
+        body += chunk
+    return head, b"connection: close" in lines
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+def test_no_keep_alive_request_lost_across_two_rolls_of_a_slow_to_finish_wsgi_app(
+    start_server: Any, write_app: Any
+) -> None:
+    write_app("slowwsgi", SLOW_FINISH_WSGI)
+    srv: Server = start_server("slowwsgi:app", "--workers", "2", "--no-access-log").wait_ready()
+    load = KeepAliveLoad(srv.port or 0, threads=6)
+    try:
+        wait_until(lambda: load.count() > 100, 15, what="load running")
+        for generation in (2, 3):
+            srv.signal(signal.SIGHUP)
+            srv.wait_log(f"rolling restart to generation {generation} done", timeout=30)
+            seen = load.count()
+            wait_until(lambda seen=seen: load.count() > seen + 100, 15, what="load after the roll")
+    finally:
+        load.stop()
+    assert load.failures == [], load.failures[:5]
+    assert srv.log().count("draining (rolled)") == 4
