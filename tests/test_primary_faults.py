@@ -20,8 +20,9 @@ from typing import Any
 import pytest
 
 from cluster_server import _proc
+from cluster_server.primary import loop as _loop
 
-from .conftest import HELLO_APP, Server, wait_until
+from .conftest import HELLO_APP, Server, titled, wait_until
 from .fake_primary import Harness
 
 # -- a drain sent within ms of a fork (finding 4) ---------------------------------
@@ -205,3 +206,53 @@ def test_no_keep_alive_request_lost_across_two_rolls_of_a_slow_to_finish_wsgi_ap
         load.stop()
     assert load.failures == [], load.failures[:5]
     assert srv.log().count("draining (rolled)") == 4
+
+
+# -- the primary's own waits are bounded (finding 6) --------------------------------
+
+
+@pytest.mark.timeout(10)
+def test_shutdown_gives_up_on_a_worker_that_does_not_die(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A worker the SIGKILL does not end (uninterruptible sleep; here the fake
+    launcher's kill does nothing to a real child): the primary still exits, soon
+    after its deadline, instead of blocking in waitpid for good."""
+    h = Harness(workers=1)
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the stuck worker
+        time.sleep(30)
+        os._exit(0)
+    handlers = {sig: signal.getsignal(sig) for sig in _proc.LOOP_SIGNALS}
+    monkeypatch.setattr(_loop, "SHUTDOWN_REAP", 0.5, raising=False)
+    try:
+        h.primary.workers[pid] = _loop.Worker(id=1, generation=1, spawned_at=0.0, pid=pid)
+        began = time.monotonic()
+        h.primary._shutdown()
+        assert time.monotonic() - began < 3
+        assert pid in h.primary.workers  # given up on, not reaped
+    finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(60)
+def test_a_wedged_template_holds_the_primary_up_for_a_moment_only(start_server: Any, write_app: Any) -> None:
+    """The primary waits for a template's answer without serving anything else
+    (under least-busy it accepts nothing meanwhile): a stopped template must cost
+    a request well under a second, not the old five."""
+    write_app("hello", HELLO_APP)
+    srv = start_server("hello:app", "--preload", "--workers", "1", "--no-access-log").wait_ready()
+    (template,) = titled(srv.pid, "template")
+    os.kill(template, signal.SIGSTOP)
+    srv.signal(signal.SIGTTIN)
+    srv.wait_log("scaling from 1 to 2 workers")
+    began = time.monotonic()
+    assert srv.get(headers={"connection": "close"}).status_code == 200
+    took = time.monotonic() - began
+    srv.wait_log("did not answer within")
+    assert took < 2.0, took
+    wait_until(lambda: len(titled(srv.pid, "worker")) == 2, 15, what="the second worker, forked directly")
+    srv.wait_log("ready in", count=2)
+    assert srv.proc.poll() is None

@@ -49,6 +49,9 @@ MAX_WAIT = 1.0
 SPAWN_RETRY = 1.0
 #: unexpected exceptions the loop survives (draining) before it kills the workers and exits
 MAX_LOOP_ERRORS = 100
+#: on exit, how long the primary waits for the workers it SIGKILLed, and how often it looks
+SHUTDOWN_REAP = 5.0
+REAP_POLL = 0.01
 
 _S = WorkerState
 
@@ -749,13 +752,7 @@ class Primary:
         """Leave nothing behind: no worker, no socket file, no signal handler."""
         if self.workers:
             self.kill_all()
-            deadline = time.monotonic() + 5
-            while self.workers and time.monotonic() < deadline:
-                try:
-                    pid, status = os.waitpid(-1, 0)
-                except ChildProcessError:
-                    break
-                self.child_exited(pid, status)
+            self._reap_until(time.monotonic() + SHUTDOWN_REAP)
         for w in list(self.workers.values()):
             self._forget_channel(w)
         for c in self.components:
@@ -770,6 +767,27 @@ class Primary:
                 os.close(fd)
         for lst in self.listeners:
             lst.close()
+
+    def _reap_until(self, deadline: float) -> None:
+        """Reap the SIGKILLed workers until none is left or ``deadline`` passed.
+
+        Polled (WNOHANG): a blocking ``waitpid(-1)`` would wait for any child, and
+        one that never exits (a worker stuck in uninterruptible sleep, a template
+        or watcher still running) would keep the primary from ever exiting.
+        """
+        while self.workers:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid:
+                self.child_exited(pid, status)
+                continue
+            left = deadline - time.monotonic()
+            if left <= 0:
+                logger.error("%d worker(s) did not exit after SIGKILL; leaving them", len(self.workers))
+                return
+            time.sleep(min(REAP_POLL, left))
 
     def fds_to_close_in_child(self) -> list[int]:
         """The primary's own fds a new worker must not keep."""

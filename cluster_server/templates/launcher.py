@@ -34,8 +34,11 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger("cluster_server")
 
-#: how long the primary waits for a template to answer a spawn request
-SPAWN_TIMEOUT = 5.0
+#: how long the primary waits for a template to answer a spawn request. The primary
+#: does nothing else meanwhile (under least-busy and round-robin it accepts no
+#: connection): a template answers in milliseconds (two forks), so one that takes
+#: longer is wedged (stopped, swapping) and is replaced; the worker is forked directly
+SPAWN_TIMEOUT = 0.5
 #: a template that dies unexpectedly is rebuilt, but not more often than this
 REBUILD_INTERVAL = 30.0
 
@@ -113,7 +116,13 @@ class Template:
         self.launcher.template_exited(self, was, status)
 
     def spawn(self, worker: Worker) -> tuple[int, Channel]:
-        """Have the template fork ``worker``; blocks until it answers (a few ms). Raises TemplateError."""
+        """Have the template fork ``worker``; blocks until it answers (a few ms), at most
+        SPAWN_TIMEOUT. Raises TemplateError.
+
+        A template that answers after the timeout has forked a worker the primary
+        does not know: that worker finds its channel closed and exits, and the
+        primary reaps it as a stranger.
+        """
         if self.channel is None or self.state != "ready":
             raise TemplateError(f"{self.name} is not ready")
         ours, theirs = _channel.pair()
