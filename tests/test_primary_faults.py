@@ -11,16 +11,21 @@ from __future__ import annotations
 import logging
 import os
 import re
+import shutil
 import signal
 import socket
+import tempfile
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 from cluster_server import _proc
+from cluster_server._errors import BindError
 from cluster_server.primary import loop as _loop
+from cluster_server.primary import sockets as _sockets
 
 from .conftest import HELLO_APP, Server, titled, wait_until
 from .fake_primary import Harness
@@ -256,3 +261,73 @@ def test_a_wedged_template_holds_the_primary_up_for_a_moment_only(start_server: 
     wait_until(lambda: len(titled(srv.pid, "worker")) == 2, 15, what="the second worker, forked directly")
     srv.wait_log("ready in", count=2)
     assert srv.proc.poll() is None
+
+
+@pytest.mark.timeout(10)
+def test_uds_probe_of_a_live_socket_with_a_full_queue_does_not_hang(tmp_path: Path) -> None:
+    """A live server whose listen queue is full never accepts the probe's connect: an
+    unbounded blocking connect would hang the primary's start for good."""
+    path = str(tmp_path / "busy.sock")
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    server.bind(path)
+    server.listen(0)
+    queued: list[socket.socket] = []
+    try:
+        while True:  # fill the queue (nobody accepts)
+            c = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            c.setblocking(False)
+            queued.append(c)
+            try:
+                c.connect(path)
+            except BlockingIOError:
+                break
+        with pytest.raises(BindError, match="in use by another process"):
+            _sockets._bind_unix(path, 16)
+        assert os.path.exists(path)
+    finally:
+        for c in queued:
+            c.close()
+        server.close()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="switches to the user nobody")
+def test_uds_that_cannot_be_probed_is_not_taken_for_stale() -> None:
+    """EACCES on the probe's connect proves nothing about the socket: it must not be
+    unlinked as stale (nor the error crash the start): a clear BindError instead."""
+    directory = tempfile.mkdtemp(prefix="cs-probe-")  # searchable by nobody (tmp_path is not)
+    os.chmod(directory, 0o755)
+    path = os.path.join(directory, "private.sock")
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    server.bind(path)
+    os.chmod(path, 0o600)  # connecting needs write permission on the socket
+    server.listen(1)
+    r, w = os.pipe()
+    try:
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover - the unprivileged child
+            code = 1
+            try:
+                os.setgid(65534)
+                os.setuid(65534)
+                _sockets._bind_unix(path, 16)
+                os.write(w, b"bound")
+            except BindError as exc:
+                os.write(w, str(exc).encode())
+                code = 0
+            except BaseException as exc:
+                os.write(w, repr(exc).encode())
+            finally:
+                os._exit(code)
+        os.close(w)
+        w = -1
+        said = os.read(r, 4096).decode()
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0, said
+        assert "cannot be checked" in said
+        assert os.path.exists(path)
+    finally:
+        os.close(r)
+        if w >= 0:
+            os.close(w)
+        server.close()
+        shutil.rmtree(directory, ignore_errors=True)
