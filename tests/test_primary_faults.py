@@ -14,6 +14,7 @@ import re
 import shutil
 import signal
 import socket
+import sys
 import tempfile
 import threading
 import time
@@ -27,7 +28,7 @@ from cluster_server._errors import BindError
 from cluster_server.primary import loop as _loop
 from cluster_server.primary import sockets as _sockets
 
-from .conftest import HELLO_APP, Server, titled, wait_until
+from .conftest import HELLO_APP, ROOT, Server, free_port, run_in_session, titled, wait_until
 from .fake_primary import Harness
 
 # -- a drain sent within ms of a fork (finding 4) ---------------------------------
@@ -331,3 +332,66 @@ def test_uds_that_cannot_be_probed_is_not_taken_for_stale() -> None:
             os.close(w)
         server.close()
         shutil.rmtree(directory, ignore_errors=True)
+
+
+# -- a worker that cannot start says why, and the primary says it right (finding 6) --
+
+#: an app that floods its channel at import (more than the kernel buffers), then fails
+FLOOD_THEN_FAIL = """
+from cluster_server import cluster
+
+for i in range(60):
+    cluster.send("x" * 60000)
+raise RuntimeError("boom at import")
+"""
+
+
+def _cli(tmp_path: Path, *args: str, wrapper: tuple[str, ...] = ()) -> tuple[int | None, str]:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(tmp_path)])}
+    env.pop("WEB_CONCURRENCY", None)
+    argv = [*wrapper, sys.executable, "-m", "cluster_server", *args, "--port", str(free_port())]
+    code, out, err = run_in_session([*argv, "--no-control-socket"], tmp_path, env, timeout=40)
+    return code, out + err
+
+
+@pytest.mark.timeout(60)
+def test_a_boot_error_behind_messages_queued_at_import_still_reaches_the_primary(
+    write_app: Any, tmp_path: Path
+) -> None:
+    """What the app sent at import is queued in the channel (the primary reads it no
+    faster than the app writes); the boot error goes behind it, and must not be lost
+    with the queue when the worker exits."""
+    write_app("floodapp", FLOOD_THEN_FAIL)
+    code, output = _cli(tmp_path, "floodapp:app", "--workers", "1")
+    assert code == 3, output
+    assert "Error: importing 'floodapp' raised RuntimeError: boom at import" in output
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root (--user)")
+@pytest.mark.parametrize("preload", [False, True])
+def test_a_worker_that_cannot_switch_user_is_a_config_error_not_an_import_error(
+    write_app: Any, tmp_path: Path, preload: bool
+) -> None:
+    """Root without CAP_SETUID/CAP_SETGID (a container's bounding set): the primary's
+    check passes (it is root), the worker's (or template's) setuid fails."""
+    write_app("hello", HELLO_APP)
+    wrapper = ("setpriv", "--bounding-set", "-setuid,-setgid", "--")
+    extra = ("--preload",) if preload else ()
+    code, output = _cli(tmp_path, "hello:app", "--user", "nobody", *extra, wrapper=wrapper)
+    assert code == 2, output
+    assert "Error: worker cannot switch to user nobody" in output
+    assert "Traceback" not in output
+
+
+@pytest.mark.parametrize(
+    ("stage", "error"),
+    [("bind", "BindError"), ("privileges", "ConfigError"), ("load", "AppLoadError"), ("lifespan", "WorkerBootError")],
+)
+def test_a_first_generation_boot_error_is_typed_by_its_stage(stage: str, error: str) -> None:
+    h = Harness(workers=1)
+    h.primary.manage_workers()
+    (pid,) = h.primary.workers
+    h.primary.handle_message(h.worker(pid), {"t": "boot_error", "error": "it failed", "stage": stage})
+    h.exit(pid, 3 << 8)
+    assert type(h.primary.fatal).__name__ == error
+    assert str(h.primary.fatal) == "it failed"

@@ -25,7 +25,14 @@ from typing import Any, Protocol
 
 from cluster_server import _proc
 from cluster_server._config import Config
-from cluster_server._errors import AppLoadError, ChannelError, ClusterServerError, WorkerBootError
+from cluster_server._errors import (
+    AppLoadError,
+    BindError,
+    ChannelError,
+    ClusterServerError,
+    ConfigError,
+    WorkerBootError,
+)
 from cluster_server._proc import close_all as _close_fds
 from cluster_server._proc import describe_status
 from cluster_server._proc import flush_output as _flush_output
@@ -81,7 +88,7 @@ class Worker:
     requests: int = 0
     connections: int = 0
     boot_error: str | None = None
-    #: "load" (import / factory / uvicorn config) or "lifespan", from the boot_error message
+    #: "bind", "privileges", "load" (import / factory / uvicorn config) or "lifespan", from the boot_error message
     boot_stage: str | None = None
     #: SIGKILL was sent: no further deadlines, just wait for the reap
     killed: bool = False
@@ -431,16 +438,7 @@ class Primary:
         if self.stopping:
             return
         if w.state is _S.FAILED and not self.ever_ready:
-            # The first generation cannot start: stop the cluster and say why.
-            if w.boot_error is not None:
-                err: ClusterServerError = (
-                    AppLoadError(w.boot_error)
-                    if _exit_code(status) == EXIT_BOOT_FAILURE and w.boot_stage != "lifespan"
-                    else WorkerBootError(w.boot_error)
-                )
-            else:
-                err = WorkerBootError(f"worker {w.id} exited ({w.exit_status}) before it was ready")
-            self.fail(err)
+            self.fail(boot_failure(w, status))  # the first generation cannot start: stop, and say why
             return
         if w.ready_at is not None and now - w.ready_at >= STABLE_AFTER:
             slot.failures = 0
@@ -844,6 +842,23 @@ class ForkLauncher:
 def _call(component: Any, method: str, *args: Any) -> Any:
     fn = getattr(component, method, None)
     return fn(*args) if fn is not None else None
+
+
+#: what a worker's boot error is, by the stage it failed at (worker/main.py BootStage)
+_BOOT_ERRORS: dict[str | None, type[ClusterServerError]] = {
+    "bind": BindError,  # its own SO_REUSEPORT socket: the machine's state (exit status 1)
+    "privileges": ConfigError,  # --user/--group cannot be switched to (2)
+    "lifespan": WorkerBootError,  # the app failed at start-up (3)
+}
+
+
+def boot_failure(w: Worker, status: int) -> ClusterServerError:
+    """The error that stops a first generation whose worker ``w`` exited with ``status``."""
+    if w.boot_error is None:
+        return WorkerBootError(f"worker {w.id} exited ({w.exit_status}) before it was ready")
+    if _exit_code(status) != EXIT_BOOT_FAILURE:
+        return WorkerBootError(w.boot_error)  # it said why, then died of something else
+    return _BOOT_ERRORS.get(w.boot_stage, AppLoadError)(w.boot_error)
 
 
 def _exit_code(status: int) -> int | None:

@@ -17,7 +17,7 @@ import time
 from typing import TYPE_CHECKING, Literal
 
 from cluster_server import _proc
-from cluster_server._errors import AppLoadError, ChannelError
+from cluster_server._errors import AppLoadError, ChannelError, ConfigError
 from cluster_server.templates.process import (
     Kind,
     TemplateError,
@@ -56,6 +56,7 @@ class Template:
         self.started_at = launcher.primary.clock()
         self.error: str | None = None
         self.threaded = False
+        self.privileges = False  # its error: --user/--group could not be switched to
         self.stopping = False
         self.backlog: list[Message] = []  # messages that arrived while the primary awaited a pid
 
@@ -300,6 +301,7 @@ class TemplateLauncher:
         elif kind == "error":
             t.error = str(msg.get("error"))[:4000]
             t.threaded = bool(msg.get("threaded"))
+            t.privileges = msg.get("stage") == "privileges"
         elif kind == "stale":
             if t is not (self.templates[-1] if self.templates else None) or self.building is not None:
                 return
@@ -363,7 +365,7 @@ class TemplateLauncher:
                 self._release_slots()
             elif self.kind == "preload" and self.holding:
                 self.holding = False
-                self.primary.fail(AppLoadError(error))
+                self.primary.fail(ConfigError(error) if t.privileges else AppLoadError(error))
             elif self.kind == "preload":
                 reason = self.roll_wanted[0] if self.roll_wanted else "rolling restart"
                 self.roll_wanted = None

@@ -5,9 +5,10 @@ Messages a worker sends on its channel (JSON objects, key ``t`` is the type):
 - ``{"t": "ready"}`` once lifespan startup finished and the sockets are served;
 - ``{"t": "hb", "r": requests, "c": open_connections}`` every heartbeat interval,
   from the event loop;
-- ``{"t": "boot_error", "error": "...", "stage": "load" | "lifespan"}`` when the
-  app cannot be loaded or its lifespan startup fails (then the worker exits
-  with status 3);
+- ``{"t": "boot_error", "error": "...", "stage": "bind" | "privileges" | "load" |
+  "lifespan"}`` when the worker cannot start: its own socket cannot be bound,
+  ``--user`` cannot be switched to, the app cannot be loaded or its lifespan
+  startup fails (then the worker exits with status 3);
 - ``{"t": "ack", ...}`` under ``--scheduling round-robin/least-busy``: which handed-over
   connections it took or refused, and its load (see ``scheduling/``).
 
@@ -30,7 +31,7 @@ import time
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, NoReturn
+from typing import Any, Literal, NoReturn
 
 import uvicorn
 
@@ -41,15 +42,22 @@ from cluster_server.cluster.http import enter_worker
 from cluster_server.ops import privileges as _privileges
 from cluster_server.scheduling.protocol import HANDOFF
 from cluster_server.scheduling.worker import WorkerHandOff, worker_sockets
-from cluster_server.wire.channel import Channel, FdsTruncated
+from cluster_server.wire.channel import Channel, FdsTruncated, send_blocking
 from cluster_server.worker.health import HealthMiddleware, HealthState, health_handler
 from cluster_server.worker.interface import adapt_app
 from cluster_server.worker.uvicorn_glue import WorkerServer, guard_request_head, run_on_fresh_loop, wrap_loaded_app
 
 logger = logging.getLogger("cluster_server.worker")
 
-#: exit status of a worker that could not load the app or start it
+#: exit status of a worker that could not start: its ``boot_error`` message says why
 EXIT_BOOT_FAILURE = 3
+#: what a ``boot_error`` says failed: binding its own socket (``--scheduling
+#: reuseport``), switching to ``--user``/``--group``, loading the app, or its lifespan startup
+BootStage = Literal["bind", "privileges", "load", "lifespan"]
+#: how long a worker that cannot start waits for the primary to take its boot error
+BOOT_ERROR_FLUSH = 2.0
+#: longest boot error sent (a message must fit the channel's limit)
+MAX_BOOT_ERROR = 8000
 #: the signal the kernel sends a worker whose primary died (Linux)
 ORPHAN_SIGNAL = signal.SIGUSR2
 #: seconds an orphaned worker gets to finish before it is gone for good
@@ -184,6 +192,21 @@ def worker_main(
         os._exit(code)
 
 
+def boot_failure(channel: Channel, error: str, stage: BootStage) -> int:
+    """Tell the primary why this worker cannot start; the exit status to use.
+
+    Waits (at most BOOT_ERROR_FLUSH) until the kernel took the message and
+    everything queued before it (what the app sent at import): ``os._exit``
+    follows, and a message still queued in the channel would be lost with it.
+    """
+    msg = {"t": "boot_error", "error": error[:MAX_BOOT_ERROR], "stage": stage}
+    try:
+        send_blocking(channel, msg, timeout=BOOT_ERROR_FLUSH)
+    except (OSError, TimeoutError):
+        pass  # the primary is gone, or reads nothing: it reports the exit status
+    return EXIT_BOOT_FAILURE
+
+
 def _await_parent(pid: int, timeout: float) -> bool:
     """Wait until ``pid`` is our parent: a worker double-forked by a template is
     re-parented to the primary (a child subreaper) once the middle process exits."""
@@ -203,13 +226,11 @@ def _run(config: Config, spec: WorkerSpec, channel: Channel, load: Callable[[Con
     try:  # this worker's own sockets (reuseport), bound before --user drops the right to low ports
         sockets = worker_sockets(config, spec.listeners)
     except BindError as exc:
-        channel.send({"t": "boot_error", "error": str(exc)})
-        return 1
+        return boot_failure(channel, str(exc), "bind")
     try:  # --user/--group, before the parent-death signal: changing credentials clears it
         _privileges.drop(config)
     except ClusterServerError as exc:
-        channel.send({"t": "boot_error", "error": str(exc)})
-        return EXIT_BOOT_FAILURE
+        return boot_failure(channel, str(exc), "privileges")
     # The parent-death signal fires when the *current* parent dies: set it only
     # once the primary is our parent, or a template's middle process would fire it.
     if not _await_parent(spec.primary_pid, REPARENT_TIMEOUT):
@@ -233,12 +254,9 @@ def _run(config: Config, spec: WorkerSpec, channel: Channel, load: Callable[[Con
         uconfig.load()
         guard_request_head(uconfig, config.timeout_request_header, config.max_request_head_size)
     except AppLoadError as exc:
-        report({"t": "boot_error", "error": str(exc), "stage": "load"})
-        return EXIT_BOOT_FAILURE
+        return boot_failure(channel, str(exc), "load")
     except SystemExit:  # uvicorn's Config.load exits on what it cannot load
-        error = f"uvicorn could not load {config.app_name}; see the log above"
-        report({"t": "boot_error", "error": error, "stage": "load"})
-        return EXIT_BOOT_FAILURE
+        return boot_failure(channel, f"uvicorn could not load {config.app_name}; see the log above", "load")
 
     server = WorkerServer(
         uconfig,
@@ -297,8 +315,6 @@ def _run(config: Config, spec: WorkerSpec, channel: Channel, load: Callable[[Con
         run_on_fresh_loop(serve(), uconfig)
     except SystemExit as exc:
         if not server.started:  # lifespan startup failed; uvicorn logged why
-            error = f"lifespan startup of {config.app_name} failed; see the log above"
-            report({"t": "boot_error", "error": error, "stage": "lifespan"})
-            return EXIT_BOOT_FAILURE
+            return boot_failure(channel, f"lifespan startup of {config.app_name} failed; see the log above", "lifespan")
         return exc.code if isinstance(exc.code, int) else 1
     return 0
