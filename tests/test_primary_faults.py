@@ -25,6 +25,7 @@ import pytest
 
 from cluster_server import _proc
 from cluster_server._errors import BindError
+from cluster_server.ops.status import ClusterWatch
 from cluster_server.primary import loop as _loop
 from cluster_server.primary import sockets as _sockets
 
@@ -395,3 +396,25 @@ def test_a_first_generation_boot_error_is_typed_by_its_stage(stage: str, error: 
     h.exit(pid, 3 << 8)
     assert type(h.primary.fatal).__name__ == error
     assert str(h.primary.fatal) == "it failed"
+
+
+def test_a_roll_that_starts_and_ends_within_one_iteration_is_seen() -> None:
+    """A recycle whose replacement cannot be forked ends in the call that started it:
+    the systemd notifier and the roll counters must hear of it all the same."""
+    h = Harness(workers=1).start()
+    watch = ClusterWatch()
+    h.primary.add_component(watch)
+    watch.attach(h.primary)
+    events: list[str] = []
+    watch.on("roll_started", lambda roll: events.append("started"))
+    watch.on("roll_finished", lambda roll, outcome: events.append(outcome))
+
+    def no_fork(worker: Any) -> Any:
+        raise OSError(11, "Resource temporarily unavailable")
+
+    h.launcher.spawn = no_fork  # type: ignore[method-assign]
+    assert h.primary.recycle(1, "test")
+    assert h.primary.roll_state is None  # over already
+    watch.tick()
+    assert events == ["started", "failed"]
+    assert dict(watch.rolls) == {"failed": 1}

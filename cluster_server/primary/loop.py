@@ -153,7 +153,9 @@ class Component(Protocol):
     handled, the primary keeps running); ``before_roll(reason, slots) -> bool``
     before a rolling restart starts (False: not yet, the component calls
     ``roll`` again when ready); ``handle_<signal>()`` for a signal the component
-    installed with the primary's ``_queue_signal``; ``fds_to_close_in_child() ->
+    installed with the primary's ``_queue_signal``; ``roll_started(roll)`` and
+    ``roll_finished(roll, outcome)`` (``completed``, ``failed``, ``aborted``)
+    around every rolling restart and recycle; ``fds_to_close_in_child() ->
     list[int]``, its fds a new worker must not keep; ``defer_stop(why) -> bool``
     on SIGTERM (True: the component stops the cluster later itself, e.g. after
     --shutdown-delay); ``close()`` when the primary exits.
@@ -606,9 +608,8 @@ class Primary:
                 return False
         self.generation += 1
         pending = sorted(self.slots) if slots is None else sorted(s for s in set(slots) if s in self.slots)
-        self.roll_state = Roll(self.generation, reason, pending, started_at=self.clock())
         logger.info("rolling restart to generation %d (%s): %d worker(s)", self.generation, reason, len(pending))
-        self.advance_roll()
+        self._start_roll(Roll(self.generation, reason, pending, started_at=self.clock()))
         return True
 
     def recycle(self, slot_id: int, reason: str) -> bool:
@@ -620,10 +621,23 @@ class Primary:
         slot = self.slots.get(slot_id)
         if self.stopping or self.roll_state is not None or slot is None or slot.replacement is not None:
             return False
-        self.roll_state = Roll(slot.generation, reason, [slot_id], started_at=self.clock(), recycle=True)
         logger.info("recycling worker %d (%s)", slot_id, reason)
-        self.advance_roll()
+        self._start_roll(Roll(slot.generation, reason, [slot_id], started_at=self.clock(), recycle=True))
         return True
+
+    def _start_roll(self, roll: Roll) -> None:
+        """Components hear of every roll (``roll_started``), even one over within this call."""
+        self.roll_state = roll
+        for c in self.components:
+            _call(c, "roll_started", roll)
+        self.advance_roll()
+
+    def _end_roll(self, outcome: str) -> None:
+        """The roll is over: ``completed``, ``failed`` or ``aborted`` (``roll_finished``)."""
+        roll, self.roll_state = self.roll_state, None
+        if roll is not None:
+            for c in self.components:
+                _call(c, "roll_finished", roll, outcome)
 
     def advance_roll(self) -> None:
         roll = self.roll_state
@@ -635,7 +649,7 @@ class Primary:
                 continue
             w = self.spawn_worker(slot, roll.generation)
             if w is None:
-                self.roll_state = None
+                self._end_roll("failed")
                 kind = "recycling" if roll.recycle else f"rolling restart to generation {roll.generation}"
                 logger.error("%s stopped: cannot start a worker; the running workers keep serving", kind)
                 self._next_roll()
@@ -648,7 +662,7 @@ class Primary:
             logger.info("recycled worker %s in %.2f s", ", ".join(map(str, roll.done)), took)
         else:
             logger.info("rolling restart to generation %d done in %.2f s", roll.generation, took)
-        self.roll_state = None
+        self._end_roll("completed")
         self._next_roll()
 
     def _next_roll(self) -> None:
@@ -672,7 +686,7 @@ class Primary:
         why = w.boot_error or f"worker {w.id} exited ({w.exit_status}) before it was ready"
         if roll is None or self.stopping:
             return  # stopped meanwhile: nothing to keep going
-        self.roll_state = None
+        self._end_roll("failed")
         slot = self.slots.get(w.id)
         old = self.workers.get(slot.pid) if slot is not None and slot.pid is not None else None
         keeps = f"{old.name} keeps serving" if old is not None else f"worker {w.id} will be restarted"
@@ -723,7 +737,7 @@ class Primary:
         if not self.stopping:
             logger.info("stopping (%s): draining %d worker(s)", why, len(self.workers))
         self.stopping = True
-        self.roll_state = None
+        self._end_roll("aborted")
         self.roll_queue.clear()
         if graceful:
             for w in list(self.workers.values()):
