@@ -96,6 +96,30 @@ def test_max_worker_memory() -> None:
     assert "uses 101 MiB (--max-worker-memory 100)" in roll.reason
 
 
+def test_a_worker_far_over_the_memory_limit_does_not_wait_its_turn() -> None:
+    """Recycles run one at a time, replacement first: under a fast leak the last in
+    line grew to 5x the limit (issue 13, finding 7). Far over it, a worker is drained
+    at once and its slot refilled, whatever roll or recycle is running."""
+    rss: dict[int, int] = {}
+    h, _ = _harness(workers=3, rss=rss, max_worker_memory=100)
+    a, b, c = h.slot_pids()
+    assert a is not None and b is not None and c is not None
+    rss[a], rss[b], rss[c] = 120 * MIB, 110 * MIB, 90 * MIB
+    h.tick(1.1)
+    roll = h.primary.roll_state
+    assert roll is not None and roll.current == 1  # over: a's recycle, replacement first
+    new_a = h.launcher.spawned[-1]
+    rss[b], rss[c] = 400 * MIB, 155 * MIB  # meanwhile b and c leak fast
+    h.tick(1.1)
+    assert h.launcher.got(b) and h.launcher.got(c)  # not behind a's recycle
+    assert h.worker(b).state is h.worker(c).state is WorkerState.DRAINING
+    assert not h.launcher.got(a)  # a's replacement is booting: a keeps serving until it is ready
+    assert h.primary.slots[2].pid not in (None, b) and h.primary.slots[3].pid not in (None, c)
+    assert h.primary.roll_state is roll
+    h.ready(new_a)
+    assert h.launcher.got(a)
+
+
 def test_max_worker_lifetime_with_jitter() -> None:
     h, recycler = _harness(workers=1, max_worker_lifetime=60, max_worker_lifetime_jitter=10, worker_timeout=0)
     a = h.slot_pids()[0]

@@ -421,7 +421,7 @@ class Primary:
             self._on_channel(w, selectors.EVENT_READ)
         w.move(exit_state(w.state))
         self._forget_channel(w)
-        level = logging.INFO if w.stop_reason in ("drain", "rolled", "scaled down") else logging.WARNING
+        level = logging.INFO if w.stop_reason in ("drain", "rolled", "recycled", "scaled down") else logging.WARNING
         logger.log(level, "%s exited (%s)", w.name, w.exit_status)
         self.emit("exited", w)
         self.worker_gone(w, status)
@@ -638,6 +638,26 @@ class Primary:
         if roll is not None:
             for c in self.components:
                 _call(c, "roll_finished", roll, outcome)
+
+    def replace_now(self, slot_id: int, reason: str) -> bool:
+        """Drain a slot's worker now and refill the slot at once, not replacement first.
+
+        For a worker that must not wait for a roll or a recycle to run first (far
+        over its memory limit): the slot serves nothing while its new worker
+        boots. False if the slot is empty or its replacement is booting already.
+        """
+        slot = self.slots.get(slot_id)
+        if self.stopping or slot is None or slot.pid is None or slot.replacement is not None:
+            return False
+        w = self.workers.get(slot.pid)
+        if w is None:
+            return False
+        logger.warning("replacing %s at once: %s", w.name, reason)
+        slot.pid = None
+        slot.respawn_at = self.clock()
+        self.drain_worker(w, "recycled")
+        self.manage_workers()
+        return True
 
     def advance_roll(self) -> None:
         roll = self.roll_state
