@@ -37,7 +37,7 @@ from .conftest import asgi_app, free_port, wait_until
 from .fake_primary import FakeClock, FakeLauncher
 from .ops_helpers import status
 
-FUZZ = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+FUZZ = settings(max_examples=300, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
 
 #: any JSON value, a few levels deep
 JSON = st.recursive(

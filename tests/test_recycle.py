@@ -88,9 +88,9 @@ def test_max_worker_memory() -> None:
     h.tick(1.1)
     assert h.primary.roll_state is None
     rss[b] = 101 * MIB
-    h.tick(0.5)  # sampled every second
+    h.tick(0.1)  # sampled every MEMORY_SAMPLE_INTERVAL (0.25 s)
     assert h.primary.roll_state is None
-    h.tick(0.6)
+    h.tick(0.2)
     roll = h.primary.roll_state
     assert roll is not None and roll.current == 2
     assert "uses 101 MiB (--max-worker-memory 100)" in roll.reason
@@ -116,8 +116,12 @@ def test_a_worker_far_over_the_memory_limit_does_not_wait_its_turn() -> None:
     assert not h.launcher.got(a)  # a's replacement is booting: a keeps serving until it is ready
     assert h.primary.slots[2].pid not in (None, b) and h.primary.slots[3].pid not in (None, c)
     assert h.primary.roll_state is roll
+    rss[a] = 300 * MIB  # a leaks fast too, while its replacement boots: it drains now
+    h.tick(1.1)
+    assert h.launcher.got(a) and h.worker(a).state is WorkerState.DRAINING
+    assert h.primary.slots[1].replacement == new_a  # the replacement it had is its slot's new worker
     h.ready(new_a)
-    assert h.launcher.got(a)
+    assert h.primary.slots[1].pid == new_a and h.primary.roll_state is None
 
 
 def test_max_worker_lifetime_with_jitter() -> None:

@@ -644,17 +644,17 @@ class Primary:
 
         For a worker that must not wait for a roll or a recycle to run first (far
         over its memory limit): the slot serves nothing while its new worker
-        boots. False if the slot is empty or its replacement is booting already.
+        boots. A replacement already booting for the slot (a roll's, a recycle's)
+        is that new worker. False if the slot has no worker serving.
         """
         slot = self.slots.get(slot_id)
-        if self.stopping or slot is None or slot.pid is None or slot.replacement is not None:
-            return False
-        w = self.workers.get(slot.pid)
-        if w is None:
+        w = self.workers.get(slot.pid) if slot is not None and slot.pid is not None else None
+        if self.stopping or slot is None or w is None or w.state is not _S.READY:
             return False
         logger.warning("replacing %s at once: %s", w.name, reason)
-        slot.pid = None
-        slot.respawn_at = self.clock()
+        if slot.replacement is None:
+            slot.pid = None
+            slot.respawn_at = self.clock()
         self.drain_worker(w, "recycled")
         self.manage_workers()
         return True
