@@ -248,7 +248,7 @@ def test_shutdown_gives_up_on_a_worker_that_does_not_die(monkeypatch: pytest.Mon
 def test_a_wedged_template_holds_the_primary_up_for_a_moment_only(start_server: Any, write_app: Any) -> None:
     """The primary waits for a template's answer without serving anything else
     (under least-busy it accepts nothing meanwhile): a stopped template must cost
-    a request well under a second, not the old five."""
+    a request about a second (SPAWN_TIMEOUT), not the old five."""
     write_app("hello", HELLO_APP)
     srv = start_server("hello:app", "--preload", "--workers", "1", "--no-access-log").wait_ready()
     (template,) = titled(srv.pid, "template")
@@ -259,7 +259,7 @@ def test_a_wedged_template_holds_the_primary_up_for_a_moment_only(start_server: 
     assert srv.get(headers={"connection": "close"}).status_code == 200
     took = time.monotonic() - began
     srv.wait_log("did not answer within")
-    assert took < 2.0, took
+    assert took < 3.0, took
     wait_until(lambda: len(titled(srv.pid, "worker")) == 2, 15, what="the second worker, forked directly")
     srv.wait_log("ready in", count=2)
     assert srv.proc.poll() is None

@@ -36,9 +36,9 @@ logger = logging.getLogger("cluster_server")
 
 #: how long the primary waits for a template to answer a spawn request. The primary
 #: does nothing else meanwhile (under least-busy and round-robin it accepts no
-#: connection): a template answers in milliseconds (two forks), so one that takes
-#: longer is wedged (stopped, swapping) and is replaced; the worker is forked directly
-SPAWN_TIMEOUT = 0.5
+#: connection): a template answers in milliseconds (two forks), so one that takes a
+#: second is wedged (stopped, swapping) and is replaced; the worker is forked directly
+SPAWN_TIMEOUT = 1.0
 #: a template that dies unexpectedly is rebuilt, but not more often than this
 REBUILD_INTERVAL = 30.0
 
