@@ -296,19 +296,11 @@ def draining_protocol(base: Any, server: WorkerServer) -> Any:
     between two requests, or a connection accepted but not yet read). Here such
     a connection gets ``server.drain_window`` to send it; it is answered with
     ``Connection: close``, and the connection is closed when the window ends
-    with nothing in flight.
-
-    A request in flight whose response has not started gets ``Connection:
-    close`` on it. One whose response head already went out cannot be told any
-    more, and closing right after its body (uvicorn's way) races the client's
-    next request on the connection, which then fails (a client only sees a
-    clean close it can act on if the close comes before it sends): such a
-    connection is treated as idle once its response is complete, with the same
-    window.
-    """
+    with nothing in flight. A response whose head went out before the drain makes
+    its connection idle once complete (a close right after it would cross the
+    client's next request)."""
 
     class DrainingProtocol(base):  # type: ignore[misc]
-        _cluster_server_base = base
         _drain_timer: asyncio.TimerHandle | None = None
         _drain_after_response = False
 
@@ -325,32 +317,24 @@ def draining_protocol(base: Any, server: WorkerServer) -> Any:
                 if CLOSE_HEADER not in cycle.default_headers:
                     cycle.default_headers = [*cycle.default_headers, CLOSE_HEADER]
                 super().shutdown()  # keep_alive = False: closed once the response is sent
-            else:
-                # Its head went out without `Connection: close`. Closed right after the
-                # body, the connection would look to the client like a keep-alive one
-                # that died under its next request, which it may have sent already:
-                # it is an idle connection once the response is complete.
+            else:  # too late to say Connection: close: idle once it is sent
                 self._drain_after_response = True
 
         def on_response_complete(self) -> None:
             super().on_response_complete()
             if self._drain_after_response:
-                self._drain_after_response = False
                 self._open_drain_window()
 
-        def _open_drain_window(self) -> None:
-            """Give an idle connection ``server.drain_window`` to send one more request."""
+        def _open_drain_window(self) -> None:  # one more request, within server.drain_window
             if self._drain_timer is None and not self.transport.is_closing():
-                loop = asyncio.get_running_loop()
-                self._drain_timer = loop.call_later(server.drain_window, self._drain_window_over)
+                self._drain_timer = asyncio.get_running_loop().call_later(server.drain_window, self._drain_window_over)
 
         def _drain_window_over(self) -> None:
             if self.transport.is_closing():
                 return
             cycle = getattr(self, "cycle", None)
-            if cycle is None or cycle.response_complete:
+            if cycle is None or cycle.response_complete:  # (else its response closes the connection)
                 super().shutdown()  # nothing came: close it
-            # else a request arrived in the window; its response closes the connection
 
         def connection_lost(self, exc: Exception | None) -> None:
             if self._drain_timer is not None:
