@@ -43,6 +43,7 @@ import os
 import random
 import re
 import resource
+import shutil
 import signal
 import socket
 import sys
@@ -86,7 +87,7 @@ APPS = {
                         return
             if scope["type"] != "http":
                 return
-            if scope["path"] == "/leak":
+            if scope["path"].startswith("/leak"):
                 HELD.append(bytearray(64 * 1024))
             body = str(os.getpid()).encode()
             await send({"type": "http.response.start", "status": 200,
@@ -652,24 +653,59 @@ def run_fd_burst(ctx: Context) -> list[Row]:
 
 
 def run_memory(ctx: Context) -> list[Row]:
-    """A leak of 64 KiB per request, 4 workers, ``--max-worker-memory 100``, keep-alive load
-    on it for ``--memory-seconds``. The note: the largest worker seen, and the recycles."""
+    """A leak of 64 KiB per request, 4 workers, ``--max-worker-memory 100``, load on it for
+    ``--memory-seconds``: wrk (-t2 -c16) when it is installed (the faster the leak, the
+    harder the test), else the Python keep-alive clients. The note: the largest worker
+    seen (sampled every 0.1 s), and how many workers were replaced."""
     limit = 100
     row = Row(f"leak, --max-worker-memory {limit}", "cluster-server")
     extra = {"cluster-server": ["--max-worker-memory", str(limit)]}
     peak = 0
     with serve("cluster-server", "chaosapp:app", 4, ctx.cwd, extra) as s:
         seen = set(s.worker_pids())
-        with Load(s.port, keep=4, path="/leak") as load:
-            end = time.monotonic() + ctx.args.memory_seconds
-            while time.monotonic() < end:
-                pids = s.worker_pids()
-                seen.update(pids)
-                peak = max([peak, *(rss_kib(pid) for pid in pids)])
-                time.sleep(0.1)
-        row.note = f"largest worker {peak / 1024:.0f} MiB; {len(seen) - 4} recycles"
-        rows = [finish(with_load(row, load), s)]
+        load = MemoryLoad(s.port, ctx.args.memory_seconds)
+        while load.running():
+            pids = s.worker_pids()
+            seen.update(pids)
+            peak = max([peak, *(rss_kib(pid) for pid in pids)])
+            time.sleep(0.1)
+        row.failed, row.total = load.result()
+        row.note = f"largest worker {peak / 1024:.0f} MiB; {len(seen) - 4} recycles; load: {load.tool}"
+        rows = [finish(row, s)]
     return rows
+
+
+class MemoryLoad:
+    """Load on ``/leak`` for ``seconds``, from wrk in a thread (or the Python clients)."""
+
+    def __init__(self, port: int, seconds: float) -> None:
+        self.tool = "wrk -t2 -c16" if shutil.which("wrk") else "python"
+        self.end = time.monotonic() + seconds
+        self._wrk: bench.LoadResult | None = None
+        self._python: Load | None = None
+        if self.tool == "python":
+            self._python = Load(port, keep=4, path="/leak").__enter__()
+            self._thread = None
+        else:
+            url = f"http://{HOST}:{port}/leak"
+            self._thread = threading.Thread(target=self._run_wrk, args=(url, max(1, round(seconds))), daemon=True)
+            self._thread.start()
+
+    def _run_wrk(self, url: str, seconds: int) -> None:
+        self._wrk = bench.wrk_load(url, seconds, 16, 2)
+
+    def running(self) -> bool:
+        if self._thread is not None:
+            return self._thread.is_alive()
+        return time.monotonic() < self.end
+
+    def result(self) -> tuple[int | None, int | None]:
+        if self._python is not None:
+            self._python.__exit__()
+            return self._python.failed, self._python.total
+        if self._thread is not None:
+            self._thread.join(60)
+        return (self._wrk.errors, self._wrk.requests) if self._wrk is not None else (None, None)
 
 
 def slowloris(port: int, n: int, seconds: float) -> tuple[int, int]:
