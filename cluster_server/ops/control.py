@@ -53,6 +53,7 @@ from typing import TYPE_CHECKING, Any
 from cluster_server._errors import BindError, ControlError
 from cluster_server.ops.clients import Client, ClientServer
 from cluster_server.primary.component import override
+from cluster_server.primary.sockets import probe_unix as _probe
 
 if TYPE_CHECKING:
     from cluster_server.ops.status import ClusterWatch
@@ -114,23 +115,6 @@ def _private_dir(path: str) -> None:
             f"{path} is not a private directory of this user (it must be owned by uid {os.geteuid()}, "
             "mode 0700); remove it or pick --control-socket"
         )
-
-
-def _probe(path: str) -> bool | None:
-    """Does a server listen on the socket at ``path``? None: cannot tell (no permission...)."""
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    probe.settimeout(1.0)
-    try:
-        probe.connect(path)
-    except BlockingIOError:
-        return True  # listening, with a full queue
-    except ConnectionRefusedError:
-        return False  # nobody will ever answer: a socket left by a killed server
-    except OSError:
-        return None
-    finally:
-        probe.close()
-    return True
 
 
 def bind(path: str, *, replace_live: bool = False) -> socket.socket:

@@ -7,8 +7,10 @@ systemd notifier. Nothing here changes the primary's state.
 events other components subscribe to (``all_ready``, ``roll_started``,
 ``roll_finished``, ``stopping``) and keeps the counters the primary does not:
 worker exits by reason, unplanned restarts per slot, rolling restarts by
-outcome. It watches ``primary.roll_state`` after every loop iteration instead
-of hooking into the roll code, so the primary needs no change for it.
+outcome. Rolls come from the primary's ``roll_started``/``roll_finished`` hooks
+(a roll can start and end within one loop iteration: watching ``roll_state``
+would miss it); ``all_ready`` and ``stopping``, states that stay, are looked at
+after every iteration.
 """
 
 from __future__ import annotations
@@ -64,7 +66,6 @@ class ClusterWatch(Component):
         self.rolls: collections.Counter[str] = collections.Counter()
         self.started_at = time.time()
         self._listeners: dict[str, list[Callable[..., None]]] = collections.defaultdict(list)
-        self._roll: Roll | None = None
         self._all_ready = False
         self._stopping = False
 
@@ -94,6 +95,15 @@ class ClusterWatch(Component):
             self.slot_restarts[w.id] += 1
 
     @override
+    def roll_started(self, roll: Roll) -> None:
+        self._emit("roll_started", roll)
+
+    @override
+    def roll_finished(self, roll: Roll, outcome: str) -> None:
+        self.rolls[outcome] += 1
+        self._emit("roll_finished", roll, outcome)
+
+    @override
     def tick(self) -> None:
         p = self.primary
         if p is None:
@@ -101,21 +111,6 @@ class ClusterWatch(Component):
         if p.ever_ready and not self._all_ready:
             self._all_ready = True
             self._emit("all_ready")
-        roll = p.roll_state
-        if roll is not self._roll:
-            if self._roll is not None:
-                old = self._roll
-                if p.stopping:
-                    outcome = "aborted"
-                elif old.current is None and not old.pending:
-                    outcome = "completed"
-                else:
-                    outcome = "failed"
-                self.rolls[outcome] += 1
-                self._emit("roll_finished", old, outcome)
-            self._roll = roll
-            if roll is not None:
-                self._emit("roll_started", roll)
         if p.stopping and not self._stopping:
             self._stopping = True
             self._emit("stopping")

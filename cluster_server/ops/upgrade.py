@@ -186,7 +186,7 @@ class Upgrader(Component):
         if self.metrics is not None and self.metrics.sock:
             handed["metrics_fd"] = self.metrics.sock.fileno()
         # Every fd of ours is close-on-exec: the new primary keeps only those named in ``handed``.
-        pid, pipe = p.start_child(functools.partial(_exec_successor, handed), self._child_exited)
+        pid, pipe = p.start_child(functools.partial(_exec_successor, handed), self._child_exited, block_signals=False)
         pipe.setblocking(False)
         self.child_pid, self.pipe = pid, pipe
         self.deadline = p.clock() + p.config.ready_timeout + EXTRA_READY_TIME

@@ -35,7 +35,7 @@ from cluster_server.wire.channel import Message
 if TYPE_CHECKING:
     from typing_extensions import override  # mypy knows it from typeshed; no runtime dependency
 
-    from cluster_server.primary.loop import Primary, Worker
+    from cluster_server.primary.loop import Primary, Roll, Worker
 elif sys.version_info >= (3, 12):
     from typing import override
 else:
@@ -105,6 +105,12 @@ class Component:
     def before_roll(self, reason: str, slots: list[int] | None) -> bool:
         """A rolling restart is about to start. False: not yet (the component calls ``roll`` again)."""
         return True
+
+    def roll_started(self, roll: Roll) -> None:
+        """A rolling restart or a recycle started (every one, even one over within the same call)."""
+
+    def roll_finished(self, roll: Roll, outcome: str) -> None:
+        """A rolling restart or a recycle ended: ``completed``, ``failed`` or ``aborted``."""
 
     def defer_stop(self, why: str) -> bool:
         """SIGTERM. True: the component stops the cluster later itself (``--shutdown-delay``)."""

@@ -55,7 +55,7 @@ class ForkLauncher(Component):
             listeners=tuple(lst.sock for lst in primary.listeners),
         )
         main = functools.partial(worker_main, primary.config, spec, load=self.load)
-        pid, ours = fork_child(main, primary.fds_to_close_in_child())
+        pid, ours = fork_child(main, primary.fds_to_close_in_child(), block_signals=True)
         return pid, Channel(ours)
 
     def kill(self, pid: int, sig: int) -> None:

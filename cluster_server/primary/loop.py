@@ -28,7 +28,7 @@ from typing import Any, ParamSpec, TypeVar
 
 from cluster_server import _proc
 from cluster_server._config import Config
-from cluster_server._errors import AppLoadError, ClusterServerError, WorkerBootError
+from cluster_server._errors import AppLoadError, BindError, ClusterServerError, ConfigError, WorkerBootError
 from cluster_server._proc import ExitStatus, describe_status
 from cluster_server._proc import close_all as _close_fds
 from cluster_server.primary.component import MAX_FAILURES, Component, Sample, WorkerEvent
@@ -56,6 +56,9 @@ SPAWN_RETRY = 1.0
 MAX_LOOP_ERRORS = 100
 #: the worker messages the primary handles itself; components get the others first
 _OWN_MESSAGES = frozenset({HEARTBEAT, READY, BOOT_ERROR})
+#: on exit, how long the primary waits for the workers it SIGKILLed, and how often it looks
+SHUTDOWN_REAP = 5.0
+REAP_POLL = 0.01
 
 _S = WorkerState
 _P = ParamSpec("_P")
@@ -87,7 +90,7 @@ class Worker:
     requests: int = 0
     connections: int = 0
     boot_error: str | None = None
-    #: "load" (import / factory / uvicorn config) or "lifespan", from the boot_error message
+    #: "bind", "privileges", "load" (import / factory / uvicorn config) or "lifespan", from the boot_error message
     boot_stage: str | None = None
     #: SIGKILL was sent: no further deadlines, just wait for the reap
     killed: bool = False
@@ -338,12 +341,18 @@ class Primary:
     # -- what components may change ---------------------------------------------
 
     def start_child(
-        self, main: ChildMain, on_exit: Callable[[int, int], None], close: Iterable[int] = ()
+        self,
+        main: ChildMain,
+        on_exit: Callable[[int, int], None],
+        close: Iterable[int] = (),
+        *,
+        block_signals: bool = True,
     ) -> tuple[int, socket.socket]:
         """Fork a component's child (a template, the reload watcher, an upgrade), joined by a
         channel: its pid and our end. It gets ``main(its end, fds to close)``: the primary's
-        fds and ``close``. ``on_exit(pid, status)`` runs once it is reaped. Raises OSError."""
-        pid, ours = fork_child(main, [*self.fds_to_close_in_child(), *close])
+        fds and ``close``. ``on_exit(pid, status)`` runs once it is reaped. Raises OSError.
+        ``block_signals``: see ``fork_child`` (False for a child that ``exec``s)."""
+        pid, ours = fork_child(main, [*self.fds_to_close_in_child(), *close], block_signals=block_signals)
         self.watch_child(pid, on_exit)
         return pid, ours
 
@@ -520,7 +529,7 @@ class Primary:
             self._on_channel(w, selectors.EVENT_READ)
         w.move(exit_state(w.state))
         self._forget_channel(w)
-        level = logging.INFO if w.stop_reason in ("drain", "rolled", "scaled down") else logging.WARNING
+        level = logging.INFO if w.stop_reason in ("drain", "rolled", "recycled", "scaled down") else logging.WARNING
         logger.log(level, "%s exited (%s)", w.name, w.exit_status)
         self.emit("exited", w)
         self.worker_gone(w, status)
@@ -539,16 +548,7 @@ class Primary:
         if self.stopping:
             return
         if w.state is _S.FAILED and not self.ever_ready:
-            # The first generation cannot start: stop the cluster and say why.
-            if w.boot_error is not None:
-                err: ClusterServerError = (
-                    AppLoadError(w.boot_error)
-                    if ExitStatus.of(status).code == EXIT_BOOT_FAILURE and w.boot_stage != "lifespan"
-                    else WorkerBootError(w.boot_error)
-                )
-            else:
-                err = WorkerBootError(f"worker {w.id} exited ({w.exit_status}) before it was ready")
-            self.fail(err)
+            self.fail(boot_failure(w, status))  # the first generation cannot start: stop, and say why
             return
         if w.ready_at is not None and now - w.ready_at >= STABLE_AFTER:
             slot.failures = 0
@@ -647,6 +647,10 @@ class Primary:
             if isinstance(r, int) and isinstance(c, int):
                 w.requests, w.connections = r, c
         elif kind == READY:
+            if w.state is _S.DRAINING:
+                # Asked to stop while it booted (a scale-down, a stop): it stops all the same.
+                logger.info("%s became ready after it was asked to stop (%s); it drains", w.name, w.stop_reason)
+                return
             if w.state is not _S.BOOTING:
                 logger.warning("%s said ready twice; ignored", w.name)
                 return
@@ -703,9 +707,8 @@ class Primary:
                 return False
         self.generation += 1
         pending = sorted(self.slots) if slots is None else sorted(s for s in set(slots) if s in self.slots)
-        self.roll_state = Roll(self.generation, reason, pending, started_at=self.clock())
         logger.info("rolling restart to generation %d (%s): %d worker(s)", self.generation, reason, len(pending))
-        self.advance_roll()
+        self._start_roll(Roll(self.generation, reason, pending, started_at=self.clock()))
         return True
 
     def recycle(self, slot_id: int, reason: str) -> bool:
@@ -717,9 +720,42 @@ class Primary:
         slot = self.slots.get(slot_id)
         if self.stopping or self.roll_state is not None or slot is None or slot.replacement is not None:
             return False
-        self.roll_state = Roll(slot.generation, reason, [slot_id], started_at=self.clock(), recycle=True)
         logger.info("recycling worker %d (%s)", slot_id, reason)
+        self._start_roll(Roll(slot.generation, reason, [slot_id], started_at=self.clock(), recycle=True))
+        return True
+
+    def _start_roll(self, roll: Roll) -> None:
+        """Components hear of every roll (``roll_started``), even one over within this call."""
+        self.roll_state = roll
+        for c in self.components:
+            self._call(c, None, c.roll_started, roll)
         self.advance_roll()
+
+    def _end_roll(self, outcome: str) -> None:
+        """The roll is over: ``completed``, ``failed`` or ``aborted`` (``roll_finished``)."""
+        roll, self.roll_state = self.roll_state, None
+        if roll is not None:
+            for c in self.components:
+                self._call(c, None, c.roll_finished, roll, outcome)
+
+    def replace_now(self, slot_id: int, reason: str) -> bool:
+        """Drain a slot's worker now and refill the slot at once, not replacement first.
+
+        For a worker that must not wait for a roll or a recycle to run first (far
+        over its memory limit): the slot serves nothing while its new worker
+        boots. A replacement already booting for the slot (a roll's, a recycle's)
+        is that new worker. False if the slot has no worker serving.
+        """
+        slot = self.slots.get(slot_id)
+        w = self.workers.get(slot.pid) if slot is not None and slot.pid is not None else None
+        if self.stopping or slot is None or w is None or w.state is not _S.READY:
+            return False
+        logger.warning("replacing %s at once: %s", w.name, reason)
+        if slot.replacement is None:
+            slot.pid = None
+            slot.respawn_at = self.clock()
+        self.drain_worker(w, "recycled")
+        self.manage_workers()
         return True
 
     def advance_roll(self) -> None:
@@ -732,7 +768,7 @@ class Primary:
                 continue
             w = self.spawn_worker(slot, roll.generation)
             if w is None:
-                self.roll_state = None
+                self._end_roll("failed")
                 kind = "recycling" if roll.recycle else f"rolling restart to generation {roll.generation}"
                 logger.error("%s stopped: cannot start a worker; the running workers keep serving", kind)
                 self._next_roll()
@@ -745,7 +781,7 @@ class Primary:
             logger.info("recycled worker %s in %.2f s", ", ".join(map(str, roll.done)), took)
         else:
             logger.info("rolling restart to generation %d done in %.2f s", roll.generation, took)
-        self.roll_state = None
+        self._end_roll("completed")
         self._next_roll()
 
     def _next_roll(self) -> None:
@@ -769,7 +805,7 @@ class Primary:
         why = w.boot_error or f"worker {w.id} exited ({w.exit_status}) before it was ready"
         if roll is None or self.stopping:
             return  # stopped meanwhile: nothing to keep going
-        self.roll_state = None
+        self._end_roll("failed")
         slot = self.slots.get(w.id)
         old = self.workers.get(slot.pid) if slot is not None and slot.pid is not None else None
         keeps = f"{old.name} keeps serving" if old is not None else f"worker {w.id} will be restarted"
@@ -820,7 +856,7 @@ class Primary:
         if not self.stopping:
             logger.info("stopping (%s): draining %d worker(s)", why, len(self.workers))
         self.stopping = True
-        self.roll_state = None
+        self._end_roll("aborted")
         self.roll_queue.clear()
         if graceful:
             for w in list(self.workers.values()):
@@ -847,13 +883,7 @@ class Primary:
         """Leave nothing behind: no worker, no socket file, no signal handler."""
         if self.workers:
             self.kill_all()
-            deadline = time.monotonic() + 5
-            while self.workers and time.monotonic() < deadline:
-                try:
-                    pid, status = os.waitpid(-1, 0)
-                except ChildProcessError:
-                    break
-                self.child_exited(pid, status)
+            self._reap_until(time.monotonic() + SHUTDOWN_REAP)
         for w in list(self.workers.values()):
             self._forget_channel(w)
         for c in [*self.components, *self._disabled]:
@@ -869,6 +899,27 @@ class Primary:
         for lst in self.listeners:
             lst.close()
 
+    def _reap_until(self, deadline: float) -> None:
+        """Reap the SIGKILLed workers until none is left or ``deadline`` passed.
+
+        Polled (WNOHANG): a blocking ``waitpid(-1)`` would wait for any child, and
+        one that never exits (a worker stuck in uninterruptible sleep, a template
+        or watcher still running) would keep the primary from ever exiting.
+        """
+        while self.workers:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid:
+                self.child_exited(pid, status)
+                continue
+            left = deadline - time.monotonic()
+            if left <= 0:
+                logger.error("%d worker(s) did not exit after SIGKILL; leaving them", len(self.workers))
+                return
+            time.sleep(min(REAP_POLL, left))
+
     def fds_to_close_in_child(self) -> list[int]:
         """The primary's own fds a new worker must not keep."""
         fds = [fd for fd in (self._wake_r, self._wake_w) if fd >= 0]
@@ -880,3 +931,20 @@ class Primary:
         for c in self.components:
             fds += self._call(c, [], c.fds_to_close_in_child)
         return fds
+
+
+#: what a worker's boot error is, by the stage it failed at (worker/main.py BootStage)
+_BOOT_ERRORS: dict[str | None, type[ClusterServerError]] = {
+    "bind": BindError,  # its own SO_REUSEPORT socket: the machine's state (exit status 1)
+    "privileges": ConfigError,  # --user/--group cannot be switched to (2)
+    "lifespan": WorkerBootError,  # the app failed at start-up (3)
+}
+
+
+def boot_failure(w: Worker, status: int) -> ClusterServerError:
+    """The error that stops a first generation whose worker ``w`` exited with ``status``."""
+    if w.boot_error is None:
+        return WorkerBootError(f"worker {w.id} exited ({w.exit_status}) before it was ready")
+    if ExitStatus.of(status).code != EXIT_BOOT_FAILURE:
+        return WorkerBootError(w.boot_error)  # it said why, then died of something else
+    return _BOOT_ERRORS.get(w.boot_stage, AppLoadError)(w.boot_error)

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Literal
 
 from cluster_server import _proc
 from cluster_server._config import Config
-from cluster_server._errors import AppLoadError
+from cluster_server._errors import AppLoadError, ConfigError
 from cluster_server.primary.component import Component, WorkerEvent, override
 from cluster_server.primary.launcher import ForkLauncher
 from cluster_server.templates.process import (
@@ -39,8 +39,11 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger("cluster_server")
 
-#: how long the primary waits for a template to answer a spawn request
-SPAWN_TIMEOUT = 5.0
+#: how long the primary waits for a template to answer a spawn request. The primary
+#: does nothing else meanwhile (under least-busy and round-robin it accepts no
+#: connection): a template answers in milliseconds (two forks), so one that takes a
+#: second is wedged (stopped, swapping) and is replaced; the worker is forked directly
+SPAWN_TIMEOUT = 1.0
 #: a template that dies unexpectedly is rebuilt, but not more often than this
 REBUILD_INTERVAL = 30.0
 
@@ -58,6 +61,7 @@ class Template:
         self.started_at = launcher.primary.clock()
         self.error: str | None = None
         self.threaded = False
+        self.privileges = False  # its error: --user/--group could not be switched to
         self.stopping = False
         self.backlog: list[Message] = []  # messages that arrived while the primary awaited a pid
 
@@ -112,7 +116,13 @@ class Template:
         self.launcher.template_exited(self, was, status)
 
     def spawn(self, worker: Worker) -> tuple[int, Channel]:
-        """Have the template fork ``worker``; blocks until it answers (a few ms). Raises TemplateError."""
+        """Have the template fork ``worker``; blocks until it answers (a few ms), at most
+        SPAWN_TIMEOUT. Raises TemplateError.
+
+        A template that answers after the timeout has forked a worker the primary
+        does not know: that worker finds its channel closed and exits, and the
+        primary reaps it as a stranger.
+        """
         if self.channel is None or self.state != "ready":
             raise TemplateError(f"{self.name} is not ready")
         ours, theirs = _channel.pair()
@@ -298,6 +308,7 @@ class TemplateLauncher(Component):
         elif kind == ERROR:
             t.error = str(msg.get("error"))[:4000]
             t.threaded = bool(msg.get("threaded"))
+            t.privileges = msg.get("stage") == "privileges"
         elif kind == STALE:
             if t is not (self.templates[-1] if self.templates else None) or self.building is not None:
                 return
@@ -361,7 +372,7 @@ class TemplateLauncher(Component):
                 self._release_slots()
             elif self.kind == "preload" and self.holding:
                 self.holding = False
-                self.primary.fail(AppLoadError(error))
+                self.primary.fail(ConfigError(error) if t.privileges else AppLoadError(error))
             elif self.kind == "preload":
                 reason = self.roll_wanted[0] if self.roll_wanted else "rolling restart"
                 self.roll_wanted = None

@@ -176,7 +176,7 @@ class _TemplateProcess:
         try:  # the app's imports run as --user, as in a worker; before the parent-death signal
             _privileges.drop(self.config)  # (changing credentials clears it)
         except ClusterServerError as exc:
-            send_blocking(self.channel, {"t": ERROR, "error": str(exc)})
+            send_blocking(self.channel, {"t": ERROR, "error": str(exc), "stage": "privileges"})
             return EXIT_BOOT_FAILURE
         _proc.set_parent_death_signal(signal.SIGKILL)
         if os.getppid() != self.primary_pid:

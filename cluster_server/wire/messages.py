@@ -192,10 +192,10 @@ CATALOGUE: Final = (
     ),
     MessageType(
         "worker", BOOT_ERROR, "worker", "primary",
-        "the worker cannot start; it exits next (status 3, or 1 when its own sockets cannot be bound)",
+        "the worker cannot start; it exits next (status 3), once the primary took this and what came before",
         (
             _f("error", "str", "what is wrong, in one line"),
-            _f("stage", '"load" | "lifespan"', "where it failed", optional=True),
+            _f("stage", '"bind" | "privileges" | "load" | "lifespan"', "where it failed: the error the first generation stops with", optional=True),
         ),
     ),
     MessageType(
@@ -247,7 +247,11 @@ CATALOGUE: Final = (
     MessageType(
         "template", ERROR, "template", "primary",
         "the template cannot serve (the app does not import, an import started a thread); it exits next",
-        (_f("error", "str", "what is wrong"), _f("threaded", "bool", "an import started a thread", optional=True)),
+        (
+            _f("error", "str", "what is wrong"),
+            _f("threaded", "bool", "an import started a thread", optional=True),
+            _f("stage", '"privileges"', "--user/--group could not be switched to", optional=True),
+        ),
     ),
     MessageType(
         "template", STALE, "template", "primary",

@@ -23,19 +23,26 @@ logger = logging.getLogger("cluster_server")
 ChildMain = Callable[[socket.socket, list[int]], NoReturn]
 
 
-def fork_child(main: ChildMain, close_in_child: Iterable[int] = ()) -> tuple[int, socket.socket]:
+def fork_child(
+    main: ChildMain, close_in_child: Iterable[int] = (), *, block_signals: bool = False
+) -> tuple[int, socket.socket]:
     """Fork a child joined to this process by a new channel; its pid and our end.
 
     The child runs ``main(its end, fds)`` and never returns; ``fds`` are
     ``close_in_child`` (the parent's fds it must not keep) and our end. Raises
     ``OSError`` when there is no socket pair or process to be had (out of fds,
     processes or memory): then nothing is left open.
+
+    ``block_signals``: the primary's signals stay blocked in the child until it
+    has set its own dispositions (``_proc.fork``; the child must call
+    ``_proc.after_fork_in_child``, which unblocks them), so a signal sent right
+    after the fork (a drain) is not swallowed by the primary's handlers.
     """
     ours, theirs = pair()
     try:
         close = [*close_in_child, ours.fileno()]
         _proc.flush_output()  # or the child would print what the parent had buffered
-        pid = os.fork()
+        pid = _proc.fork() if block_signals else os.fork()
         if pid == 0:  # pragma: no cover - the child never returns
             main(theirs, close)
     except BaseException:

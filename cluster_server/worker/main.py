@@ -21,7 +21,7 @@ import sys
 import time
 import traceback
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Literal
 
 import uvicorn
 
@@ -32,14 +32,22 @@ from cluster_server.cluster.http import enter_worker
 from cluster_server.ops import privileges as _privileges
 from cluster_server.scheduling.protocol import HANDOFF
 from cluster_server.scheduling.worker import WorkerHandOff, worker_sockets
-from cluster_server.wire.channel import Channel, Message, receive_all
-from cluster_server.wire.messages import BOOT_ERROR, HEALTH, HEARTBEAT, READY
+from cluster_server.wire.channel import Channel, Message, receive_all, send_blocking
+from cluster_server.wire.messages import HEALTH, HEARTBEAT, READY
 from cluster_server.worker.health import HealthMiddleware, HealthState, health_handler
 from cluster_server.worker.interface import adapt_app
 from cluster_server.worker.spec import DUMP_SIGNAL, EXIT_BOOT_FAILURE, WorkerSpec
 from cluster_server.worker.uvicorn_glue import WorkerServer, guard_request_head, run_on_fresh_loop, wrap_loaded_app
 
 logger = logging.getLogger("cluster_server.worker")
+
+#: what a ``boot_error`` says failed: binding its own socket (``--scheduling
+#: reuseport``), switching to ``--user``/``--group``, loading the app, or its lifespan startup
+BootStage = Literal["bind", "privileges", "load", "lifespan"]
+#: how long a worker that cannot start waits for the primary to take its boot error
+BOOT_ERROR_FLUSH = 2.0
+#: longest boot error sent (a message must fit the channel's limit)
+MAX_BOOT_ERROR = 8000
 
 #: the signal the kernel sends a worker whose primary died (Linux)
 ORPHAN_SIGNAL = signal.SIGUSR2
@@ -144,6 +152,21 @@ def run_worker(
     return _WorkerProcess(config, spec, Channel(channel_sock), load or load_app).run()
 
 
+def boot_failure(channel: Channel, error: str, stage: BootStage) -> int:
+    """Tell the primary why this worker cannot start; the exit status to use.
+
+    Waits (at most BOOT_ERROR_FLUSH) until the kernel took the message and
+    everything queued before it (what the app sent at import): ``os._exit``
+    follows, and a message still queued in the channel would be lost with it.
+    """
+    msg = {"t": BOOT_ERROR, "error": error[:MAX_BOOT_ERROR], "stage": stage}
+    try:
+        send_blocking(channel, msg, timeout=BOOT_ERROR_FLUSH)
+    except (OSError, TimeoutError):
+        pass  # the primary is gone, or reads nothing: it reports the exit status
+    return EXIT_BOOT_FAILURE
+
+
 def _await_parent(pid: int, timeout: float) -> bool:
     """Wait until ``pid`` is our parent: a worker double-forked by a template is
     re-parented to the primary (a child subreaper) once the middle process exits."""
@@ -185,8 +208,7 @@ class _WorkerProcess:
         except SystemExit as exc:
             if not server.started:  # lifespan startup failed; uvicorn logged why
                 error = f"lifespan startup of {config.app_name} failed; see the log above"
-                self.report({"t": BOOT_ERROR, "error": error, "stage": "lifespan"})
-                return EXIT_BOOT_FAILURE
+                return boot_failure(self.channel, error, "lifespan")
             return exc.code if isinstance(exc.code, int) else 1
         return 0
 
@@ -197,13 +219,11 @@ class _WorkerProcess:
         try:  # this worker's own sockets (reuseport), bound before --user drops the right to low ports
             self.sockets = worker_sockets(config, spec.listeners)
         except BindError as exc:
-            self.channel.send({"t": BOOT_ERROR, "error": str(exc)})
-            return 1
+            return boot_failure(self.channel, str(exc), "bind")
         try:  # --user/--group, before the parent-death signal: changing credentials clears it
             _privileges.drop(config)
         except ClusterServerError as exc:
-            self.channel.send({"t": BOOT_ERROR, "error": str(exc)})
-            return EXIT_BOOT_FAILURE
+            return boot_failure(self.channel, str(exc), "privileges")
         # The parent-death signal fires when the *current* parent dies: set it only
         # once the primary is our parent, or a template's middle process would fire it.
         if not _await_parent(spec.primary_pid, REPARENT_TIMEOUT):
@@ -224,11 +244,10 @@ class _WorkerProcess:
             uconfig.load()
             guard_request_head(uconfig, config.timeout_request_header, config.max_request_head_size)
         except AppLoadError as exc:
-            self.report({"t": BOOT_ERROR, "error": str(exc), "stage": "load"})
+            boot_failure(self.channel, str(exc), "load")
             return None
         except SystemExit:  # uvicorn's Config.load exits on what it cannot load
-            error = f"uvicorn could not load {config.app_name}; see the log above"
-            self.report({"t": BOOT_ERROR, "error": error, "stage": "load"})
+            boot_failure(self.channel, f"uvicorn could not load {config.app_name}; see the log above", "load")
             return None
         return uconfig
 

@@ -16,7 +16,8 @@ Tested against uvicorn 0.54 (pinned in pyproject.toml). What we rely on:
   cleared when data arrives or the connection closes cleanly);
 - for the drain: the HTTP protocols' ``cycle`` (``response_started``,
   ``response_complete``, ``keep_alive``, ``default_headers``), ``shutdown()``,
-  ``handle_websocket_upgrade()``, ``server_state.default_headers``, and the
+  ``on_response_complete()`` (called, on a connection kept alive, once a
+  response is sent), ``handle_websocket_upgrade()``, ``server_state.default_headers``, and the
   WebSocket protocols' ``handshake_complete`` / ``handshake_completed_event``.
 - the protocols' ``cycle``, ``transport`` and ``server_state.default_headers``
   (``guard_request_head``).
@@ -60,7 +61,8 @@ class WorkerServer(uvicorn.Server):
     Draining (``shutdown``), for connections from the shared listening socket
     and handed-over ones alike: the listeners close (other workers keep
     accepting from the kernel's queue); a request in flight finishes and its
-    response carries ``Connection: close`` if it has not started yet; an idle
+    response carries ``Connection: close`` if it has not started yet (else the
+    connection counts as idle once it is sent); an idle
     connection gets ``DRAIN_IDLE_WINDOW`` to send one more request, answered with
     ``Connection: close``, and is closed after it; WebSockets get close code
     1012; whatever still runs at uvicorn's ``timeout_graceful_shutdown`` is
@@ -294,12 +296,13 @@ def draining_protocol(base: Any, server: WorkerServer) -> Any:
     between two requests, or a connection accepted but not yet read). Here such
     a connection gets ``server.drain_window`` to send it; it is answered with
     ``Connection: close``, and the connection is closed when the window ends
-    with nothing in flight.
-    """
+    with nothing in flight. A response whose head went out before the drain makes
+    its connection idle once complete (a close right after it would cross the
+    client's next request)."""
 
     class DrainingProtocol(base):  # type: ignore[misc]
-        _cluster_server_base = base
         _drain_timer: asyncio.TimerHandle | None = None
+        _drain_after_response = False
 
         def connection_made(self, transport: asyncio.BaseTransport) -> None:
             super().connection_made(transport)
@@ -309,21 +312,29 @@ def draining_protocol(base: Any, server: WorkerServer) -> Any:
         def shutdown(self) -> None:
             cycle = getattr(self, "cycle", None)
             if cycle is None or cycle.response_complete:
-                if self._drain_timer is None and not self.transport.is_closing():
-                    loop = asyncio.get_running_loop()
-                    self._drain_timer = loop.call_later(server.drain_window, self._drain_window_over)
-                return
-            if not cycle.response_started and CLOSE_HEADER not in cycle.default_headers:
-                cycle.default_headers = [*cycle.default_headers, CLOSE_HEADER]
-            super().shutdown()  # keep_alive = False: closed once the response is sent
+                self._open_drain_window()
+            elif not cycle.response_started:
+                if CLOSE_HEADER not in cycle.default_headers:
+                    cycle.default_headers = [*cycle.default_headers, CLOSE_HEADER]
+                super().shutdown()  # keep_alive = False: closed once the response is sent
+            else:  # too late to say Connection: close: idle once it is sent
+                self._drain_after_response = True
+
+        def on_response_complete(self) -> None:
+            super().on_response_complete()
+            if self._drain_after_response:
+                self._open_drain_window()
+
+        def _open_drain_window(self) -> None:  # one more request, within server.drain_window
+            if self._drain_timer is None and not self.transport.is_closing():
+                self._drain_timer = asyncio.get_running_loop().call_later(server.drain_window, self._drain_window_over)
 
         def _drain_window_over(self) -> None:
             if self.transport.is_closing():
                 return
             cycle = getattr(self, "cycle", None)
-            if cycle is None or cycle.response_complete:
+            if cycle is None or cycle.response_complete:  # (else its response closes the connection)
                 super().shutdown()  # nothing came: close it
-            # else a request arrived in the window; its response closes the connection
 
         def connection_lost(self, exc: Exception | None) -> None:
             if self._drain_timer is not None:
