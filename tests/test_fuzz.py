@@ -24,11 +24,11 @@ from hypothesis import strategies as st
 
 from cluster_server._config import Config
 from cluster_server._errors import ChannelError
-from cluster_server.cluster.http import Messaging
 from cluster_server.ops import control as _control
 from cluster_server.ops import metrics as _metrics
 from cluster_server.ops.status import ClusterWatch
 from cluster_server.primary.loop import Primary
+from cluster_server.primary.messaging import Messaging
 from cluster_server.primary.recycle import Recycler
 from cluster_server.scheduling.primary import HandOff
 from cluster_server.wire.channel import MAX_MESSAGE, Channel, decode, pair

@@ -195,7 +195,12 @@ CATALOGUE: Final = (
         "the worker cannot start; it exits next (status 3), once the primary took this and what came before",
         (
             _f("error", "str", "what is wrong, in one line"),
-            _f("stage", '"bind" | "privileges" | "load" | "lifespan"', "where it failed: the error the first generation stops with", optional=True),
+            _f(
+                "stage",
+                '"bind" | "privileges" | "load" | "lifespan"',
+                "where it failed: the error the first generation stops with",
+                optional=True,
+            ),
         ),
     ),
     MessageType(

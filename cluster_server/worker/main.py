@@ -33,7 +33,7 @@ from cluster_server.ops import privileges as _privileges
 from cluster_server.scheduling.protocol import HANDOFF
 from cluster_server.scheduling.worker import WorkerHandOff, worker_sockets
 from cluster_server.wire.channel import Channel, Message, receive_all, send_blocking
-from cluster_server.wire.messages import HEALTH, HEARTBEAT, READY
+from cluster_server.wire.messages import BOOT_ERROR, HEALTH, HEARTBEAT, READY
 from cluster_server.worker.health import HealthMiddleware, HealthState, health_handler
 from cluster_server.worker.interface import adapt_app
 from cluster_server.worker.spec import DUMP_SIGNAL, EXIT_BOOT_FAILURE, WorkerSpec
