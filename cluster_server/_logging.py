@@ -48,9 +48,11 @@ UVICORN_FORMATTERS = {
     "uvicorn.logging.AccessFormatter": "cluster_server._logging.AccessFormatter",
 }
 
+#: ANSI colours of the level names and status classes, as uvicorn (click.style) shows them
 _COLOURS = {TRACE: "34", logging.DEBUG: "36", logging.INFO: "32", logging.WARNING: "33", logging.ERROR: "31"}
 _CRITICAL_COLOUR = "91"
-_STATUS_COLOURS = {1: "37", 2: "32", 3: "33", 4: "31", 5: "91"}
+_STATUS_COLOURS = {1: "97", 2: "32", 3: "33", 4: "31", 5: "91"}
+_BOLD = "1"
 
 _role = "primary"
 _worker: int | None = None
@@ -118,11 +120,15 @@ class Formatter(logging.Formatter):
         fields.setdefault("role", _role)
         fields.setdefault("worker", _worker)
         name = record.levelname
-        fields["levelprefix"] = f"{name}:".ljust(9)
-        if self.use_colors:
-            code = _CRITICAL_COLOUR if record.levelno >= logging.CRITICAL else _COLOURS.get(record.levelno, "0")
-            fields["levelprefix"] = _colour(f"{name}:", code) + " " * max(1, 9 - len(name) - 1)
-            fields["levelname"] = _colour(name, code) + " " * max(0, 8 - len(name))
+        padding = " " * (8 - len(name))
+        fields["levelprefix"] = f"{name}:{padding}"
+        code = _CRITICAL_COLOUR if record.levelno == logging.CRITICAL else _COLOURS.get(record.levelno)
+        if self.use_colors and code is not None:
+            fields["levelprefix"] = f"{_colour(name, code)}:{padding}"
+            fields["levelname"] = _colour(name, code) + padding
+        if self.use_colors and "color_message" in fields:  # uvicorn's coloured variant of a message
+            shown.msg = fields["color_message"]
+            fields["message"] = shown.getMessage()
         fields.update(access_fields(record, self.use_colors))
         return super().formatMessage(shown)
 
@@ -159,14 +165,13 @@ def access_fields(record: logging.LogRecord, colours: bool = False) -> dict[str,
         phrase = http.HTTPStatus(int(fields["status"])).phrase
     except (ValueError, TypeError):
         phrase = ""
-    status_code = f"{fields['status']} {phrase}".rstrip()
+    status_code = f"{fields['status']} {phrase}"
+    request_line = f"{fields['method']} {fields['path']} HTTP/{fields['http_version']}"
     if colours:
-        status_code = _colour(status_code, _STATUS_COLOURS.get(int(fields["status"]) // 100, "0"))
-    return {
-        "client_addr": fields["client"],
-        "request_line": f"{fields['method']} {fields['path']} HTTP/{fields['http_version']}",
-        "status_code": status_code,
-    }
+        code = _STATUS_COLOURS.get(int(fields["status"]) // 100)
+        status_code = _colour(status_code, code) if code else status_code
+        request_line = _colour(request_line, _BOLD)
+    return {"client_addr": fields["client"], "request_line": request_line, "status_code": status_code}
 
 
 def json_fields(record: logging.LogRecord, format_exception: Any = None) -> dict[str, Any]:

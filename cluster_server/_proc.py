@@ -10,13 +10,14 @@ import random
 import signal
 import sys
 from collections.abc import Iterable
+from typing import NamedTuple
 
 from setproctitle import setproctitle as _setproctitle
 
 _PR_SET_PDEATHSIG = 1
 _PR_SET_CHILD_SUBREAPER = 36
 
-#: Signals the primary's loop handles itself (``Primary.handle_<name>``).
+#: Signals the primary's loop handles itself (``Primary.handle_term``...).
 LOOP_SIGNALS = (
     signal.SIGINT,
     signal.SIGTERM,
@@ -57,8 +58,43 @@ def set_child_subreaper() -> bool:
     return _prctl(_PR_SET_CHILD_SUBREAPER, 1)
 
 
+#: the signal mask before ``fork()`` blocked the primary's signals; a child puts it back
+_mask_before_fork: Iterable[int] | None = None
+
+
+def fork() -> int:
+    """``os.fork()`` with the primary's signals blocked across it; the child's stay blocked.
+
+    The child starts with the primary's handlers, which only queue a signal for
+    the primary's loop (a loop the child never runs): a SIGTERM sent to a new
+    worker before it has reset them (a drain right after a scale-up) would be
+    swallowed, and the worker would serve on until SIGKILLed. Blocked, such a
+    signal waits, pending, until ``after_fork_in_child`` has put the child's own
+    dispositions in place and unblocks it. The parent's mask is restored at once
+    (what arrived meanwhile is delivered then). Use it only for a child that
+    calls ``after_fork_in_child`` (an ``exec`` would keep the mask).
+    """
+    global _mask_before_fork
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, PRIMARY_SIGNALS)
+    try:
+        pid = os.fork()
+    except BaseException:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+        raise
+    if pid == 0:
+        _mask_before_fork = old
+    else:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+    return pid
+
+
 def after_fork_in_child(close_fds: list[int]) -> None:
-    """Fork hygiene for a new worker (see DESIGN.md): do this first thing."""
+    """Fork hygiene for a new worker (docs/index.md, "The workers"): do this first thing.
+
+    Ends by unblocking the signals ``fork()`` blocked: one already sent (a
+    drain) is delivered now, to the child's own disposition.
+    """
+    global _mask_before_fork
     # The primary's wakeup fd is its self-pipe; a worker writing to it would wake
     # the primary with the worker's signals.
     signal.set_wakeup_fd(-1)
@@ -74,6 +110,9 @@ def after_fork_in_child(close_fds: list[int]) -> None:
         signal.signal(sig, signal.SIG_IGN)
     close_all(close_fds)
     random.seed()
+    if _mask_before_fork is not None:
+        mask, _mask_before_fork = _mask_before_fork, None
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
 
 
 def close_all(fds: Iterable[int]) -> None:
@@ -94,18 +133,39 @@ def flush_output() -> None:
             pass
 
 
+class ExitStatus(NamedTuple):
+    """A wait status (``os.waitpid``), decoded: the one place that reads one."""
+
+    #: the exit code, if the process exited
+    code: int | None
+    #: the signal that killed it, if one did (a ``signal.Signals`` when Python knows its name)
+    signal: int | None
+    raw: int
+
+    @classmethod
+    def of(cls, status: int) -> ExitStatus:
+        if os.WIFSIGNALED(status):
+            sig = os.WTERMSIG(status)
+            try:
+                return cls(None, signal.Signals(sig), status)
+            except ValueError:
+                return cls(None, sig, status)
+        if os.WIFEXITED(status):
+            return cls(os.WEXITSTATUS(status), None, status)
+        return cls(None, None, status)
+
+    def __str__(self) -> str:
+        """In words: ``exit code 3``, ``killed by SIGKILL``."""
+        if self.signal is not None:
+            return f"killed by {self.signal.name if isinstance(self.signal, signal.Signals) else self.signal}"
+        if self.code is not None:
+            return f"exit code {self.code}"
+        return f"status {self.raw}"
+
+
 def describe_status(status: int) -> str:
     """A wait status in words: ``exit code 3``, ``killed by SIGKILL``."""
-    if os.WIFSIGNALED(status):
-        sig = os.WTERMSIG(status)
-        try:
-            name = signal.Signals(sig).name
-        except ValueError:
-            name = str(sig)
-        return f"killed by {name}"
-    if os.WIFEXITED(status):
-        return f"exit code {os.WEXITSTATUS(status)}"
-    return f"status {status}"
+    return str(ExitStatus.of(status))
 
 
 _PAGE_SIZE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096

@@ -145,6 +145,23 @@ def test_sending_to_a_closed_peer_or_on_a_closed_channel(ends: tuple[Channel, Ch
         a.send({"t": "x"})
 
 
+def test_fds_of_a_send_that_fails_are_closed(ends: tuple[Channel, Channel]) -> None:
+    a, b = ends
+    r, w = os.pipe()
+    with pytest.raises(ChannelError):
+        a.send({"t": "x", "blob": "x" * MAX_MESSAGE}, [r])  # cannot be encoded
+    assert not is_open(r)
+    b.close()
+    with pytest.raises(BrokenPipeError):
+        a.send({"t": "x"}, [w])  # the peer is gone
+    assert not is_open(w)
+    a.close()
+    r, w = os.pipe()
+    with pytest.raises(BrokenPipeError):
+        a.send({"t": "x"}, [r, w])  # closed already
+    assert not is_open(r) and not is_open(w)
+
+
 def fill(ch: Channel) -> int:
     """Send until the kernel buffer is full (the last message is queued); returns how many."""
     n = 0

@@ -72,6 +72,15 @@ def test_status_shows_the_live_table(server: tuple[Server, str]) -> None:
     assert all(r["heartbeat_age"] is not None and r["heartbeat_age"] < 3 for r in st["rows"])
 
 
+def test_the_primary_imports_no_app_uvicorn_or_asyncio(server: tuple[Server, str]) -> None:
+    srv, path = server
+    assert srv.get().status_code == 200  # a worker imported them all: not the primary
+    modules = status(path)["modules"]
+    assert "cluster_server" in modules and "click" in modules, modules
+    for name in ("hello", "uvicorn", "asyncio", "h11", "httptools", "uvloop", "starlette"):
+        assert name not in modules, f"the primary imported {name}"
+
+
 def test_socket_is_private_to_the_primary_user(server: tuple[Server, str]) -> None:
     _, path = server
     st = os.stat(path)

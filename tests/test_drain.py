@@ -43,6 +43,13 @@ DRAIN_APP = asgi_app(
     if path == "/slow":
         print("slow request started", flush=True)
         await asyncio.sleep(2)
+    if path == "/late-body":  # the head goes out at once, the body 1.5 s later
+        await send({"type": "http.response.start", "status": 200,
+                    "headers": [(b"content-type", b"text/plain"), (b"content-length", str(len(PID)).encode())]})
+        print("head sent", flush=True)
+        await asyncio.sleep(1.5)
+        await send({"type": "http.response.body", "body": PID})
+        return
     if path == "/stream":
         print("stream started", flush=True)
         await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"text/plain")]})
@@ -181,6 +188,30 @@ def test_request_in_flight_finishes(server: Server) -> None:
     response = result["response"]
     assert response.status_code == 200 and response.text == old_pid
     assert response.headers["connection"] == "close"
+
+
+@both_parsers
+def test_keep_alive_connection_whose_response_had_started_serves_its_next_request(server: Server) -> None:
+    """The drain begins after the response's head went out (no ``Connection: close``
+    on it): the client then sends its next request on the connection as soon as the
+    body is in, as any keep-alive client does (wrk, a proxy's pool). It must be
+    answered, not met by a close that crossed it on the wire (issue 13, finding 5)."""
+    sock = socket.create_connection(("127.0.0.1", server.port))
+    try:
+        sock.sendall(b"GET /late-body HTTP/1.1\r\nHost: test\r\n\r\n")
+        server.wait_log("head sent")
+        _roll_and_wait_for_drain(server)
+        assert "1 with a request in flight" in server.log()
+        first = _read_response(sock)
+        assert first.startswith(b"HTTP/1.1 200 ") and "connection" not in _headers(first)
+        old_pid = first.rpartition(b"\r\n\r\n")[2]
+        second = _request(sock)  # at once, on the same connection
+        assert second.startswith(b"HTTP/1.1 200 ")
+        assert second.endswith(old_pid)  # still the draining worker
+        assert _headers(second)["connection"] == "close"
+        assert _closed_by_peer(sock)
+    finally:
+        sock.close()
 
 
 def test_websocket_gets_1012_on_drain(server: Server) -> None:

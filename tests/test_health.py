@@ -16,8 +16,9 @@ import pytest
 from cluster_server._config import Config
 from cluster_server._errors import ConfigError
 from cluster_server.primary.loop import Primary, Worker
+from cluster_server.primary.shutdown_delay import ShutdownDelay
 from cluster_server.wire.channel import Channel, pair
-from cluster_server.worker.health import HealthMiddleware, HealthState, ShutdownDelay, health_handler
+from cluster_server.worker.health import HealthMiddleware, HealthState, health_handler
 from tests.conftest import HELLO_APP, Server, wait_until
 
 # -- the middleware, called as ASGI -------------------------------------------------

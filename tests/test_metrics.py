@@ -15,6 +15,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from cluster_server import ConfigError
 from cluster_server.ops import metrics as _metrics
+from cluster_server.primary.component import Component, Sample, override
 
 from .conftest import HELLO_APP, Server, free_port, wait_until
 from .ops_helpers import ctl, status
@@ -153,10 +154,11 @@ def test_parse_bind() -> None:
             _metrics.parse_bind(bad)
 
 
-class _Backlog:
+class _Backlog(Component):
     """What the round-robin scheduler does to report its queue."""
 
-    def metrics_samples(self) -> list[tuple[str, str, str, dict[str, str], float]]:
+    @override
+    def metrics_samples(self) -> list[Sample]:
         return [("cluster_server_accept_backlog", "Connections accepted, not yet handed over", "gauge", {}, 7)]
 
 

@@ -18,9 +18,11 @@ from typing import Any
 import pytest
 
 from cluster_server import AppLoadError, Config, WorkerBootError
+from cluster_server.primary.component import MAX_FAILURES, Component, WorkerEvent, override
 from cluster_server.primary.loop import (
     BACKOFF_CAP,
     DUMP_GRACE,
+    SPAWN_RETRY,
     STABLE_AFTER,
     Primary,
     Worker,
@@ -210,13 +212,33 @@ def test_exit_of_unknown_pid_is_ignored() -> None:
     assert c.worker(1).state is WorkerState.READY
 
 
-def test_on_child_exit_hook_takes_the_pid() -> None:
+def test_a_worker_that_cannot_be_forked_is_retried(caplog_info: pytest.LogCaptureFixture) -> None:
+    c = Cluster(workers=2)
+    real_spawn = c.launcher.spawn
+    failing = [True]
+
+    def spawn(worker: Worker) -> tuple[int, Channel | None]:
+        if failing[0] and worker.id == 2:
+            raise OSError(24, "Too many open files")
+        return real_spawn(worker)
+
+    c.launcher.spawn = spawn  # type: ignore[method-assign]
+    c.start()
+    assert c.p.slots[2].pid is None and c.serving() == 1, "the others serve on"
+    assert "cannot start worker 2: [Errno 24] Too many open files; retrying in" in caplog_info.text
+    assert c.p.next_deadline() == pytest.approx(c.clock.now + SPAWN_RETRY)
+    failing[0] = False
+    c.tick(SPAWN_RETRY)
+    assert c.p.slots[2].pid is not None and not c.p.stopping
+
+
+def test_watch_child_takes_the_pid() -> None:
     c = Cluster(workers=1).start()
     seen: list[tuple[int, int]] = []
-    c.p.on_child_exit[4242] = lambda pid, status: seen.append((pid, status))
+    c.p.watch_child(4242, lambda pid, status: seen.append((pid, status)))
     c.p.child_exited(4242, exited(0))
     assert seen == [(4242, 0)]
-    assert 4242 not in c.p.on_child_exit
+    assert not c.p.watches_child(4242)
 
 
 # -- start-up failures ----------------------------------------------------------------
@@ -560,10 +582,12 @@ def test_boot_error_still_unread_when_the_exit_is_reaped() -> None:
 def test_components_see_events_and_unknown_messages() -> None:
     seen: list[tuple[str, int]] = []
 
-    class Recorder:
-        def worker_event(self, event: str, w: Worker) -> None:
+    class Recorder(Component):
+        @override
+        def worker_event(self, event: WorkerEvent, w: Worker) -> None:
             seen.append((event, w.id))
 
+        @override
         def worker_message(self, w: Worker, msg: dict[str, Any], fds: list[int]) -> bool:
             seen.append(("msg:" + str(msg.get("t")), w.id))
             return msg.get("t") == "mine"
@@ -575,6 +599,79 @@ def test_components_see_events_and_unknown_messages() -> None:
     c.p.handle_term()
     c.exit(c.worker(1), exited(0))
     assert seen == [("spawned", 1), ("ready", 1), ("msg:mine", 1), ("draining", 1), ("exited", 1)]
+
+
+class _Broken(Component):
+    """A component whose tick always raises."""
+
+    closed = False
+
+    @override
+    def tick(self) -> None:
+        raise RuntimeError("boom")
+
+    @override
+    def close(self) -> None:
+        self.closed = True
+
+
+class _Ticks(Component):
+    ticks = 0
+
+    @override
+    def tick(self) -> None:
+        self.ticks += 1
+
+
+def test_a_component_that_raises_is_logged_isolated_then_disabled(caplog_info: pytest.LogCaptureFixture) -> None:
+    broken, other = _Broken(), _Ticks()
+    c = Cluster(workers=1)
+    c.p.add_component(broken)
+    c.p.add_component(other)
+    c.start()
+    c.tick()
+    assert other.ticks == 1, "the next component still gets its call"
+    assert "_Broken.tick raised" in caplog_info.text and "RuntimeError: boom" in caplog_info.text  # the traceback
+    for _ in range(MAX_FAILURES - 1):
+        c.tick()
+    assert broken not in c.p.components and broken.closed, "disabled, and closed"
+    assert "_Broken disabled after" in caplog_info.text
+    c.tick()
+    assert other.ticks == MAX_FAILURES + 1
+    assert not c.p.stopping and c.serving() == 1 and c.launcher.kills == [], "the cluster serves on"
+
+
+def test_a_component_whose_attach_raises_is_disabled_at_once(caplog_info: pytest.LogCaptureFixture) -> None:
+    class HalfAttached(_Broken):
+        @override
+        def attach(self, primary: Primary) -> None:
+            raise RuntimeError("cannot attach")
+
+    half = HalfAttached()
+    c = Cluster(workers=1)
+    c.p.components.append(half)
+    c.p._attach(half)  # what run() does for each component
+    assert half not in c.p.components and half.closed
+    assert "HalfAttached.attach raised" in caplog_info.text and "RuntimeError: cannot attach" in caplog_info.text
+    c.start()
+    c.tick()
+    assert c.serving() == 1 and not c.p.stopping
+
+
+def test_an_essential_component_that_keeps_failing_drains_the_cluster(caplog_info: pytest.LogCaptureFixture) -> None:
+    class Router(_Broken):
+        essential = True
+
+    router = Router()
+    c = Cluster(workers=2)
+    c.p.add_component(router)
+    c.start()
+    for _ in range(MAX_FAILURES):
+        c.tick()
+    assert c.p.stopping and c.p.exit_code == 1
+    assert sorted(s for _, s in c.launcher.kills) == [TERM, TERM], "a graceful drain, not a kill"
+    assert not router.closed, "closed only when the primary exits"
+    assert "cannot serve without it" in caplog_info.text
 
 
 def test_describe_status() -> None:

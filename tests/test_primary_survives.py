@@ -24,6 +24,7 @@ import pytest
 
 from cluster_server._errors import ChannelError
 from cluster_server.wire.channel import Channel, decode, pair
+from cluster_server.wire.spawn import fork_child
 
 from .conftest import HELLO_APP, asgi_app, children, wait_until
 from .test_scheduling import ready
@@ -62,6 +63,19 @@ def test_a_failed_socket_read_is_the_end_of_the_channel() -> None:
 
 
 # -- nested JSON (finding 3) -----------------------------------------------------
+
+
+def test_a_fork_that_fails_leaves_nothing_open(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Out of processes or memory: ``fork_child`` raises, with both ends of the channel closed."""
+
+    def no_fork() -> int:
+        raise BlockingIOError(11, "Resource temporarily unavailable")
+
+    monkeypatch.setattr(os, "fork", no_fork)
+    before = sorted(os.listdir("/proc/self/fd"))
+    with pytest.raises(BlockingIOError):
+        fork_child(lambda sock, close: os._exit(0))
+    assert sorted(os.listdir("/proc/self/fd")) == before
 
 
 @pytest.mark.parametrize("depth", [1_000, 60_000, 200_000])

@@ -89,12 +89,40 @@ def test_max_worker_memory() -> None:
     h.tick(1.1)
     assert h.primary.roll_state is None
     rss[b] = 101 * MIB
-    h.tick(0.5)  # sampled every second
+    h.tick(0.1)  # sampled every MEMORY_SAMPLE_INTERVAL (0.25 s)
     assert h.primary.roll_state is None
-    h.tick(0.6)
+    h.tick(0.2)
     roll = h.primary.roll_state
     assert roll is not None and roll.current == 2
     assert "uses 101 MiB of its own (--max-worker-memory 100)" in roll.reason
+
+
+def test_a_worker_far_over_the_memory_limit_does_not_wait_its_turn() -> None:
+    """Recycles run one at a time, replacement first: under a fast leak the last in
+    line grew to 5x the limit (issue 13, finding 7). Far over it, a worker is drained
+    at once and its slot refilled, whatever roll or recycle is running."""
+    rss: dict[int, int] = {}
+    h, _ = _harness(workers=3, rss=rss, max_worker_memory=100)
+    a, b, c = h.slot_pids()
+    assert a is not None and b is not None and c is not None
+    rss[a], rss[b], rss[c] = 120 * MIB, 110 * MIB, 90 * MIB
+    h.tick(1.1)
+    roll = h.primary.roll_state
+    assert roll is not None and roll.current == 1  # over: a's recycle, replacement first
+    new_a = h.launcher.spawned[-1]
+    rss[b], rss[c] = 400 * MIB, 155 * MIB  # meanwhile b and c leak fast
+    h.tick(1.1)
+    assert h.launcher.got(b) and h.launcher.got(c)  # not behind a's recycle
+    assert h.worker(b).state is h.worker(c).state is WorkerState.DRAINING
+    assert not h.launcher.got(a)  # a's replacement is booting: a keeps serving until it is ready
+    assert h.primary.slots[2].pid not in (None, b) and h.primary.slots[3].pid not in (None, c)
+    assert h.primary.roll_state is roll
+    rss[a] = 300 * MIB  # a leaks fast too, while its replacement boots: it drains now
+    h.tick(1.1)
+    assert h.launcher.got(a) and h.worker(a).state is WorkerState.DRAINING
+    assert h.primary.slots[1].replacement == new_a  # the replacement it had is its slot's new worker
+    h.ready(new_a)
+    assert h.primary.slots[1].pid == new_a and h.primary.roll_state is None
 
 
 def test_max_worker_lifetime_with_jitter() -> None:

@@ -91,3 +91,33 @@ def test_run_serves_an_app_object(tmp_path: Path) -> None:
         assert title.startswith("cluster-server: primary [__main__:app]")
         os.kill(proc.pid, signal.SIGTERM)
         assert proc.wait(15) == 0
+
+
+@pytest.mark.parametrize("use_colors", [True, False])
+def test_log_lines_look_like_uvicorns(use_colors: bool) -> None:
+    """Our formatters (the primary never imports uvicorn's) print what uvicorn's print."""
+    import logging
+
+    import uvicorn.logging
+
+    from cluster_server import _logging
+
+    fmt = "%(levelprefix)s [%(process)d] %(message)s"
+    ours, theirs = (
+        _logging.Formatter(fmt, use_colors=use_colors),
+        uvicorn.logging.DefaultFormatter(fmt, use_colors=use_colors),
+    )
+    for level in (_logging.TRACE, logging.DEBUG, logging.INFO, 25, logging.WARNING, logging.ERROR, logging.CRITICAL):
+        record = logging.LogRecord("cluster_server", level, __file__, 1, "worker %d ready", (3,), None)
+        record.levelname = "TRACE" if level == _logging.TRACE else logging.getLevelName(level)
+        record.color_message = "worker %d is ready"
+        assert ours.format(record) == theirs.format(record)
+    fmt = '%(levelprefix)s [%(process)d] %(client_addr)s - "%(request_line)s" %(status_code)s'
+    ours, theirs = (
+        _logging.AccessFormatter(fmt, use_colors=use_colors),
+        uvicorn.logging.AccessFormatter(fmt, use_colors=use_colors),
+    )
+    for status in (101, 200, 304, 404, 503, 999):
+        args = ("127.0.0.1:5000", "GET", "/a?b=1", "1.1", status)
+        record = logging.LogRecord("uvicorn.access", logging.INFO, __file__, 1, '%s - "%s %s HTTP/%s" %d', args, None)
+        assert ours.format(record) == theirs.format(record)

@@ -141,7 +141,8 @@ def fake_template(launcher: TemplateLauncher, generation: int) -> Template:
 
 def test_launcher_picks_the_template_of_a_generation_and_retires_unused_ones() -> None:
     primary = Primary(Config(app="app:app", workers=2, preload=True), [])
-    launcher = TemplateLauncher(primary, "preload")
+    launcher = TemplateLauncher(primary.config, "preload")
+    launcher.primary = primary  # what attach() does, without building a template
     t1, t3 = fake_template(launcher, 1), fake_template(launcher, 3)
     launcher.templates = [t1, t3]
     assert launcher.template_for(1) is t1
@@ -163,7 +164,8 @@ def test_launcher_picks_the_template_of_a_generation_and_retires_unused_ones() -
 
 def test_launcher_defers_a_preload_roll_until_the_new_template_is_ready() -> None:
     primary = Primary(Config(app="app:app", workers=1, preload=True), [])
-    launcher = TemplateLauncher(primary, "preload")
+    launcher = TemplateLauncher(primary.config, "preload")
+    launcher.primary = primary  # what attach() does, without building a template
     started: list[int] = []
 
     def build(generation: int) -> None:  # what build() does, without a process

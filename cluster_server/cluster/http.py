@@ -1,15 +1,11 @@
-"""Messaging for apps served by cluster-server: the primary's relay, the worker's link.
+"""Messaging for apps served by cluster-server: the HTTP worker's link.
 
 An ASGI app in an HTTP worker uses ``cluster_server.cluster`` as any worker
 does (``send``, ``broadcast``, ``on_message``, ``recv``, ``messages``,
 ``request``). Two pieces make that work here:
 
-- :class:`Messaging`, a component of the HTTP primary (``primary/loop.py``). It
-  handles the worker messages ``msg`` (logged at debug level: the HTTP primary
-  runs no user code), ``bcast`` (relayed as ``msg`` to every other worker with
-  an open channel, and to the sender too when it asks) and ``req``, which it
-  answers itself (see :meth:`Messaging.answer`). A worker gone mid-broadcast is
-  skipped (``primary.send`` returns False); nothing blocks.
+- ``Messaging`` (``primary/messaging.py``), a component of the HTTP primary:
+  it relays broadcasts and answers requests.
 - :class:`LoopLink`, the worker's ``Endpoint``: the uvicorn event loop already
   reads the channel (``server.handlers``), so messages are dispatched there, on
   the loop, with no thread. Sends from other threads (a sync endpoint runs in a
@@ -24,77 +20,14 @@ import threading
 from collections.abc import Sequence
 from typing import Any
 
-from cluster_server import _proc
 from cluster_server._errors import ClusterRoleError, DisconnectedError
+from cluster_server.cluster import role as _role
 from cluster_server.cluster.worker import Endpoint
 from cluster_server.wire import channel as _channel
 from cluster_server.wire.channel import Channel, Message
+from cluster_server.wire.messages import MSG, RES
 
 logger = logging.getLogger("cluster_server")
-
-#: the worker message types this component handles in the HTTP primary
-MESSAGE_TYPES = ("msg", "bcast", "req", "res")
-
-
-class Messaging:
-    """A component of the HTTP primary: relays broadcasts, answers built-in requests."""
-
-    def __init__(self) -> None:
-        self.primary: Any = None
-        self.counters: dict[str, int] = {}
-
-    def attach(self, primary: Any) -> None:
-        self.primary = primary
-
-    def worker_message(self, w: Any, msg: Message, fds: list[int]) -> bool:
-        kind = msg.get("t")
-        if kind not in MESSAGE_TYPES:
-            return False
-        _proc.close_all(fds)  # these messages carry none
-        if kind == "bcast":
-            out = {"t": "msg", "data": msg.get("data")}
-            for other in list(self.primary.workers.values()):
-                if other is not w or msg.get("self"):
-                    self.primary.send(other, out)
-        elif kind == "msg":
-            logger.debug("%s sent the primary %.200r", w.name, msg.get("data"))
-        elif kind == "req":
-            rid = msg.get("id")
-            if isinstance(rid, int):
-                try:
-                    reply: Message = {"t": "res", "id": rid, "data": self.answer(msg.get("data"))}
-                except (ValueError, TypeError, KeyError) as exc:
-                    reply = {"t": "res", "id": rid, "error": f"the primary cannot answer: {exc}"}
-                self.primary.send(w, reply)
-        return True
-
-    def answer(self, data: Any) -> Any:
-        """The HTTP primary's built-in requests (``await cluster.request({...})``):
-
-        - ``{"op": "workers"}``: ``[{"id", "pid", "state", "generation"}, ...]``;
-        - ``{"op": "incr", "key": k, "by": n}``: add ``n`` (default 1) to the
-          cluster-wide counter ``k``; returns its new value;
-        - ``{"op": "get", "key": k}``: the counter's value (0 if never set).
-        """
-        if not isinstance(data, dict):
-            raise ValueError(f"a request is {{'op': ...}}, not {data!r:.100}")
-        op = data.get("op")
-        if op == "workers":
-            return [
-                {"id": w.id, "pid": w.pid, "state": w.state.value, "generation": w.generation}
-                for w in sorted(self.primary.workers.values(), key=lambda w: (w.id, w.generation))
-            ]
-        if op in ("incr", "get"):
-            key = data["key"]
-            if not isinstance(key, str):
-                raise TypeError(f"key must be a string, not {key!r:.100}")
-            if op == "incr":
-                by = data.get("by", 1)
-                if not isinstance(by, int) or isinstance(by, bool):
-                    raise TypeError(f"by must be an integer, not {by!r:.100}")
-                self.counters[key] = self.counters.get(key, 0) + by
-            return self.counters.get(key, 0)
-        raise ValueError(f"unknown op {op!r:.100}; expected 'workers', 'incr' or 'get'")
 
 
 class LoopLink(Endpoint):
@@ -110,7 +43,7 @@ class LoopLink(Endpoint):
         """Called on the worker's loop before it serves: take our message types."""
         self.loop = loop
         self._loop_thread = threading.get_ident()
-        for kind in ("msg", "req", "res"):
+        for kind in (MSG, RES):
             server.handlers[kind] = self.dispatch
         if self.channel.pending:  # queued while the app was imported, before there was a loop
             flush_when_writable(loop, self.channel)
@@ -181,8 +114,6 @@ def _flush(loop: asyncio.AbstractEventLoop, channel: Channel) -> None:
 
 def enter_worker(worker_id: int, channel: Channel) -> LoopLink:
     """In a new HTTP worker, before the app is imported: make ``cluster.is_worker`` true."""
-    from cluster_server import cluster
-
     link = LoopLink(worker_id, channel)
-    cluster._become_worker(link)
+    _role.become_worker(link)
     return link

@@ -29,21 +29,31 @@ import subprocess
 import sys
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NoReturn
 
 from cluster_server import _proc
-from cluster_server._errors import ChannelError, DisconnectedError, RequestError
-from cluster_server.cluster.worker import MainTarget, describe_exception, main_target, run_forked
+from cluster_server._errors import DisconnectedError, IllegalTransition, RequestError
+from cluster_server.cluster.state import ClusterWorkerState, check_transition
+from cluster_server.cluster.worker import CHANNEL_FD_ENV, WORKER_ID_ENV, MainTarget, main_target, run_forked
 from cluster_server.wire import channel as _channel
-from cluster_server.wire.channel import Channel, Message
+from cluster_server.wire import messages
+from cluster_server.wire.channel import Channel, Message, receive_all
+from cluster_server.wire.request import Answer, Pending, Replier
+from cluster_server.wire.spawn import fork_child
 
 logger = logging.getLogger("cluster_server.cluster")
 
 START_METHODS = ("fork", "spawn")
-#: marks a spawned worker (like Node's NODE_UNIQUE_ID); removed from its environment at start
-WORKER_ID_ENV = "CLUSTER_SERVER_WORKER_ID"
-#: the spawned worker's channel fd (passed with pass_fds)
-CHANNEL_FD_ENV = "CLUSTER_SERVER_CHANNEL_FD"
+#: what a spawned worker's interpreter runs first (``-c``; its arguments: where this
+#: cluster_server was imported from, then the program and its arguments): import
+#: cluster-server from the same place as the primary did, and hand over to
+#: ``cluster/worker.py``'s ``spawned_main``, which links to the primary, then runs the program
+SPAWN_BOOTSTRAP = (
+    "import sys; r = sys.argv.pop(1); sys.path.insert(0, r); "
+    "from cluster_server.cluster.worker import spawned_main; sys.path.remove(r); spawned_main()"
+)
+#: the directory cluster_server was imported from
+_IMPORTED_FROM = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 #: the default start method, so one script runs unchanged under both
 START_METHOD_ENV = "CLUSTER_SERVER_START_METHOD"
 #: bytes queued for one worker that does not read (stopped, hung) before new messages
@@ -141,18 +151,6 @@ def _spawn(aw: Awaitable[Any], what: str) -> None:
     task.add_done_callback(done)
 
 
-def _signal_of(status: int) -> tuple[int | None, signal.Signals | None]:
-    if os.WIFSIGNALED(status):
-        num = os.WTERMSIG(status)
-        try:
-            return None, signal.Signals(num)
-        except ValueError:
-            return None, None
-    if os.WIFEXITED(status):
-        return os.WEXITSTATUS(status), None
-    return None, None
-
-
 class Worker(Emitter):
     """A worker, as the primary sees it (Node's ``Worker``)."""
 
@@ -174,8 +172,8 @@ class Worker(Emitter):
         self.process = process
         #: True once ``disconnect()`` or ``kill()`` was called (or the worker disconnected itself)
         self.exited_after_disconnect = False
-        #: "none", "online", "listening", "disconnected", "dead"
-        self.state = "none"
+        #: Node's states, "none", "online", "listening", "disconnected", "dead" (``cluster/state.py``)
+        self.state = ClusterWorkerState.NONE
         #: after the exit: its exit code (None if killed by a signal) and the signal
         self.exit_code: int | None = None
         self.signal_code: signal.Signals | None = None
@@ -183,7 +181,9 @@ class Worker(Emitter):
         self._channel: Channel | None = channel
         self._pidfd = -1
         self._dead = False
-        self._pending: dict[int, asyncio.Future[Any]] = {}
+        #: the primary's requests to this worker, waiting for their answers
+        self._requests: Pending[asyncio.Future[Answer]] = Pending()
+        self._replier = Replier(functools.partial(primary.send, self), "the primary")
         self._queue_full_warned = False
         self._poll: asyncio.TimerHandle | None = None
 
@@ -192,7 +192,7 @@ class Worker(Emitter):
 
     def send(self, data: Any) -> bool:
         """Send a message (JSON-compatible data). False if the worker is disconnected: dropped."""
-        return self._primary.send(self, {"t": "msg", "data": data})
+        return self._primary.send(self, {"t": messages.MSG, "data": data})
 
     async def request(self, data: Any, timeout: float | None = 5.0) -> Any:
         """Send a request; return the worker's ``on_request`` handler's answer."""
@@ -201,7 +201,7 @@ class Worker(Emitter):
     def disconnect(self) -> None:
         """Ask the worker to close its servers and its channel, then exit (graceful)."""
         self.exited_after_disconnect = True
-        self._primary.send(self, {"t": "disconnect"})
+        self._primary.send(self, {"t": messages.DISCONNECT})
 
     def kill(self, sig: int = signal.SIGTERM) -> None:
         """Send ``sig`` to the worker and close its channel."""
@@ -213,6 +213,9 @@ class Worker(Emitter):
 
     def is_connected(self) -> bool:
         return self._channel is not None and not self._channel.closed
+
+    def _move(self, new: ClusterWorkerState) -> None:
+        self.state = check_transition(self.state, new)
 
     def is_dead(self) -> bool:
         return self._dead
@@ -229,7 +232,6 @@ class ClusterPrimary(Emitter):
         self.workers: dict[int, Worker] = {}
         self._live: dict[int, Worker] = {}  # not yet exited, by id
         self._ids = itertools.count(1)
-        self._request_ids = itertools.count(1)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._soon: list[Callable[[], None]] = []
         self._changed: asyncio.Event | None = None
@@ -385,19 +387,20 @@ class ClusterPrimary(Emitter):
         settings = self.settings
         target: MainTarget = ("path", os.path.abspath(settings.exec)) if settings.exec else main_target()
         worker_id = next(self._ids)
-        ours, theirs = _channel.pair()
         process: subprocess.Popen[bytes] | None = None
-        try:
-            if settings.start_method == "fork":
-                pid = self._fork(worker_id, ours, theirs, env, target, settings.args)
-            else:
+        if settings.start_method == "fork":
+            main = functools.partial(self._forked, worker_id, os.getpid(), env, target, settings.args)
+            pid, ours = fork_child(main)
+        else:
+            ours, theirs = _channel.pair()
+            try:
                 process = self._spawn(worker_id, theirs, env, target, settings)
-                pid = process.pid
-        except BaseException:
-            ours.close()
-            raise
-        finally:
-            theirs.close()
+            except BaseException:
+                ours.close()
+                raise
+            finally:
+                theirs.close()
+            pid = process.pid
         w = Worker(self, worker_id, pid, Channel(ours), process)
         try:
             w._pidfd = os.pidfd_open(pid)
@@ -409,31 +412,27 @@ class ClusterPrimary(Emitter):
         self.call_soon(self.emit, "fork", w)
         return w
 
-    def _fork(
+    def _forked(
         self,
         worker_id: int,
-        ours: socket.socket,
-        theirs: socket.socket,
+        primary_pid: int,
         env: dict[str, str] | None,
         target: MainTarget,
         args: Sequence[str],
-    ) -> int:
-        _proc.flush_output()
-        primary_pid = os.getpid()
-        pid = os.fork()
-        if pid == 0:  # pragma: no cover - the child never returns
-            try:
-                ours.close()
-                self.close_in_child()
-            finally:
-                run_forked(worker_id, theirs, primary_pid, env, target, args)
-        return pid
+        sock: socket.socket,
+        close: list[int],
+    ) -> NoReturn:  # pragma: no cover - in the forked worker
+        try:
+            _proc.close_all(close)  # our end of its channel
+            self.close_in_child()
+        finally:
+            run_forked(worker_id, sock, primary_pid, env, target, args)
 
     def _spawn(
         self, worker_id: int, theirs: socket.socket, env: dict[str, str] | None, target: MainTarget, settings: Settings
     ) -> subprocess.Popen[bytes]:
         kind, name = target
-        argv = [sys.executable, *settings.exec_argv, *(["-m", name] if kind == "module" else [name]), *settings.args]
+        argv = [sys.executable, *settings.exec_argv, "-c", SPAWN_BOOTSTRAP, _IMPORTED_FROM, kind, name, *settings.args]
         fd = theirs.fileno()
         child_env = {**os.environ, **(env or {}), WORKER_ID_ENV: str(worker_id), CHANNEL_FD_ENV: str(fd)}
         return subprocess.Popen(argv, env=child_env, pass_fds=(fd,))
@@ -488,14 +487,14 @@ class ClusterPrimary(Emitter):
         if w.is_connected():
             self._on_readable(w)
             self.close_channel(w)
-        if status == -1:
-            code, sig = None, None
-        else:
-            code, sig = _signal_of(status)
+        st = _proc.ExitStatus.of(status) if status != -1 else None  # -1: its status is lost
+        code = st.code if st is not None else None
+        # (a signal Python has no name for is reported as none, as Node does)
+        sig = st.signal if st is not None and isinstance(st.signal, signal.Signals) else None
         w.exit_code, w.signal_code = code, sig
         if w.process is not None:
             w.process.returncode = code if sig is None else -int(sig)
-        w.state = "dead"
+        w._move(ClusterWorkerState.DEAD)
         self._live.pop(w.id, None)
         w.emit("exit", code, sig)
         self.emit("exit", w, code, sig)
@@ -511,11 +510,8 @@ class ClusterPrimary(Emitter):
             self._loop.remove_writer(ch.fileno())
         ch.close()
         if not w._dead:
-            w.state = "disconnected"
-        pending, w._pending = w._pending, {}
-        for fut in pending.values():
-            if not fut.done():
-                fut.set_exception(DisconnectedError(f"worker {w.id} disconnected before it answered"))
+            w._move(ClusterWorkerState.DISCONNECTED)
+        w._requests.close(lambda: DisconnectedError(f"worker {w.id} disconnected before it answered"))
         w.emit("disconnect")
         self.emit("disconnect", w)
         self._forget(w)
@@ -545,10 +541,7 @@ class ClusterPrimary(Emitter):
                 )
             return False
         try:
-            sent = ch.send(msg, fds)
-        except (TypeError, ValueError, ChannelError):
-            _proc.close_all(fds)  # could not be encoded: nothing was taken
-            raise
+            sent = ch.send(msg, fds)  # (the channel closes the fds if it raises)
         except OSError:
             # Gone (mid-broadcast, say): it reads as a disconnect, on the next tick.
             self.call_soon(self.close_channel, w)
@@ -572,7 +565,7 @@ class ClusterPrimary(Emitter):
 
     def broadcast(self, data: Any, exclude: Worker | None = None) -> int:
         """Send to every connected worker; returns how many it was sent to."""
-        msg = {"t": "msg", "data": data}
+        msg = {"t": messages.MSG, "data": data}
         _channel.encode(msg)  # fail here, once, if it cannot be sent
         return sum(self.send(w, msg) for w in list(self.workers.values()) if w is not exclude)
 
@@ -580,82 +573,74 @@ class ClusterPrimary(Emitter):
         ch = w._channel
         if ch is None or ch.closed:
             return
+        if not receive_all(ch, functools.partial(self._dispatch, w), f"worker {w.id} [pid {w.pid}]"):
+            self.close_channel(w)
+
+    def _dispatch(self, w: Worker, msg: Message, fds: list[int]) -> None:
         try:
-            for msg, fds in ch.receive():
-                if isinstance(msg, ChannelError):
-                    _proc.close_all(fds)
-                    logger.warning("worker %d [pid %d]: dropped a message: %s", w.id, w.pid, msg)
-                    continue
-                try:
-                    self._handle(w, msg, fds)
-                except Exception:
-                    logger.exception("worker %d [pid %d]: handling %.200r raised", w.id, w.pid, msg)
-                if not w.is_connected():  # a listener closed it
-                    return
-        except EOFError:
-            self.close_channel(w)
-        except OSError as exc:
-            logger.warning("worker %d [pid %d]: channel error %s", w.id, w.pid, exc)
-            self.close_channel(w)
+            self._handle(w, msg, fds)
+        except Exception:  # a listener's bug: the next message is still read
+            logger.exception("worker %d [pid %d]: handling %.200r raised", w.id, w.pid, msg)
 
     def _handle(self, w: Worker, msg: Message, fds: list[int]) -> None:
         _proc.close_all(fds)  # a worker's messages carry no fds
         kind = msg.get("t")
-        if kind == "res":
-            self._resolve(w, msg)
-        elif kind == "msg":
+        if kind == messages.RES:
+            if not w._requests.resolve(msg, []):
+                logger.debug("worker %d: an answer nobody waits for (late?) %.200r", w.id, msg)
+        elif kind == messages.MSG:
             data = msg.get("data")
             w.emit("message", data)
             self.emit("message", w, data)
-        elif kind == "online":
-            w.state = "online"
-            w.emit("online")
-            self.emit("online", w)
-        elif kind == "listen":
+        elif kind == messages.ONLINE:
+            if self._worker_moves(w, ClusterWorkerState.ONLINE):
+                w.emit("online")
+                self.emit("online", w)
+        elif kind == messages.LISTEN:
             self._listen(w, msg)
-        elif kind == "listening":
+        elif kind == messages.LISTENING:
             addr = _address(msg.get("addr"))
-            w.state = "listening"
-            w.emit("listening", addr)
-            self.emit("listening", w, addr)
-        elif kind == "req":
+            if self._worker_moves(w, ClusterWorkerState.LISTENING):
+                w.emit("listening", addr)
+                self.emit("listening", w, addr)
+        elif kind == messages.REQ:
             self._answer(w, msg)
-        elif kind == "bcast":
+        elif kind == messages.BCAST:
             data = msg.get("data")
             self.broadcast(data, exclude=None if msg.get("self") else w)
-        elif kind == "disconnecting":
+        elif kind == messages.DISCONNECTING:
             w.exited_after_disconnect = True
         else:
             logger.warning("worker %d [pid %d] sent an unknown message %.200r; ignored", w.id, w.pid, msg)
+
+    def _worker_moves(self, w: Worker, new: ClusterWorkerState) -> bool:
+        """A worker's message moves it to ``new``: False (logged, ignored) where the table has no such move."""
+        try:
+            w._move(new)
+        except IllegalTransition:
+            logger.warning("worker %d [pid %d] said %s while %s; ignored", w.id, w.pid, new.value, w.state.value)
+            return False
+        return True
 
     # -- requests -------------------------------------------------------------------------
 
     async def request(self, w: Worker, data: Any, timeout: float | None) -> Any:
         loop = self.attach()
-        rid = next(self._request_ids)
-        fut: asyncio.Future[Any] = loop.create_future()
-        w._pending[rid] = fut
+        fut: asyncio.Future[Answer] = loop.create_future()
+        rid = w._requests.add(fut)
+        if rid is None:
+            raise DisconnectedError(f"worker {w.id} is disconnected")
         try:
-            if not self.send(w, {"t": "req", "id": rid, "data": data}):
+            if not self.send(w, {"t": messages.REQ, "id": rid, "data": data}):
                 if w.is_connected():
                     raise RequestError(f"worker {w.id} reads no messages (its queue is full); request not sent")
                 raise DisconnectedError(f"worker {w.id} is disconnected")
-            return await asyncio.wait_for(fut, timeout)
+            value, _fds = await asyncio.wait_for(fut, timeout)  # (a worker's answers carry no fds)
+            return value
         except TimeoutError:
             raise TimeoutError(f"worker {w.id} did not answer within {timeout} s") from None
         finally:
-            w._pending.pop(rid, None)
-
-    def _resolve(self, w: Worker, msg: Message) -> None:
-        rid = msg.get("id")
-        fut = w._pending.pop(rid, None) if isinstance(rid, int) else None
-        if fut is None or fut.done():
-            logger.debug("worker %d: an answer nobody waits for (late?) %.200r", w.id, msg)
-            return
-        if "error" in msg:
-            fut.set_exception(RequestError(str(msg["error"])))
-        else:
-            fut.set_result(msg.get("data"))
+            w._requests.discard(rid)
 
     def on_request(self, fn: Callable[[Worker, Any], Any] | None) -> None:
         if fn is not None and not callable(fn):
@@ -669,39 +654,9 @@ class ClusterPrimary(Emitter):
             return
         handler = self._request_handler
         if handler is None:
-            self._reply(w, rid, error="the primary has no request handler (cluster.on_request)")
+            w._replier.refuse(rid, "the primary has no request handler (cluster.on_request)")
             return
-        try:
-            result = handler(w, msg.get("data"))
-        except Exception as exc:
-            self._reply(w, rid, error=f"the primary's request handler raised {describe_exception(exc)}")
-            return
-        if inspect.isawaitable(result):
-            task = asyncio.ensure_future(result)
-            _tasks.add(task)
-            task.add_done_callback(functools.partial(self._reply_from, w, rid))
-        else:
-            self._reply(w, rid, data=result)
-
-    def _reply_from(self, w: Worker, rid: int, task: asyncio.Future[Any]) -> None:
-        _tasks.discard(task)
-        if task.cancelled():
-            self._reply(w, rid, error="the primary's request handler was cancelled")
-        elif (exc := task.exception()) is not None:
-            self._reply(w, rid, error=f"the primary's request handler raised {describe_exception(exc)}")
-        else:
-            self._reply(w, rid, data=task.result())
-
-    def _reply(self, w: Worker, rid: int, *, data: Any = None, error: str | None = None, **extra: Any) -> None:
-        msg: Message = {"t": "res", "id": rid, **extra}
-        if error is not None:
-            msg["error"] = error
-        else:
-            msg["data"] = data
-        try:
-            self.send(w, msg)
-        except (TypeError, ValueError, ChannelError) as exc:
-            self.send(w, {"t": "res", "id": rid, "error": f"the primary's answer cannot be sent: {exc}"})
+        w._replier.call(rid, functools.partial(handler, w), msg.get("data"), _run_answer)
 
     # -- shared handles ---------------------------------------------------------------------
 
@@ -742,12 +697,10 @@ class ClusterPrimary(Emitter):
         try:
             sock = self.handle_for(addr, backlog if isinstance(backlog, int) and backlog > 0 else 511)
         except (OSError, ValueError) as exc:
-            self._reply(w, rid, error=f"the primary cannot listen on {addr!r}: {exc}", kind="bind")
+            w._replier.refuse(rid, f"the primary cannot listen on {addr!r}: {exc}", kind="bind")
             return
         name = sock.getsockname()
-        self.send(
-            w, {"t": "res", "id": rid, "data": list(name) if isinstance(name, tuple) else name}, [os.dup(sock.fileno())]
-        )
+        w._replier.answer(rid, list(name) if isinstance(name, tuple) else name, [os.dup(sock.fileno())])
 
     def close_handles(self) -> None:
         for sock in self._handles.values():
@@ -775,3 +728,11 @@ def _address(addr: Any) -> Any:
     if isinstance(addr, list):
         return tuple(addr)
     return addr
+
+
+def _run_answer(aw: Awaitable[Any]) -> asyncio.Future[Any]:
+    """Run an async request handler's answer as a task (kept referenced until it is done)."""
+    task = asyncio.ensure_future(aw)
+    _tasks.add(task)
+    task.add_done_callback(_tasks.discard)
+    return task

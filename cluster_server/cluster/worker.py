@@ -16,23 +16,10 @@ consumer asked for. Two transports sit under it:
   uvicorn event loop already reads the channel, so dispatch happens there and
   no thread is started.
 
-Wire messages (JSON objects, ``t`` is the type) between a worker and its
-primary, on top of the HTTP server's own (``ready``, ``hb``, ``boot_error``):
-
-=============  =========  ==============================================
-type           direction  meaning
-=============  =========  ==============================================
-``online``     w -> p     the worker runtime started
-``msg``        both       ``{"data": X}``: a user message
-``bcast``      w -> p     ``{"data": X, "self": bool}``: relay to the other workers
-``req``        both       ``{"id": n, "data": X}``: a request, answered by ``res``
-``res``        both       ``{"id": n, "data": X}`` or ``{"id": n, "error": "..."}``
-``listen``     w -> p     ``{"id": n, "addr": [host, port] | path, "backlog": n}``;
-                          answered by ``res`` carrying the listening fd
-``listening``  w -> p     ``{"addr": ...}``: the worker serves on a handle
-``disconnect`` p -> w     close your servers and the channel, then exit
-``disconnecting`` w -> p  the worker disconnects of its own accord
-=============  =========  ==============================================
+The messages between a worker and its primary (``online``, ``msg``,
+``bcast``, ``req``, ``res``, ``listen``, ``listening``, ``disconnect``,
+``disconnecting``) are the ``cluster`` channel's in ``wire/messages.py``, with
+their fields (docs/architecture.md has the table).
 """
 
 from __future__ import annotations
@@ -43,7 +30,6 @@ import asyncio
 import collections
 import concurrent.futures
 import inspect
-import itertools
 import logging
 import os
 import runpy
@@ -52,15 +38,29 @@ import socket
 import sys
 import threading
 import time
-import traceback
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
+from types import TracebackType
 from typing import Any, NoReturn
 
 from cluster_server import _logging, _proc
-from cluster_server._errors import BindError, ChannelError, ClusterRoleError, DisconnectedError, RequestError
+from cluster_server._errors import BindError, ChannelError, ClusterRoleError, DisconnectedError
+from cluster_server.cluster import role as _role
 from cluster_server.wire import channel as _channel
 from cluster_server.wire.channel import Message
+from cluster_server.wire.messages import (
+    BCAST,
+    DISCONNECT,
+    DISCONNECTING,
+    LISTEN,
+    LISTENING,
+    MSG,
+    ONLINE,
+    REQ,
+    RES,
+)
+from cluster_server.wire.request import Answer, Pending, Replier
+from cluster_server.wire.spawn import child_main
 
 logger = logging.getLogger("cluster_server.cluster")
 
@@ -68,20 +68,24 @@ logger = logging.getLogger("cluster_server.cluster")
 MAX_INBOX = 100_000
 #: how long ``listen()`` waits for the primary to bind
 LISTEN_TIMEOUT = 30.0
-#: the signal a worker gets when its primary dies (Linux), on top of the channel closing
-ORPHAN_SIGNAL = signal.SIGTERM
+#: the signal a worker gets when its primary dies (Linux), on top of the channel closing.
+#: SIGTERM, not the HTTP worker's ORPHAN_SIGNAL (SIGUSR2, ``worker/main.py``): this worker
+#: runs the user's program, which stops on SIGTERM by default or by its own handler, as
+#: any program does; an HTTP worker takes SIGTERM from its primary to mean "drain", so its
+#: primary's death needs a signal of its own to be told apart (and drained faster).
+ORPHAN_TERM_SIGNAL = signal.SIGTERM
+#: marks a spawned worker (like Node's NODE_UNIQUE_ID); removed from its environment at start
+WORKER_ID_ENV = "CLUSTER_SERVER_WORKER_ID"
+#: the spawned worker's channel fd (passed with pass_fds)
+CHANNEL_FD_ENV = "CLUSTER_SERVER_CHANNEL_FD"
 
 
 @dataclass
-class Listener:
+class Callback:
     """A registered callback: ``loop`` is set for ``async def`` ones (they run there)."""
 
     fn: Callable[..., Any]
     loop: asyncio.AbstractEventLoop | None
-
-
-def describe_exception(exc: BaseException) -> str:
-    return f"{type(exc).__name__}: {exc}"
 
 
 class Endpoint(abc.ABC):
@@ -95,14 +99,15 @@ class Endpoint(abc.ABC):
         self._inbox: collections.deque[Any] = collections.deque()
         self._inbox_full_warned = False
         self._wakers: list[tuple[asyncio.AbstractEventLoop, asyncio.Future[None]]] = []
-        self._on_message: list[Listener] = []
-        self._on_disconnect: list[Listener] = []
-        self._request_handler: Listener | None = None
+        self._on_message: list[Callback] = []
+        self._on_disconnect: list[Callback] = []
+        self._request_handler: Callback | None = None
         #: requests that came before any handler was set: they wait for one (the
         #: asker's timeout bounds the wait), so a worker's start-up is no race
         self._unanswered: collections.deque[Message] = collections.deque(maxlen=MAX_INBOX)
-        self._pending: dict[int, concurrent.futures.Future[tuple[Any, list[int]]]] = {}
-        self._ids = itertools.count(1)
+        #: this worker's requests to the primary, waiting for their answers
+        self._requests: Pending[concurrent.futures.Future[Answer]] = Pending()
+        self._replier = Replier(self._send, f"worker {worker_id}")
         self._closers: list[Callable[[], None]] = []
         self.connected = True
         self.disconnecting = False
@@ -128,54 +133,49 @@ class Endpoint(abc.ABC):
     # -- sending ------------------------------------------------------------------
 
     def send(self, data: Any) -> None:
-        self._send({"t": "msg", "data": data})
+        self._send({"t": MSG, "data": data})
 
     def broadcast(self, data: Any, include_self: bool = False) -> None:
-        self._send({"t": "bcast", "data": data, "self": include_self})
+        self._send({"t": BCAST, "data": data, "self": include_self})
 
-    def _start_request(self, msg: Message) -> tuple[int, concurrent.futures.Future[tuple[Any, list[int]]]]:
-        rid = next(self._ids)
-        fut: concurrent.futures.Future[tuple[Any, list[int]]] = concurrent.futures.Future()
-        with self._lock:
-            if not self.connected:
-                raise DisconnectedError(f"worker {self.id} is disconnected from its primary")
-            self._pending[rid] = fut
+    def _start_request(self, msg: Message) -> tuple[int, concurrent.futures.Future[Answer]]:
+        fut: concurrent.futures.Future[Answer] = concurrent.futures.Future()
+        rid = self._requests.add(fut)
+        if rid is None:
+            raise DisconnectedError(f"worker {self.id} is disconnected from its primary")
         try:
             self._send({**msg, "id": rid})
         except BaseException:
-            with self._lock:
-                self._pending.pop(rid, None)
+            self._requests.discard(rid)
             raise
         return rid, fut
 
     def _wait_answer(
-        self, rid: int, fut: concurrent.futures.Future[tuple[Any, list[int]]], timeout: float | None, late: str
-    ) -> tuple[Any, list[int]]:
+        self, rid: int, fut: concurrent.futures.Future[Answer], timeout: float | None, late: str
+    ) -> Answer:
         """Block until request ``rid`` is answered: (data, fds); TimeoutError(``late``) after ``timeout`` s."""
         try:
             return fut.result(timeout)
         except concurrent.futures.TimeoutError:
             raise TimeoutError(late) from None
         finally:
-            with self._lock:
-                self._pending.pop(rid, None)
+            self._requests.discard(rid)
 
     def request_sync(self, data: Any, timeout: float | None = 5.0) -> Any:
         self._check_may_block("cluster.request_sync()")
-        rid, fut = self._start_request({"t": "req", "data": data})
+        rid, fut = self._start_request({"t": REQ, "data": data})
         value, fds = self._wait_answer(rid, fut, timeout, f"the primary did not answer within {timeout} s")
         _proc.close_all(fds)
         return value
 
     async def request(self, data: Any, timeout: float | None = 5.0) -> Any:
-        rid, fut = self._start_request({"t": "req", "data": data})
+        rid, fut = self._start_request({"t": REQ, "data": data})
         try:
             value, fds = await asyncio.wait_for(asyncio.wrap_future(fut), timeout)
         except TimeoutError:
             raise TimeoutError(f"the primary did not answer within {timeout} s") from None
         finally:
-            with self._lock:
-                self._pending.pop(rid, None)
+            self._requests.discard(rid)
         _proc.close_all(fds)
         return value
 
@@ -187,38 +187,38 @@ class Endpoint(abc.ABC):
         else:
             host, port = address
             addr = [str(host), int(port)]
-        rid, fut = self._start_request({"t": "listen", "addr": addr, "backlog": int(backlog)})
+        rid, fut = self._start_request({"t": LISTEN, "addr": addr, "backlog": int(backlog)})
         late = f"the primary did not answer a listen request within {LISTEN_TIMEOUT} s"
         name, fds = self._wait_answer(rid, fut, LISTEN_TIMEOUT, late)
         if not fds:
             raise BindError(f"the primary sent no socket for {address!r}")
         _proc.close_all(fds[1:])
         sock = socket.socket(fileno=fds[0])
-        self._send({"t": "listening", "addr": name})
+        self._send({"t": LISTENING, "addr": name})
         return sock
 
     # -- receiving ----------------------------------------------------------------
 
     def on_message(self, fn: Callable[[Any], Any]) -> None:
-        self._on_message.append(self._listener(fn))
+        self._on_message.append(self._callback(fn))
 
     def on_disconnect(self, fn: Callable[[], Any]) -> None:
-        self._on_disconnect.append(self._listener(fn))
+        self._on_disconnect.append(self._callback(fn))
 
     def on_request(self, fn: Callable[[Any], Any] | None) -> None:
         """Set the request handler; requests that came before it was set are answered now."""
-        handler = None if fn is None else self._listener(fn)
+        handler = None if fn is None else self._callback(fn)
         with self._lock:
             self._request_handler = handler
             waiting, self._unanswered = self._unanswered, collections.deque()
         for msg in waiting:
             self._answer(msg)
 
-    def _listener(self, fn: Callable[..., Any]) -> Listener:
+    def _callback(self, fn: Callable[..., Any]) -> Callback:
         if not callable(fn):
             raise TypeError(f"expected a function, got {fn!r}")
         if not inspect.iscoroutinefunction(fn):
-            return Listener(fn, None)
+            return Callback(fn, None)
         try:
             loop: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
         except RuntimeError:
@@ -227,7 +227,7 @@ class Endpoint(abc.ABC):
             raise RuntimeError(
                 f"{fn.__qualname__} is an async function: register it from inside the event loop it should run on"
             )
-        return Listener(fn, loop)
+        return Callback(fn, loop)
 
     def get_message(self, timeout: float | None = None) -> Any:
         self._check_may_block("cluster.get_message()")
@@ -301,23 +301,23 @@ class Endpoint(abc.ABC):
 
     def dispatch(self, msg: Message, fds: list[int]) -> None:
         kind = msg.get("t")
-        if kind == "res":
+        if kind == RES:
             self._resolve(msg, fds)
             return
         _proc.close_all(fds)
-        if kind == "msg":
+        if kind == MSG:
             self._deliver(msg.get("data"))
-        elif kind == "req":
+        elif kind == REQ:
             self._answer(msg)
-        elif kind == "disconnect":
+        elif kind == DISCONNECT:
             self.disconnect(asked=True)
         else:
             logger.warning("worker %d: unknown message from the primary %.200r; ignored", self.id, msg)
 
     def _deliver(self, data: Any) -> None:
         with self._lock:
-            listeners = list(self._on_message)
-            if not listeners:
+            callbacks = list(self._on_message)
+            if not callbacks:
                 if len(self._inbox) >= MAX_INBOX:
                     self._inbox.popleft()
                     if not self._inbox_full_warned:
@@ -327,8 +327,8 @@ class Endpoint(abc.ABC):
                         )
                 self._inbox.append(data)
                 self._wake_all()
-        for listener in listeners:
-            self._call(listener, data)
+        for callback in callbacks:
+            self._call(callback, data)
 
     def _wake_all(self) -> None:
         """Wake every waiter (sync and async); the caller holds the lock."""
@@ -340,15 +340,15 @@ class Endpoint(abc.ABC):
             except RuntimeError:  # that loop is closed
                 pass
 
-    def _call(self, listener: Listener, *args: Any) -> None:
+    def _call(self, callback: Callback, *args: Any) -> None:
         try:
-            if listener.loop is None:
-                listener.fn(*args)
+            if callback.loop is None:
+                callback.fn(*args)
             else:
-                cf = asyncio.run_coroutine_threadsafe(listener.fn(*args), listener.loop)
-                cf.add_done_callback(_log_failure(listener.fn))
+                cf = asyncio.run_coroutine_threadsafe(callback.fn(*args), callback.loop)
+                cf.add_done_callback(_log_failure(callback.fn))
         except Exception:
-            logger.exception("worker %d: callback %r raised", self.id, listener.fn)
+            logger.exception("worker %d: callback %r raised", self.id, callback.fn)
 
     def _answer(self, msg: Message) -> None:
         rid = msg.get("id")
@@ -360,58 +360,13 @@ class Endpoint(abc.ABC):
             if handler is None:
                 self._unanswered.append(msg)
                 return
-        data = msg.get("data")
-        if handler.loop is not None:
-            try:
-                cf = asyncio.run_coroutine_threadsafe(handler.fn(data), handler.loop)
-            except RuntimeError as exc:  # the loop is closed
-                self._reply(rid, error=f"worker {self.id}: {exc}")
-                return
-            cf.add_done_callback(lambda f: self._reply_from(rid, f))
-            return
-        try:
-            result = handler.fn(data)
-        except Exception as exc:
-            self._reply(rid, error=f"worker {self.id}'s request handler raised {describe_exception(exc)}")
-            return
-        self._reply(rid, data=result)
-
-    def _reply_from(self, rid: int, fut: concurrent.futures.Future[Any]) -> None:
-        if fut.cancelled():
-            self._reply(rid, error=f"worker {self.id}'s request handler was cancelled")
-        elif (exc := fut.exception()) is not None:
-            self._reply(rid, error=f"worker {self.id}'s request handler raised {describe_exception(exc)}")
-        else:
-            self._reply(rid, data=fut.result())
-
-    def _reply(self, rid: int, *, data: Any = None, error: str | None = None) -> None:
-        msg: Message = {"t": "res", "id": rid, "error": error} if error is not None else {"t": "res", "id": rid}
-        if error is None:
-            msg["data"] = data
-        try:
-            self._send(msg)
-        except (TypeError, ValueError, ChannelError) as exc:
-            self._reply(rid, error=f"worker {self.id}'s answer cannot be sent: {exc}")
-        except DisconnectedError:
-            pass
+        loop = handler.loop
+        schedule = None if loop is None else lambda aw: asyncio.run_coroutine_threadsafe(aw, loop)
+        self._replier.call(rid, handler.fn, msg.get("data"), schedule)
 
     def _resolve(self, msg: Message, fds: list[int]) -> None:
-        rid = msg.get("id")
-        with self._lock:
-            fut = self._pending.pop(rid, None) if isinstance(rid, int) else None
-        if fut is None:
-            _proc.close_all(fds)
+        if not self._requests.resolve(msg, fds):
             logger.debug("worker %d: an answer nobody waits for (late?) %.200r", self.id, msg)
-            return
-        try:
-            if "error" in msg:
-                _proc.close_all(fds)
-                err = str(msg["error"])
-                fut.set_exception(BindError(err) if msg.get("kind") == "bind" else RequestError(err))
-            else:
-                fut.set_result((msg.get("data"), fds))
-        except concurrent.futures.InvalidStateError:  # timed out meanwhile
-            _proc.close_all(fds)
 
     # -- disconnecting --------------------------------------------------------------
 
@@ -423,11 +378,11 @@ class Endpoint(abc.ABC):
             self.disconnecting = True
         if not asked:
             try:
-                self._send({"t": "disconnecting"})
+                self._send({"t": DISCONNECTING})
             except DisconnectedError:
                 pass
-        for listener in self._on_disconnect:
-            self._call(listener)
+        for callback in self._on_disconnect:
+            self._call(callback)
         for close in self._closers:
             try:
                 close()
@@ -441,14 +396,9 @@ class Endpoint(abc.ABC):
             if not self.connected:
                 return
             self.connected = False
-            pending, self._pending = self._pending, {}
             self._disconnected.set()
             self._wake_all()
-        for fut in pending.values():
-            try:
-                fut.set_exception(DisconnectedError(f"worker {self.id} disconnected before the answer came"))
-            except concurrent.futures.InvalidStateError:
-                pass
+        self._requests.close(lambda: DisconnectedError(f"worker {self.id} disconnected before the answer came"))
 
 
 def _wake(waker: asyncio.Future[None]) -> None:
@@ -475,7 +425,7 @@ class ThreadLink(Endpoint):
         self._thread = threading.Thread(target=self._read_loop, name="cluster-channel", daemon=True)
 
     def start(self) -> None:
-        self._send({"t": "online"})
+        self._send({"t": ONLINE})
         self._thread.start()
 
     def fileno(self) -> int:
@@ -581,11 +531,9 @@ def reset_signals() -> None:
 
 def start_link(worker_id: int, sock: socket.socket, primary_pid: int | None) -> ThreadLink:
     """Become a worker: link to the primary, tell it we are online."""
-    _proc.set_parent_death_signal(ORPHAN_SIGNAL)
+    _proc.set_parent_death_signal(ORPHAN_TERM_SIGNAL)
     link = ThreadLink(worker_id, sock)
-    from cluster_server import cluster
-
-    cluster._become_worker(link)
+    _role.become_worker(link)
     _quiet_keyboard_interrupt()
     try:
         if primary_pid is not None and os.getppid() != primary_pid:
@@ -617,8 +565,8 @@ def run_forked(
     args: Sequence[str],
 ) -> NoReturn:
     """A forked worker: re-run the program's main (Node's semantics), then exit. Never returns."""
-    code = 1
-    try:
+
+    def body() -> int:
         reset_signals()
         _logging.set_role(f"worker {worker_id}", worker_id)
         # The parent's running loop must never be touched here (its epoll is shared
@@ -627,14 +575,32 @@ def run_forked(
         if env:
             os.environ.update(env)
         start_link(worker_id, sock, primary_pid)
-        code = run_main(target, args)
-    except SystemExit as exc:
-        code = exit_code_of(exc)
-    except BaseException:
-        traceback.print_exc()
-    finally:
-        _proc.flush_output()
-        os._exit(code)
+        return run_main(target, args)
+
+    child_main(body, f"worker {worker_id} crashed")
+
+
+def spawned_main() -> NoReturn:
+    """A spawned worker: link to the primary, then run the program as ``__main__``; exit with its code.
+
+    A fresh interpreter runs this first (``python [options] -c BOOTSTRAP kind name
+    args...``, see ``cluster/primary.py``'s ``SPAWN_BOOTSTRAP``), as Node sets up a
+    worker's channel before its main module runs: the role is set and the channel
+    thread started before the program imports anything, never from inside an import
+    of ``cluster_server.cluster``. The environment names the worker and its channel
+    (like Node's ``NODE_UNIQUE_ID``); both are removed before the program runs.
+    """
+    worker_id = int(os.environ.pop(WORKER_ID_ENV))
+    fd = int(os.environ.pop(CHANNEL_FD_ENV))
+    kind, name, *args = sys.argv[1:]
+    target: MainTarget = ("module", name) if kind == "module" else ("path", name)
+    if not sys.flags.safe_path and sys.path and sys.path[0] == "":
+        # `python -c` put the current directory first; `python script.py` puts the
+        # script's directory there, and `python -m` the current directory, by its full path
+        sys.path[0] = os.path.dirname(os.path.realpath(name)) if kind == "path" else os.getcwd()
+    os.set_inheritable(fd, False)
+    start_link(worker_id, socket.socket(fileno=fd), None)
+    sys.exit(run_main(target, args))
 
 
 def run_main(target: MainTarget, args: Sequence[str]) -> int:
@@ -655,10 +621,22 @@ def run_main(target: MainTarget, args: Sequence[str]) -> int:
         signal.signal(signal.SIGINT, signal.SIG_DFL)
         os.kill(os.getpid(), signal.SIGINT)  # die of SIGINT, as an interpreter does
         return 130
-    except BaseException:
-        sys.excepthook(*sys.exc_info())
+    except BaseException as exc:
+        exc.__traceback__ = _program_frames(exc.__traceback__)  # (the hook shows the exception's own)
+        sys.excepthook(type(exc), exc, exc.__traceback__)
         return 1
     return 0
+
+
+def _program_frames(tb: TracebackType | None) -> TracebackType | None:
+    """The traceback from the program's first frame: without runpy's and ours, as
+    ``python script.py`` shows it."""
+    while tb is not None and tb.tb_next is not None:
+        filename = tb.tb_frame.f_code.co_filename
+        if filename != __file__ and not filename.startswith("<frozen runpy>") and "runpy" not in filename:
+            break
+        tb = tb.tb_next
+    return tb
 
 
 def exit_code_of(exc: SystemExit) -> int:

@@ -15,9 +15,10 @@ import logging
 import selectors
 import socket
 from collections.abc import Iterator
-from typing import TYPE_CHECKING, Generic, TypeVar
+from typing import TYPE_CHECKING, ClassVar, Generic, TypeVar
 
 from cluster_server._logging import Throttle
+from cluster_server.primary.component import Component, override
 
 if TYPE_CHECKING:
     from cluster_server.primary.loop import Primary
@@ -46,23 +47,30 @@ class Client:
 C = TypeVar("C", bound=Client)
 
 
-class ClientServer(abc.ABC, Generic[C]):
+class ClientServer(Component, abc.ABC, Generic[C]):
     """Clients by fd, watched in the primary's selector (a base for primary components)."""
 
     primary: Primary | None
     clients: dict[int, C]
+    #: the listening socket (None once it stopped listening)
+    sock: socket.socket | None
+    #: clients served at once, and what to call the server in logs
+    max_clients: ClassVar[int]
+    what: ClassVar[str]
 
     #: the listening socket while accepting is paused (accept failed: out of fds)
     _paused: socket.socket | None = None
     _paused_until = 0.0
     _accept_trouble: Throttle | None = None
 
+    @override
     def next_deadline(self) -> float | None:
         soonest = min((c.deadline for c in self.clients.values()), default=None)
         if self._paused is not None and (soonest is None or self._paused_until < soonest):
             return self._paused_until
         return soonest
 
+    @override
     def tick(self) -> None:
         assert self.primary is not None
         now = self.primary.clock()
@@ -74,9 +82,28 @@ class ClientServer(abc.ABC, Generic[C]):
             if getattr(self, "sock", None) is listener:  # not closed meanwhile
                 self.primary.add_reader(listener, self._accept)
 
+    @override
+    def close(self) -> None:
+        self._drop_all()
+        self.stop_listening()
+
+    @override
+    def fds_to_close_in_child(self) -> list[int]:
+        return [*self.clients, *([self.sock.fileno()] if self.sock is not None else [])]
+
     @abc.abstractmethod
+    def stop_listening(self) -> None:
+        """Stop accepting; the clients being served are finished."""
+
     def _accept(self, mask: int) -> None:
-        """The listening socket is readable: take its clients (with ``_accepted``)."""
+        """The listening socket is readable: welcome the clients waiting there."""
+        assert self.sock is not None
+        for conn in self._accepted(self.sock, self.max_clients, self.what):
+            self._welcome(conn)
+
+    @abc.abstractmethod
+    def _welcome(self, conn: socket.socket) -> None:
+        """A new client: make room for it (at most ``max_clients``) and serve it (``_add``), or close it."""
 
     def _accepted(self, listener: socket.socket, limit: int, what: str) -> Iterator[socket.socket]:
         """The connections waiting on ``listener`` (at most ``limit`` a wake-up), non-blocking.

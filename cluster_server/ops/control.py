@@ -52,6 +52,8 @@ from typing import TYPE_CHECKING, Any
 
 from cluster_server._errors import BindError, ControlError
 from cluster_server.ops.clients import Client, ClientServer
+from cluster_server.primary.component import override
+from cluster_server.primary.sockets import probe_unix as _probe
 
 if TYPE_CHECKING:
     from cluster_server.ops.status import ClusterWatch
@@ -115,23 +117,6 @@ def _private_dir(path: str) -> None:
         )
 
 
-def _probe(path: str) -> bool | None:
-    """Does a server listen on the socket at ``path``? None: cannot tell (no permission...)."""
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    probe.settimeout(1.0)
-    try:
-        probe.connect(path)
-    except BlockingIOError:
-        return True  # listening, with a full queue
-    except ConnectionRefusedError:
-        return False  # nobody will ever answer: a socket left by a killed server
-    except OSError:
-        return None
-    finally:
-        probe.close()
-    return True
-
-
 def bind(path: str, *, replace_live: bool = False) -> socket.socket:
     """Create the control socket at ``path``, mode 0600, atomically (bind elsewhere, rename).
 
@@ -190,6 +175,9 @@ def _wants_input(c: _Client) -> bool:
 class ControlServer(ClientServer[_Client]):
     """The control socket, as a primary component."""
 
+    max_clients = MAX_CLIENTS
+    what = "control socket"
+
     def __init__(
         self,
         path: str | None,
@@ -212,6 +200,7 @@ class ControlServer(ClientServer[_Client]):
 
     # -- lifecycle --
 
+    @override
     def attach(self, primary: Primary) -> None:
         self.primary = primary
         if not self.defer:
@@ -242,6 +231,7 @@ class ControlServer(ClientServer[_Client]):
         p.add_reader(self.sock, self._accept)
         logger.info("control socket: %s (cluster-server ctl --control-socket %s status)", self.path, self.path)
 
+    @override
     def stop_listening(self) -> None:
         """Stop accepting (the file stays, for a successor); clients being served are finished."""
         if self.sock is None:
@@ -264,32 +254,23 @@ class ControlServer(ClientServer[_Client]):
             pass
         self._inode = None
 
-    def close(self) -> None:
-        self._drop_all()
-        self.stop_listening()
-
-    def fds_to_close_in_child(self) -> list[int]:
-        fds = list(self.clients)
-        if self.sock is not None:
-            fds.append(self.sock.fileno())
-        return fds
-
     # -- I/O --
 
-    def _accept(self, mask: int) -> None:
-        assert self.sock is not None and self.primary is not None
-        for conn in self._accepted(self.sock, MAX_CLIENTS, "control socket"):
-            if len(self.clients) >= MAX_CLIENTS:
-                # Make room by dropping the client closest to its deadline (an idle one),
-                # so clients that say nothing cannot lock an operator out.
-                self._drop(min(self.clients, key=lambda fd: self.clients[fd].deadline))
-            client = _Client(conn, self.primary.clock() + IDLE_TIMEOUT)
-            self._add(client)
-            if not _peer_allowed(conn):
-                self._reply(client, {"ok": False, "error": "permission denied: not the server's user or root"})
-                client.close_when_flushed = True
-                self._after_write(conn.fileno(), client)
+    @override
+    def _welcome(self, conn: socket.socket) -> None:
+        assert self.primary is not None
+        if len(self.clients) >= MAX_CLIENTS:
+            # Make room by dropping the client closest to its deadline (an idle one),
+            # so clients that say nothing cannot lock an operator out.
+            self._drop(min(self.clients, key=lambda fd: self.clients[fd].deadline))
+        client = _Client(conn, self.primary.clock() + IDLE_TIMEOUT)
+        self._add(client)
+        if not _peer_allowed(conn):
+            self._reply(client, {"ok": False, "error": "permission denied: not the server's user or root"})
+            client.close_when_flushed = True
+            self._after_write(conn.fileno(), client)
 
+    @override
     def _serve(self, fd: int, client: _Client, mask: int) -> None:
         if mask & selectors.EVENT_WRITE and not self._flush(fd, client):
             return

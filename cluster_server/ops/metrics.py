@@ -8,9 +8,9 @@ tiny non-blocking responder in the primary's selector loop answers
 same bounds as the control socket (8 KiB request head, 5 s deadline, at most
 16 clients), so a slow or hostile scraper cannot hold the primary up.
 
-Other components can add samples: a component with a ``metrics_samples()``
-method returning ``(name, help, kind, labels, value)`` tuples (``kind`` is
-``"gauge"`` or ``"counter"``) is asked on every scrape. The round-robin
+Other components can add samples: a component's ``metrics_samples()`` hook
+(``primary/component.py``) returns ``(name, help, kind, labels, value)`` tuples
+(``kind`` is ``"gauge"`` or ``"counter"``); it is asked on every scrape. The round-robin
 scheduler reports ``cluster_server_accept_backlog`` that way.
 """
 
@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 from cluster_server._errors import BindError, ConfigError
 from cluster_server.ops.clients import Client, ClientServer
 from cluster_server.ops.status import STATES
+from cluster_server.primary.component import override
 from cluster_server.primary.sockets import _bind_message, _family_of
 
 if TYPE_CHECKING:
@@ -72,97 +73,100 @@ class _Collector:
         self.server = server
 
     def collect(self) -> Iterator[Any]:
-        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
-
         watch = self.server.watch
         p = self.server.primary
         assert p is not None
         snap = watch.snapshot()
-        rows = snap["rows"]
+        yield from _cluster_families(snap)
+        yield from _history_families(watch, snap)
+        yield from _worker_families(snap["rows"])
+        yield from _extra_families(p)
 
-        info = GaugeMetricFamily("cluster_server_info", "cluster-server's version and app", labels=["version", "app"])
-        info.add_metric([snap["version"], snap["app"]], 1)
-        yield info
-        yield GaugeMetricFamily(
-            "cluster_server_workers_configured", "Worker slots (--workers, ctl scale)", snap["workers"]
-        )
-        yield GaugeMetricFamily(
-            "cluster_server_generation", "Current code generation (+1 per rolling restart)", snap["generation"]
-        )
-        by_state = GaugeMetricFamily(
-            "cluster_server_workers", "Workers by state (backoff: an empty slot waiting to restart)", labels=["state"]
-        )
-        for state in STATES:
-            by_state.add_metric([state], snap["states"][state])
-        yield by_state
 
-        restarts = CounterMetricFamily(
-            "cluster_server_worker_restarts",
-            "Workers that exited, by reason: crash, boot_failure, timeout (hung), ready_timeout, rolled...",
-            labels=["reason"],
-        )
-        for reason in EXIT_REASONS:
-            restarts.add_metric([reason], watch.exits.get(reason, 0))
-        for reason, n in sorted(watch.exits.items()):
-            if reason not in EXIT_REASONS:
-                restarts.add_metric([reason], n)
-        yield restarts
+def _cluster_families(snap: dict[str, Any]) -> Iterator[Any]:
+    """The cluster as it is configured and runs now."""
+    from prometheus_client.core import GaugeMetricFamily
 
-        rolls = CounterMetricFamily(
-            "cluster_server_rolling_restarts", "Rolling restarts, by outcome", labels=["outcome"]
-        )
-        for outcome in ("completed", "failed", "aborted"):
-            rolls.add_metric([outcome], watch.rolls.get(outcome, 0))
-        yield rolls
-        yield GaugeMetricFamily(
-            "cluster_server_rolling_restart_in_progress",
-            "1 while a rolling restart runs",
-            int(snap["roll"] is not None),
-        )
+    info = GaugeMetricFamily("cluster_server_info", "cluster-server's version and app", labels=["version", "app"])
+    info.add_metric([snap["version"], snap["app"]], 1)
+    yield info
+    yield GaugeMetricFamily("cluster_server_workers_configured", "Worker slots (--workers, ctl scale)", snap["workers"])
+    yield GaugeMetricFamily(
+        "cluster_server_generation", "Current code generation (+1 per rolling restart)", snap["generation"]
+    )
+    by_state = GaugeMetricFamily(
+        "cluster_server_workers", "Workers by state (backoff: an empty slot waiting to restart)", labels=["state"]
+    )
+    for state in STATES:
+        by_state.add_metric([state], snap["states"][state])
+    yield by_state
 
-        labels = ["worker", "pid"]
-        requests = CounterMetricFamily("cluster_server_worker_requests", "Requests a worker served", labels=labels)
-        conns = GaugeMetricFamily(
-            "cluster_server_worker_open_connections", "Open connections of a worker", labels=labels
-        )
-        hb = GaugeMetricFamily(
-            "cluster_server_worker_heartbeat_age_seconds", "Seconds since a worker's last heartbeat", labels=labels
-        )
-        rss = GaugeMetricFamily("cluster_server_worker_rss_bytes", "Resident memory of a worker", labels=labels)
-        up = GaugeMetricFamily(
-            "cluster_server_worker_uptime_seconds", "Seconds since a worker was started", labels=labels
-        )
-        for row in rows:
-            if row["pid"] is None:
-                continue
-            lv = [str(row["id"]), str(row["pid"])]
-            requests.add_metric(lv, row["requests"])
-            conns.add_metric(lv, row["connections"])
-            up.add_metric(lv, row["uptime"])
-            if row["heartbeat_age"] is not None:
-                hb.add_metric(lv, row["heartbeat_age"])
-            if row["rss"] is not None:
-                rss.add_metric(lv, row["rss"])
-        yield from (requests, conns, hb, rss, up)
 
-        # Samples other components offer (the round-robin scheduler's accept backlog...).
-        extra: dict[str, Any] = {}
-        for c in p.components:
-            fn = getattr(c, "metrics_samples", None)
-            if fn is None:
-                continue
-            try:
-                samples = list(fn())
-            except Exception:
-                logger.exception("metrics: %r failed", c)
-                continue
-            for name, help_text, kind, sample_labels, value in samples:
-                family = extra.get(name)
-                if family is None:
-                    cls = CounterMetricFamily if kind == "counter" else GaugeMetricFamily
-                    family = extra[name] = cls(name, help_text, labels=sorted(sample_labels))
-                family.add_metric([str(sample_labels[k]) for k in sorted(sample_labels)], value)
-        yield from extra.values()
+def _history_families(watch: ClusterWatch, snap: dict[str, Any]) -> Iterator[Any]:
+    """What happened since the primary started: exits by reason, rolling restarts by outcome."""
+    from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+    restarts = CounterMetricFamily(
+        "cluster_server_worker_restarts",
+        "Workers that exited, by reason: crash, boot_failure, timeout (hung), ready_timeout, rolled...",
+        labels=["reason"],
+    )
+    for reason in EXIT_REASONS:
+        restarts.add_metric([reason], watch.exits.get(reason, 0))
+    for reason, n in sorted(watch.exits.items()):
+        if reason not in EXIT_REASONS:
+            restarts.add_metric([reason], n)
+    yield restarts
+
+    rolls = CounterMetricFamily("cluster_server_rolling_restarts", "Rolling restarts, by outcome", labels=["outcome"])
+    for outcome in ("completed", "failed", "aborted"):
+        rolls.add_metric([outcome], watch.rolls.get(outcome, 0))
+    yield rolls
+    yield GaugeMetricFamily(
+        "cluster_server_rolling_restart_in_progress",
+        "1 while a rolling restart runs",
+        int(snap["roll"] is not None),
+    )
+
+
+def _worker_families(rows: list[dict[str, Any]]) -> Iterator[Any]:
+    """One sample per live worker in each family."""
+    from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+    labels = ["worker", "pid"]
+    requests = CounterMetricFamily("cluster_server_worker_requests", "Requests a worker served", labels=labels)
+    conns = GaugeMetricFamily("cluster_server_worker_open_connections", "Open connections of a worker", labels=labels)
+    hb = GaugeMetricFamily(
+        "cluster_server_worker_heartbeat_age_seconds", "Seconds since a worker's last heartbeat", labels=labels
+    )
+    rss = GaugeMetricFamily("cluster_server_worker_rss_bytes", "Resident memory of a worker", labels=labels)
+    up = GaugeMetricFamily("cluster_server_worker_uptime_seconds", "Seconds since a worker was started", labels=labels)
+    for row in rows:
+        if row["pid"] is None:
+            continue
+        lv = [str(row["id"]), str(row["pid"])]
+        requests.add_metric(lv, row["requests"])
+        conns.add_metric(lv, row["connections"])
+        up.add_metric(lv, row["uptime"])
+        if row["heartbeat_age"] is not None:
+            hb.add_metric(lv, row["heartbeat_age"])
+        if row["rss"] is not None:
+            rss.add_metric(lv, row["rss"])
+    yield from (requests, conns, hb, rss, up)
+
+
+def _extra_families(p: Primary) -> Iterator[Any]:
+    """Samples other components offer (the round-robin scheduler's accept backlog...)."""
+    from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+    extra: dict[str, Any] = {}
+    for name, help_text, kind, sample_labels, value in p.metrics_samples():
+        family = extra.get(name)
+        if family is None:
+            cls = CounterMetricFamily if kind == "counter" else GaugeMetricFamily
+            family = extra[name] = cls(name, help_text, labels=sorted(sample_labels))
+        family.add_metric([str(sample_labels[k]) for k in sorted(sample_labels)], value)
+    yield from extra.values()
 
 
 class _Client(Client):
@@ -173,6 +177,9 @@ class _Client(Client):
 
 class MetricsServer(ClientServer[_Client]):
     """The metrics endpoint, as a primary component."""
+
+    max_clients = MAX_CLIENTS
+    what = "metrics"
 
     def __init__(
         self, bind_to: str, watch: ClusterWatch, *, sock: socket.socket | None = None, defer: bool = False
@@ -195,6 +202,7 @@ class MetricsServer(ClientServer[_Client]):
         name = self.sock.getsockname() if self.sock is not None else ("", 0)
         return str(name[0]), int(name[1])
 
+    @override
     def attach(self, primary: Primary) -> None:
         self.primary = primary
         if not self.defer:
@@ -208,6 +216,7 @@ class MetricsServer(ClientServer[_Client]):
         host, port = self.address
         logger.info("metrics: http://%s:%d/metrics", f"[{host}]" if ":" in host else host, port)
 
+    @override
     def stop_listening(self) -> None:
         """Stop accepting (an upgrade's successor has the socket now)."""
         if self.sock is not None:
@@ -217,21 +226,15 @@ class MetricsServer(ClientServer[_Client]):
             self.sock = None
         self.active = False
 
-    def close(self) -> None:
-        self._drop_all()
-        self.stop_listening()
+    @override
+    def _welcome(self, conn: socket.socket) -> None:
+        assert self.primary is not None
+        if len(self.clients) >= MAX_CLIENTS:
+            conn.close()  # a scraper that retries is answered soon enough
+            return
+        self._add(_Client(conn, self.primary.clock() + DEADLINE))
 
-    def fds_to_close_in_child(self) -> list[int]:
-        return [*self.clients, *([self.sock.fileno()] if self.sock is not None else [])]
-
-    def _accept(self, mask: int) -> None:
-        assert self.sock is not None and self.primary is not None
-        for conn in self._accepted(self.sock, MAX_CLIENTS, "metrics"):
-            if len(self.clients) >= MAX_CLIENTS:
-                conn.close()
-                continue
-            self._add(_Client(conn, self.primary.clock() + DEADLINE))
-
+    @override
     def _serve(self, fd: int, c: _Client, mask: int) -> None:
         if c.outbuf:
             self._write(fd, c)

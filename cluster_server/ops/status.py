@@ -7,8 +7,10 @@ systemd notifier. Nothing here changes the primary's state.
 events other components subscribe to (``all_ready``, ``roll_started``,
 ``roll_finished``, ``stopping``) and keeps the counters the primary does not:
 worker exits by reason, unplanned restarts per slot, rolling restarts by
-outcome. It watches ``primary.roll_state`` after every loop iteration instead
-of hooking into the roll code, so the primary needs no change for it.
+outcome. Rolls come from the primary's ``roll_started``/``roll_finished`` hooks
+(a roll can start and end within one loop iteration: watching ``roll_state``
+would miss it); ``all_ready`` and ``stopping``, states that stay, are looked at
+after every iteration.
 """
 
 from __future__ import annotations
@@ -16,12 +18,14 @@ from __future__ import annotations
 import collections
 import logging
 import os
+import sys
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from cluster_server._proc import rss_bytes
 from cluster_server._version import __version__
+from cluster_server.primary.component import Component, WorkerEvent, override
 from cluster_server.primary.state import WorkerState
 
 if TYPE_CHECKING:
@@ -35,6 +39,16 @@ UNPLANNED = frozenset({"crash", "boot_failure", "timeout", "ready_timeout"})
 STATES = ("booting", "ready", "draining", "backoff")
 
 
+def primary_modules() -> list[str]:
+    """The top-level packages imported in this (primary) process, for ``ctl status --json``.
+
+    The HTTP primary never imports the app, uvicorn or asyncio: those load in the
+    workers, after the fork. A name here that should not be (the app's package,
+    say) means something imported it into the primary.
+    """
+    return sorted({name.partition(".")[0] for name in list(sys.modules)})
+
+
 def exit_reason(w: Worker) -> str:
     """Why a worker exited, as a metric label: the primary's reason, or crash / boot_failure."""
     if w.stop_reason:
@@ -42,7 +56,7 @@ def exit_reason(w: Worker) -> str:
     return "boot_failure" if w.state is WorkerState.FAILED else "crash"
 
 
-class ClusterWatch:
+class ClusterWatch(Component):
     """Counters and events over the primary's state (a primary component)."""
 
     def __init__(self) -> None:
@@ -52,7 +66,6 @@ class ClusterWatch:
         self.rolls: collections.Counter[str] = collections.Counter()
         self.started_at = time.time()
         self._listeners: dict[str, list[Callable[..., None]]] = collections.defaultdict(list)
-        self._roll: Roll | None = None
         self._all_ready = False
         self._stopping = False
 
@@ -67,10 +80,12 @@ class ClusterWatch:
             except Exception:  # an observer's bug must not stop the primary
                 logger.exception("error in a %s listener", event)
 
+    @override
     def attach(self, primary: Primary) -> None:
         self.primary = primary
 
-    def worker_event(self, event: str, w: Worker) -> None:
+    @override
+    def worker_event(self, event: WorkerEvent, w: Worker) -> None:
         if event != "exited":
             return
         reason = exit_reason(w)
@@ -79,6 +94,16 @@ class ClusterWatch:
         if reason in UNPLANNED and p is not None and not p.stopping and w.id in p.slots:
             self.slot_restarts[w.id] += 1
 
+    @override
+    def roll_started(self, roll: Roll) -> None:
+        self._emit("roll_started", roll)
+
+    @override
+    def roll_finished(self, roll: Roll, outcome: str) -> None:
+        self.rolls[outcome] += 1
+        self._emit("roll_finished", roll, outcome)
+
+    @override
     def tick(self) -> None:
         p = self.primary
         if p is None:
@@ -86,21 +111,6 @@ class ClusterWatch:
         if p.ever_ready and not self._all_ready:
             self._all_ready = True
             self._emit("all_ready")
-        roll = p.roll_state
-        if roll is not self._roll:
-            if self._roll is not None:
-                old = self._roll
-                if p.stopping:
-                    outcome = "aborted"
-                elif old.current is None and not old.pending:
-                    outcome = "completed"
-                else:
-                    outcome = "failed"
-                self.rolls[outcome] += 1
-                self._emit("roll_finished", old, outcome)
-            self._roll = roll
-            if roll is not None:
-                self._emit("roll_started", roll)
         if p.stopping and not self._stopping:
             self._stopping = True
             self._emit("stopping")
@@ -183,6 +193,7 @@ class ClusterWatch:
             "exits": dict(self.exits),
             "rolls": dict(self.rolls),
             "rows": rows,
+            "modules": primary_modules(),
         }
 
     def summary(self) -> str:

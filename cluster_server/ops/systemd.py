@@ -23,6 +23,8 @@ import socket
 import time
 from typing import TYPE_CHECKING, Any
 
+from cluster_server.primary.component import Component, override
+
 if TYPE_CHECKING:
     from cluster_server.ops.status import ClusterWatch
     from cluster_server.primary.loop import Primary
@@ -42,7 +44,7 @@ def notify_address(value: str | None = None) -> str | None:
     return addr
 
 
-class Notifier:
+class Notifier(Component):
     """Sends state changes to systemd, as a primary component."""
 
     def __init__(self, watch: ClusterWatch, address: str | None = None) -> None:
@@ -73,9 +75,11 @@ class Notifier:
             return False
         return True
 
+    @override
     def attach(self, primary: Primary) -> None:
         self.primary = primary
 
+    @override
     def tick(self) -> None:
         if self.sock is None or self.primary is None:
             return
@@ -104,10 +108,12 @@ class Notifier:
         self.notify(f"MAINPID={pid}", "READY=1", f"STATUS=upgraded: primary is now pid {pid}")
         self.silent = True
 
+    @override
     def close(self) -> None:
         if self.sock is not None:
             self.sock.close()
             self.sock = None
 
+    @override
     def fds_to_close_in_child(self) -> list[int]:
         return [self.sock.fileno()] if self.sock is not None else []

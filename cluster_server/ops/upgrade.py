@@ -5,7 +5,8 @@ its workers would become children of an image that knows nothing of them. So:
 
 1. The old primary forks a child. The child clears ``FD_CLOEXEC`` on the
    listening sockets (``os.set_inheritable``; ``dup2(fd, fd)`` would not) and
-   on the write end of a pipe, names them in ``CLUSTER_SERVER_INHERIT`` (JSON,
+   on its end of a channel to the old primary (a socket pair, used as a pipe:
+   one byte goes over it), names them in ``CLUSTER_SERVER_INHERIT`` (JSON,
    with the pid it is meant for, like ``LISTEN_PID``), and ``execv``'s
    ``sys.executable`` with the original command line (``sys.orig_argv``): the
    new code, read from disk now.
@@ -29,14 +30,17 @@ or ``all`` with ``Type=notify``: ``MAINPID=`` moves the main process along.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
 import signal
+import socket
 import sys
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from cluster_server import _proc
+from cluster_server.primary.component import Component, override
 from cluster_server.primary.sockets import INHERIT_ENV, take_inherited
 
 if TYPE_CHECKING:
@@ -56,7 +60,7 @@ EXTRA_READY_TIME = 10.0
 PIPE_CLOSED_GRACE = 5.0
 
 
-class PidFile:
+class PidFile(Component):
     """``--pidfile``: written by the primary (atomically), removed at exit if it still names us."""
 
     def __init__(self, path: str, *, defer: bool = False) -> None:
@@ -64,6 +68,7 @@ class PidFile:
         self.defer = defer
         self.written = False
 
+    @override
     def attach(self, primary: Primary) -> None:
         if not self.defer:
             self.write()
@@ -84,6 +89,7 @@ class PidFile:
         """A successor owns the file now."""
         self.written = False
 
+    @override
     def close(self) -> None:
         if not self.written:
             return
@@ -96,7 +102,7 @@ class PidFile:
             pass
 
 
-class Upgrader:
+class Upgrader(Component):
     """Both sides of an upgrade, as a primary component."""
 
     def __init__(
@@ -114,9 +120,9 @@ class Upgrader:
         self.notifier = notifier
         self.pidfile = pidfile
         self.primary: Primary | None = None
-        # the old side: the child being started, the pipe it answers on
+        # the old side: the child being started, the channel it answers on (one byte: "R")
         self.child_pid: int | None = None
-        self.pipe_r: int | None = None
+        self.pipe: socket.socket | None = None
         self.deadline: float | None = None
         self.kill_at: float | None = None
         self.handed_over = False
@@ -136,21 +142,23 @@ class Upgrader:
         """True in a new primary that has not yet told its predecessor it is ready."""
         return self.ready_fd is not None
 
+    @override
     def attach(self, primary: Primary) -> None:
         self.primary = primary
-        signal.signal(UPGRADE_SIGNAL, primary._queue_signal)
+        primary.on_signal(UPGRADE_SIGNAL, self, self.handle_usr2)
         if self.successor:
             logger.info("upgrade: new primary (pid %d) starting its workers", os.getpid())
 
+    @override
     def close(self) -> None:
-        signal.signal(UPGRADE_SIGNAL, signal.SIG_DFL)
         self._close_pipe()
         if self.ready_fd is not None:
             os.close(self.ready_fd)
             self.ready_fd = None
 
+    @override
     def fds_to_close_in_child(self) -> list[int]:
-        return [fd for fd in (self.pipe_r, self.ready_fd) if fd is not None]
+        return [fd for fd in (self.pipe.fileno() if self.pipe else None, self.ready_fd) if fd is not None]
 
     def handle_usr2(self) -> None:
         logger.info("SIGUSR2: %s", self.start())
@@ -169,55 +177,27 @@ class Upgrader:
             return f"an upgrade is already in progress (new primary pid {self.child_pid})"
         if self.handed_over:
             return "not upgrading: this primary has already handed over to a new one"
-        fds = [lst.sock.fileno() for lst in p.listeners]
-        listeners = [
-            {"fd": lst.sock.fileno(), "display": lst.display, "unlink": lst.unlink_path} for lst in p.listeners
-        ]
-        metrics_fd = self.metrics.sock.fileno() if self.metrics is not None and self.metrics.sock else None
-        argv = [sys.executable, *sys.orig_argv[1:]]
-        env = dict(os.environ)
-        r, w = os.pipe()  # both ends close-on-exec: only the child's copy of w is made inheritable
-        os.set_blocking(r, False)
-        _proc.flush_output()
-        pid = os.fork()
-        if pid == 0:  # pragma: no cover - the child execs or exits
-            try:
-                signal.set_wakeup_fd(-1)
-                os.close(r)
-                for fd in fds:
-                    os.set_inheritable(fd, True)
-                if metrics_fd is not None:
-                    os.set_inheritable(metrics_fd, True)
-                os.set_inheritable(w, True)
-                handed: dict[str, Any] = {
-                    "pid": os.getpid(),
-                    "listeners": listeners,
-                    "ready_fd": w,
-                    "generation": p.generation,
-                }
-                if metrics_fd is not None:
-                    handed["metrics_fd"] = metrics_fd
-                env[INHERIT_ENV] = json.dumps(handed)
-                os.execve(argv[0], argv, env)
-            except BaseException as exc:
-                try:
-                    os.write(2, f"cluster-server: upgrade: cannot execute {argv[0]}: {exc}\n".encode())
-                except OSError:
-                    pass
-            finally:
-                os._exit(127)
-        os.close(w)
-        self.child_pid, self.pipe_r = pid, r
+        handed: dict[str, Any] = {
+            "listeners": [
+                {"fd": lst.sock.fileno(), "display": lst.display, "unlink": lst.unlink_path} for lst in p.listeners
+            ],
+            "generation": p.generation,
+        }
+        if self.metrics is not None and self.metrics.sock:
+            handed["metrics_fd"] = self.metrics.sock.fileno()
+        # Every fd of ours is close-on-exec: the new primary keeps only those named in ``handed``.
+        pid, pipe = p.start_child(functools.partial(_exec_successor, handed), self._child_exited, block_signals=False)
+        pipe.setblocking(False)
+        self.child_pid, self.pipe = pid, pipe
         self.deadline = p.clock() + p.config.ready_timeout + EXTRA_READY_TIME
-        p.on_child_exit[pid] = self._child_exited
-        p.add_reader(r, self._on_pipe)
+        p.add_reader(pipe, self._on_pipe)
         logger.info("upgrade: started a new primary (pid %d) with the listening sockets; serving on meanwhile", pid)
         return f"upgrading: new primary is pid {pid}; this one (pid {os.getpid()}) leaves once it is ready"
 
     def _on_pipe(self, mask: int) -> None:
-        assert self.pipe_r is not None
+        assert self.pipe is not None
         try:
-            data = os.read(self.pipe_r, 64)
+            data = self.pipe.recv(64)
         except BlockingIOError:
             return
         except OSError:
@@ -245,14 +225,13 @@ class Upgrader:
         self._close_pipe()
         self.child_pid = self.deadline = None
         self.handed_over = True
-        p.on_child_exit.pop(pid, None)
+        p.forget_child(pid)
         logger.info(
             "upgrade: new primary (pid %d) has every worker ready; this primary (pid %d) drains its workers and exits",
             pid,
             os.getpid(),
         )
-        for lst in p.listeners:
-            lst.unlink_path = None  # the new primary removes a Unix socket's file when it exits
+        p.release_socket_files()  # the new primary removes a Unix socket's file when it exits
         if self.control is not None:
             self.control.stop_listening()
         if self.metrics is not None:
@@ -280,20 +259,21 @@ class Upgrader:
         except ProcessLookupError:
             pass
         else:
-            p.on_child_exit[pid] = self._child_exited
+            p.watch_child(pid, self._child_exited)
             self._abandoned, self.kill_at = pid, p.clock() + p.config.graceful_timeout + 5
 
     def _close_pipe(self) -> None:
-        if self.pipe_r is not None:
-            if self.primary is not None:
-                self.primary.remove_reader(self.pipe_r)
-            os.close(self.pipe_r)
-            self.pipe_r = None
+        if self.pipe is not None:
+            assert self.primary is not None  # (a pipe is made once attached)
+            self.primary.close_reader(self.pipe)
+            self.pipe = None
 
+    @override
     def next_deadline(self) -> float | None:
         times = [t for t in (self.deadline, self.kill_at) if t is not None]
         return min(times) if times else None
 
+    @override
     def tick(self) -> None:
         p = self.primary
         assert p is not None
@@ -305,7 +285,7 @@ class Upgrader:
                 self._failed(f"was not ready within {p.config.ready_timeout + EXTRA_READY_TIME:g} s")
         if self.kill_at is not None and now >= self.kill_at:
             self.kill_at = None
-            if self._abandoned is not None and self._abandoned in p.on_child_exit:
+            if self._abandoned is not None and p.watches_child(self._abandoned):
                 logger.warning("upgrade: abandoned new primary (pid %d) did not stop; SIGKILL", self._abandoned)
                 try:
                     os.kill(self._abandoned, signal.SIGKILL)
@@ -321,9 +301,10 @@ class Upgrader:
             return
         self.ready_fd = None
         handed = take_inherited() or {}
-        paths = {item.get("fd"): item.get("unlink") for item in handed.get("listeners", [])}
-        for lst in self.primary.listeners if self.primary is not None else []:
-            lst.unlink_path = paths.get(lst.sock.fileno()) or lst.unlink_path  # ours to remove at exit now
+        if self.primary is not None:  # ours to remove at exit now
+            self.primary.adopt_socket_files(
+                {item.get("fd"): item.get("unlink") for item in handed.get("listeners", [])}
+            )
         if self.control is not None:
             try:
                 self.control.activate(replace_live=True)
@@ -340,3 +321,29 @@ class Upgrader:
         finally:
             os.close(fd)
         logger.info("upgrade: new primary (pid %d) ready; the old one drains and exits", os.getpid())
+
+
+def _exec_successor(handed: dict[str, Any], sock: socket.socket, close: list[int]) -> NoReturn:
+    """In the forked child: become the new primary, with the new code on disk. Never returns.
+
+    The listening sockets, the metrics socket and our end of the channel (the
+    new primary writes "R" on it once its workers are ready) survive the exec;
+    every other fd is close-on-exec.
+    """
+    argv = [sys.executable, *sys.orig_argv[1:]]
+    try:  # pragma: no cover - the child execs or exits
+        signal.set_wakeup_fd(-1)
+        for item in handed["listeners"]:
+            os.set_inheritable(item["fd"], True)
+        if handed.get("metrics_fd") is not None:
+            os.set_inheritable(handed["metrics_fd"], True)
+        os.set_inheritable(sock.fileno(), True)
+        handed = {**handed, "pid": os.getpid(), "ready_fd": sock.fileno()}
+        os.execve(argv[0], argv, {**os.environ, INHERIT_ENV: json.dumps(handed)})
+    except BaseException as exc:
+        try:
+            os.write(2, f"cluster-server: upgrade: cannot execute {argv[0]}: {exc}\n".encode())
+        except OSError:
+            pass
+    finally:
+        os._exit(127)

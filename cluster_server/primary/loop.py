@@ -2,11 +2,13 @@
 
 It owns the listening sockets and the worker table, and waits on one selector
 over the signal self-pipe and the worker channels. Signal handlers only queue
-the signal; the loop dispatches ``handle_<signal>``. Every wait has a deadline.
+the signal; the loop runs its handler (``handle_term``..., or one a component
+asked for with ``on_signal``). Every wait has a deadline.
 
 Decisions (spawn, reap, replace, back off, roll, drain, kill) are methods that
 read the worker table; the fork/kill side effects go through a ``Launcher``,
 so tests can drive the decisions with a fake launcher and a fake clock.
+Components (``primary/component.py``) plug in through typed hooks.
 """
 
 from __future__ import annotations
@@ -14,26 +16,29 @@ from __future__ import annotations
 import collections
 import functools
 import logging
+import math
 import os
 import selectors
 import signal
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, ParamSpec, TypeVar
 
 from cluster_server import _proc
 from cluster_server._config import Config
-from cluster_server._errors import AppLoadError, ChannelError, ClusterServerError, WorkerBootError
+from cluster_server._errors import AppLoadError, BindError, ClusterServerError, ConfigError, WorkerBootError
+from cluster_server._proc import ExitStatus, describe_status
 from cluster_server._proc import close_all as _close_fds
-from cluster_server._proc import describe_status
-from cluster_server._proc import flush_output as _flush_output
+from cluster_server.primary.component import MAX_FAILURES, Component, Sample, WorkerEvent
+from cluster_server.primary.launcher import ForkLauncher, Launcher
 from cluster_server.primary.sockets import Listener
 from cluster_server.primary.state import WorkerState, check_transition, exit_state
-from cluster_server.wire import channel as _channel
-from cluster_server.wire.channel import Channel, Message
-from cluster_server.worker.main import DUMP_SIGNAL, EXIT_BOOT_FAILURE, WorkerSpec, load_app, worker_main
+from cluster_server.wire.channel import Channel, Message, receive_all
+from cluster_server.wire.messages import BOOT_ERROR, HEARTBEAT, READY
+from cluster_server.wire.spawn import ChildMain, fork_child
+from cluster_server.worker.spec import DUMP_SIGNAL, EXIT_BOOT_FAILURE
 
 logger = logging.getLogger("cluster_server")
 
@@ -49,8 +54,15 @@ MAX_WAIT = 1.0
 SPAWN_RETRY = 1.0
 #: unexpected exceptions the loop survives (draining) before it kills the workers and exits
 MAX_LOOP_ERRORS = 100
+#: the worker messages the primary handles itself; components get the others first
+_OWN_MESSAGES = frozenset({HEARTBEAT, READY, BOOT_ERROR})
+#: on exit, how long the primary waits for the workers it SIGKILLed, and how often it looks
+SHUTDOWN_REAP = 5.0
+REAP_POLL = 0.01
 
 _S = WorkerState
+_P = ParamSpec("_P")
+_T = TypeVar("_T")
 
 
 def backoff_delay(failures: int) -> float:
@@ -78,7 +90,7 @@ class Worker:
     requests: int = 0
     connections: int = 0
     boot_error: str | None = None
-    #: "load" (import / factory / uvicorn config) or "lifespan", from the boot_error message
+    #: "bind", "privileges", "load" (import / factory / uvicorn config) or "lifespan", from the boot_error message
     boot_stage: str | None = None
     #: SIGKILL was sent: no further deadlines, just wait for the reap
     killed: bool = False
@@ -127,31 +139,6 @@ class Roll:
     recycle: bool = False
 
 
-class Launcher(Protocol):
-    def spawn(self, worker: Worker) -> tuple[int, Channel | None]: ...
-
-    def kill(self, pid: int, sig: int) -> None: ...
-
-
-class Component(Protocol):
-    """Something that plugs into the primary's loop (a scheduler, the control socket...).
-
-    Every method is optional; the primary calls the ones a component defines:
-    ``attach(primary)`` once the loop is set up; ``next_deadline() -> float | None``
-    and ``tick()`` for its timers; ``worker_event(event, worker)`` with event in
-    ``spawned ready draining exited``; ``worker_message(worker, msg, fds) -> bool``
-    for message types the primary does not know (True: handled, fds taken);
-    ``cannot_start(error) -> bool`` when the first generation cannot start (True:
-    handled, the primary keeps running); ``before_roll(reason, slots) -> bool``
-    before a rolling restart starts (False: not yet, the component calls
-    ``roll`` again when ready); ``handle_<signal>()`` for a signal the component
-    installed with the primary's ``_queue_signal``; ``fds_to_close_in_child() ->
-    list[int]``, its fds a new worker must not keep; ``defer_stop(why) -> bool``
-    on SIGTERM (True: the component stops the cluster later itself, e.g. after
-    --shutdown-delay); ``close()`` when the primary exits.
-    """
-
-
 class Primary:
     def __init__(
         self,
@@ -159,15 +146,23 @@ class Primary:
         listeners: list[Listener],
         *,
         launcher: Launcher | None = None,
+        components: Sequence[Component] = (),
         clock: Callable[[], float] = time.monotonic,
+        generation: int = 1,
     ) -> None:
+        """``components`` are attached in this order when ``run`` starts; a launcher that is a
+        component (it needs the primary) is one of them, or is put first. ``generation``:
+        the first one's number (an upgraded primary counts on from its predecessor's)."""
         self.config = config
         self.listeners = listeners
         self.clock = clock
-        self.launcher: Launcher = launcher or ForkLauncher(self)
+        self.launcher: Launcher = launcher if launcher is not None else ForkLauncher()
+        self.components: list[Component] = list(components)
+        if isinstance(self.launcher, Component) and not any(c is self.launcher for c in self.components):
+            self.components.insert(0, self.launcher)
         self.workers: dict[int, Worker] = {}  # pid -> live worker
-        self.slots: dict[int, Slot] = {i: Slot(i) for i in range(1, config.workers + 1)}
-        self.generation = 1
+        self.slots: dict[int, Slot] = {i: Slot(i, generation=generation) for i in range(1, config.workers + 1)}
+        self.generation = generation
         self.roll_state: Roll | None = None
         #: rolls asked for while one ran: (reason, slots or None for all), run in order
         self.roll_queue: list[tuple[str, list[int] | None]] = []
@@ -175,9 +170,20 @@ class Primary:
         self.stopping = False
         self.fatal: ClusterServerError | None = None
         self.exit_code = 0
-        self.on_child_exit: dict[int, Callable[[int, int], None]] = {}
-        self.components: list[Any] = []
+        self._child_exits: dict[int, Callable[[int, int], None]] = {}  # pid -> what to do when it is reaped
+        self._failures: dict[int, int] = {}  # id(component) -> hooks of it that raised
+        self._disabled: list[Component] = []  # essential components that failed: closed at exit
         self._signals: collections.deque[int] = collections.deque()
+        #: what each signal does: the primary's own, and those components asked for (``on_signal``)
+        self._signal_handlers: dict[int, tuple[Component | None, Callable[[], None]]] = {
+            signal.SIGINT: (None, self.handle_int),
+            signal.SIGTERM: (None, self.handle_term),
+            signal.SIGQUIT: (None, self.handle_quit),
+            signal.SIGHUP: (None, self.handle_hup),
+            signal.SIGCHLD: (None, self.handle_chld),
+            signal.SIGTTIN: (None, self.handle_ttin),
+            signal.SIGTTOU: (None, self.handle_ttou),
+        }
         self._selector: selectors.BaseSelector | None = None
         self._wake_r = self._wake_w = -1
         self._errors = 0  # unexpected exceptions met by the loop
@@ -190,8 +196,8 @@ class Primary:
         self._selector = selectors.DefaultSelector()
         self._install_signals()
         try:
-            for c in self.components:
-                _call(c, "attach", self)
+            for c in list(self.components):
+                self._attach(c)
             logger.info(
                 "primary listening on %s; starting %d worker%s",
                 self.shown_listeners,
@@ -258,7 +264,7 @@ class Primary:
             elif w.state is _S.READY and self.config.worker_timeout:
                 times.append(w.last_heartbeat + self.config.worker_timeout)
         for c in self.components:
-            t = _call(c, "next_deadline")
+            t = self._call(c, None, c.next_deadline)
             if t is not None:
                 times.append(t)
         return min(times) if times else None
@@ -269,16 +275,127 @@ class Primary:
         self.manage_workers()
         self.advance_roll()
         for c in self.components:
-            _call(c, "tick")
+            self._call(c, None, c.tick)
 
-    def add_component(self, component: Any) -> None:
+    def add_component(self, component: Component) -> None:
+        """Plug ``component`` in (attached at once when the loop runs already)."""
         self.components.append(component)
         if self._selector is not None:
-            _call(component, "attach", self)
+            self._attach(component)
 
-    def emit(self, event: str, w: Worker) -> None:
+    def emit(self, event: WorkerEvent, w: Worker) -> None:
         for c in self.components:
-            _call(c, "worker_event", event, w)
+            self._call(c, None, c.worker_event, event, w)
+
+    # -- components -----------------------------------------------------------
+
+    def _attach(self, c: Component) -> None:
+        try:
+            c.attach(self)
+        except ClusterServerError:
+            raise  # a start-up error the user can fix (a --control-socket path in use...)
+        except Exception:
+            self._failed(c, c.attach, at_once=True)  # half attached, it would only fail on
+
+    def _call(self, c: Component, default: _T, hook: Callable[_P, _T], *args: _P.args, **kwargs: _P.kwargs) -> _T:
+        """``hook(*args)``, one of ``c``'s hooks; ``default`` if it raises (logged, counted)."""
+        try:
+            return hook(*args, **kwargs)
+        except Exception:
+            self._failed(c, hook)
+            return default
+
+    def _failed(self, c: Component, hook: Callable[..., Any], at_once: bool = False) -> None:
+        """A hook of ``c`` raised (a bug): log it; disable ``c`` once it failed MAX_FAILURES times."""
+        n = self._failures[id(c)] = self._failures.get(id(c), 0) + 1
+        name = f"{type(c).__name__}.{getattr(hook, '__name__', '?')}"
+        logger.exception("primary: %s raised (a bug; failure %d of %d before it is disabled)", name, n, MAX_FAILURES)
+        if (at_once or n >= MAX_FAILURES) and any(x is c for x in self.components):
+            self._disable(c, n)
+
+    def _disable(self, c: Component, errors: int) -> None:
+        """No more hooks for ``c``: it is closed, or, if the cluster cannot serve without it,
+        kept until the exit while the workers drain."""
+        self.components = [x for x in self.components if x is not c]
+        name = type(c).__name__
+        if not c.essential:
+            logger.error("primary: %s disabled after %d error(s); serving on without it", name, errors)
+            try:
+                c.close()
+            except Exception:
+                logger.exception("primary: closing %s raised", name)
+            return
+        logger.critical("primary: %s failed (%d error(s)) and the cluster cannot serve without it", name, errors)
+        self._disabled.append(c)
+        self.exit_code = 1
+        if not self.stopping:
+            self.stop(graceful=True, why=f"{name} failed")
+
+    def on_signal(self, sig: int, owner: Component, handler: Callable[[], None]) -> None:
+        """Run ``handler`` (in the loop, not in the signal handler) when ``sig`` arrives."""
+        self._signal_handlers[sig] = (owner, handler)
+        if self._selector is not None:
+            signal.signal(sig, self._queue_signal)
+
+    def metrics_samples(self) -> list[Sample]:
+        """Every component's extra metrics samples (``Component.metrics_samples``)."""
+        samples: list[Sample] = []
+        for c in self.components:
+            samples += self._call(c, [], c.metrics_samples)
+        return samples
+
+    # -- what components may change ---------------------------------------------
+
+    def start_child(
+        self,
+        main: ChildMain,
+        on_exit: Callable[[int, int], None],
+        close: Iterable[int] = (),
+        *,
+        block_signals: bool = True,
+    ) -> tuple[int, socket.socket]:
+        """Fork a component's child (a template, the reload watcher, an upgrade), joined by a
+        channel: its pid and our end. It gets ``main(its end, fds to close)``: the primary's
+        fds and ``close``. ``on_exit(pid, status)`` runs once it is reaped. Raises OSError.
+        ``block_signals``: see ``fork_child`` (False for a child that ``exec``s)."""
+        pid, ours = fork_child(main, [*self.fds_to_close_in_child(), *close], block_signals=block_signals)
+        self.watch_child(pid, on_exit)
+        return pid, ours
+
+    def watch_child(self, pid: int, on_exit: Callable[[int, int], None]) -> None:
+        """A child that is not a worker (a template, the watcher...): ``on_exit(pid, status)`` when reaped."""
+        self._child_exits[pid] = on_exit
+
+    def forget_child(self, pid: int) -> None:
+        """Its owner reaps (or abandons) it now: no ``on_exit`` any more."""
+        self._child_exits.pop(pid, None)
+
+    def watches_child(self, pid: int) -> bool:
+        return pid in self._child_exits
+
+    def hold_slots(self) -> None:
+        """The empty slots get no worker until ``release_slots`` (or a roll fills them)."""
+        for slot in self.slots.values():
+            if slot.pid is None and slot.replacement is None:
+                slot.respawn_at = math.inf
+
+    def release_slots(self) -> None:
+        """The held slots fill now."""
+        now = self.clock()
+        for slot in self.slots.values():
+            if slot.respawn_at == math.inf:
+                slot.respawn_at = now
+        self.manage_workers()
+
+    def release_socket_files(self) -> None:
+        """An upgrade's new primary removes the Unix socket files at its exit, not this one."""
+        for lst in self.listeners:
+            lst.unlink_path = None
+
+    def adopt_socket_files(self, paths: dict[int, str | None]) -> None:
+        """This (new) primary removes the Unix socket files at its exit: ``paths`` by listening fd."""
+        for lst in self.listeners:
+            lst.unlink_path = paths.get(lst.sock.fileno()) or lst.unlink_path
 
     def add_reader(self, fileobj: Any, callback: Callable[[int], None], events: int = selectors.EVENT_READ) -> None:
         """Watch ``fileobj`` in the primary's selector; ``callback(mask)`` runs on events."""
@@ -296,12 +413,17 @@ class Primary:
             except (KeyError, ValueError):
                 pass
 
+    def close_reader(self, fileobj: Channel | socket.socket) -> None:
+        """Stop watching ``fileobj``, and close it."""
+        self.remove_reader(fileobj)
+        fileobj.close()
+
     # -- signals ------------------------------------------------------------
 
     def _install_signals(self) -> None:
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         signal.set_wakeup_fd(self._wake_w, warn_on_full_buffer=False)
-        for sig in _proc.LOOP_SIGNALS:
+        for sig in self._signal_handlers:
             signal.signal(sig, self._queue_signal)
         assert self._selector is not None
         self._selector.register(self._wake_r, selectors.EVENT_READ, self._drain_wakeup)
@@ -319,19 +441,17 @@ class Primary:
     def _handle_signals(self) -> None:
         while self._signals:
             sig = self._signals.popleft()
-            name = f"handle_{signal.Signals(sig).name[3:].lower()}"
-            handler = getattr(self, name, None)
-            if handler is not None:
+            owner, handler = self._signal_handlers[sig]
+            if owner is None:
                 handler()
-            else:  # a signal a component installed (SIGUSR2: upgrade)
-                for c in self.components:
-                    _call(c, name)
+            else:  # a signal a component asked for (SIGUSR2: upgrade)
+                self._call(owner, None, handler)
 
     def handle_chld(self) -> None:
         pass  # reap_workers runs after every wake-up
 
     def handle_term(self) -> None:
-        if not self.stopping and any(_call(c, "defer_stop", "SIGTERM") for c in self.components):
+        if not self.stopping and any(self._call(c, False, c.defer_stop, "SIGTERM") for c in self.components):
             return
         self.stop(graceful=True, why="SIGTERM")
 
@@ -401,8 +521,8 @@ class Primary:
             self.child_exited(pid, status)
 
     def child_exited(self, pid: int, status: int) -> None:
-        if pid in self.on_child_exit:
-            self.on_child_exit.pop(pid)(pid, status)
+        if pid in self._child_exits:
+            self._child_exits.pop(pid)(pid, status)
             return
         w = self.workers.pop(pid, None)
         if w is None:
@@ -414,7 +534,7 @@ class Primary:
             self._on_channel(w, selectors.EVENT_READ)
         w.move(exit_state(w.state))
         self._forget_channel(w)
-        level = logging.INFO if w.stop_reason in ("drain", "rolled", "scaled down") else logging.WARNING
+        level = logging.INFO if w.stop_reason in ("drain", "rolled", "recycled", "scaled down") else logging.WARNING
         logger.log(level, "%s exited (%s)", w.name, w.exit_status)
         self.emit("exited", w)
         self.worker_gone(w, status)
@@ -433,16 +553,7 @@ class Primary:
         if self.stopping:
             return
         if w.state is _S.FAILED and not self.ever_ready:
-            # The first generation cannot start: stop the cluster and say why.
-            if w.boot_error is not None:
-                err: ClusterServerError = (
-                    AppLoadError(w.boot_error)
-                    if _exit_code(status) == EXIT_BOOT_FAILURE and w.boot_stage != "lifespan"
-                    else WorkerBootError(w.boot_error)
-                )
-            else:
-                err = WorkerBootError(f"worker {w.id} exited ({w.exit_status}) before it was ready")
-            self.fail(err)
+            self.fail(boot_failure(w, status))  # the first generation cannot start: stop, and say why
             return
         if w.ready_at is not None and now - w.ready_at >= STABLE_AFTER:
             slot.failures = 0
@@ -498,16 +609,9 @@ class Primary:
             except OSError:
                 self._forget_channel(w)
                 return
-        if not mask & selectors.EVENT_READ:
-            return
-        try:
-            for msg, fds in w.channel.receive():
-                if isinstance(msg, ChannelError):
-                    _close_fds(fds)
-                    logger.warning("%s: dropped a message: %s", w.name, msg)
-                    continue
-                self.handle_message(w, msg, fds)
-        except EOFError:
+        if mask & selectors.EVENT_READ and not receive_all(
+            w.channel, functools.partial(self.handle_message, w), w.name
+        ):
             self._forget_channel(w)
 
     def _watch(self, w: Worker) -> None:
@@ -518,38 +622,40 @@ class Primary:
 
     def send(self, w: Worker, msg: Message, fds: list[int] | None = None) -> bool:
         """Send a message to a worker (fds are handed over). False if the worker is gone."""
-        if w.channel is None or w.channel.closed:
+        if w.channel is None:
             _close_fds(fds or [])
             return False
         try:
             if not w.channel.send(msg, fds or ()):
                 self._watch(w)
-        except OSError:
+        except OSError:  # gone, or closed already (the channel closed the fds)
             self._forget_channel(w)
-            _close_fds(fds or [])  # not sent, not queued: still ours
             return False
         return True
 
     def _forget_channel(self, w: Worker) -> None:
-        if w.channel is None or w.channel.closed:
-            return
-        self.remove_reader(w.channel)
-        w.channel.close()
+        if w.channel is not None and not w.channel.closed:
+            self.close_reader(w.channel)
 
     def handle_message(self, w: Worker, msg: Message, fds: list[int] | None = None) -> None:
         """React to one message from a worker; anything unexpected is logged and dropped."""
         kind = msg.get("t")
-        if kind not in ("hb", "ready", "boot_error"):
-            for c in self.components:
-                if _call(c, "worker_message", w, msg, fds or []):
+        if kind not in _OWN_MESSAGES:
+            for comp in self.components:
+                # A hook that raised may have closed the fds already: they count as taken.
+                if self._call(comp, True, comp.worker_message, w, msg, fds or []):
                     return
         _close_fds(fds or [])
-        if kind == "hb":
+        if kind == HEARTBEAT:
             w.last_heartbeat = self.clock()
             r, c = msg.get("r"), msg.get("c")
             if isinstance(r, int) and isinstance(c, int):
                 w.requests, w.connections = r, c
-        elif kind == "ready":
+        elif kind == READY:
+            if w.state is _S.DRAINING:
+                # Asked to stop while it booted (a scale-down, a stop): it stops all the same.
+                logger.info("%s became ready after it was asked to stop (%s); it drains", w.name, w.stop_reason)
+                return
             if w.state is not _S.BOOTING:
                 logger.warning("%s said ready twice; ignored", w.name)
                 return
@@ -557,7 +663,7 @@ class Primary:
                 return  # read only after it was reaped (see child_exited): it serves nothing
             w.error_page = msg.get("error_page") is True
             self.worker_ready(w)
-        elif kind == "boot_error":
+        elif kind == BOOT_ERROR:
             err = msg.get("error")
             w.boot_error = str(err)[:2000] if err is not None else "unknown error"
             stage = msg.get("stage")
@@ -622,13 +728,12 @@ class Primary:
         for c in self.components:
             # A component that must prepare first (a preload template re-importing
             # the new code) answers False and calls roll() again when it is done.
-            if _call(c, "before_roll", reason, slots) is False:
+            if not self._call(c, True, c.before_roll, reason, slots):
                 return False
         self.generation += 1
         pending = sorted(self.slots) if slots is None else sorted(s for s in set(slots) if s in self.slots)
-        self.roll_state = Roll(self.generation, reason, pending, started_at=self.clock())
         logger.info("rolling restart to generation %d (%s): %d worker(s)", self.generation, reason, len(pending))
-        self.advance_roll()
+        self._start_roll(Roll(self.generation, reason, pending, started_at=self.clock()))
         return True
 
     def recycle(self, slot_id: int, reason: str) -> bool:
@@ -640,9 +745,42 @@ class Primary:
         slot = self.slots.get(slot_id)
         if self.stopping or self.roll_state is not None or slot is None or slot.replacement is not None:
             return False
-        self.roll_state = Roll(slot.generation, reason, [slot_id], started_at=self.clock(), recycle=True)
         logger.info("recycling worker %d (%s)", slot_id, reason)
+        self._start_roll(Roll(slot.generation, reason, [slot_id], started_at=self.clock(), recycle=True))
+        return True
+
+    def _start_roll(self, roll: Roll) -> None:
+        """Components hear of every roll (``roll_started``), even one over within this call."""
+        self.roll_state = roll
+        for c in self.components:
+            self._call(c, None, c.roll_started, roll)
         self.advance_roll()
+
+    def _end_roll(self, outcome: str) -> None:
+        """The roll is over: ``completed``, ``failed`` or ``aborted`` (``roll_finished``)."""
+        roll, self.roll_state = self.roll_state, None
+        if roll is not None:
+            for c in self.components:
+                self._call(c, None, c.roll_finished, roll, outcome)
+
+    def replace_now(self, slot_id: int, reason: str) -> bool:
+        """Drain a slot's worker now and refill the slot at once, not replacement first.
+
+        For a worker that must not wait for a roll or a recycle to run first (far
+        over its memory limit): the slot serves nothing while its new worker
+        boots. A replacement already booting for the slot (a roll's, a recycle's)
+        is that new worker. False if the slot has no worker serving.
+        """
+        slot = self.slots.get(slot_id)
+        w = self.workers.get(slot.pid) if slot is not None and slot.pid is not None else None
+        if self.stopping or slot is None or w is None or w.state is not _S.READY:
+            return False
+        logger.warning("replacing %s at once: %s", w.name, reason)
+        if slot.replacement is None:
+            slot.pid = None
+            slot.respawn_at = self.clock()
+        self.drain_worker(w, "recycled")
+        self.manage_workers()
         return True
 
     def advance_roll(self) -> None:
@@ -655,7 +793,7 @@ class Primary:
                 continue
             w = self.spawn_worker(slot, roll.generation)
             if w is None:
-                self.roll_state = None
+                self._end_roll("failed")
                 kind = "recycling" if roll.recycle else f"rolling restart to generation {roll.generation}"
                 logger.error("%s stopped: cannot start a worker; the running workers keep serving", kind)
                 self._next_roll()
@@ -668,7 +806,7 @@ class Primary:
             logger.info("recycled worker %s in %.2f s", ", ".join(map(str, roll.done)), took)
         else:
             logger.info("rolling restart to generation %d done in %.2f s", roll.generation, took)
-        self.roll_state = None
+        self._end_roll("completed")
         self._next_roll()
 
     def _next_roll(self) -> None:
@@ -692,7 +830,7 @@ class Primary:
         why = w.boot_error or f"worker {w.id} exited ({w.exit_status}) before it was ready"
         if roll is None or self.stopping:
             return  # stopped meanwhile: nothing to keep going
-        self.roll_state = None
+        self._end_roll("failed")
         slot = self.slots.get(w.id)
         old = self.workers.get(slot.pid) if slot is not None and slot.pid is not None else None
         keeps = f"{old.name} keeps serving" if old is not None else f"worker {w.id} will be restarted"
@@ -745,7 +883,7 @@ class Primary:
         elif not self.stopping:
             logger.info("stopping (%s): draining %d worker(s)", why, len(self.workers))
         self.stopping = True
-        self.roll_state = None
+        self._end_roll("aborted")
         self.roll_queue.clear()
         if graceful:
             for w in list(self.workers.values()):
@@ -756,7 +894,7 @@ class Primary:
     def fail(self, err: ClusterServerError) -> None:
         """Stop the cluster because it cannot run; ``run`` raises ``err``."""
         for c in self.components:
-            if _call(c, "cannot_start", err):  # --reload waits for the fix instead
+            if self._call(c, False, c.cannot_start, err):  # --reload waits for the fix instead
                 return
         if self.fatal is None:
             self.fatal = err
@@ -772,19 +910,13 @@ class Primary:
         """Leave nothing behind: no worker, no socket file, no signal handler."""
         if self.workers:
             self.kill_all()
-            deadline = time.monotonic() + 5
-            while self.workers and time.monotonic() < deadline:
-                try:
-                    pid, status = os.waitpid(-1, 0)
-                except ChildProcessError:
-                    break
-                self.child_exited(pid, status)
+            self._reap_until(time.monotonic() + SHUTDOWN_REAP)
         for w in list(self.workers.values()):
             self._forget_channel(w)
-        for c in self.components:
-            _call(c, "close")
+        for c in [*self.components, *self._disabled]:
+            self._call(c, None, c.close)
         signal.set_wakeup_fd(-1)
-        for sig in _proc.LOOP_SIGNALS:
+        for sig in self._signal_handlers:
             signal.signal(sig, signal.SIG_DFL)
         if self._selector is not None:
             self._selector.close()
@@ -793,6 +925,27 @@ class Primary:
                 os.close(fd)
         for lst in self.listeners:
             lst.close()
+
+    def _reap_until(self, deadline: float) -> None:
+        """Reap the SIGKILLed workers until none is left or ``deadline`` passed.
+
+        Polled (WNOHANG): a blocking ``waitpid(-1)`` would wait for any child, and
+        one that never exits (a worker stuck in uninterruptible sleep, a template
+        or watcher still running) would keep the primary from ever exiting.
+        """
+        while self.workers:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid:
+                self.child_exited(pid, status)
+                continue
+            left = deadline - time.monotonic()
+            if left <= 0:
+                logger.error("%d worker(s) did not exit after SIGKILL; leaving them", len(self.workers))
+                return
+            time.sleep(min(REAP_POLL, left))
 
     def fds_to_close_in_child(self) -> list[int]:
         """The primary's own fds a new worker must not keep."""
@@ -803,53 +956,22 @@ class Primary:
             if w.channel and not w.channel.closed:  # its channel, and connections queued for it
                 fds += [w.channel.fileno(), *w.channel.queued_fds()]
         for c in self.components:
-            fds.extend(_call(c, "fds_to_close_in_child") or ())
+            fds += self._call(c, [], c.fds_to_close_in_child)
         return fds
 
 
-class ForkLauncher:
-    """Forks workers for a primary."""
-
-    def __init__(self, primary: Primary, load: Callable[[Config], Any] = load_app) -> None:
-        self.primary = primary
-        self.load = load  # how a new worker gets the app
-
-    def spawn(self, worker: Worker) -> tuple[int, Channel | None]:
-        """Fork ``worker``. Raises ``OSError`` (nothing left open) when the primary cannot."""
-        ours, theirs = _channel.pair()
-        try:
-            return self._fork(worker, ours, theirs)
-        except BaseException:
-            ours.close()
-            raise
-        finally:
-            theirs.close()
-
-    def _fork(self, worker: Worker, ours: socket.socket, theirs: socket.socket) -> tuple[int, Channel]:
-        close = [*self.primary.fds_to_close_in_child(), ours.fileno()]
-        spec = WorkerSpec(
-            id=worker.id,
-            generation=worker.generation,
-            primary_pid=os.getpid(),
-            listeners=tuple(lst.sock for lst in self.primary.listeners),
-        )
-        _flush_output()
-        pid = os.fork()
-        if pid == 0:  # pragma: no cover - the child never returns from worker_main
-            worker_main(self.primary.config, spec, theirs, close, self.load)
-        return pid, Channel(ours)
-
-    def kill(self, pid: int, sig: int) -> None:
-        try:
-            os.kill(pid, sig)
-        except ProcessLookupError:
-            pass
+#: what a worker's boot error is, by the stage it failed at (worker/main.py BootStage)
+_BOOT_ERRORS: dict[str | None, type[ClusterServerError]] = {
+    "bind": BindError,  # its own SO_REUSEPORT socket: the machine's state (exit status 3, as uvicorn's)
+    "privileges": ConfigError,  # --user/--group cannot be switched to (2)
+    "lifespan": WorkerBootError,  # the app failed at start-up (3)
+}
 
 
-def _call(component: Any, method: str, *args: Any) -> Any:
-    fn = getattr(component, method, None)
-    return fn(*args) if fn is not None else None
-
-
-def _exit_code(status: int) -> int | None:
-    return os.waitstatus_to_exitcode(status) if os.WIFEXITED(status) else None
+def boot_failure(w: Worker, status: int) -> ClusterServerError:
+    """The error that stops a first generation whose worker ``w`` exited with ``status``."""
+    if w.boot_error is None:
+        return WorkerBootError(f"worker {w.id} exited ({w.exit_status}) before it was ready")
+    if ExitStatus.of(status).code != EXIT_BOOT_FAILURE:
+        return WorkerBootError(w.boot_error)  # it said why, then died of something else
+    return _BOOT_ERRORS.get(w.boot_stage, AppLoadError)(w.boot_error)

@@ -1,6 +1,6 @@
 """Worker recycling: replace a worker that served enough, grew too big or lived too long.
 
-A component of the primary (see ``Component`` in ``primary/loop.py``). It only
+A component of the primary (see ``primary/component.py``). It only
 decides; the replacement is a rolling restart of one slot (``Primary.recycle``):
 the new worker is started and must be ready before the old one drains, so
 capacity never drops, and never two slots at once (nothing starts while any
@@ -13,6 +13,12 @@ roll runs).
   read by the primary from ``/proc/PID/smaps_rollup`` every ``MEMORY_SAMPLE_INTERVAL`` seconds;
 - ``--max-worker-lifetime`` (+ ``--max-worker-lifetime-jitter``): seconds since
   the worker became ready.
+
+A worker far over ``--max-worker-memory`` (``URGENT_FACTOR`` times it: a fast
+leak) does not wait for its turn behind a roll or another recycle: it drains
+at once and its slot is refilled at once (``Primary.replace_now``); its slot
+serves nothing while the new worker boots, which costs less than a worker
+growing on until the kernel's OOM killer ends it mid-request.
 
 Each worker draws its own jitter when it becomes ready, so workers started
 together do not all recycle together. If a recycle fails (the replacement
@@ -30,6 +36,7 @@ from typing import TYPE_CHECKING
 
 from cluster_server._config import Config
 from cluster_server._proc import uss_bytes
+from cluster_server.primary.component import Component, WorkerEvent, override
 from cluster_server.primary.state import WorkerState
 
 if TYPE_CHECKING:
@@ -37,8 +44,11 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger("cluster_server")
 
-#: seconds between two samples of every worker's resident memory
-MEMORY_SAMPLE_INTERVAL = 1.0
+#: seconds between two samples of every worker's resident memory (a read of
+#: /proc/PID/statm each, a few microseconds: often enough to catch a fast leak)
+MEMORY_SAMPLE_INTERVAL = 0.25
+#: a worker over this many times --max-worker-memory is replaced at once, not in turn
+URGENT_FACTOR = 1.5
 #: first wait before recycling a worker again after a failed recycle (doubles, up to RETRY_CAP)
 RETRY_DELAY = 10.0
 RETRY_CAP = 600.0
@@ -57,7 +67,7 @@ class _Limits:
     retry_at: float = 0.0
 
 
-class Recycler:
+class Recycler(Component):
     """Decides when a worker is recycled; the primary does the replacing."""
 
     def __init__(
@@ -80,10 +90,12 @@ class Recycler:
 
     # -- the component interface --------------------------------------------
 
+    @override
     def attach(self, primary: Primary) -> None:
         self.primary = primary
 
-    def worker_event(self, event: str, w: Worker) -> None:
+    @override
+    def worker_event(self, event: WorkerEvent, w: Worker) -> None:
         if event == "ready":
             cfg = self.config
             max_requests = None
@@ -97,6 +109,7 @@ class Recycler:
         elif event in ("draining", "exited"):
             self.limits.pop(w.pid, None)
 
+    @override
     def next_deadline(self) -> float | None:
         p = self.primary
         times: list[float] = []
@@ -107,6 +120,7 @@ class Recycler:
             times += [lim.retry_at for lim in self.limits.values() if lim.attempts]
         return min(times) if times else None
 
+    @override
     def tick(self) -> None:
         p = self.primary
         if p is None or p.stopping:
@@ -116,6 +130,7 @@ class Recycler:
             self.next_sample = now + MEMORY_SAMPLE_INTERVAL
             for pid, sampled in self.limits.items():
                 sampled.rss = self.read_rss(pid)
+            self.replace_runaways(p)
         if p.roll_state is not None:
             return  # one slot at a time; a roll running now replaces workers anyway
         for slot in sorted(p.slots.values(), key=lambda s: s.id):
@@ -136,6 +151,21 @@ class Recycler:
             lim.retry_at = now + min(RETRY_DELAY * 2**lim.attempts, RETRY_CAP)
             lim.attempts += 1
             return
+
+    def replace_runaways(self, p: Primary) -> None:
+        """Replace at once every worker far over --max-worker-memory, whatever runs."""
+        urgent = self.config.max_worker_memory * URGENT_FACTOR * MIB
+        for slot in sorted(p.slots.values(), key=lambda s: s.id):
+            if slot.pid is None:
+                continue
+            lim, w = self.limits.get(slot.pid), p.workers.get(slot.pid)
+            if lim is None or w is None or lim.rss is None or lim.rss <= urgent:
+                continue
+            why = (
+                f"{w.name} uses {lim.rss / MIB:.0f} MiB, over {URGENT_FACTOR:g} x "
+                f"--max-worker-memory {self.config.max_worker_memory:g}"
+            )
+            p.replace_now(slot.id, why)
 
     def reason(self, w: Worker, lim: _Limits, now: float) -> str | None:
         """Why ``w`` should be recycled now, or None."""

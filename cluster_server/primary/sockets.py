@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import ipaddress
 import json
@@ -100,19 +101,45 @@ def _bind_message(exc: OSError, what: str, port: int | None) -> str:
     return f"cannot bind {what}: {exc.strerror or exc}"
 
 
+#: how long a probe of a Unix socket waits for its connect
+PROBE_TIMEOUT = 1.0
+
+
+def probe_unix(path: str) -> bool | None:
+    """Does a server listen on the Unix socket at ``path``? None: cannot tell.
+
+    Only ``ECONNREFUSED`` means nobody listens (a socket file left by a killed
+    server, safe to replace); a full queue means a live server, and any other
+    error (no permission, say) proves nothing. Bounded by ``PROBE_TIMEOUT``.
+    """
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    probe.settimeout(PROBE_TIMEOUT)
+    try:
+        probe.connect(path)
+    except (BlockingIOError, TimeoutError):
+        return True  # listening, with a full queue
+    except (ConnectionRefusedError, FileNotFoundError):
+        return False  # nobody will ever answer (or the file went meanwhile)
+    except OSError:
+        return None
+    finally:
+        probe.close()
+    return True
+
+
 def _bind_unix(path: str, backlog: int) -> Listener:
     if os.path.exists(path):
         if not stat.S_ISSOCK(os.stat(path).st_mode):
             raise BindError(f"--uds {path} exists and is not a socket; remove it or pick another path")
-        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            probe.connect(path)
-        except OSError:
-            os.unlink(path)  # stale: nobody is listening on it
-        else:
+        listening = probe_unix(path)
+        if listening:
             raise BindError(f"unix socket {path} is in use by another process; stop it or pick another --uds")
-        finally:
-            probe.close()
+        if listening is None:
+            raise BindError(
+                f"--uds {path} exists and cannot be checked (is it in use?); remove it or pick another path"
+            )
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)  # stale: nobody is listening on it
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         sock.bind(path)

@@ -4,6 +4,8 @@ Each worker builds its own ``ssl.SSLContext`` (uvicorn's ``Config.load``), after
 the fork. A key that does not match its certificate, a wrong password or a
 cipher string OpenSSL rejects would otherwise crash every worker in a loop;
 building the context here first turns that into one ``Error: ...`` at start-up.
+It takes the steps of uvicorn 0.54's ``create_ssl_context`` (``uvicorn/config.py``)
+itself: importing uvicorn would load it, and asyncio, into the primary.
 
 Under ``--scheduling shared`` the workers' listening sockets do the TLS
 handshake; when the primary hands accepted connections to workers, each worker
@@ -15,8 +17,6 @@ from __future__ import annotations
 
 import ssl
 
-from uvicorn.config import create_ssl_context
-
 from cluster_server._config import Config
 from cluster_server._errors import ConfigError
 
@@ -25,16 +25,15 @@ def check_tls(config: Config) -> ssl.SSLContext | None:
     """Build the context the workers will build; raise ConfigError if it cannot be."""
     if config.ssl_certfile is None:
         return None
+    password = config.ssl_keyfile_password
     try:
-        return create_ssl_context(
-            certfile=config.ssl_certfile,
-            keyfile=config.ssl_keyfile,
-            password=config.ssl_keyfile_password,
-            ssl_version=config.ssl_version,
-            cert_reqs=config.ssl_cert_reqs,
-            ca_certs=config.ssl_ca_certs,
-            ciphers=config.ssl_ciphers,
-        )
+        ctx = ssl.SSLContext(config.ssl_version)
+        ctx.load_cert_chain(config.ssl_certfile, config.ssl_keyfile, (lambda: password) if password else None)
+        ctx.verify_mode = ssl.VerifyMode(config.ssl_cert_reqs)
+        if config.ssl_ca_certs:
+            ctx.load_verify_locations(config.ssl_ca_certs)
+        if config.ssl_ciphers:
+            ctx.set_ciphers(config.ssl_ciphers)
     except ssl.SSLError as exc:
         what = getattr(exc, "reason", None) or (exc.args[-1] if exc.args else exc)
         if "cipher" in str(exc).lower():
@@ -45,3 +44,6 @@ def check_tls(config: Config) -> ssl.SSLContext | None:
         ) from None
     except OSError as exc:
         raise ConfigError(f"cannot read a TLS file: {exc.strerror or exc} ({exc.filename or '?'})") from None
+    except ValueError:  # SSLContext(N) with a number that is no ssl.PROTOCOL_*
+        raise ConfigError(f"--ssl-version {config.ssl_version} is not one of Python's ssl.PROTOCOL_* numbers") from None
+    return ctx

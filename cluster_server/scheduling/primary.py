@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 from cluster_server._logging import Throttle
 from cluster_server._proc import close_all
+from cluster_server.primary.component import Component, Sample, WorkerEvent, override
 from cluster_server.scheduling.protocol import (
     _GONE_ERRNOS,
     _RESOURCE_ERRNOS,
@@ -37,6 +38,7 @@ from cluster_server.scheduling.protocol import (
     WINDOW,
 )
 from cluster_server.wire.channel import MAX_FDS, Message
+from cluster_server.wire.messages import ACK, CONN
 
 if TYPE_CHECKING:
     from cluster_server._config import Config
@@ -45,7 +47,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger("cluster_server")
 
 
-def primary_components(config: Config) -> list[Any]:
+def primary_components(config: Config) -> list[Component]:
     """The primary-side components the configured policy needs."""
     if config.scheduling in HANDOFF:
         return [HandOff(config.scheduling)]
@@ -102,8 +104,10 @@ class _Peer:
         return self.conns + self.handed - self.taken
 
 
-class HandOff:
+class HandOff(Component):
     """Primary component for ``round-robin`` and ``least-busy``: accept, route, hold, re-route."""
+
+    essential = True  # it routes every connection
 
     def __init__(self, policy: str, *, window: int = WINDOW, hold_max: int = HOLD_MAX) -> None:
         if policy not in HANDOFF:
@@ -138,6 +142,7 @@ class HandOff:
 
     # -- Component hooks ------------------------------------------------------
 
+    @override
     def attach(self, primary: Primary) -> None:
         self.primary = primary
         for lst in primary.listeners:
@@ -154,7 +159,8 @@ class HandOff:
         logger.info("scheduling: %s (the primary accepts and hands connections to workers)", self.policy)
         self._update_accepting()
 
-    def worker_event(self, event: str, w: Worker) -> None:
+    @override
+    def worker_event(self, event: WorkerEvent, w: Worker) -> None:
         if event == "ready":
             self.peers[w.pid] = _Peer(w, self.window)
             self.ring.append(self.peers[w.pid])
@@ -174,8 +180,9 @@ class HandOff:
             return
         self._pump()
 
+    @override
     def worker_message(self, w: Worker, msg: Message, fds: list[int]) -> bool:
-        if msg.get("t") != "ack":
+        if msg.get("t") != ACK:
             return False
         close_all(fds)  # an ack carries no fds; anything attached is junk
         peer = self.peers.get(w.pid)
@@ -190,6 +197,7 @@ class HandOff:
             self._pump()
         return True
 
+    @override
     def next_deadline(self) -> float | None:
         assert self.primary is not None
         now = self.primary.clock()
@@ -200,12 +208,14 @@ class HandOff:
             times.append(self._full_since + HOLD_WAIT)  # (after it, only an ack frees a stalled worker)
         return min(times) if times else None
 
+    @override
     def tick(self) -> None:
         # Runs after every wake-up of the primary: only work when a timer may have expired.
         if self.held or not self._accepting:
             self._pump()
 
-    def metrics_samples(self) -> list[tuple[str, str, str, dict[str, str], float]]:
+    @override
+    def metrics_samples(self) -> list[Sample]:
         """For the metrics endpoint (``--metrics``): what the hand-off is doing."""
         unacked = sum(p.unacked for p in self.peers.values())
         assert self.primary is not None
@@ -249,6 +259,7 @@ class HandOff:
             ),
         ]
 
+    @override
     def fds_to_close_in_child(self) -> list[int]:
         """Connection fds a newly forked worker must close (they are the primary's)."""
         fds = list(self.held)
@@ -257,6 +268,7 @@ class HandOff:
                 fds.extend(batch)
         return fds
 
+    @override
     def close(self) -> None:
         dropped = len(self.held) + sum(p.unacked for p in self.peers.values())
         close_all(self.fds_to_close_in_child())
@@ -471,7 +483,7 @@ class HandOff:
         peer.batches[bid] = fds
         peer.unacked += len(fds)
         peer.handed += len(fds)
-        msg: Message = {"t": "conn", "b": bid, "force": True} if force else {"t": "conn", "b": bid}
+        msg: Message = {"t": CONN, "b": bid, "force": True} if force else {"t": CONN, "b": bid}
         if self.primary.clock() < self._queue_until:
             msg["q"] = 1
         if not self.primary.send(peer.worker, msg, dups):
@@ -513,7 +525,6 @@ class HandOff:
 
     def _on_ack(self, peer: _Peer, msg: Message) -> None:
         """Apply one ack. Raises TypeError on a malformed field (then nothing is applied)."""
-        w = peer.worker
         assert self.primary is not None
         now = self.primary.clock()
         if self.least_busy and peer.unacked and now - peer.progress_at >= BLOCKED:
@@ -530,53 +541,66 @@ class HandOff:
             counts = _int(msg.get("k"), "k"), _int(msg.get("o"), "o")
         conns = _int(msg["c"], "c") if "c" in msg else None
         for bid in taken:
-            fds = peer.batches.pop(bid, None)
-            if fds is None:
-                logger.warning("%s acknowledged batch %r, which it does not hold; ignored", w.name, bid)
-                continue
-            peer.unacked -= len(fds)
-            close_all(fds)
-            peer.backoff = 0.0
-            if peer.limit < self.window:
-                peer.limit = min(self.window, peer.limit * 2)
+            self._taken(peer, bid)
         for bid in draining:
-            fds = peer.batches.pop(bid, None)
-            if fds is None:
-                logger.warning("%s refused batch %r, which it does not hold; ignored", w.name, bid)
-                continue
-            if not peer.closing:
-                logger.info("%s is stopping and refused %d connection(s): re-routing them", w.name, len(fds))
-            self._retire(peer)
-            self._reroute(peer, fds)
+            self._refused_draining(peer, bid)
         for bid, indexes in parsed:
-            fds = peer.batches.pop(bid, None)
-            if fds is None:
-                logger.warning("%s refused batch %r, which it does not hold; ignored", w.name, bid)
-                continue
-            refused = sorted({i for i in indexes if 0 <= i < len(fds)}) if indexes else range(len(fds))
-            back = [fds[i] for i in refused]
-            keep = set(refused)
-            close_all([fd for i, fd in enumerate(fds) if i not in keep])
-            peer.unacked -= len(fds) - len(back)
-            self._reroute(peer, back)
-            # Send it no more than it could take: a batch larger than its free fds
-            # would be refused whole (MSG_CTRUNC) again and again.
-            peer.limit = max(1, min(peer.limit, len(fds)) // 2, len(fds) - len(back))
-            assert self.primary is not None
-            first = peer.backoff == 0.0  # warn once per episode, not for every retry
-            peer.backoff = min(max(RETRY_FIRST, peer.backoff * 2), RETRY_CAP)
-            peer.blocked_until = self.primary.clock() + peer.backoff
-            logger.log(
-                logging.WARNING if first else logging.DEBUG,
-                "%s is at its file-descriptor limit and refused %d connection(s): re-routing them; "
-                "it gets none for %.2f s (raise its RLIMIT_NOFILE / ulimit -n)",
-                w.name,
-                len(back),
-                peer.backoff,
-            )
+            self._refused_at_fd_limit(peer, bid, indexes)
         if counts is not None:
             peer.taken, peer.open = counts
             peer.conns = counts[1] if conns is None else conns
+
+    def _taken(self, peer: _Peer, bid: int) -> None:
+        """The worker took every fd of batch ``bid``: ours are closed, its window grows back."""
+        fds = peer.batches.pop(bid, None)
+        if fds is None:
+            logger.warning("%s acknowledged batch %r, which it does not hold; ignored", peer.worker.name, bid)
+            return
+        peer.unacked -= len(fds)
+        close_all(fds)
+        peer.backoff = 0.0
+        if peer.limit < self.window:
+            peer.limit = min(self.window, peer.limit * 2)
+
+    def _refused_draining(self, peer: _Peer, bid: int) -> None:
+        """The worker is stopping and refused batch ``bid``: route it elsewhere, and no more to it."""
+        fds = peer.batches.pop(bid, None)
+        if fds is None:
+            logger.warning("%s refused batch %r, which it does not hold; ignored", peer.worker.name, bid)
+            return
+        if not peer.closing:
+            logger.info("%s is stopping and refused %d connection(s): re-routing them", peer.worker.name, len(fds))
+        self._retire(peer)
+        self._reroute(peer, fds)
+
+    def _refused_at_fd_limit(self, peer: _Peer, bid: int, indexes: list[int]) -> None:
+        """The worker is at its fd limit and refused fds ``indexes`` of batch ``bid`` (all if none)."""
+        w = peer.worker
+        fds = peer.batches.pop(bid, None)
+        if fds is None:
+            logger.warning("%s refused batch %r, which it does not hold; ignored", w.name, bid)
+            return
+        refused = sorted({i for i in indexes if 0 <= i < len(fds)}) if indexes else range(len(fds))
+        back = [fds[i] for i in refused]
+        keep = set(refused)
+        close_all([fd for i, fd in enumerate(fds) if i not in keep])
+        peer.unacked -= len(fds) - len(back)
+        self._reroute(peer, back)
+        # Send it no more than it could take: a batch larger than its free fds
+        # would be refused whole (MSG_CTRUNC) again and again.
+        peer.limit = max(1, min(peer.limit, len(fds)) // 2, len(fds) - len(back))
+        assert self.primary is not None
+        first = peer.backoff == 0.0  # warn once per episode, not for every retry
+        peer.backoff = min(max(RETRY_FIRST, peer.backoff * 2), RETRY_CAP)
+        peer.blocked_until = self.primary.clock() + peer.backoff
+        logger.log(
+            logging.WARNING if first else logging.DEBUG,
+            "%s is at its file-descriptor limit and refused %d connection(s): re-routing them; "
+            "it gets none for %.2f s (raise its RLIMIT_NOFILE / ulimit -n)",
+            w.name,
+            len(back),
+            peer.backoff,
+        )
 
 
 def _int(value: Any, key: str) -> int:
@@ -613,9 +637,10 @@ def _fd_budget(workers: int) -> int:
     return max(16, soft - open_now - reserve)
 
 
-class ReusePortCheck:
+class ReusePortCheck(Component):
     """Primary component for ``reuseport``: warn when restarts can reset queued connections."""
 
+    @override
     def attach(self, primary: Primary) -> None:
         logger.info("scheduling: reuseport (each worker binds its own SO_REUSEPORT socket)")
         warning = migrate_req_warning()

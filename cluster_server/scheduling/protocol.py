@@ -14,7 +14,8 @@
 - ``reuseport``: each worker binds its own ``SO_REUSEPORT`` socket; the kernel
   hashes connections over them.
 
-The hand-off protocol (JSON over the worker channel, fds alongside)::
+The hand-off protocol (JSON over the worker channel, fds alongside; the type names
+are ``CONN`` and ``ACK`` in ``wire/messages.py``)::
 
     primary -> worker  {"t": "conn", "b": BATCH,  with 1..253 connection fds
                         "q": 1}                     least-busy is queueing (BUSY_MAX applies)

@@ -22,6 +22,7 @@ from cluster_server.scheduling.protocol import (
     REPORT_INTERVAL,
 )
 from cluster_server.wire.channel import Channel
+from cluster_server.wire.messages import ACK, CONN
 
 if TYPE_CHECKING:
     from cluster_server._config import Config
@@ -116,7 +117,7 @@ class WorkerHandOff:
 
     def install(self, loop: asyncio.AbstractEventLoop) -> None:
         self.loop = loop
-        self.server.handlers["conn"] = self.on_conn
+        self.server.handlers[CONN] = self.on_conn
         if self.least_busy:
             self.server.watch_busy(self._open_changed)
 
@@ -212,7 +213,7 @@ class WorkerHandOff:
             self._schedule()
             return
         self._retries = 0
-        msg: dict[str, Any] = {"t": "ack"}
+        msg: dict[str, Any] = {"t": ACK}
         acked: list[int] = []
         waiting: list[_Batch] = []
         for batch in self.pending:

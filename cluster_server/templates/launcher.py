@@ -7,6 +7,7 @@ primary's children (a child subreaper and a double fork).
 
 from __future__ import annotations
 
+import functools
 import gc
 import logging
 import math
@@ -17,7 +18,10 @@ import time
 from typing import TYPE_CHECKING, Literal
 
 from cluster_server import _proc
-from cluster_server._errors import AppLoadError, ChannelError
+from cluster_server._config import Config
+from cluster_server._errors import AppLoadError, ConfigError
+from cluster_server.primary.component import Component, WorkerEvent, override
+from cluster_server.primary.launcher import ForkLauncher
 from cluster_server.templates.process import (
     Kind,
     TemplateError,
@@ -27,15 +31,19 @@ from cluster_server.templates.process import (
 )
 from cluster_server.templates.reload import Reloader, WatchRules, _stop_child
 from cluster_server.wire import channel as _channel
-from cluster_server.wire.channel import Channel, Message, send_blocking
+from cluster_server.wire.channel import Channel, Message, receive_all, send_blocking
+from cluster_server.wire.messages import ERROR, READY, SPAWN, SPAWN_FAILED, SPAWNED, STALE
 
 if TYPE_CHECKING:
     from cluster_server.primary.loop import Primary, Worker
 
 logger = logging.getLogger("cluster_server")
 
-#: how long the primary waits for a template to answer a spawn request
-SPAWN_TIMEOUT = 5.0
+#: how long the primary waits for a template to answer a spawn request. The primary
+#: does nothing else meanwhile (under least-busy and round-robin it accepts no
+#: connection): a template answers in milliseconds (two forks), so one that takes a
+#: second is wedged (stopped, swapping) and is replaced; the worker is forked directly
+SPAWN_TIMEOUT = 1.0
 #: a template that dies unexpectedly is rebuilt, but not more often than this
 REBUILD_INTERVAL = 30.0
 
@@ -53,6 +61,7 @@ class Template:
         self.started_at = launcher.primary.clock()
         self.error: str | None = None
         self.threaded = False
+        self.privileges = False  # its error: --user/--group could not be switched to
         self.stopping = False
         self.backlog: list[Message] = []  # messages that arrived while the primary awaited a pid
 
@@ -62,20 +71,19 @@ class Template:
 
     def start(self) -> None:
         primary = self.launcher.primary
-        ours, theirs = _channel.pair()
-        close = [*primary.fds_to_close_in_child(), ours.fileno()]
-        listeners = tuple(lst.sock for lst in primary.listeners)
-        primary_pid = os.getpid()
+        main = functools.partial(
+            template_main,
+            primary.config,
+            self.kind,
+            primary_pid=os.getpid(),
+            listeners=tuple(lst.sock for lst in primary.listeners),
+            rules=self.launcher.rules,
+        )
         # The primary's own objects live as long as it does: freeze them so that its
         # collections do not copy the pages it shares with the template and workers.
         gc.freeze()
-        _proc.flush_output()
-        pid = os.fork()
-        if pid == 0:  # pragma: no cover - the child never returns
-            template_main(primary.config, self.kind, theirs, close, primary_pid, listeners, self.launcher.rules)
-        theirs.close()
-        self.pid, self.channel = pid, Channel(ours)
-        primary.on_child_exit[pid] = self._exited
+        self.pid, ours = primary.start_child(main, self._exited)
+        self.channel = Channel(ours)
         primary.add_reader(self.channel, self._on_channel)
 
     def fileno(self) -> int | None:
@@ -86,24 +94,19 @@ class Template:
             self.launcher.template_message(self, msg)
 
     def _receive(self) -> list[Message]:
-        if self.channel is None:
-            return []
         out: list[Message] = []
-        try:
-            for msg, fds in self.channel.receive():
-                _proc.close_all(fds)
-                if isinstance(msg, ChannelError):
-                    logger.warning("%s: dropped a message: %s", self.name, msg)
-                else:
-                    out.append(msg)
-        except EOFError:
+
+        def keep(msg: Message, fds: list[int]) -> None:
+            _proc.close_all(fds)  # a template sends none
+            out.append(msg)
+
+        if self.channel is not None and not receive_all(self.channel, keep, self.name):
             self._close_channel()
         return out
 
     def _close_channel(self) -> None:
         if self.channel is not None:
-            self.launcher.primary.remove_reader(self.channel)
-            self.channel.close()
+            self.launcher.primary.close_reader(self.channel)
             self.channel = None
 
     def _exited(self, pid: int, status: int) -> None:
@@ -113,11 +116,17 @@ class Template:
         self.launcher.template_exited(self, was, status)
 
     def spawn(self, worker: Worker) -> tuple[int, Channel]:
-        """Have the template fork ``worker``; blocks until it answers (a few ms). Raises TemplateError."""
+        """Have the template fork ``worker``; blocks until it answers (a few ms), at most
+        SPAWN_TIMEOUT. Raises TemplateError.
+
+        A template that answers after the timeout has forked a worker the primary
+        does not know: that worker finds its channel closed and exits, and the
+        primary reaps it as a stranger.
+        """
         if self.channel is None or self.state != "ready":
             raise TemplateError(f"{self.name} is not ready")
         ours, theirs = _channel.pair()
-        request = {"t": "spawn", "id": worker.id, "generation": worker.generation}
+        request = {"t": SPAWN, "id": worker.id, "generation": worker.generation}
         try:
             send_blocking(self.channel, request, [theirs.detach()], SPAWN_TIMEOUT)  # the channel owns the fd now
         except (OSError, TimeoutError) as exc:
@@ -127,9 +136,9 @@ class Template:
         while True:
             for msg in self._receive():
                 kind = msg.get("t")
-                if kind == "spawned" and isinstance(msg.get("pid"), int) and msg["pid"] > 0:
+                if kind == SPAWNED and isinstance(msg.get("pid"), int) and msg["pid"] > 0:
                     return int(msg["pid"]), Channel(ours)
-                if kind == "spawn_failed":
+                if kind == SPAWN_FAILED:
                     ours.close()
                     raise TemplateError(f"{self.name} could not fork a worker: {msg.get('error')}")
                 self.backlog.append(msg)  # handled on the next tick
@@ -148,7 +157,7 @@ class Template:
             self.launcher.kill(self.pid, signal.SIGTERM)
 
 
-class TemplateLauncher:
+class TemplateLauncher(Component):
     """Forks the workers through a template: a ``Launcher`` and a component of the primary.
 
     Falls back to forking a worker directly (it then imports the app itself) when
@@ -156,18 +165,18 @@ class TemplateLauncher:
     when a template died or cannot be used.
     """
 
-    def __init__(self, primary: Primary, kind: Kind, reloader: Reloader | None = None) -> None:
-        from cluster_server.primary.loop import ForkLauncher
+    essential = True  # it forks the workers
 
-        self.primary = primary
+    primary: Primary  # set by attach
+
+    def __init__(self, config: Config, kind: Kind, reloader: Reloader | None = None) -> None:
         self.kind = kind
         self.reloader = reloader
         rules = None
         if kind == "deps":
-            rules = reloader.rules if reloader is not None else WatchRules.from_config(primary.config)
+            rules = reloader.rules if reloader is not None else WatchRules.from_config(config)
         self.rules = rules
         self.direct = ForkLauncher(
-            primary,
             load=(lambda config: load_project(rules, config)) if rules is not None else load_with_traceback,
         )
         self.templates: list[Template] = []  # ready, by generation
@@ -209,22 +218,27 @@ class TemplateLauncher:
 
     # -- component hooks ------------------------------------------------------
 
+    @override
     def attach(self, primary: Primary) -> None:
+        self.primary = primary
+        self.direct.attach(primary)
         if self.kind == "preload":
             self.holding = True  # workers wait for the template: that is the point of --preload
-            for slot in primary.slots.values():
-                slot.respawn_at = math.inf
+            primary.hold_slots()
         self.build(primary.generation if self.kind == "preload" else 0)
 
+    @override
     def next_deadline(self) -> float | None:
         return self.primary.clock() if any(t.backlog for t in self.templates) else None
 
+    @override
     def tick(self) -> None:
         for t in list(self.templates):
             while t.backlog:
                 self.template_message(t, t.backlog.pop(0))
 
-    def before_roll(self, reason: str, slots: list[int] | None = None) -> bool:
+    @override
+    def before_roll(self, reason: str, slots: list[int] | None) -> bool:
         if self.kind != "preload" or self.disabled:
             return True
         if self.approved:
@@ -240,7 +254,8 @@ class TemplateLauncher:
             self.build(self.primary.generation + 1)
         return False
 
-    def worker_event(self, event: str, worker: Worker) -> None:
+    @override
+    def worker_event(self, event: WorkerEvent, worker: Worker) -> None:
         if event in ("ready", "exited"):
             self.retire()
 
@@ -248,9 +263,11 @@ class TemplateLauncher:
         """The ready templates and the one being built."""
         return [*self.templates, *([self.building] if self.building else [])]
 
+    @override
     def fds_to_close_in_child(self) -> list[int]:
         return [fd for t in self._everyone() if (fd := t.fileno()) is not None]
 
+    @override
     def close(self) -> None:
         everyone = self._everyone()
         self.templates, self.building = [], None
@@ -258,7 +275,7 @@ class TemplateLauncher:
             t.stopping = True
             t._close_channel()
             if t.pid and t.state in ("building", "ready"):
-                self.primary.on_child_exit.pop(t.pid, None)
+                self.primary.forget_child(t.pid)
                 _stop_child(t.pid)
 
     # -- templates --------------------------------------------------------------
@@ -279,7 +296,7 @@ class TemplateLauncher:
 
     def template_message(self, t: Template, msg: Message) -> None:
         kind = msg.get("t")
-        if kind == "ready" and t.state == "building":
+        if kind == READY and t.state == "building":
             t.state = "ready"
             logger.info(
                 "%s ready: %s in %.2f s",
@@ -288,10 +305,11 @@ class TemplateLauncher:
                 self.primary.clock() - t.started_at,
             )
             self.template_ready(t)
-        elif kind == "error":
+        elif kind == ERROR:
             t.error = str(msg.get("error"))[:4000]
             t.threaded = bool(msg.get("threaded"))
-        elif kind == "stale":
+            t.privileges = msg.get("stage") == "privileges"
+        elif kind == STALE:
             if t is not (self.templates[-1] if self.templates else None) or self.building is not None:
                 return
             self.stale_files = [str(f) for f in msg.get("files") or ()]
@@ -354,7 +372,7 @@ class TemplateLauncher:
                 self._release_slots()
             elif self.kind == "preload" and self.holding:
                 self.holding = False
-                self.primary.fail(AppLoadError(error))
+                self.primary.fail(ConfigError(error) if t.privileges else AppLoadError(error))
             elif self.kind == "preload":
                 reason = self.roll_wanted[0] if self.roll_wanted else "rolling restart"
                 self.roll_wanted = None
@@ -381,10 +399,7 @@ class TemplateLauncher:
         """The slots held for the first template may fill now."""
         if self.holding:
             self.holding = False
-            for slot in self.primary.slots.values():
-                if slot.respawn_at == math.inf:
-                    slot.respawn_at = self.primary.clock()
-            self.primary.manage_workers()
+            self.primary.release_slots()
 
     def retire(self) -> None:
         """Stop the preload templates no slot will fork from again (their workers live on)."""
@@ -399,27 +414,3 @@ class TemplateLauncher:
             if id(t) not in needed:
                 self.templates.remove(t)
                 t.stop()
-
-
-def install(primary: Primary) -> None:
-    """Set up ``--preload`` or ``--reload`` on a primary (a launcher and components)."""
-    from cluster_server.primary.loop import ForkLauncher
-
-    config = primary.config
-    if not (config.preload or config.reload):
-        return
-    reloader = Reloader(config) if config.reload else None
-    if _proc.set_child_subreaper():
-        launcher = TemplateLauncher(primary, "deps" if config.reload else "preload", reloader)
-        primary.launcher = launcher
-        primary.add_component(launcher)
-    else:
-        logger.warning(
-            "this system cannot re-parent workers to the primary (no PR_SET_CHILD_SUBREAPER): "
-            "workers are forked directly, without a template"
-        )
-        if reloader is not None:
-            rules = reloader.rules
-            primary.launcher = ForkLauncher(primary, load=lambda c: load_project(rules, c))
-    if reloader is not None:
-        primary.add_component(reloader)

@@ -57,18 +57,13 @@ from typing import Any, Literal, NoReturn
 
 from cluster_server import _logging, _proc
 from cluster_server._config import Config
-from cluster_server._errors import AppLoadError, ChannelError, ClusterServerError
+from cluster_server._errors import AppLoadError, ClusterServerError
 from cluster_server.ops import privileges as _privileges
 from cluster_server.templates.reload import WatchRules, fresh_import_hook
-from cluster_server.wire.channel import Channel, Message, send_blocking
-from cluster_server.worker.main import (
-    EXIT_BOOT_FAILURE,
-    WorkerSpec,
-    load_app,
-    load_env_file,
-    uvicorn_config,
-    worker_main,
-)
+from cluster_server.wire.channel import Channel, Message, receive_all, send_blocking
+from cluster_server.wire.messages import ERROR, READY, SPAWN, SPAWN_FAILED, SPAWNED, STALE
+from cluster_server.wire.spawn import child_main
+from cluster_server.worker.spec import EXIT_BOOT_FAILURE, WorkerSpec, worker_main
 
 logger = logging.getLogger("cluster_server")
 
@@ -110,10 +105,13 @@ def _machinery(filename: str) -> bool:
     return filename.startswith("<frozen") or filename.startswith(_MACHINERY_DIRS)
 
 
-def load_with_traceback(config: Config, load: Callable[[Config], Any] = load_app) -> Any:
-    """``load(config)``, with the original error's short traceback added to an AppLoadError."""
+def load_with_traceback(config: Config, load: Callable[[Config], Any] | None = None) -> Any:
+    """``load(config)`` (default: import ``config.app``), with the original error's short
+    traceback added to an AppLoadError."""
+    from cluster_server.worker.main import load_app  # in a worker or template: never the primary
+
     try:
-        return load(config)
+        return (load or load_app)(config)
     except AppLoadError as exc:
         original = exc.__cause__ or exc.__context__
         if original is None or isinstance(original, ModuleNotFoundError):
@@ -140,17 +138,13 @@ def template_main(
     rules: WatchRules | None,
 ) -> NoReturn:
     """Entry point of a forked template. Never returns."""
-    code = 1
-    try:
+
+    def body() -> int:
         _proc.after_fork_in_child(close_fds)
         _logging.set_role("template")
-        code = _TemplateProcess(config, kind, Channel(sock), primary_pid, listeners, rules).run()
-    except BaseException:
-        logger.exception("the %s template crashed", kind)
-    finally:
-        logging.shutdown()
-        _proc.flush_output()
-        os._exit(code)
+        return _TemplateProcess(config, kind, Channel(sock), primary_pid, listeners, rules).run()
+
+    child_main(body, f"the {kind} template crashed")
 
 
 class _TemplateProcess:
@@ -167,21 +161,23 @@ class _TemplateProcess:
     ) -> None:
         self.config, self.kind, self.channel = config, kind, channel
         self.primary_pid, self.listeners, self.rules = primary_pid, listeners, rules
-        self.load: Callable[[Config], Any] = load_app
+        self.load: Callable[[Config], Any] = load_with_traceback
         self.deps: dict[str, int] = {}  # file -> mtime_ns, for the staleness check
         self.stale = False
 
     def run(self) -> int:
         _proc.set_title(f"cluster-server: template [{self.config.app_name}]")
-        # What a worker imports before it drops privileges, imported here before we do.
-        from cluster_server import cluster
+        # What a worker imports before it drops privileges, imported here before we do
+        # (uvicorn with worker.main: the primary never imported it).
+        from cluster_server.cluster import role
+        from cluster_server.worker import main as _worker_main  # noqa: F401
 
         # The app's import-time code runs here: in neither the primary nor a worker.
-        cluster.is_primary = False
+        role.become_template()
         try:  # the app's imports run as --user, as in a worker; before the parent-death signal
             _privileges.drop(self.config)  # (changing credentials clears it)
         except ClusterServerError as exc:
-            send_blocking(self.channel, {"t": "error", "error": str(exc)})
+            send_blocking(self.channel, {"t": ERROR, "error": str(exc), "stage": "privileges"})
             return EXIT_BOOT_FAILURE
         _proc.set_parent_death_signal(signal.SIGKILL)
         if os.getppid() != self.primary_pid:
@@ -191,12 +187,14 @@ class _TemplateProcess:
         inherited = set(sys.modules)  # the primary's: a new template cannot refresh them
         gc.disable()  # no collections while importing: fewer holes in the pages the workers share
         if self.config.env_file is not None:
+            from cluster_server.worker.main import load_env_file  # a template: never the primary
+
             load_env_file(self.config.env_file)
         if self.kind == "preload":
             try:
                 app = load_with_traceback(self.config)
             except AppLoadError as exc:
-                send_blocking(self.channel, {"t": "error", "error": str(exc)})
+                send_blocking(self.channel, {"t": ERROR, "error": str(exc)})
                 return EXIT_BOOT_FAILURE
             _warm_uvicorn(self.config, app)
             self.load = lambda _config: app
@@ -212,12 +210,12 @@ class _TemplateProcess:
             self.deps = _dependency_files(rules, self.config, inherited)
             fresh_import_hook(rules)  # once here, so a worker has less to do
         if threading.active_count() > 1:
-            send_blocking(self.channel, {"t": "error", "error": "importing the app started a thread", "threaded": True})
+            send_blocking(self.channel, {"t": ERROR, "error": "importing the app started a thread", "threaded": True})
             return EXIT_THREADED
         gc.freeze()
         send_blocking(
             self.channel,
-            {"t": "ready", "modules": count, "seconds": round(time.monotonic() - started, 3)},
+            {"t": READY, "modules": count, "seconds": round(time.monotonic() - started, 3)},
         )
         return self.serve()
 
@@ -237,6 +235,8 @@ class _TemplateProcess:
                 os.dup2(devnull, 1)  # the workers will show the app's output and errors
                 os.dup2(devnull, 2)
                 try:
+                    from cluster_server.worker.main import load_app
+
                     app = load_app(self.config)
                     _warm_uvicorn(self.config, app)
                 except BaseException:
@@ -285,7 +285,7 @@ class _TemplateProcess:
             if threading.active_count() > 1:
                 send_blocking(
                     self.channel,
-                    {"t": "error", "error": f"importing {name!r} started a thread", "threaded": True},
+                    {"t": ERROR, "error": f"importing {name!r} started a thread", "threaded": True},
                 )
                 return -1
         return count
@@ -299,14 +299,14 @@ class _TemplateProcess:
             if not ready:
                 self.check_stale()
                 continue
-            try:
-                for msg, fds in self.channel.receive():
-                    if isinstance(msg, ChannelError) or msg.get("t") != "spawn" or len(fds) != 1:
-                        _proc.close_all(fds)
-                        continue
-                    self.spawn(msg, fds[0])
-            except EOFError:
+            if not receive_all(self.channel, self._request, "template"):
                 return 0  # the primary closed our channel: we are done
+
+    def _request(self, msg: Message, fds: list[int]) -> None:
+        if msg.get("t") != SPAWN or len(fds) != 1:
+            _proc.close_all(fds)
+            return
+        self.spawn(msg, fds[0])
 
     def check_stale(self) -> None:
         if self.stale:
@@ -321,7 +321,7 @@ class _TemplateProcess:
                 changed.append(path)
         if changed:
             self.stale = True
-            send_blocking(self.channel, {"t": "stale", "files": changed[:20], "n": len(changed)})
+            send_blocking(self.channel, {"t": STALE, "files": changed[:20], "n": len(changed)})
 
     def spawn(self, msg: Message, fd: int) -> None:
         try:
@@ -334,9 +334,9 @@ class _TemplateProcess:
             pid = self.double_fork(spec, fd)
         except (OSError, KeyError, TypeError, ValueError) as exc:
             os.close(fd)
-            send_blocking(self.channel, {"t": "spawn_failed", "error": f"{type(exc).__name__}: {exc}"})
+            send_blocking(self.channel, {"t": SPAWN_FAILED, "error": f"{type(exc).__name__}: {exc}"})
             return
-        send_blocking(self.channel, {"t": "spawned", "pid": pid})
+        send_blocking(self.channel, {"t": SPAWNED, "pid": pid})
 
     def double_fork(self, spec: WorkerSpec, fd: int) -> int:
         """Fork a worker that the primary (a child subreaper) inherits; return its pid."""
@@ -375,6 +375,8 @@ class _TemplateProcess:
 
 def _warm_uvicorn(config: Config, app: Any) -> None:
     """Import what uvicorn's Config.load() imports (protocols, loop), so the workers share it."""
+    from cluster_server.worker.main import uvicorn_config
+
     try:
         uvicorn_config(config, app).load()
     except BaseException:  # the workers will report it properly

@@ -30,7 +30,6 @@ import importlib
 import importlib.machinery
 import importlib.util
 import logging
-import math
 import os
 import signal
 import socket
@@ -42,9 +41,11 @@ from typing import TYPE_CHECKING, Any, NoReturn
 
 from cluster_server import _logging, _proc
 from cluster_server._config import Config
-from cluster_server._errors import ChannelError
-from cluster_server.wire import channel as _channel
-from cluster_server.wire.channel import Channel, send_blocking
+from cluster_server._errors import ClusterServerError
+from cluster_server.primary.component import Component, WorkerEvent, override
+from cluster_server.wire.channel import Channel, Message, receive_all, send_blocking
+from cluster_server.wire.messages import CHANGES, ERROR, WATCHING
+from cluster_server.wire.spawn import child_main
 
 if TYPE_CHECKING:
     from cluster_server.primary.loop import Primary, Worker
@@ -188,6 +189,7 @@ def _is_virtualenv(directory: str) -> bool:
 class _FreshSourceLoader(importlib.machinery.SourceFileLoader):
     """A source loader that drops a ``.pyc`` not written after its source's last change."""
 
+    @override
     def get_code(self, fullname: str) -> Any:
         if sys.implementation.cache_tag is not None:  # None: this Python writes no .pyc at all
             try:
@@ -237,16 +239,13 @@ def watcher_main(
     rules: WatchRules, delay: float, sock: socket.socket, close_fds: list[int], primary_pid: int
 ) -> NoReturn:
     """Entry point of the forked watcher process. Never returns."""
-    code = 1
-    try:
+
+    def body() -> int:
         _proc.after_fork_in_child(close_fds)
         _logging.set_role("reload watcher")
-        code = _watch(rules, delay, Channel(sock), primary_pid)
-    except BaseException:
-        logger.exception("the reload watcher crashed")
-    finally:
-        logging.shutdown()
-        os._exit(code)
+        return _watch(rules, delay, Channel(sock), primary_pid)
+
+    child_main(body, "the reload watcher crashed")
 
 
 def _watch(rules: WatchRules, delay: float, channel: Channel, primary_pid: int) -> int:
@@ -270,15 +269,15 @@ def _watch(rules: WatchRules, delay: float, channel: Channel, primary_pid: int) 
             raise_interrupt=False,
         ):
             if not announced:  # the first yield: the watches are in place
-                send_blocking(channel, {"t": "watching"})
+                send_blocking(channel, {"t": WATCHING})
                 announced = True
             if changes:
                 files = sorted({path for _, path in changes})
-                send_blocking(channel, {"t": "changes", "files": files[:MAX_NAMES], "n": len(files)})
+                send_blocking(channel, {"t": CHANGES, "files": files[:MAX_NAMES], "n": len(files)})
     except (BrokenPipeError, ConnectionResetError):
         return 0  # the primary is gone
     except Exception as exc:
-        send_blocking(channel, {"t": "error", "error": f"{type(exc).__name__}: {exc}"})
+        send_blocking(channel, {"t": ERROR, "error": f"{type(exc).__name__}: {exc}"})
         return 2
     return 0
 
@@ -286,7 +285,7 @@ def _watch(rules: WatchRules, delay: float, channel: Channel, primary_pid: int) 
 # -- the primary's component ---------------------------------------------------
 
 
-class Reloader:
+class Reloader(Component):
     """Runs the watcher and turns its reports into rolling restarts."""
 
     def __init__(self, config: Config, rules: WatchRules | None = None) -> None:
@@ -301,23 +300,28 @@ class Reloader:
         self.error_shown = 0  # the last generation whose error page was announced
 
     # component hooks
+    @override
     def attach(self, primary: Primary) -> None:
         self.primary = primary
         self.start_watcher()
 
+    @override
     def next_deadline(self) -> float | None:
         return self.restart_at
 
+    @override
     def tick(self) -> None:
         assert self.primary is not None
         if self.restart_at is not None and self.primary.clock() >= self.restart_at:
             self.restart_at = None
             self.start_watcher()
 
+    @override
     def fds_to_close_in_child(self) -> list[int]:
         return [self.channel.fileno()] if self.channel is not None and not self.channel.closed else []
 
-    def worker_event(self, event: str, worker: Worker) -> None:
+    @override
+    def worker_event(self, event: WorkerEvent, worker: Worker) -> None:
         """Say once per generation that the app cannot start, and that its workers show why."""
         if event == "ready" and worker.error_page and worker.generation != self.error_shown:
             self.error_shown = worker.generation
@@ -326,20 +330,20 @@ class Reloader:
                 worker.boot_error,
             )
 
-    def cannot_start(self, error: Exception) -> bool:
+    @override
+    def cannot_start(self, error: ClusterServerError) -> bool:
         """The first generation cannot start (broken code): wait for a fix instead of exiting."""
         primary = self.primary
         assert primary is not None
         if primary.ever_ready or primary.stopping:
             return False
-        for slot in primary.slots.values():
-            if slot.pid is None and slot.replacement is None:
-                slot.respawn_at = math.inf  # the next reload's rolling restart fills it
+        primary.hold_slots()  # the next reload's rolling restart fills them
         if not self.waiting_for_fix and not self.reloads:  # (a later one is the old code's, late)
             self.waiting_for_fix = True
             logger.error("the app cannot start; waiting for a change to try again:\n%s", error)
         return True
 
+    @override
     def close(self) -> None:
         self._close_channel()
         if self.pid is not None:
@@ -352,24 +356,17 @@ class Reloader:
         assert primary is not None
         if primary.stopping:
             return
-        ours, theirs = _channel.pair()
+        main = functools.partial(watcher_main, self.rules, self.config.reload_delay, primary_pid=os.getpid())
         # The watcher serves nothing: it does not keep the listening sockets either.
-        close = [*primary.fds_to_close_in_child(), ours.fileno(), *(lst.sock.fileno() for lst in primary.listeners)]
-        primary_pid = os.getpid()
-        _proc.flush_output()
-        pid = os.fork()
-        if pid == 0:  # pragma: no cover - the child never returns
-            watcher_main(self.rules, self.config.reload_delay, theirs, close, primary_pid)
-        theirs.close()
+        serving = [lst.sock.fileno() for lst in primary.listeners]
+        pid, ours = primary.start_child(main, self._watcher_exited, close=serving)
         self.pid, self.channel = pid, Channel(ours)
-        primary.on_child_exit[pid] = self._watcher_exited
         primary.add_reader(self.channel, self._on_channel)
 
     def _close_channel(self) -> None:
         if self.channel is not None:
-            if self.primary is not None:
-                self.primary.remove_reader(self.channel)
-            self.channel.close()
+            assert self.primary is not None  # (a channel is made once attached)
+            self.primary.close_reader(self.channel)
             self.channel = None
 
     def _watcher_exited(self, pid: int, status: int) -> None:
@@ -388,25 +385,19 @@ class Reloader:
 
     def _on_channel(self, mask: int) -> None:
         assert self.channel is not None
-        try:
-            for msg, fds in self.channel.receive():
-                _proc.close_all(fds)
-                if isinstance(msg, ChannelError):
-                    logger.warning("reload watcher: dropped a message: %s", msg)
-                    continue
-                self.handle(msg)
-        except EOFError:
+        if not receive_all(self.channel, self.handle, "reload watcher"):
             self._close_channel()
 
-    def handle(self, msg: dict[str, Any]) -> None:
+    def handle(self, msg: Message, fds: list[int]) -> None:
+        _proc.close_all(fds)  # the watcher sends none
         kind = msg.get("t")
-        if kind == "watching":
+        if kind == WATCHING:
             logger.info("reload: watching %s for changes", ", ".join(self.rules.roots))
-        elif kind == "changes":
+        elif kind == CHANGES:
             files = [str(f) for f in msg.get("files") or ()]
             n = msg.get("n")
             self.reload(files, n if isinstance(n, int) else len(files))
-        elif kind == "error":
+        elif kind == ERROR:
             logger.error("reload: the file watcher failed: %s", msg.get("error"))
         else:
             logger.warning("reload watcher sent an unknown message %.200r; ignored", msg)

@@ -21,11 +21,12 @@ import array
 import collections
 import errno
 import json
+import logging
 import os
 import select
 import socket
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 from cluster_server._errors import ChannelError
@@ -40,6 +41,8 @@ _ANCBUF = socket.CMSG_SPACE(MAX_FDS * _FD_SIZE)
 _CMSG_CLOEXEC: int = getattr(socket, "MSG_CMSG_CLOEXEC", 0)
 
 Message = dict[str, Any]
+
+logger = logging.getLogger("cluster_server")
 
 _encoder = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False)
 
@@ -119,17 +122,24 @@ class Channel:
         return self._out_bytes
 
     def send(self, msg: Message, fds: Iterable[int] = ()) -> bool:
-        """Send ``msg`` (and dup'd copies of ``fds``' ownership: the caller's fds are
-        transferred to the channel, which closes them once sent).
+        """Send ``msg`` with ``fds``, which are the channel's from now on, whatever happens:
+        it closes them once they are sent, or at once when it raises.
 
         Returns True when the kernel took it now, False when it was queued.
-        Raises ``BrokenPipeError`` when the peer is gone.
+        Raises ``BrokenPipeError`` when the peer is gone (or the channel is
+        closed), ``ChannelError``/``TypeError``/``ValueError`` when ``msg`` cannot
+        be encoded.
         """
-        if self.closed:
-            raise BrokenPipeError(errno.EPIPE, "channel is closed")
-        item = (encode(msg), list(fds))
-        if not self._out and self._try_send(item):
-            return True
+        owned = list(fds)
+        try:
+            if self.closed:
+                raise BrokenPipeError(errno.EPIPE, "channel is closed")
+            item = (encode(msg), owned)
+            if not self._out and self._try_send(item):
+                return True
+        except BaseException:
+            _close_all(owned)  # not sent, not queued: nobody else will close them
+            raise
         self._out.append(item)
         self._out_bytes += len(item[0])
         self._out_fds += len(item[1])
@@ -231,6 +241,32 @@ def _fds_from(anc: list[tuple[int, int, bytes]]) -> list[int]:
             arr.frombytes(payload[: len(payload) - (len(payload) % _FD_SIZE)])
             fds.extend(arr)
     return fds
+
+
+def receive_all(
+    channel: Channel, handle: Callable[[Message, list[int]], None], who: str, *, truncated: bool = False
+) -> bool:
+    """Hand every message ``channel`` holds now to ``handle(msg, fds)``: the fds are its to close.
+
+    A message that cannot be decoded is logged (``who: dropped a message: why``)
+    and dropped, its fds closed. With ``truncated``, a message that lost fds on
+    the way (``FdsTruncated``) is handed on marked ``"ctrunc": True``, with the
+    fds that came, so that the receiver can refuse what it did not get. Returns
+    False when the peer closed the channel or it failed: the caller closes its
+    end. Stops early when ``handle`` closed the channel.
+    """
+    try:
+        for msg, fds in channel.receive():
+            if truncated and isinstance(msg, FdsTruncated) and msg.message is not None:
+                msg = {**msg.message, "ctrunc": True}
+            if isinstance(msg, ChannelError):
+                _close_all(fds)
+                logger.warning("%s: dropped a message: %s", who, msg)
+                continue
+            handle(msg, fds)
+    except EOFError:
+        return False
+    return True
 
 
 def send_blocking(channel: Channel, msg: Message, fds: Iterable[int] = (), timeout: float = 5.0) -> None:

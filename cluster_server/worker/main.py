@@ -1,19 +1,11 @@
 """The worker: what a forked child does, from fork hygiene to exit.
 
-Messages a worker sends on its channel (JSON objects, key ``t`` is the type):
-
-- ``{"t": "ready"}`` once lifespan startup finished and the sockets are served;
-- ``{"t": "hb", "r": requests, "c": open_connections}`` every heartbeat interval,
-  from the event loop;
-- ``{"t": "boot_error", "error": "...", "stage": "load" | "lifespan"}`` when the
-  app cannot be loaded or its lifespan startup fails (then the worker exits
-  with status 3);
-- ``{"t": "ack", ...}`` under ``--scheduling round-robin/least-busy``: which handed-over
-  connections it took or refused, and its load (see ``scheduling/``).
-
-Messages it handles (``server.handlers``): ``{"t": "health", "ok": bool}``
-(``--health-path`` answers 503 once ``ok`` is false; see ``worker/health.py``);
-``{"t": "conn", "b": batch}`` with connection fds (``scheduling/worker.py``).
+On its channel it sends ``ready``, ``hb`` and ``boot_error`` (and, through the
+hand-off and the messaging link, ``ack``, ``msg``, ``bcast``, ``req``); it
+handles what the primary sends through ``server.handlers``, keyed by type:
+``health`` (``worker/health.py``), ``conn`` (``scheduling/worker.py``), ``msg``
+and ``res`` (``cluster/http.py``). Every message and its fields: the ``worker``
+channel in ``wire/messages.py`` (docs/architecture.md).
 """
 
 from __future__ import annotations
@@ -29,47 +21,42 @@ import sys
 import time
 import traceback
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any, NoReturn
+from typing import Any, Literal
 
 import uvicorn
 
 from cluster_server import _logging, _proc
 from cluster_server._config import Config
-from cluster_server._errors import AppLoadError, BindError, ChannelError, ClusterServerError
+from cluster_server._errors import AppLoadError, BindError, ClusterServerError
 from cluster_server.cluster.http import enter_worker
 from cluster_server.ops import privileges as _privileges
 from cluster_server.scheduling.protocol import HANDOFF
 from cluster_server.scheduling.worker import WorkerHandOff, worker_sockets
-from cluster_server.wire.channel import Channel, FdsTruncated
+from cluster_server.wire.channel import Channel, Message, receive_all, send_blocking
+from cluster_server.wire.messages import BOOT_ERROR, HEALTH, HEARTBEAT, READY
 from cluster_server.worker.access import TimedAccessLog
 from cluster_server.worker.error_page import LifespanErrors, error_app
 from cluster_server.worker.health import HealthMiddleware, HealthState, health_handler
 from cluster_server.worker.interface import adapt_app
+from cluster_server.worker.spec import DUMP_SIGNAL, EXIT_BOOT_FAILURE, WorkerSpec
 from cluster_server.worker.uvicorn_glue import WorkerServer, guard_request_head, run_on_fresh_loop, wrap_loaded_app
 
 logger = logging.getLogger("cluster_server.worker")
 
-#: exit status of a worker that could not load the app or start it
-EXIT_BOOT_FAILURE = 3
+#: what a ``boot_error`` says failed: binding its own socket (``--scheduling
+#: reuseport``), switching to ``--user``/``--group``, loading the app, or its lifespan startup
+BootStage = Literal["bind", "privileges", "load", "lifespan"]
+#: how long a worker that cannot start waits for the primary to take its boot error
+BOOT_ERROR_FLUSH = 2.0
+#: longest boot error sent (a message must fit the channel's limit)
+MAX_BOOT_ERROR = 8000
+
 #: the signal the kernel sends a worker whose primary died (Linux)
 ORPHAN_SIGNAL = signal.SIGUSR2
 #: seconds an orphaned worker gets to finish before it is gone for good
 ORPHAN_GRACE = 1.0
-#: the signal that makes a worker dump every thread's stack to stderr
-DUMP_SIGNAL = signal.SIGUSR1
 #: a worker forked by a template waits this long to be re-parented to the primary
 REPARENT_TIMEOUT = 2.0
-
-
-@dataclass(frozen=True)
-class WorkerSpec:
-    """What the primary tells a new worker, frozen at fork time."""
-
-    id: int
-    generation: int
-    primary_pid: int
-    listeners: tuple[socket.socket, ...]
 
 
 def load_app(config: Config) -> Any:
@@ -184,32 +171,40 @@ def load_env_file(path: str) -> None:
     load_dotenv(dotenv_path=path, override=False)
 
 
-def worker_main(
-    config: Config,
-    spec: WorkerSpec,
-    channel_sock: socket.socket,
-    close_fds: list[int],
-    load: Callable[[Config], Any] = load_app,
-) -> NoReturn:
-    """Entry point of a forked worker. Never returns: always ``os._exit``.
+def app_config(config: Config, load: Callable[[Config], Any]) -> uvicorn.Config:
+    """The app, loaded and wrapped, in uvicorn's loaded config. Raises AppLoadError (or uvicorn's SystemExit)."""
+    if config.env_file is not None:
+        load_env_file(config.env_file)
+    uconfig = uvicorn_config(config, load(config))
+    uconfig.load()
+    if config.http != "zttp":  # zttp's protocols (HTTP/2 too) keep no request cycle to watch
+        guard_request_head(uconfig, config.timeout_request_header, config.max_request_head_size)
+    if _logging.timed_access(config):
+        wrap_loaded_app(uconfig, TimedAccessLog)
+    return uconfig
 
-    ``load`` returns the app (a template passes the app it preloaded, or an
-    importer that reloads the project's modules).
+
+def run_worker(
+    config: Config, spec: WorkerSpec, channel_sock: socket.socket, load: Callable[[Config], Any] | None = None
+) -> int:
+    """A forked worker's life, after the fork hygiene (``worker_main`` in ``worker/spec.py``):
+    its exit status. ``load`` returns the app (default: import ``config.app``)."""
+    return _WorkerProcess(config, spec, Channel(channel_sock), load or load_app).run()
+
+
+def boot_failure(channel: Channel, error: str, stage: BootStage) -> int:
+    """Tell the primary why this worker cannot start; the exit status to use.
+
+    Waits (at most BOOT_ERROR_FLUSH) until the kernel took the message and
+    everything queued before it (what the app sent at import): ``os._exit``
+    follows, and a message still queued in the channel would be lost with it.
     """
-    code = 1
+    msg = {"t": BOOT_ERROR, "error": error[:MAX_BOOT_ERROR], "stage": stage}
     try:
-        _proc.after_fork_in_child(close_fds)
-        _logging.set_role(f"worker {spec.id}", spec.id)
-        code = _run(config, spec, Channel(channel_sock), load)
-    except SystemExit as exc:
-        code = exc.code if isinstance(exc.code, int) else 1
-    except BaseException:
-        logger.exception("worker %d crashed", spec.id)
-        code = 1
-    finally:
-        logging.shutdown()
-        _proc.flush_output()  # tolerates a closed or None stream: nothing may stop os._exit
-        os._exit(code)
+        send_blocking(channel, msg, timeout=BOOT_ERROR_FLUSH)
+    except (OSError, TimeoutError):
+        pass  # the primary is gone, or reads nothing: it reports the exit status
+    return EXIT_BOOT_FAILURE
 
 
 def _await_parent(pid: int, timeout: float) -> bool:
@@ -223,165 +218,142 @@ def _await_parent(pid: int, timeout: float) -> bool:
     return True
 
 
-def _run(config: Config, spec: WorkerSpec, channel: Channel, load: Callable[[Config], Any] = load_app) -> int:
-    _proc.set_title(f"cluster-server: worker {spec.id} [{config.app_name}]")
-    # (before dropping privileges: cluster-server's own imports do not depend on --user's rights)
-    link = enter_worker(spec.id, channel)  # cluster.is_worker, before the app is imported
-    family = spec.listeners[0].family if spec.listeners else socket.AF_INET
-    try:  # this worker's own sockets (reuseport), bound before --user drops the right to low ports
-        sockets = worker_sockets(config, spec.listeners)
-    except BindError as exc:
-        channel.send({"t": "boot_error", "error": str(exc)})
-        return 1
-    try:  # --user/--group, before the parent-death signal: changing credentials clears it
-        _privileges.drop(config)
-    except ClusterServerError as exc:
-        channel.send({"t": "boot_error", "error": str(exc)})
-        return EXIT_BOOT_FAILURE
-    # The parent-death signal fires when the *current* parent dies: set it only
-    # once the primary is our parent, or a template's middle process would fire it.
-    if not _await_parent(spec.primary_pid, REPARENT_TIMEOUT):
-        return 1
-    _proc.set_parent_death_signal(ORPHAN_SIGNAL)
-    if os.getppid() != spec.primary_pid:
-        return 1  # the primary died before we could ask to be told
-    signal.signal(ORPHAN_SIGNAL, signal.SIG_DFL)  # until the server installs its handler
+class _WorkerProcess:
+    """One HTTP worker's life, after the fork hygiene: returns its exit status."""
 
-    w = _Serving(config, spec, channel, link, sockets, family)
-    try:
-        uconfig = app_config(config, load)
-    except AppLoadError as exc:
-        return w.cannot_start(str(exc), "load")
-    except SystemExit:  # uvicorn's Config.load exits on what it cannot load
-        return w.cannot_start(f"uvicorn could not load {config.app_name}; see the log above", "load")
-    lifespan = LifespanErrors(uconfig.loaded_app) if config.reload else None
-    if lifespan is not None:
-        wrap_loaded_app(uconfig, lambda _: lifespan)
-    code = w.serve(uconfig)
-    if code is None:  # lifespan startup failed; uvicorn logged why
-        why = f": {lifespan.error}" if lifespan is not None and lifespan.error else "; see the log above"
-        return w.cannot_start(f"lifespan startup of {config.app_name} failed{why}", "lifespan")
-    return code
+    def __init__(self, config: Config, spec: WorkerSpec, channel: Channel, load: Callable[[Config], Any]) -> None:
+        self.config, self.spec, self.channel, self.load = config, spec, channel, load
+        self.sockets: list[socket.socket] | None = None
+        self.server: WorkerServer | None = None
+        self.loop: asyncio.AbstractEventLoop | None = None
 
-
-def app_config(config: Config, load: Callable[[Config], Any]) -> uvicorn.Config:
-    """The app, loaded and wrapped, in a loaded uvicorn config. Raises AppLoadError (or uvicorn's SystemExit)."""
-    if config.env_file is not None:
-        load_env_file(config.env_file)
-    app = load(config)
-    uconfig = uvicorn_config(config, app)
-    uconfig.load()
-    if config.http != "zttp":  # zttp's protocols (HTTP/2 too) keep no request cycle to watch
-        guard_request_head(uconfig, config.timeout_request_header, config.max_request_head_size)
-    if _logging.timed_access(config):
-        wrap_loaded_app(uconfig, TimedAccessLog)
-    if (health_path := config.health_path) is not None:
-        health = HealthState()
-        wrap_loaded_app(uconfig, lambda app: HealthMiddleware(app, health_path, health))
-        uconfig.cluster_server_health = health  # type: ignore[attr-defined]
-    return uconfig
-
-
-class _Serving:
-    """Runs a loaded uvicorn config as this worker's server: the app's, or the error page's."""
-
-    def __init__(
-        self,
-        config: Config,
-        spec: WorkerSpec,
-        channel: Channel,
-        link: Any,
-        sockets: list[socket.socket],
-        family: socket.AddressFamily,
-    ) -> None:
-        self.config, self.spec, self.channel, self.link = config, spec, channel, link
-        self.sockets, self.family = sockets, family
-
-    def report(self, msg: dict[str, Any]) -> None:
+    def run(self) -> int:
+        config = self.config
+        _proc.set_title(f"cluster-server: worker {self.spec.id} [{config.app_name}]")
+        # (before dropping privileges: cluster-server's own imports do not depend on --user's rights)
+        self.link = enter_worker(self.spec.id, self.channel)  # cluster.is_worker, before the app is imported
+        failed = self._settle()
+        if failed is not None:
+            return failed
         try:
-            self.channel.send(msg)
-        except (BrokenPipeError, ConnectionResetError):
-            pass  # the primary is gone; the orphan path ends us
+            uconfig = app_config(config, self.load)
+        except AppLoadError as exc:
+            return self._cannot_start(str(exc), "load")
+        except SystemExit:  # uvicorn's Config.load exits on what it cannot load
+            return self._cannot_start(f"uvicorn could not load {config.app_name}; see the log above", "load")
+        lifespan = LifespanErrors(uconfig.loaded_app) if config.reload else None
+        if lifespan is not None:
+            wrap_loaded_app(uconfig, lambda _: lifespan)
+        code = self._run_server(uconfig)
+        if code is None:  # lifespan startup failed; uvicorn logged why
+            why = f": {lifespan.error}" if lifespan is not None and lifespan.error else "; see the log above"
+            return self._cannot_start(f"lifespan startup of {config.app_name} failed{why}", "lifespan")
+        return code
 
-    def cannot_start(self, error: str, stage: str) -> int:
-        """Tell the primary; under --reload, then serve the error page (see ``error_page.py``)."""
-        self.report({"t": "boot_error", "error": error, "stage": stage})
-        if not self.config.reload:
-            return EXIT_BOOT_FAILURE
-        uconfig = uvicorn_config(self.config, error_app(error))
-        uconfig.lifespan = "off"
-        uconfig.load()
-        code = self.serve(uconfig, error_page=True)
-        return EXIT_BOOT_FAILURE if code is None else code
-
-    def watch_primary(self, server: WorkerServer) -> Callable[[], None]:
-        """Signals from the primary (or the kernel, when it died); returns what to do when it is gone."""
-
-        def orphaned(*_: Any) -> None:
-            # The primary is gone: finish quickly, and never outlive it by more than ~2 s.
-            signal.alarm(int(ORPHAN_GRACE) + 1)
-            server.drain(ORPHAN_GRACE)
-
-        def orphan_signal(*_: Any) -> None:
-            # Only if the primary is really gone: the same signal sent to the whole process
-            # group (`systemctl kill -s USR2`, meant for the primary's upgrade) is ignored.
-            if os.getppid() != self.spec.primary_pid:
-                orphaned()
-
-        signal.signal(ORPHAN_SIGNAL, orphan_signal)
+    def _run_server(self, uconfig: uvicorn.Config, error_page: bool = False) -> int | None:
+        """Serve until told to stop: the exit status, or None if lifespan startup failed."""
+        server = self.server = self._make_server(uconfig, error_page)
+        signal.signal(ORPHAN_SIGNAL, self._orphan_signal)
         # A hung worker: the primary sends DUMP_SIGNAL, we print every thread's stack
         # (from C, so it works while the event loop is blocked), then it kills us.
         faulthandler.register(DUMP_SIGNAL, all_threads=True, chain=False)
-        return orphaned
-
-    def serve(self, uconfig: uvicorn.Config, error_page: bool = False) -> int | None:
-        """Serve until told to stop; the exit code, or None if lifespan startup failed."""
-        config, spec, channel = self.config, self.spec, self.channel
-        ready: dict[str, Any] = {"t": "ready", "error_page": True} if error_page else {"t": "ready"}
-        server = WorkerServer(
-            uconfig,
-            on_ready=lambda: self.report(ready),
-            on_heartbeat=lambda s: self.report({"t": "hb", "r": s.total_requests, "c": s.open_connections}),
-            heartbeat_interval=config.heartbeat_interval,
-        )
-        health = getattr(uconfig, "cluster_server_health", None)
-        if health is not None:
-            server.handlers["health"] = health_handler(health)
-        orphaned = self.watch_primary(server)
-
-        async def serve() -> None:
-            loop = asyncio.get_running_loop()
-            self.link.serve(server, loop)
-
-            def on_channel() -> None:
-                try:
-                    for msg, fds in channel.receive():
-                        if isinstance(msg, FdsTruncated) and msg.message is not None:
-                            msg = {**msg.message, "ctrunc": True}  # the handler refuses what it lost
-                        handler = None if isinstance(msg, ChannelError) else server.handlers.get(str(msg.get("t")))
-                        if handler is None:
-                            _proc.close_all(fds)
-                            logger.warning("worker %d: dropped a message from the primary: %.200s", spec.id, msg)
-                            continue
-                        assert not isinstance(msg, ChannelError)
-                        handler(msg, fds)
-                except EOFError:
-                    loop.remove_reader(channel.fileno())
-                    orphaned()
-
-            if config.scheduling in HANDOFF:
-                least_busy = config.scheduling == "least-busy"
-                WorkerHandOff(server, channel, least_busy=least_busy, family=self.family).install(loop)
-            loop.add_reader(channel.fileno(), on_channel)
-            try:
-                await server.serve(sockets=self.sockets)
-            finally:
-                loop.remove_reader(channel.fileno())
-
         try:
-            run_on_fresh_loop(serve(), uconfig)
+            run_on_fresh_loop(self._serve(), uconfig)
         except SystemExit as exc:
             if not server.started:
                 return None
             return exc.code if isinstance(exc.code, int) else 1
         return 0
+
+    def _cannot_start(self, error: str, stage: BootStage) -> int:
+        """Tell the primary; under --reload, then serve the error page (see ``worker/error_page.py``)."""
+        if not self.config.reload:
+            return boot_failure(self.channel, error, stage)
+        self.report({"t": BOOT_ERROR, "error": error[:MAX_BOOT_ERROR], "stage": stage})
+        uconfig = uvicorn_config(self.config, error_app(error))
+        uconfig.lifespan = "off"
+        uconfig.load()
+        code = self._run_server(uconfig, error_page=True)
+        return EXIT_BOOT_FAILURE if code is None else code
+
+    def _settle(self) -> int | None:
+        """Bind this worker's own sockets, drop privileges, become the primary's child and
+        ask to be told when it dies. An exit status when the worker cannot."""
+        config, spec = self.config, self.spec
+        try:  # this worker's own sockets (reuseport), bound before --user drops the right to low ports
+            self.sockets = worker_sockets(config, spec.listeners)
+        except BindError as exc:
+            return boot_failure(self.channel, str(exc), "bind")
+        try:  # --user/--group, before the parent-death signal: changing credentials clears it
+            _privileges.drop(config)
+        except ClusterServerError as exc:
+            return boot_failure(self.channel, str(exc), "privileges")
+        # The parent-death signal fires when the *current* parent dies: set it only
+        # once the primary is our parent, or a template's middle process would fire it.
+        if not _await_parent(spec.primary_pid, REPARENT_TIMEOUT):
+            return 1
+        _proc.set_parent_death_signal(ORPHAN_SIGNAL)
+        if os.getppid() != spec.primary_pid:
+            return 1  # the primary died before we could ask to be told
+        signal.signal(ORPHAN_SIGNAL, signal.SIG_DFL)  # until the server installs its handler
+        return None
+
+    def _make_server(self, uconfig: uvicorn.Config, error_page: bool = False) -> WorkerServer:
+        ready: Message = {"t": READY, "error_page": True} if error_page else {"t": READY}
+        server = WorkerServer(
+            uconfig,
+            on_ready=lambda: self.report(ready),
+            on_heartbeat=lambda s: self.report({"t": HEARTBEAT, "r": s.total_requests, "c": s.open_connections}),
+            heartbeat_interval=self.config.heartbeat_interval,
+        )
+        if (health_path := self.config.health_path) is not None and not error_page:
+            health = HealthState()
+            wrap_loaded_app(uconfig, lambda app: HealthMiddleware(app, health_path, health))
+            server.handlers[HEALTH] = health_handler(health)
+        return server
+
+    def report(self, msg: Message) -> None:
+        try:
+            self.channel.send(msg)
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # the primary is gone; the orphan path ends us
+
+    def _orphaned(self) -> None:
+        # The primary is gone: finish quickly, and never outlive it by more than ~2 s.
+        assert self.server is not None
+        signal.alarm(int(ORPHAN_GRACE) + 1)
+        self.server.drain(ORPHAN_GRACE)
+
+    def _orphan_signal(self, *_: Any) -> None:
+        # Only if the primary is really gone: the same signal sent to the whole process
+        # group (`systemctl kill -s USR2`, meant for the primary's upgrade) is ignored.
+        if os.getppid() != self.spec.primary_pid:
+            self._orphaned()
+
+    async def _serve(self) -> None:
+        server, channel, config = self.server, self.channel, self.config
+        assert server is not None
+        loop = self.loop = asyncio.get_running_loop()
+        self.link.serve(server, loop)
+        if config.scheduling in HANDOFF:
+            family = self.spec.listeners[0].family if self.spec.listeners else socket.AF_INET
+            handoff = WorkerHandOff(server, channel, least_busy=config.scheduling == "least-busy", family=family)
+            handoff.install(loop)
+        loop.add_reader(channel.fileno(), self._on_channel)
+        await server.serve(sockets=self.sockets)
+
+    def _on_channel(self) -> None:
+        # (a message that lost fds is handed on marked "ctrunc": its handler refuses what it lost)
+        if not receive_all(self.channel, self._dispatch, f"worker {self.spec.id}", truncated=True):
+            assert self.loop is not None
+            self.loop.remove_reader(self.channel.fileno())
+            self._orphaned()
+
+    def _dispatch(self, msg: Message, fds: list[int]) -> None:
+        assert self.server is not None
+        handler = self.server.handlers.get(str(msg.get("t")))
+        if handler is None:
+            _proc.close_all(fds)
+            logger.warning("worker %d: dropped a message from the primary: %.200s", self.spec.id, msg)
+            return
+        handler(msg, fds)

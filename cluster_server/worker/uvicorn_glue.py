@@ -16,7 +16,8 @@ Tested against uvicorn 0.54 (pinned in pyproject.toml). What we rely on:
   cleared when data arrives or the connection closes cleanly);
 - for the drain: the HTTP protocols' ``cycle`` (``response_started``,
   ``response_complete``, ``keep_alive``, ``default_headers``), ``shutdown()``,
-  ``handle_websocket_upgrade()``, ``server_state.default_headers``, and the
+  ``on_response_complete()`` (called, on a connection kept alive, once a
+  response is sent), ``handle_websocket_upgrade()``, ``server_state.default_headers``, and the
   WebSocket protocols' ``handshake_complete`` / ``handshake_completed_event``.
 - the protocols' ``cycle``, ``transport`` and ``server_state.default_headers``
   (``guard_request_head``).
@@ -60,7 +61,8 @@ class WorkerServer(uvicorn.Server):
     Draining (``shutdown``), for connections from the shared listening socket
     and handed-over ones alike: the listeners close (other workers keep
     accepting from the kernel's queue); a request in flight finishes and its
-    response carries ``Connection: close`` if it has not started yet; an idle
+    response carries ``Connection: close`` if it has not started yet (else the
+    connection counts as idle once it is sent); an idle
     connection gets ``DRAIN_IDLE_WINDOW`` to send one more request, answered with
     ``Connection: close``, and is closed after it; WebSockets get close code
     1012; whatever still runs at uvicorn's ``timeout_graceful_shutdown`` is
@@ -294,12 +296,13 @@ def draining_protocol(base: Any, server: WorkerServer) -> Any:
     between two requests, or a connection accepted but not yet read). Here such
     a connection gets ``server.drain_window`` to send it; it is answered with
     ``Connection: close``, and the connection is closed when the window ends
-    with nothing in flight.
-    """
+    with nothing in flight. A response whose head went out before the drain makes
+    its connection idle once complete (a close right after it would cross the
+    client's next request)."""
 
     class DrainingProtocol(base):  # type: ignore[misc]
-        _cluster_server_base = base
         _drain_timer: asyncio.TimerHandle | None = None
+        _drain_after_response = False
 
         def connection_made(self, transport: asyncio.BaseTransport) -> None:
             super().connection_made(transport)
@@ -309,21 +312,29 @@ def draining_protocol(base: Any, server: WorkerServer) -> Any:
         def shutdown(self) -> None:
             cycle = getattr(self, "cycle", None)
             if cycle is None or cycle.response_complete:
-                if self._drain_timer is None and not self.transport.is_closing():
-                    loop = asyncio.get_running_loop()
-                    self._drain_timer = loop.call_later(server.drain_window, self._drain_window_over)
-                return
-            if not cycle.response_started and CLOSE_HEADER not in cycle.default_headers:
-                cycle.default_headers = [*cycle.default_headers, CLOSE_HEADER]
-            super().shutdown()  # keep_alive = False: closed once the response is sent
+                self._open_drain_window()
+            elif not cycle.response_started:
+                if CLOSE_HEADER not in cycle.default_headers:
+                    cycle.default_headers = [*cycle.default_headers, CLOSE_HEADER]
+                super().shutdown()  # keep_alive = False: closed once the response is sent
+            else:  # too late to say Connection: close: idle once it is sent
+                self._drain_after_response = True
+
+        def on_response_complete(self) -> None:
+            super().on_response_complete()
+            if self._drain_after_response:
+                self._open_drain_window()
+
+        def _open_drain_window(self) -> None:  # one more request, within server.drain_window
+            if self._drain_timer is None and not self.transport.is_closing():
+                self._drain_timer = asyncio.get_running_loop().call_later(server.drain_window, self._drain_window_over)
 
         def _drain_window_over(self) -> None:
             if self.transport.is_closing():
                 return
             cycle = getattr(self, "cycle", None)
-            if cycle is None or cycle.response_complete:
+            if cycle is None or cycle.response_complete:  # (else its response closes the connection)
                 super().shutdown()  # nothing came: close it
-            # else a request arrived in the window; its response closes the connection
 
         def connection_lost(self, exc: Exception | None) -> None:
             if self._drain_timer is not None:
@@ -387,78 +398,87 @@ def guard_request_head(uconfig: uvicorn.Config, timeout: float, max_size: int) -
     ``server_state.default_headers`` are the internals this relies on.
     """
     base: Any = uconfig.http_protocol_class
+    name = f"RequestHeadGuard[{base.__name__}]"
+    attrs = {"_cs_timeout": timeout, "_cs_max_size": max_size, "__qualname__": name}
+    uconfig.http_protocol_class = type(name, (_RequestHeadGuard, base), attrs)
 
-    class RequestHeadGuard(base):  # type: ignore[misc]
-        _cs_watching = False
-        _cs_head_bytes = 0
-        _cs_timer: asyncio.TimerHandle | None = None
 
-        def connection_made(self, transport: asyncio.Transport) -> None:
-            super().connection_made(transport)
+class _RequestHeadGuard(asyncio.Protocol):
+    """What ``guard_request_head`` mixes into uvicorn's HTTP protocol class (see there)."""
+
+    _cs_timeout = 0.0
+    _cs_max_size = 0
+    _cs_watching = False
+    _cs_head_bytes = 0
+    _cs_timer: asyncio.TimerHandle | None = None
+    # uvicorn's protocol internals this relies on
+    cycle: Any
+    transport: Any
+    server_state: Any
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        self._cs_watching = True
+        self._cs_arm()  # a connection that never sends anything is closed too
+
+    def data_received(self, data: bytes) -> None:
+        if not self._cs_watching and (self.cycle is None or self.cycle.response_complete):
+            # The next request on a keep-alive connection begins. No timer yet: most
+            # heads arrive whole in one read, and then none is needed.
             self._cs_watching = True
-            self._cs_arm()  # a connection that never sends anything is closed too
-
-        def data_received(self, data: bytes) -> None:
-            if not self._cs_watching and (self.cycle is None or self.cycle.response_complete):
-                # The next request on a keep-alive connection begins. No timer yet: most
-                # heads arrive whole in one read, and then none is needed.
-                self._cs_watching = True
-                self._cs_head_bytes = 0
-            before = self.cycle
-            super().data_received(data)
-            if not self._cs_watching:
-                return
-            transport = self.transport
-            if self.cycle is not before or transport.is_closing() or transport.get_protocol() is not self:
-                self._cs_stop()  # the head is complete (or uvicorn answered/closed/upgraded)
-                return
-            self._cs_head_bytes += len(data)
-            if self._cs_head_bytes > max_size:
-                self._cs_stop()
-                logger.warning("%s: request head over %d bytes; answered 431", _peer(self), max_size)
-                self._cs_answer(431, "Request Header Fields Too Large", "Request head too large.")
-            elif self._cs_timer is None:
-                self._cs_arm()
-
-        def connection_lost(self, exc: Exception | None) -> None:
+            self._cs_head_bytes = 0
+        before = self.cycle
+        super().data_received(data)
+        if not self._cs_watching:
+            return
+        transport = self.transport
+        if self.cycle is not before or transport.is_closing() or transport.get_protocol() is not self:
+            self._cs_stop()  # the head is complete (or uvicorn answered/closed/upgraded)
+            return
+        self._cs_head_bytes += len(data)
+        if self._cs_head_bytes > self._cs_max_size:
             self._cs_stop()
-            super().connection_lost(exc)
+            logger.warning("%s: request head over %d bytes; answered 431", _peer(self), self._cs_max_size)
+            self._cs_answer(431, "Request Header Fields Too Large", "Request head too large.")
+        elif self._cs_timer is None:
+            self._cs_arm()
 
-        def _cs_arm(self) -> None:
-            if timeout > 0:
-                self._cs_timer = asyncio.get_running_loop().call_later(timeout, self._cs_expired)
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._cs_stop()
+        super().connection_lost(exc)
 
-        def _cs_stop(self) -> None:
-            self._cs_watching = False
-            if self._cs_timer is not None:
-                self._cs_timer.cancel()
-                self._cs_timer = None
+    def _cs_arm(self) -> None:
+        if self._cs_timeout > 0:
+            self._cs_timer = asyncio.get_running_loop().call_later(self._cs_timeout, self._cs_expired)
 
-        def _cs_expired(self) -> None:
+    def _cs_stop(self) -> None:
+        self._cs_watching = False
+        if self._cs_timer is not None:
+            self._cs_timer.cancel()
             self._cs_timer = None
-            self._cs_watching = False
-            transport = self.transport
-            if transport.is_closing() or transport.get_protocol() is not self:
-                return
-            if self._cs_head_bytes:
-                logger.info("%s: no complete request head within %g s; answered 408", _peer(self), timeout)
-                self._cs_answer(408, "Request Timeout", "Request head not received in time.")
-            else:
-                transport.close()  # opened and never used (a browser's preconnect, say)
 
-        def _cs_answer(self, status: int, reason: str, body: str) -> None:
-            head = [f"HTTP/1.1 {status} {reason}\r\n".encode("ascii")]
-            for name, value in self.server_state.default_headers:
-                head += [name, b": ", value, b"\r\n"]
-            head.append(
-                f"content-type: text/plain; charset=utf-8\r\ncontent-length: {len(body)}\r\n"
-                f"connection: close\r\n\r\n{body}".encode("ascii")
-            )
-            self.transport.write(b"".join(head))
-            self.transport.close()
+    def _cs_expired(self) -> None:
+        self._cs_timer = None
+        self._cs_watching = False
+        transport = self.transport
+        if transport.is_closing() or transport.get_protocol() is not self:
+            return
+        if self._cs_head_bytes:
+            logger.info("%s: no complete request head within %g s; answered 408", _peer(self), self._cs_timeout)
+            self._cs_answer(408, "Request Timeout", "Request head not received in time.")
+        else:
+            transport.close()  # opened and never used (a browser's preconnect, say)
 
-    RequestHeadGuard.__name__ = RequestHeadGuard.__qualname__ = f"RequestHeadGuard[{base.__name__}]"
-    uconfig.http_protocol_class = RequestHeadGuard
+    def _cs_answer(self, status: int, reason: str, body: str) -> None:
+        head = [f"HTTP/1.1 {status} {reason}\r\n".encode("ascii")]
+        for name, value in self.server_state.default_headers:
+            head += [name, b": ", value, b"\r\n"]
+        head.append(
+            f"content-type: text/plain; charset=utf-8\r\ncontent-length: {len(body)}\r\n"
+            f"connection: close\r\n\r\n{body}".encode("ascii")
+        )
+        self.transport.write(b"".join(head))
+        self.transport.close()
 
 
 def _peer(protocol: Any) -> str:
