@@ -75,8 +75,8 @@ def version(expected: str) -> Check:
 #: uvicorn flags that are not a way to serve the example (with why)
 NOT_A_RUN = {
     "--help": "prints the help",
-    "--version": "prints the versions (tests/test_cli.py checks it)",
-    "--factory": "the example exports an app, not a factory (tests/test_cli.py parses the flag)",
+    "--version": "prints the versions (tests/cli/test_cli.py checks it)",
+    "--factory": "the example exports an app, not a factory (tests/cli/test_cli.py parses the flag)",
     "--port": "every run gives it",
 }
 

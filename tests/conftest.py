@@ -8,6 +8,7 @@ killed by group id when the test ends, whatever happened. Waits use
 from __future__ import annotations
 
 import contextlib
+import inspect
 import os
 import signal
 import socket
@@ -345,3 +346,28 @@ def conns() -> Iterator[Any]:
             os.close(fd)
         except OSError:
             pass
+
+
+#: fixtures that start a real server: a test that uses one (directly or through another
+#: fixture) is a real-process test, marked ``slow``; ``pytest -m "not slow"`` runs the rest
+PROCESS_FIXTURES = frozenset({"start_server"})
+#: what a test's own code calls when it starts processes without those fixtures
+PROCESS_CALLS = ("run_cli(", "run_program(", "subprocess.", "Popen(", "os.fork(", "_proc.fork(", "mkdocs")
+
+
+def _starts_processes(item: pytest.Item) -> bool:
+    if PROCESS_FIXTURES.intersection(getattr(item, "fixturenames", ())):
+        return True
+    fn = getattr(item, "function", None)
+    try:
+        source = inspect.getsource(fn) if fn is not None else ""
+    except (OSError, TypeError):
+        return False
+    return any(call in source for call in PROCESS_CALLS)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The two layers: real-process tests are ``slow``, whatever their file says."""
+    for item in items:
+        if _starts_processes(item):
+            item.add_marker(pytest.mark.slow)
