@@ -675,13 +675,16 @@ def test_primary_death_ends_its_workers(tmp_path: Path) -> None:
 
 
 @contextlib.contextmanager
-def node_example(tmp_path: Path, start_method: str) -> Iterator[tuple[subprocess.Popen[str], int, Path]]:
+def node_example(
+    tmp_path: Path, start_method: str, policy: str = "rr", workers: int = 2
+) -> Iterator[tuple[subprocess.Popen[str], int, Path]]:
     port = free_port()
-    log = tmp_path / f"example-{start_method}.log"
+    log = tmp_path / f"example-{start_method}-{policy}.log"
+    env = program_env(start_method, WORKERS=str(workers), PORT=str(port), CLUSTER_SERVER_SCHED_POLICY=policy)
     with open(log, "w") as fh:
         proc = subprocess.Popen(
             [sys.executable, str(ROOT / "examples" / "node_cluster.py")],
-            env=program_env(start_method, WORKERS="2", PORT=str(port)),
+            env=env,
             stdout=fh,
             stderr=subprocess.STDOUT,
             text=True,
@@ -695,9 +698,11 @@ def node_example(tmp_path: Path, start_method: str) -> Iterator[tuple[subprocess
         proc.wait(5)
 
 
-@pytest.mark.parametrize("start_method", START_METHODS)
-def test_node_example_runs_unchanged_with_both_start_methods(tmp_path: Path, start_method: str) -> None:
-    with node_example(tmp_path, start_method) as (proc, port, log):
+@pytest.mark.parametrize(("start_method", "policy"), [("fork", "rr"), ("spawn", "rr"), ("fork", "none")])
+def test_node_example_runs_unchanged_with_both_start_methods_and_policies(
+    tmp_path: Path, start_method: str, policy: str
+) -> None:
+    with node_example(tmp_path, start_method, policy) as (proc, port, log):
         wait_until(lambda: log.read_text().count("started") == 2, 20, what="two workers started")
         workers = children(proc.pid)
         assert len(workers) == 2
@@ -708,6 +713,8 @@ def test_node_example_runs_unchanged_with_both_start_methods(tmp_path: Path, sta
             assert r.text.startswith("Handled by ")
             seen.add(int(r.text.split()[-1]))
         assert seen <= set(workers), (seen, workers)
+        if policy == "rr":
+            assert seen == set(workers)  # the primary hands connections to each in turn
         # a worker that dies is logged, and the other one keeps serving
         victim = sorted(workers)[0]
         os.kill(victim, signal.SIGKILL)
@@ -721,6 +728,19 @@ def test_node_example_runs_unchanged_with_both_start_methods(tmp_path: Path, sta
         assert f"Primary {proc.pid} is running" in text
         assert f"worker {sorted(workers)[1]} died (0)" in text
         assert not any(alive(pid) for pid in workers)
+
+
+def test_round_robin_spreads_new_connections_evenly_over_four_workers(tmp_path: Path) -> None:
+    """The issue's bar: 4 workers, a new connection per request, max/min requests per worker <= 1.10."""
+    with node_example(tmp_path, "fork", "rr", workers=4) as (proc, port, log):
+        wait_until(lambda: log.read_text().count("started") == 4, 20, what="four workers started")
+        counts: dict[int, int] = {pid: 0 for pid in children(proc.pid)}
+        assert len(counts) == 4
+        with httpx.Client(timeout=5) as client:
+            for _ in range(200):
+                r = client.get(f"http://127.0.0.1:{port}/", headers={"Connection": "close"})
+                counts[int(r.text.split()[-1])] += 1
+        assert max(counts.values()) / min(counts.values()) <= 1.10, counts
 
 
 # -- in an ASGI app, under cluster-server ---------------------------------------------------------

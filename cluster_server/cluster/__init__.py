@@ -68,10 +68,22 @@ from cluster_server.cluster.primary import (
     Settings,
     Worker,
 )
+from cluster_server.cluster.rr import (
+    POLICY_ENV,
+    SCHED_NONE,
+    SCHED_RR,
+    RoundRobinServer,
+    RoundRobinSocket,
+    default_policy,
+    policy_from_env,
+)
 from cluster_server.cluster.worker import Endpoint, start_link
 
 __all__ = [
     "CHANNEL_FD_ENV",
+    "POLICY_ENV",
+    "SCHED_NONE",
+    "SCHED_RR",
     "START_METHODS",
     "START_METHOD_ENV",
     "WORKER_ID_ENV",
@@ -82,11 +94,14 @@ __all__ = [
     "DisconnectedError",
     "HTTPServer",
     "RequestError",
+    "RoundRobinServer",
+    "RoundRobinSocket",
     "ServerMixin",
     "Settings",
     "ThreadingHTTPServer",
     "Worker",
     "broadcast",
+    "create_server",
     "disconnect",
     "disconnected",
     "fork",
@@ -108,6 +123,8 @@ __all__ = [
     "send",
     "settings",
     "setup_primary",
+    "start_server",
+    "start_unix_server",
     "wait",
     "wait_disconnect",
     "worker",
@@ -156,9 +173,21 @@ class CurrentWorker:
         return f"<CurrentWorker id={self.id} pid={self.pid}>"
 
 
-#: Node's ``cluster.schedulingPolicy``: only the shared handle is implemented here
-#: (every worker accepts on the socket the primary bound); see docs/cluster-api.md.
-scheduling_policy = "shared"
+def _policy_at_import() -> int:
+    try:
+        return policy_from_env()
+    except ValueError as exc:  # raised by the first fork(), not by an import
+        global _policy_error
+        _policy_error = str(exc)
+        return default_policy()
+
+
+_policy_error: str | None = None
+#: Node's ``cluster.schedulingPolicy``: ``SCHED_RR`` (the primary accepts and hands each
+#: connection to the next worker listening there; the default, as Node's on Linux) or
+#: ``SCHED_NONE`` (every worker accepts on the socket the primary bound). Set it, or
+#: ``CLUSTER_SERVER_SCHED_POLICY=rr|none``, before the first ``fork()``/``setup_primary()``.
+scheduling_policy: int = _policy_at_import()
 
 _primary = ClusterPrimary()
 _endpoint: Endpoint | None = None
@@ -189,6 +218,13 @@ def _need_primary(what: str) -> ClusterPrimary:
     return _primary
 
 
+def _freeze_policy(primary: ClusterPrimary) -> None:
+    """The first fork() or setup_primary() fixes the scheduling policy (as Node's)."""
+    if primary.policy is None and _policy_error is not None and scheduling_policy == default_policy():
+        raise ValueError(_policy_error)
+    primary.freeze_policy(scheduling_policy)
+
+
 def _need_worker(what: str, instead: str = "") -> Endpoint:
     if _endpoint is None:
         hint = f"; in the primary use {instead}" if instead else ""
@@ -216,6 +252,7 @@ def setup_primary(
     """
     global settings
     primary = _need_primary("setup_primary()")
+    _freeze_policy(primary)
     old = primary.settings
     primary.setup(
         Settings(
@@ -230,7 +267,9 @@ def setup_primary(
 
 def fork(env: dict[str, str] | None = None) -> Worker:
     """Start a worker running this program (or ``settings.exec``); ``env`` is added to its environment."""
-    return _need_primary("fork()").fork(env)
+    primary = _need_primary("fork()")
+    _freeze_policy(primary)
+    return primary.fork(env)
 
 
 def on(event: str, fn: Callable[..., Any] | None = None) -> Any:
@@ -302,18 +341,100 @@ def broadcast(data: Any, *, include_self: bool = False) -> int | None:
     return _primary.broadcast(data)
 
 
-def listen(address: tuple[str, int] | str, *, backlog: int = 511) -> socket.socket:
-    """A listening socket for ``address`` (``(host, port)`` or a Unix socket path).
+def listen(address: tuple[str, int] | str, *, backlog: int = 511) -> socket.socket | RoundRobinSocket:
+    """Listen at ``address`` (``(host, port)`` or a Unix socket path) through the primary.
 
-    In a worker the primary binds it the first time any worker asks and passes
-    the same socket to every worker that asks (Node's shared handle); port 0 is
-    random the first time and the same for every worker after. In the primary,
-    the same cached socket (a duplicate you own).
+    In a worker, the primary binds it the first time any worker asks (port 0 is
+    random the first time, the same for every worker after), and the policy
+    says what you get: under ``SCHED_RR`` a :class:`RoundRobinSocket` that the
+    primary's connections come through, under ``SCHED_NONE`` the shared
+    listening socket itself. Both have ``accept()``, ``fileno()``,
+    ``getsockname()``, ``settimeout()`` and ``close()``, so a server that
+    accepts from either runs under both. In the primary, a duplicate of the
+    same cached socket (yours to close).
     """
     if _endpoint is not None:
         return _endpoint.listen(address, backlog)
     sock = _primary.handle_for(address if isinstance(address, str) else list(address), backlog)
     return sock.dup()
+
+
+async def create_server(
+    protocol_factory: Callable[[], asyncio.BaseProtocol],
+    host: str | None = None,
+    port: int | None = None,
+    *,
+    path: str | None = None,
+    backlog: int = 511,
+    start_serving: bool = True,
+    **kwds: Any,
+) -> asyncio.AbstractServer:
+    """``loop.create_server`` through the primary, under either policy (``path``: a Unix socket).
+
+    In a worker: an ``asyncio.Server`` on the shared socket (``SCHED_NONE``), or a
+    :class:`RoundRobinServer` (``SCHED_RR``) with the same interface; either closes
+    when the worker disconnects. In the primary: ``loop.create_server``, bound as usual.
+    ``kwds`` go to the loop (``ssl``, ``ssl_handshake_timeout``...).
+    """
+    loop = asyncio.get_running_loop()
+    address: tuple[str, int] | str = path if path is not None else (host or "0.0.0.0", port or 0)
+    if _endpoint is None:
+        if path is not None:
+            return await loop.create_unix_server(protocol_factory, path, backlog=backlog, **kwds)
+        return await loop.create_server(protocol_factory, host, port, backlog=backlog, **kwds)
+    endpoint = _endpoint
+    sock = await asyncio.to_thread(endpoint.listen, address, backlog)
+    if isinstance(sock, RoundRobinSocket):
+        server: asyncio.AbstractServer = RoundRobinServer(loop, sock, protocol_factory, **kwds)
+        if start_serving:
+            await server.start_serving()
+        return server
+    if path is not None:
+        server = await loop.create_unix_server(protocol_factory, sock=sock, start_serving=start_serving, **kwds)
+    else:
+        server = await loop.create_server(protocol_factory, sock=sock, start_serving=start_serving, **kwds)
+    endpoint.add_closer(lambda: _close_threadsafe(loop, server))
+    return server
+
+
+def _close_threadsafe(loop: asyncio.AbstractEventLoop, server: asyncio.AbstractServer) -> None:
+    try:
+        loop.call_soon_threadsafe(server.close)
+    except RuntimeError:  # that loop is closed: nothing serves any more
+        pass
+
+
+async def start_server(
+    client_connected_cb: Callable[[asyncio.StreamReader, asyncio.StreamWriter], Any],
+    host: str | None = None,
+    port: int | None = None,
+    *,
+    limit: int = 2**16,
+    **kwds: Any,
+) -> asyncio.AbstractServer:
+    """``asyncio.start_server`` through the primary: the same code serves under both policies.
+
+    ``server = await cluster.start_server(handle, "127.0.0.1", 8000)``; then
+    ``await server.serve_forever()`` or ``async with server:``, as with asyncio.
+    """
+    loop = asyncio.get_running_loop()
+
+    def factory() -> asyncio.StreamReaderProtocol:
+        reader = asyncio.StreamReader(limit=limit, loop=loop)
+        return asyncio.StreamReaderProtocol(reader, client_connected_cb, loop=loop)
+
+    return await create_server(factory, host, port, **kwds)
+
+
+async def start_unix_server(
+    client_connected_cb: Callable[[asyncio.StreamReader, asyncio.StreamWriter], Any],
+    path: str,
+    *,
+    limit: int = 2**16,
+    **kwds: Any,
+) -> asyncio.AbstractServer:
+    """``asyncio.start_unix_server`` through the primary (see :func:`start_server`)."""
+    return await start_server(client_connected_cb, path=path, limit=limit, **kwds)
 
 
 # -- a worker ----------------------------------------------------------------------------------
@@ -390,7 +511,8 @@ class ServerMixin:
             super().server_bind()  # type: ignore[misc]
             return
         self.socket.close()
-        self.socket = _endpoint.listen(self.server_address, getattr(self, "request_queue_size", 511))
+        # under SCHED_RR a RoundRobinSocket: socketserver only needs accept(), fileno(), close()
+        self.socket = _endpoint.listen(self.server_address, getattr(self, "request_queue_size", 511))  # type: ignore[assignment]
         self.server_address = self.socket.getsockname()
         if isinstance(self.server_address, tuple):
             # http.server.HTTPServer.server_bind would look the host up (getfqdn): not needed

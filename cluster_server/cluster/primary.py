@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import functools
 import inspect
 import itertools
@@ -33,10 +34,19 @@ from typing import Any
 
 from cluster_server import _proc
 from cluster_server._errors import ChannelError, DisconnectedError, RequestError
+from cluster_server.cluster.rr import (
+    POLICY_ENV,
+    SCHED_RR,
+    RoundRobinHandles,
+    check_policy,
+    default_policy,
+    policy_name,
+)
 from cluster_server.cluster.worker import MainTarget, main_target, run_forked
 from cluster_server.wire import channel as _channel
 from cluster_server.wire.channel import Channel, Message
 from cluster_server.wire.messages import (
+    ACK,
     BCAST,
     DISCONNECT,
     DISCONNECTING,
@@ -257,6 +267,10 @@ class ClusterPrimary(Emitter):
         self._handles: dict[tuple[Any, ...], socket.socket] = {}
         self._unlink: list[str] = []
         self._request_handler: Callable[[Worker, Any], Any] | None = None
+        #: Node's cluster.schedulingPolicy, frozen by the first fork() or setup_primary()
+        self.policy: int | None = None
+        self._policy_warned = False
+        self._rr = RoundRobinHandles(self.send, self.workers)
 
     # -- the loop -------------------------------------------------------------------
 
@@ -395,6 +409,23 @@ class ClusterPrimary(Emitter):
 
     # -- forking ----------------------------------------------------------------------
 
+    def freeze_policy(self, policy: Any) -> int:
+        """Node freezes ``cluster.schedulingPolicy`` at the first ``fork()`` or ``setupPrimary()``."""
+        if self.policy is None:
+            self.policy = check_policy(policy)
+        elif policy != self.policy and not self._policy_warned:
+            self._policy_warned = True
+            logger.warning(
+                "cluster.scheduling_policy changed to %r after the first fork() or setup_primary(): "
+                "ignored, as in Node (it stays %s)",
+                policy,
+                policy_name(self.policy).upper(),
+            )
+        return self.policy
+
+    def frozen_policy(self) -> int:
+        return self.policy if self.policy is not None else default_policy()
+
     def setup(self, settings: Settings) -> None:
         if settings.start_method not in START_METHODS:
             raise ValueError(f"start_method={settings.start_method!r}: expected one of {', '.join(START_METHODS)}")
@@ -404,6 +435,7 @@ class ClusterPrimary(Emitter):
     def fork(self, env: dict[str, str] | None = None) -> Worker:
         self._running_loop()
         settings = self.settings
+        env = {**(env or {}), POLICY_ENV: policy_name(self.freeze_policy(self.frozen_policy()))}
         target: MainTarget = ("path", os.path.abspath(settings.exec)) if settings.exec else main_target()
         worker_id = next(self._ids)
         ours, theirs = _channel.pair()
@@ -474,6 +506,9 @@ class ClusterPrimary(Emitter):
             sock.close()
         self._handles.clear()
         self._unlink.clear()
+        # connections the round-robin handles hold (never their loop's readers: the parent's)
+        _proc.close_all(self._rr.fds_to_close_in_child())
+        self._rr = RoundRobinHandles(self.send, self.workers)
 
     # -- exits and disconnects ------------------------------------------------------------
 
@@ -518,6 +553,7 @@ class ClusterPrimary(Emitter):
             w.process.returncode = code if sig is None else -int(sig)
         w.state = "dead"
         self._live.pop(w.id, None)
+        self._rr.exited(w)
         w.emit("exit", code, sig)
         self.emit("exit", w, code, sig)
         self._forget(w)
@@ -534,6 +570,7 @@ class ClusterPrimary(Emitter):
         if not w._dead:
             w.state = "disconnected"
         w._requests.close(lambda: DisconnectedError(f"worker {w.id} disconnected before it answered"))
+        self._rr.disconnected(w)
         w.emit("disconnect")
         self.emit("disconnect", w)
         self._forget(w)
@@ -617,8 +654,11 @@ class ClusterPrimary(Emitter):
             self.close_channel(w)
 
     def _handle(self, w: Worker, msg: Message, fds: list[int]) -> None:
-        _proc.close_all(fds)  # a worker's messages carry no fds
         kind = msg.get("t")
+        if kind == ACK:
+            self._rr.ack(w, msg, fds)
+            return
+        _proc.close_all(fds)  # a worker's other messages carry no fds
         if kind == RES:
             if not w._requests.resolve(msg, []):
                 logger.debug("worker %d: an answer nobody waits for (late?) %.200r", w.id, msg)
@@ -685,14 +725,14 @@ class ClusterPrimary(Emitter):
 
     # -- shared handles ---------------------------------------------------------------------
 
-    def handle_for(self, addr: Any, backlog: int = 511) -> socket.socket:
-        """The listening socket at ``addr``, bound the first time it is asked for."""
-        if isinstance(addr, str):
-            key: tuple[Any, ...] = ("unix", addr)
-        elif isinstance(addr, list | tuple) and len(addr) == 2 and isinstance(addr[1], int):
-            key = ("tcp", str(addr[0]), addr[1])
-        else:
-            raise ValueError(f"not an address: {addr!r}; expected (host, port) or a Unix socket path")
+    def handle_for(self, addr: Any, backlog: int = 511, index: int = 0) -> socket.socket:
+        """The listening socket at ``addr``, bound the first time it is asked for.
+
+        ``index``: for port 0, a worker's second ``listen`` of the same host gets
+        another socket (another random port), shared with every other worker's
+        second one, as Node's ``index`` in its handle key.
+        """
+        key = _handle_key(addr, index)
         sock = self._handles.get(key)
         if sock is not None:
             return sock
@@ -713,21 +753,36 @@ class ClusterPrimary(Emitter):
         return sock
 
     def _listen(self, w: Worker, msg: Message) -> None:
+        """A worker's ``cluster.listen()``: bind once; share the socket (SCHED_NONE), or add the
+        worker to the address's round-robin handle (SCHED_RR, ``cluster/rr.py``)."""
         rid = msg.get("id")
         if not isinstance(rid, int):
             logger.warning("worker %d sent a listen request without an id %.200r; ignored", w.id, msg)
             return
-        addr = msg.get("addr")
-        backlog = msg.get("backlog")
+        addr, backlog, index = msg.get("addr"), msg.get("backlog"), msg.get("index", 0)
         try:
-            sock = self.handle_for(addr, backlog if isinstance(backlog, int) and backlog > 0 else 511)
+            backlog = backlog if isinstance(backlog, int) and backlog > 0 else 511
+            sock = self.handle_for(addr, backlog, index if isinstance(index, int) else 0)
         except (OSError, ValueError) as exc:
-            w._replier.refuse(rid, f"the primary cannot listen on {addr!r}: {exc}", kind="bind")
+            code = errno.errorcode.get(getattr(exc, "errno", None) or 0)  # EADDRINUSE, as Node's err.code
+            why = f"{code} {exc}" if code else str(exc)
+            w._replier.refuse(rid, f"the primary cannot listen on {addr!r}: {why}", kind="bind")
             return
         name = sock.getsockname()
-        w._replier.answer(rid, list(name) if isinstance(name, tuple) else name, [os.dup(sock.fileno())])
+        name = list(name) if isinstance(name, tuple) else name
+        lid = msg.get("h")
+        if self.frozen_policy() == SCHED_RR and isinstance(lid, int) and not isinstance(lid, bool):
+            try:
+                self._rr.add(w, _handle_key(addr, index), sock, lid)
+            except ValueError as exc:
+                w._replier.refuse(rid, f"the primary cannot listen on {addr!r}: {exc}", kind="bind")
+                return
+            w._replier.answer(rid, {"addr": name, "rr": True})
+            return
+        w._replier.answer(rid, name, [os.dup(sock.fileno())])
 
     def close_handles(self) -> None:
+        self._rr.close()
         for sock in self._handles.values():
             sock.close()
         self._handles.clear()
@@ -735,6 +790,17 @@ class ClusterPrimary(Emitter):
             with contextlib.suppress(OSError):
                 os.unlink(path)
         self._unlink.clear()
+
+
+def _handle_key(addr: Any, index: int = 0) -> tuple[Any, ...]:
+    """``("unix", path)`` or ``("tcp", host, port[, index])``: one listening socket per key."""
+    if isinstance(addr, str):
+        return ("unix", addr)
+    if isinstance(addr, list | tuple) and len(addr) == 2 and isinstance(addr[1], int):
+        if addr[1] == 0 and index:
+            return ("tcp", str(addr[0]), 0, index)
+        return ("tcp", str(addr[0]), addr[1])
+    raise ValueError(f"not an address: {addr!r}; expected (host, port) or a Unix socket path")
 
 
 async def _first(*aws: Awaitable[Any]) -> None:

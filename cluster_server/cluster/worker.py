@@ -30,6 +30,7 @@ import asyncio
 import collections
 import concurrent.futures
 import inspect
+import itertools
 import logging
 import os
 import runpy
@@ -45,10 +46,13 @@ from typing import Any, NoReturn
 
 from cluster_server import _proc
 from cluster_server._errors import BindError, ChannelError, ClusterRoleError, DisconnectedError
+from cluster_server.cluster.rr import RoundRobinSocket
+from cluster_server.cluster.rr import refuse as refuse_conn
 from cluster_server.wire import channel as _channel
 from cluster_server.wire.channel import Message
 from cluster_server.wire.messages import (
     BCAST,
+    CONN,
     DISCONNECT,
     DISCONNECTING,
     LISTEN,
@@ -99,6 +103,10 @@ class Endpoint(abc.ABC):
         self._requests: Pending[concurrent.futures.Future[Answer]] = Pending()
         self._replier = Replier(self._send, f"worker {worker_id}")
         self._closers: list[Callable[[], None]] = []
+        #: round-robin listeners by id (``cluster/rr.py``)
+        self._rr_sockets: dict[int, RoundRobinSocket] = {}
+        self._listener_ids = itertools.count(1)
+        self._zero_ports: dict[str, int] = {}  # host -> listen(0) calls so far
         self.connected = True
         self.disconnecting = False
         self._disconnected = threading.Event()
@@ -169,23 +177,56 @@ class Endpoint(abc.ABC):
         _proc.close_all(fds)
         return value
 
-    def listen(self, address: tuple[str, int] | str, backlog: int = 511) -> socket.socket:
-        """Ask the primary for the listening socket at ``address`` (bound once, shared)."""
+    def listen(self, address: tuple[str, int] | str, backlog: int = 511) -> socket.socket | RoundRobinSocket:
+        """Ask the primary to listen at ``address`` (bound once for every worker).
+
+        The primary's policy decides what comes back: the shared listening
+        socket (``SCHED_NONE``), or a :class:`RoundRobinSocket` that the
+        connections it accepts come through (``SCHED_RR``).
+        """
         self._check_may_block("cluster.listen()")
+        request: Message = {"t": LISTEN, "backlog": int(backlog)}
         if isinstance(address, str):
-            addr: Any = address
+            request["addr"] = address
         else:
             host, port = address
-            addr = [str(host), int(port)]
-        rid, fut = self._start_request({"t": LISTEN, "addr": addr, "backlog": int(backlog)})
-        late = f"the primary did not answer a listen request within {LISTEN_TIMEOUT} s"
-        name, fds = self._wait_answer(rid, fut, LISTEN_TIMEOUT, late)
+            request["addr"] = [str(host), int(port)]
+            if int(port) == 0:  # Node: the n-th listen(0) of a host in each worker shares one port
+                request["index"] = self._zero_ports[str(host)] = self._zero_ports.get(str(host), -1) + 1
+        rr = RoundRobinSocket(self._send, next(self._listener_ids), self._forget_listener)
+        self._rr_sockets[rr.lid] = rr
+        request["h"] = rr.lid
+        try:
+            rid, fut = self._start_request(request)
+            late = f"the primary did not answer a listen request within {LISTEN_TIMEOUT} s"
+            answer, fds = self._wait_answer(rid, fut, LISTEN_TIMEOUT, late)
+        except BaseException:
+            rr.discard()
+            raise
+        if isinstance(answer, dict):  # round-robin: connections come through the channel
+            _proc.close_all(fds)
+            rr.listening(answer.get("addr"))
+            self.add_closer(rr.shutdown)
+            self._send({"t": LISTENING, "addr": answer.get("addr")})
+            return rr
+        rr.discard()
         if not fds:
             raise BindError(f"the primary sent no socket for {address!r}")
         _proc.close_all(fds[1:])
         sock = socket.socket(fileno=fds[0])
-        self._send({"t": LISTENING, "addr": name})
+        self._send({"t": LISTENING, "addr": answer})
         return sock
+
+    def _forget_listener(self, lid: int) -> None:
+        self._rr_sockets.pop(lid, None)
+
+    def _on_conn(self, msg: Message, fds: list[int]) -> None:
+        """Connections the primary handed to one of our round-robin listeners."""
+        rr = self._rr_sockets.get(msg.get("h"))  # type: ignore[arg-type]
+        if rr is None:
+            refuse_conn(self._send, msg, fds)
+        else:
+            rr.on_conn(msg, fds)
 
     # -- receiving ----------------------------------------------------------------
 
@@ -293,6 +334,9 @@ class Endpoint(abc.ABC):
         kind = msg.get("t")
         if kind == RES:
             self._resolve(msg, fds)
+            return
+        if kind == CONN:
+            self._on_conn(msg, fds)
             return
         _proc.close_all(fds)
         if kind == MSG:

@@ -42,7 +42,7 @@ READY: Final = "ready"
 HEARTBEAT: Final = "hb"
 BOOT_ERROR: Final = "boot_error"
 HEALTH: Final = "health"
-# worker channel: connection hand-off (--scheduling round-robin / least-busy)
+# worker channel: connection hand-off (--scheduling round-robin / least-busy); cluster channel: SCHED_RR
 CONN: Final = "conn"
 ACK: Final = "ack"
 # worker and cluster channels: the messaging API (cluster.send, broadcast, request)
@@ -271,11 +271,26 @@ CATALOGUE: Final = (
     MessageType("cluster", RES, "worker", "primary", "the answer to a req from the primary", _ANSWER),
     MessageType(
         "cluster", LISTEN, "worker", "primary",
-        "cluster.listen(address): the primary binds it once and answers res with the socket",
+        "cluster.listen(address): the primary binds it once and answers res: with the socket "
+        "(SCHED_NONE), or with {addr, rr: true} and adds the worker to the address's round-robin handle",
         (
             _ID,
             _f("addr", "[host, port] | str", "a TCP address or a Unix socket path"),
             _f("backlog", "int", "listen backlog"),
+            _f("index", "int", "port 0: the worker's n-th listen of that host (from 0): one port per n", optional=True),
+            _f("h", "int", "the worker's id for this listener (SCHED_RR: conn and ack name it)", optional=True),
+        ),
+    ),
+    MessageType(
+        "cluster", ACK, "worker", "primary",
+        "SCHED_RR: which handed-over connections the worker's server accepted, or gives back "
+        "(the worker channel's ack, for one listener; cluster/rr.py)",
+        (
+            _f("h", "int", "the listener"),
+            _f("b", "list[int]", "batches accepted by the server", optional=True),
+            _f("r", "list[int]", "batches given back: the listener is closed", optional=True),
+            _f("f", "list[list[int]]", "[batch, index, ...] given back (at the fd limit, or closed)", optional=True),
+            _f("close", "true", "the listener is closed: route nothing more to it", optional=True),
         ),
     ),
     MessageType(
@@ -301,7 +316,13 @@ CATALOGUE: Final = (
         "cluster", RES, "primary", "worker",
         "the answer to a req or a listen",
         (*_ANSWER, _f("kind", '"bind"', "listen failed: raise BindError", optional=True)),
-        "1 for a listen answer: the listening socket",
+        "1 for a listen answer under SCHED_NONE: the listening socket",
+    ),
+    MessageType(
+        "cluster", CONN, "primary", "worker",
+        "SCHED_RR: a connection the primary accepted, for one of the worker's listeners (cluster/rr.py)",
+        (_f("b", "int", "batch number, acknowledged by ack"), _f("h", "int", "the listener")),
+        "1 accepted connection",
     ),
     MessageType(
         "cluster", DISCONNECT, "primary", "worker",
