@@ -31,6 +31,7 @@ from cluster_server.primary.loop import Worker
 from cluster_server.primary.state import WorkerState
 from cluster_server.scheduling.primary import HandOff
 from cluster_server.wire.channel import Channel, pair
+from cluster_server.wire.messages import ACK
 
 
 class _Primary:
@@ -88,7 +89,7 @@ def measure(policy: str, batch: int, connections: int, workers: int) -> float:
                     for fd in fds:
                         os.close(fd)
                     assert isinstance(msg, dict)
-                    handoff.worker_message(w, {"t": "ack", "b": [msg["b"]]}, [])
+                    handoff.worker_message(w, {"t": ACK, "b": [msg["b"]]}, [])
             for c in clients:
                 c.close()
     finally:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -170,6 +171,66 @@ def test_roles_and_every_event_in_order(tmp_path: Path, start_method: str) -> No
     # gone from cluster.workers once disconnected and exited
     assert done.one("after") == ["after", True, False, True, "dead", [], 0, None]
     assert not done.find("a listener removed with off() was called")
+
+
+LINKED_FIRST_PROGRAM = """\
+import json, sys, threading
+# Before this program imports cluster_server: a worker is already linked to its primary.
+early = {"imported": "cluster_server.cluster" in sys.modules, "threads": [t.name for t in threading.enumerate()]}
+from cluster_server import cluster
+
+if cluster.is_primary:
+    w = cluster.fork()
+    w.on("message", lambda data: (print(json.dumps(data), flush=True), w.disconnect()))
+    cluster.run()
+else:
+    early.update(is_worker=cluster.is_worker, id=cluster.worker.id, path0=sys.path[0], main=__name__)
+    cluster.send(early)
+"""
+
+
+@pytest.mark.parametrize("start_method", START_METHODS)
+def test_a_worker_is_linked_before_its_program_runs(tmp_path: Path, start_method: str) -> None:
+    """fork and spawn alike: the role is set and the channel thread runs before the program's
+    first line; nothing happens at import time (Node sets up a worker's channel before its main)."""
+    path = tmp_path / "sub" / "linked.py"
+    path.parent.mkdir()
+    path.write_text(LINKED_FIRST_PROGRAM)
+    done = Done(*run_in_session([sys.executable, str(path)], tmp_path, program_env(start_method), 30))
+    assert done.rc == 0, done
+    [line] = [json.loads(line) for line in done.out.splitlines() if line.startswith("{")]
+    assert line["imported"] is True and "cluster-channel" in line["threads"], line
+    assert line["is_worker"] is True and line["id"] == 1 and line["main"] == "__main__"
+    assert line["path0"] == str(path.parent)  # as `python sub/linked.py` has it
+
+
+def test_importing_the_api_starts_nothing_and_the_role_is_read_from_one_place() -> None:
+    """Importing ``cluster_server.cluster`` with a spawned worker's environment starts no thread and
+    takes no role; the role lives in cluster/role.py, the facade follows it, and nothing else in
+    the package writes the facade's role attributes."""
+    code = textwrap.dedent(
+        """
+        import json, threading
+        from cluster_server import cluster
+        from cluster_server.cluster import role
+        seen = [cluster.is_primary, cluster.is_worker, cluster.worker, threading.active_count()]
+        role.become_template()
+        seen += [cluster.is_primary, cluster.is_worker, cluster.worker, cluster.workers]
+        print(json.dumps(seen))
+        """
+    )
+    env = program_env(CLUSTER_SERVER_WORKER_ID="1", CLUSTER_SERVER_CHANNEL_FD="9")
+    done = Done(*run_in_session([sys.executable, "-c", code], ROOT, env, 30))
+    assert done.rc == 0, done
+    assert json.loads(done.out) == [True, False, None, 1, False, False, None, {}]
+    writes = re.compile(r"\bcluster\.(is_primary|is_worker|worker|workers|settings|_endpoint|_primary)\s*=[^=]")
+    found = [
+        f"{path.relative_to(ROOT)}:{n}"
+        for path in sorted((ROOT / "cluster_server").rglob("*.py"))
+        for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1)
+        if writes.search(line)
+    ]
+    assert found == [], "the role is changed through cluster/role.py, not by writing the facade"
 
 
 def test_kill_crash_and_self_disconnect(tmp_path: Path) -> None:

@@ -7,6 +7,8 @@ import itertools
 import pytest
 
 from cluster_server import IllegalTransition
+from cluster_server.cluster.state import ClusterWorkerState
+from cluster_server.cluster.state import check_transition as check_cluster_transition
 from cluster_server.primary.state import TRANSITIONS, WorkerState, check_transition, exit_state
 
 S = WorkerState
@@ -50,3 +52,35 @@ def test_alive_and_serving() -> None:
     assert {s for s in S if s.alive} == {S.BOOTING, S.READY, S.DRAINING}
     assert {s for s in S if s.serving} == {S.READY}
     assert not any(TRANSITIONS[s] for s in S if not s.alive), "the end states are final"
+
+
+# -- the cluster API's worker states (cluster/state.py): Node's, in a table of the same shape ----------
+
+C = ClusterWorkerState
+
+CLUSTER_LEGAL = {
+    (C.NONE, C.ONLINE),
+    (C.NONE, C.DISCONNECTED),
+    (C.NONE, C.DEAD),
+    (C.ONLINE, C.LISTENING),
+    (C.ONLINE, C.DISCONNECTED),
+    (C.ONLINE, C.DEAD),
+    (C.LISTENING, C.LISTENING),
+    (C.LISTENING, C.DISCONNECTED),
+    (C.LISTENING, C.DEAD),
+    (C.DISCONNECTED, C.DEAD),
+}
+
+
+def test_cluster_worker_states_are_nodes() -> None:
+    assert [s.value for s in C] == ["none", "online", "listening", "disconnected", "dead"]
+    assert C.DEAD == "dead" and f"{C.ONLINE}" == "online"  # compares and prints as Node's string
+
+
+@pytest.mark.parametrize(("old", "new"), list(itertools.product(C, C)), ids=lambda s: s.value)
+def test_cluster_worker_moves(old: ClusterWorkerState, new: ClusterWorkerState) -> None:
+    if (old, new) in CLUSTER_LEGAL:
+        assert check_cluster_transition(old, new) is new
+    else:
+        with pytest.raises(IllegalTransition):
+            check_cluster_transition(old, new)

@@ -45,7 +45,6 @@ from __future__ import annotations
 
 import asyncio
 import http.server
-import os
 import socket
 import socketserver
 import threading
@@ -59,15 +58,9 @@ from cluster_server._errors import (
     DisconnectedError,
     RequestError,
 )
-from cluster_server.cluster.primary import (
-    CHANNEL_FD_ENV,
-    START_METHOD_ENV,
-    START_METHODS,
-    WORKER_ID_ENV,
-    ClusterPrimary,
-    Settings,
-    Worker,
-)
+from cluster_server.cluster import role as _role
+from cluster_server.cluster.primary import START_METHOD_ENV, START_METHODS, ClusterPrimary, Settings, Worker
+from cluster_server.cluster.role import CurrentWorker
 from cluster_server.cluster.rr import (
     POLICY_ENV,
     SCHED_NONE,
@@ -77,7 +70,7 @@ from cluster_server.cluster.rr import (
     default_policy,
     policy_from_env,
 )
-from cluster_server.cluster.worker import Endpoint, start_link
+from cluster_server.cluster.worker import CHANNEL_FD_ENV, WORKER_ID_ENV, Endpoint
 
 __all__ = [
     "CHANNEL_FD_ENV",
@@ -132,47 +125,6 @@ __all__ = [
 ]
 
 
-class CurrentWorker:
-    """``cluster.worker`` in a worker: this worker's id and pid, and its link to the primary."""
-
-    def __init__(self, endpoint: Endpoint) -> None:
-        self._endpoint = endpoint
-
-    @property
-    def id(self) -> int:
-        """Its id in the primary (in an HTTP worker of cluster-server: its slot, 1..N)."""
-        return self._endpoint.id
-
-    @property
-    def pid(self) -> int:
-        return self._endpoint.pid
-
-    def send(self, data: Any) -> None:
-        self._endpoint.send(data)
-
-    def disconnect(self) -> None:
-        """Close this worker's servers and channel; the worker then exits when its code returns."""
-        self._endpoint.disconnect()
-
-    def is_connected(self) -> bool:
-        return self._endpoint.connected
-
-    def on(self, event: str, fn: Callable[..., Any] | None = None) -> Any:
-        """``message`` (``fn(data)``) or ``disconnect`` (``fn()``); without ``fn``, a decorator."""
-        if fn is None:
-            return lambda f: self.on(event, f)
-        if event == "message":
-            self._endpoint.on_message(fn)
-        elif event == "disconnect":
-            self._endpoint.on_disconnect(fn)
-        else:
-            raise ValueError(f"unknown worker event {event!r}; expected 'message' or 'disconnect'")
-        return fn
-
-    def __repr__(self) -> str:
-        return f"<CurrentWorker id={self.id} pid={self.pid}>"
-
-
 def _policy_at_import() -> int:
     try:
         return policy_from_env()
@@ -189,27 +141,34 @@ _policy_error: str | None = None
 #: ``CLUSTER_SERVER_SCHED_POLICY=rr|none``, before the first ``fork()``/``setup_primary()``.
 scheduling_policy: int = _policy_at_import()
 
-_primary = ClusterPrimary()
-_endpoint: Endpoint | None = None
-
+#: the role, copied from cluster/role.py by ``_read_role`` (the runtimes change it there)
 is_primary: bool = True
 is_worker: bool = False
 #: this worker, in a worker; None in the primary
 worker: CurrentWorker | None = None
 #: the primary's workers by id (a worker stays until it has both disconnected and exited)
-workers: dict[int, Worker] = _primary.workers
+workers: dict[int, Worker] = {}
 #: how fork() starts workers (``setup_primary`` changes it)
-settings: Settings = _primary.settings
+settings: Settings
+_endpoint: Endpoint | None = None
+_primary: ClusterPrimary
 
 
-def _become_worker(endpoint: Endpoint) -> None:
-    """Switch this process to the worker role (called by the worker runtimes)."""
-    global _primary, _endpoint, is_primary, is_worker, worker, workers
-    _primary = ClusterPrimary()
-    _endpoint = endpoint
-    is_primary, is_worker = False, True
-    worker = CurrentWorker(endpoint)
-    workers = {}
+def _read_role() -> None:
+    """Copy the role from cluster/role.py into this module; it calls this on every change."""
+    global is_primary, is_worker, worker, workers, settings, _endpoint, _primary
+    is_primary, is_worker = _role.name == "primary", _role.name == "worker"
+    worker, _endpoint = _role.worker, _role.endpoint
+    if _role.primary is not None:
+        _primary = _role.primary
+        settings = _primary.settings
+        # a worker keeps its copy of the primary's state (forked) but has no workers of its own
+        workers = {} if is_worker else _primary.workers
+
+
+if _role.primary is None:
+    _role.adopt_primary(ClusterPrimary())
+_role.on_change(_read_role)
 
 
 def _need_primary(what: str) -> ClusterPrimary:
@@ -541,12 +500,3 @@ class ThreadingHTTPServer(ServerMixin, http.server.ThreadingHTTPServer):
 
 class TCPServer(ServerMixin, socketserver.TCPServer):
     """``socketserver.TCPServer`` listening through the primary in a worker."""
-
-
-# -- a worker started with the spawn method: the environment says so -------------------------------
-
-if WORKER_ID_ENV in os.environ and _endpoint is None:
-    _wid = int(os.environ.pop(WORKER_ID_ENV))
-    _fd = int(os.environ.pop(CHANNEL_FD_ENV))
-    os.set_inheritable(_fd, False)
-    start_link(_wid, socket.socket(fileno=_fd), None)

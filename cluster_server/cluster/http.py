@@ -27,6 +27,7 @@ from typing import Any
 
 from cluster_server import _proc
 from cluster_server._errors import ClusterRoleError, DisconnectedError
+from cluster_server.cluster import role as _role
 from cluster_server.cluster.worker import Endpoint
 from cluster_server.wire import channel as _channel
 from cluster_server.wire.channel import Channel, Message
@@ -186,8 +187,6 @@ def _flush(loop: asyncio.AbstractEventLoop, channel: Channel) -> None:
 
 def enter_worker(worker_id: int, channel: Channel) -> LoopLink:
     """In a new HTTP worker, before the app is imported: make ``cluster.is_worker`` true."""
-    from cluster_server import cluster
-
     link = LoopLink(worker_id, channel)
-    cluster._become_worker(link)
+    _role.become_worker(link)
     return link

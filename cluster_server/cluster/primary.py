@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from cluster_server import _proc
-from cluster_server._errors import ChannelError, DisconnectedError, RequestError
+from cluster_server._errors import ChannelError, DisconnectedError, IllegalTransition, RequestError
 from cluster_server.cluster.rr import (
     POLICY_ENV,
     SCHED_RR,
@@ -42,30 +42,26 @@ from cluster_server.cluster.rr import (
     default_policy,
     policy_name,
 )
-from cluster_server.cluster.worker import MainTarget, main_target, run_forked
+from cluster_server.cluster.state import ClusterWorkerState, check_transition
+from cluster_server.cluster.worker import CHANNEL_FD_ENV, WORKER_ID_ENV, MainTarget, main_target, run_forked
 from cluster_server.wire import channel as _channel
+from cluster_server.wire import messages
 from cluster_server.wire.channel import Channel, Message
-from cluster_server.wire.messages import (
-    ACK,
-    BCAST,
-    DISCONNECT,
-    DISCONNECTING,
-    LISTEN,
-    LISTENING,
-    MSG,
-    ONLINE,
-    REQ,
-    RES,
-)
 from cluster_server.wire.request import Answer, Pending, Replier
 
 logger = logging.getLogger("cluster_server.cluster")
 
 START_METHODS = ("fork", "spawn")
-#: marks a spawned worker (like Node's NODE_UNIQUE_ID); removed from its environment at start
-WORKER_ID_ENV = "CLUSTER_SERVER_WORKER_ID"
-#: the spawned worker's channel fd (passed with pass_fds)
-CHANNEL_FD_ENV = "CLUSTER_SERVER_CHANNEL_FD"
+#: what a spawned worker's interpreter runs first (``-c``; its arguments: where this
+#: cluster_server was imported from, then the program and its arguments): import
+#: cluster-server from the same place as the primary did, and hand over to
+#: ``cluster/worker.py``'s ``spawned_main``, which links to the primary, then runs the program
+SPAWN_BOOTSTRAP = (
+    "import sys; r = sys.argv.pop(1); sys.path.insert(0, r); "
+    "from cluster_server.cluster.worker import spawned_main; sys.path.remove(r); spawned_main()"
+)
+#: the directory cluster_server was imported from
+_IMPORTED_FROM = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 #: the default start method, so one script runs unchanged under both
 START_METHOD_ENV = "CLUSTER_SERVER_START_METHOD"
 #: bytes queued for one worker that does not read (stopped, hung) before new messages
@@ -163,14 +159,6 @@ def _spawn(aw: Awaitable[Any], what: str) -> None:
     task.add_done_callback(done)
 
 
-def _run_answer(aw: Awaitable[Any]) -> asyncio.Future[Any]:
-    """Run an async request handler's answer as a task (kept referenced until it is done)."""
-    task = asyncio.ensure_future(aw)
-    _tasks.add(task)
-    task.add_done_callback(_tasks.discard)
-    return task
-
-
 def _signal_of(status: int) -> tuple[int | None, signal.Signals | None]:
     if os.WIFSIGNALED(status):
         num = os.WTERMSIG(status)
@@ -204,8 +192,8 @@ class Worker(Emitter):
         self.process = process
         #: True once ``disconnect()`` or ``kill()`` was called (or the worker disconnected itself)
         self.exited_after_disconnect = False
-        #: "none", "online", "listening", "disconnected", "dead"
-        self.state = "none"
+        #: Node's states, "none", "online", "listening", "disconnected", "dead" (``cluster/state.py``)
+        self.state = ClusterWorkerState.NONE
         #: after the exit: its exit code (None if killed by a signal) and the signal
         self.exit_code: int | None = None
         self.signal_code: signal.Signals | None = None
@@ -224,7 +212,7 @@ class Worker(Emitter):
 
     def send(self, data: Any) -> bool:
         """Send a message (JSON-compatible data). False if the worker is disconnected: dropped."""
-        return self._primary.send(self, {"t": MSG, "data": data})
+        return self._primary.send(self, {"t": messages.MSG, "data": data})
 
     async def request(self, data: Any, timeout: float | None = 5.0) -> Any:
         """Send a request; return the worker's ``on_request`` handler's answer."""
@@ -233,7 +221,7 @@ class Worker(Emitter):
     def disconnect(self) -> None:
         """Ask the worker to close its servers and its channel, then exit (graceful)."""
         self.exited_after_disconnect = True
-        self._primary.send(self, {"t": DISCONNECT})
+        self._primary.send(self, {"t": messages.DISCONNECT})
 
     def kill(self, sig: int = signal.SIGTERM) -> None:
         """Send ``sig`` to the worker and close its channel."""
@@ -245,6 +233,9 @@ class Worker(Emitter):
 
     def is_connected(self) -> bool:
         return self._channel is not None and not self._channel.closed
+
+    def _move(self, new: ClusterWorkerState) -> None:
+        self.state = check_transition(self.state, new)
 
     def is_dead(self) -> bool:
         return self._dead
@@ -486,7 +477,7 @@ class ClusterPrimary(Emitter):
         self, worker_id: int, theirs: socket.socket, env: dict[str, str] | None, target: MainTarget, settings: Settings
     ) -> subprocess.Popen[bytes]:
         kind, name = target
-        argv = [sys.executable, *settings.exec_argv, *(["-m", name] if kind == "module" else [name]), *settings.args]
+        argv = [sys.executable, *settings.exec_argv, "-c", SPAWN_BOOTSTRAP, _IMPORTED_FROM, kind, name, *settings.args]
         fd = theirs.fileno()
         child_env = {**os.environ, **(env or {}), WORKER_ID_ENV: str(worker_id), CHANNEL_FD_ENV: str(fd)}
         return subprocess.Popen(argv, env=child_env, pass_fds=(fd,))
@@ -551,7 +542,7 @@ class ClusterPrimary(Emitter):
         w.exit_code, w.signal_code = code, sig
         if w.process is not None:
             w.process.returncode = code if sig is None else -int(sig)
-        w.state = "dead"
+        w._move(ClusterWorkerState.DEAD)
         self._live.pop(w.id, None)
         self._rr.exited(w)
         w.emit("exit", code, sig)
@@ -568,7 +559,7 @@ class ClusterPrimary(Emitter):
             self._loop.remove_writer(ch.fileno())
         ch.close()
         if not w._dead:
-            w.state = "disconnected"
+            w._move(ClusterWorkerState.DISCONNECTED)
         w._requests.close(lambda: DisconnectedError(f"worker {w.id} disconnected before it answered"))
         self._rr.disconnected(w)
         w.emit("disconnect")
@@ -627,7 +618,7 @@ class ClusterPrimary(Emitter):
 
     def broadcast(self, data: Any, exclude: Worker | None = None) -> int:
         """Send to every connected worker; returns how many it was sent to."""
-        msg = {"t": MSG, "data": data}
+        msg = {"t": messages.MSG, "data": data}
         _channel.encode(msg)  # fail here, once, if it cannot be sent
         return sum(self.send(w, msg) for w in list(self.workers.values()) if w is not exclude)
 
@@ -655,37 +646,46 @@ class ClusterPrimary(Emitter):
 
     def _handle(self, w: Worker, msg: Message, fds: list[int]) -> None:
         kind = msg.get("t")
-        if kind == ACK:
+        if kind == messages.ACK:
             self._rr.ack(w, msg, fds)
             return
         _proc.close_all(fds)  # a worker's other messages carry no fds
-        if kind == RES:
+        if kind == messages.RES:
             if not w._requests.resolve(msg, []):
                 logger.debug("worker %d: an answer nobody waits for (late?) %.200r", w.id, msg)
-        elif kind == MSG:
+        elif kind == messages.MSG:
             data = msg.get("data")
             w.emit("message", data)
             self.emit("message", w, data)
-        elif kind == ONLINE:
-            w.state = "online"
-            w.emit("online")
-            self.emit("online", w)
-        elif kind == LISTEN:
+        elif kind == messages.ONLINE:
+            if self._worker_moves(w, ClusterWorkerState.ONLINE):
+                w.emit("online")
+                self.emit("online", w)
+        elif kind == messages.LISTEN:
             self._listen(w, msg)
-        elif kind == LISTENING:
+        elif kind == messages.LISTENING:
             addr = _address(msg.get("addr"))
-            w.state = "listening"
-            w.emit("listening", addr)
-            self.emit("listening", w, addr)
-        elif kind == REQ:
+            if self._worker_moves(w, ClusterWorkerState.LISTENING):
+                w.emit("listening", addr)
+                self.emit("listening", w, addr)
+        elif kind == messages.REQ:
             self._answer(w, msg)
-        elif kind == BCAST:
+        elif kind == messages.BCAST:
             data = msg.get("data")
             self.broadcast(data, exclude=None if msg.get("self") else w)
-        elif kind == DISCONNECTING:
+        elif kind == messages.DISCONNECTING:
             w.exited_after_disconnect = True
         else:
             logger.warning("worker %d [pid %d] sent an unknown message %.200r; ignored", w.id, w.pid, msg)
+
+    def _worker_moves(self, w: Worker, new: ClusterWorkerState) -> bool:
+        """A worker's message moves it to ``new``: False (logged, ignored) where the table has no such move."""
+        try:
+            w._move(new)
+        except IllegalTransition:
+            logger.warning("worker %d [pid %d] said %s while %s; ignored", w.id, w.pid, new.value, w.state.value)
+            return False
+        return True
 
     # -- requests -------------------------------------------------------------------------
 
@@ -696,7 +696,7 @@ class ClusterPrimary(Emitter):
         if rid is None:
             raise DisconnectedError(f"worker {w.id} is disconnected")
         try:
-            if not self.send(w, {"t": REQ, "id": rid, "data": data}):
+            if not self.send(w, {"t": messages.REQ, "id": rid, "data": data}):
                 if w.is_connected():
                     raise RequestError(f"worker {w.id} reads no messages (its queue is full); request not sent")
                 raise DisconnectedError(f"worker {w.id} is disconnected")
@@ -819,3 +819,11 @@ def _address(addr: Any) -> Any:
     if isinstance(addr, list):
         return tuple(addr)
     return addr
+
+
+def _run_answer(aw: Awaitable[Any]) -> asyncio.Future[Any]:
+    """Run an async request handler's answer as a task (kept referenced until it is done)."""
+    task = asyncio.ensure_future(aw)
+    _tasks.add(task)
+    task.add_done_callback(_tasks.discard)
+    return task

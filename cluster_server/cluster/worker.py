@@ -46,6 +46,7 @@ from typing import Any, NoReturn
 
 from cluster_server import _proc
 from cluster_server._errors import BindError, ChannelError, ClusterRoleError, DisconnectedError
+from cluster_server.cluster import role as _role
 from cluster_server.cluster.rr import RoundRobinSocket
 from cluster_server.cluster.rr import refuse as refuse_conn
 from cluster_server.wire import channel as _channel
@@ -70,12 +71,20 @@ logger = logging.getLogger("cluster_server.cluster")
 MAX_INBOX = 100_000
 #: how long ``listen()`` waits for the primary to bind
 LISTEN_TIMEOUT = 30.0
-#: the signal a worker gets when its primary dies (Linux), on top of the channel closing
-ORPHAN_SIGNAL = signal.SIGTERM
+#: the signal a worker gets when its primary dies (Linux), on top of the channel closing.
+#: SIGTERM, not the HTTP worker's ORPHAN_SIGNAL (SIGUSR2, ``worker/main.py``): this worker
+#: runs the user's program, which stops on SIGTERM by default or by its own handler, as
+#: any program does; an HTTP worker takes SIGTERM from its primary to mean "drain", so its
+#: primary's death needs a signal of its own to be told apart (and drained faster).
+ORPHAN_TERM_SIGNAL = signal.SIGTERM
+#: marks a spawned worker (like Node's NODE_UNIQUE_ID); removed from its environment at start
+WORKER_ID_ENV = "CLUSTER_SERVER_WORKER_ID"
+#: the spawned worker's channel fd (passed with pass_fds)
+CHANNEL_FD_ENV = "CLUSTER_SERVER_CHANNEL_FD"
 
 
 @dataclass
-class Listener:
+class Callback:
     """A registered callback: ``loop`` is set for ``async def`` ones (they run there)."""
 
     fn: Callable[..., Any]
@@ -93,9 +102,9 @@ class Endpoint(abc.ABC):
         self._inbox: collections.deque[Any] = collections.deque()
         self._inbox_full_warned = False
         self._wakers: list[tuple[asyncio.AbstractEventLoop, asyncio.Future[None]]] = []
-        self._on_message: list[Listener] = []
-        self._on_disconnect: list[Listener] = []
-        self._request_handler: Listener | None = None
+        self._on_message: list[Callback] = []
+        self._on_disconnect: list[Callback] = []
+        self._request_handler: Callback | None = None
         #: requests that came before any handler was set: they wait for one (the
         #: asker's timeout bounds the wait), so a worker's start-up is no race
         self._unanswered: collections.deque[Message] = collections.deque(maxlen=MAX_INBOX)
@@ -231,25 +240,25 @@ class Endpoint(abc.ABC):
     # -- receiving ----------------------------------------------------------------
 
     def on_message(self, fn: Callable[[Any], Any]) -> None:
-        self._on_message.append(self._listener(fn))
+        self._on_message.append(self._callback(fn))
 
     def on_disconnect(self, fn: Callable[[], Any]) -> None:
-        self._on_disconnect.append(self._listener(fn))
+        self._on_disconnect.append(self._callback(fn))
 
     def on_request(self, fn: Callable[[Any], Any] | None) -> None:
         """Set the request handler; requests that came before it was set are answered now."""
-        handler = None if fn is None else self._listener(fn)
+        handler = None if fn is None else self._callback(fn)
         with self._lock:
             self._request_handler = handler
             waiting, self._unanswered = self._unanswered, collections.deque()
         for msg in waiting:
             self._answer(msg)
 
-    def _listener(self, fn: Callable[..., Any]) -> Listener:
+    def _callback(self, fn: Callable[..., Any]) -> Callback:
         if not callable(fn):
             raise TypeError(f"expected a function, got {fn!r}")
         if not inspect.iscoroutinefunction(fn):
-            return Listener(fn, None)
+            return Callback(fn, None)
         try:
             loop: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
         except RuntimeError:
@@ -258,7 +267,7 @@ class Endpoint(abc.ABC):
             raise RuntimeError(
                 f"{fn.__qualname__} is an async function: register it from inside the event loop it should run on"
             )
-        return Listener(fn, loop)
+        return Callback(fn, loop)
 
     def get_message(self, timeout: float | None = None) -> Any:
         self._check_may_block("cluster.get_message()")
@@ -350,8 +359,8 @@ class Endpoint(abc.ABC):
 
     def _deliver(self, data: Any) -> None:
         with self._lock:
-            listeners = list(self._on_message)
-            if not listeners:
+            callbacks = list(self._on_message)
+            if not callbacks:
                 if len(self._inbox) >= MAX_INBOX:
                     self._inbox.popleft()
                     if not self._inbox_full_warned:
@@ -361,8 +370,8 @@ class Endpoint(abc.ABC):
                         )
                 self._inbox.append(data)
                 self._wake_all()
-        for listener in listeners:
-            self._call(listener, data)
+        for callback in callbacks:
+            self._call(callback, data)
 
     def _wake_all(self) -> None:
         """Wake every waiter (sync and async); the caller holds the lock."""
@@ -374,15 +383,15 @@ class Endpoint(abc.ABC):
             except RuntimeError:  # that loop is closed
                 pass
 
-    def _call(self, listener: Listener, *args: Any) -> None:
+    def _call(self, callback: Callback, *args: Any) -> None:
         try:
-            if listener.loop is None:
-                listener.fn(*args)
+            if callback.loop is None:
+                callback.fn(*args)
             else:
-                cf = asyncio.run_coroutine_threadsafe(listener.fn(*args), listener.loop)
-                cf.add_done_callback(_log_failure(listener.fn))
+                cf = asyncio.run_coroutine_threadsafe(callback.fn(*args), callback.loop)
+                cf.add_done_callback(_log_failure(callback.fn))
         except Exception:
-            logger.exception("worker %d: callback %r raised", self.id, listener.fn)
+            logger.exception("worker %d: callback %r raised", self.id, callback.fn)
 
     def _answer(self, msg: Message) -> None:
         rid = msg.get("id")
@@ -415,8 +424,8 @@ class Endpoint(abc.ABC):
                 self._send({"t": DISCONNECTING})
             except DisconnectedError:
                 pass
-        for listener in self._on_disconnect:
-            self._call(listener)
+        for callback in self._on_disconnect:
+            self._call(callback)
         for close in self._closers:
             try:
                 close()
@@ -565,11 +574,9 @@ def reset_signals() -> None:
 
 def start_link(worker_id: int, sock: socket.socket, primary_pid: int | None) -> ThreadLink:
     """Become a worker: link to the primary, tell it we are online."""
-    _proc.set_parent_death_signal(ORPHAN_SIGNAL)
+    _proc.set_parent_death_signal(ORPHAN_TERM_SIGNAL)
     link = ThreadLink(worker_id, sock)
-    from cluster_server import cluster
-
-    cluster._become_worker(link)
+    _role.become_worker(link)
     _quiet_keyboard_interrupt()
     try:
         if primary_pid is not None and os.getppid() != primary_pid:
@@ -618,6 +625,29 @@ def run_forked(
     finally:
         _proc.flush_output()
         os._exit(code)
+
+
+def spawned_main() -> NoReturn:
+    """A spawned worker: link to the primary, then run the program as ``__main__``; exit with its code.
+
+    A fresh interpreter runs this first (``python [options] -c BOOTSTRAP kind name
+    args...``, see ``cluster/primary.py``'s ``SPAWN_BOOTSTRAP``), as Node sets up a
+    worker's channel before its main module runs: the role is set and the channel
+    thread started before the program imports anything, never from inside an import
+    of ``cluster_server.cluster``. The environment names the worker and its channel
+    (like Node's ``NODE_UNIQUE_ID``); both are removed before the program runs.
+    """
+    worker_id = int(os.environ.pop(WORKER_ID_ENV))
+    fd = int(os.environ.pop(CHANNEL_FD_ENV))
+    kind, name, *args = sys.argv[1:]
+    target: MainTarget = ("module", name) if kind == "module" else ("path", name)
+    if not sys.flags.safe_path and sys.path and sys.path[0] == "":
+        # `python -c` put the current directory first; `python script.py` puts the
+        # script's directory there, and `python -m` the current directory, by its full path
+        sys.path[0] = os.path.dirname(os.path.realpath(name)) if kind == "path" else os.getcwd()
+    os.set_inheritable(fd, False)
+    start_link(worker_id, socket.socket(fileno=fd), None)
+    sys.exit(run_main(target, args))
 
 
 def run_main(target: MainTarget, args: Sequence[str]) -> int:

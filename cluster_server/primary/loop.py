@@ -50,10 +50,10 @@ MAX_WAIT = 1.0
 SPAWN_RETRY = 1.0
 #: unexpected exceptions the loop survives (draining) before it kills the workers and exits
 MAX_LOOP_ERRORS = 100
-
-_S = WorkerState
 #: the worker messages the primary handles itself; components get the others first
 _OWN_MESSAGES = frozenset({HEARTBEAT, READY, BOOT_ERROR})
+
+_S = WorkerState
 
 
 def backoff_delay(failures: int) -> float:

@@ -166,11 +166,11 @@ class _TemplateProcess:
 
     def run(self) -> int:
         _proc.set_title(f"cluster-server: template [{self.config.app_name}]")
-        # What a worker imports before it drops privileges, imported here before we do.
-        from cluster_server import cluster
-
         # The app's import-time code runs here: in neither the primary nor a worker.
-        cluster.is_primary = False
+        # (Imported here, before privileges drop, as a worker imports it before it does.)
+        from cluster_server.cluster import role
+
+        role.become_template()
         try:  # the app's imports run as --user, as in a worker; before the parent-death signal
             _privileges.drop(self.config)  # (changing credentials clears it)
         except ClusterServerError as exc:

@@ -131,6 +131,7 @@ CHANNELS: Final = (
     ),
 )
 
+# fmt: off
 _ID = _f("id", "int", "request id, unique among the sender's open requests")
 _DATA = _f("data", "JSON", "the payload")
 _ANSWER = (
@@ -139,7 +140,45 @@ _ANSWER = (
     _f("error", "str", "why there is no answer (instead of data)", optional=True),
 )
 
-# fmt: off
+
+def _messaging(channel: str, primary_asks: bool) -> tuple[MessageType, ...]:
+    """``msg``, ``bcast``, ``req``, ``res``: the messaging API's protocol, one for both channels
+    that carry it (``worker``: the HTTP primary answers, never asks; ``cluster``: both ask)."""
+    both = (
+        MessageType(
+            channel, MSG, "worker", "primary", "cluster.send(data): the message event (HTTP: logged at debug level)",
+            (_DATA,),
+        ),
+        MessageType(
+            channel, BCAST, "worker", "primary", "cluster.broadcast(data): sent on as msg to every other worker",
+            (_DATA, _f("self", "bool", "the sender gets it too")),
+        ),
+        MessageType(
+            channel, REQ, "worker", "primary",
+            "await cluster.request(data), answered by res (HTTP: the built-in workers, incr, get)", (_ID, _DATA),
+        ),
+        MessageType(
+            channel, MSG, "primary", "worker",
+            "a broadcast, or worker.send(data): cluster.on_message, cluster.recv()", (_DATA,),
+        ),
+    )
+    if not primary_asks:
+        return (*both, MessageType(channel, RES, "primary", "worker", "the answer to a req", _ANSWER))
+    return (
+        *both,
+        MessageType(channel, RES, "worker", "primary", "the answer to a req from the primary", _ANSWER),
+        MessageType(
+            channel, REQ, "primary", "worker",
+            "await worker.request(data), answered by res from the worker's cluster.on_request handler", (_ID, _DATA),
+        ),
+        MessageType(
+            channel, RES, "primary", "worker", "the answer to a req or a listen",
+            (*_ANSWER, _f("kind", '"bind"', "listen failed: raise BindError", optional=True)),
+            "1 for a listen answer under SCHED_NONE: the listening socket",
+        ),
+    )
+
+
 CATALOGUE: Final = (
     # -- worker channel ------------------------------------------------------------------------
     MessageType(
@@ -186,27 +225,7 @@ CATALOGUE: Final = (
             _f("c", "int", "least-busy: connections open now, idle or not", optional=True),
         ),
     ),
-    MessageType(
-        "worker", MSG, "worker", "primary",
-        "cluster.send(data) in an HTTP worker: the primary logs it at debug level",
-        (_DATA,),
-    ),
-    MessageType(
-        "worker", BCAST, "worker", "primary",
-        "cluster.broadcast(data): relayed as msg to every other worker",
-        (_DATA, _f("self", "bool", "the sender gets it too")),
-    ),
-    MessageType(
-        "worker", REQ, "worker", "primary",
-        "await cluster.request(data): a built-in request (workers, incr, get), answered by res",
-        (_ID, _DATA),
-    ),
-    MessageType(
-        "worker", MSG, "primary", "worker",
-        "another worker's broadcast: cluster.on_message, cluster.recv()",
-        (_DATA,),
-    ),
-    MessageType("worker", RES, "primary", "worker", "the answer to a req", _ANSWER),
+    *_messaging("worker", primary_asks=False),
     # -- template channel ----------------------------------------------------------------------
     MessageType(
         "template", SPAWN, "primary", "template",
@@ -215,14 +234,10 @@ CATALOGUE: Final = (
         "1: the worker's end of its new worker channel",
     ),
     MessageType(
-        "template", SPAWNED, "template", "primary",
-        "the answer to spawn: the worker runs",
-        (_f("pid", "int", "the worker's pid"),),
+        "template", SPAWNED, "template", "primary", "spawn done: the worker runs", (_f("pid", "int", "its pid"),)
     ),
     MessageType(
-        "template", SPAWN_FAILED, "template", "primary",
-        "the answer to spawn: no worker (fork failed)",
-        (_f("error", "str", "why"),),
+        "template", SPAWN_FAILED, "template", "primary", "spawn failed: no worker", (_f("error", "str", "why"),)
     ),
     MessageType(
         "template", READY, "template", "primary",
@@ -248,27 +263,10 @@ CATALOGUE: Final = (
     ),
     MessageType(
         "watcher", ERROR, "watcher", "primary",
-        "the watcher failed; it exits next and is restarted",
-        (_f("error", "str", "what failed"),),
+        "the watcher failed; it exits next and is restarted", (_f("error", "str", "what failed"),),
     ),
     # -- cluster channel -----------------------------------------------------------------------
     MessageType("cluster", ONLINE, "worker", "primary", "the worker runtime started (the online event)"),
-    MessageType(
-        "cluster", MSG, "worker", "primary",
-        "cluster.send(data): the message event",
-        (_DATA,),
-    ),
-    MessageType(
-        "cluster", BCAST, "worker", "primary",
-        "cluster.broadcast(data): sent as msg to every other worker",
-        (_DATA, _f("self", "bool", "the sender gets it too")),
-    ),
-    MessageType(
-        "cluster", REQ, "worker", "primary",
-        "await cluster.request(data): answered by res from cluster.on_request's handler",
-        (_ID, _DATA),
-    ),
-    MessageType("cluster", RES, "worker", "primary", "the answer to a req from the primary", _ANSWER),
     MessageType(
         "cluster", LISTEN, "worker", "primary",
         "cluster.listen(address): the primary binds it once and answers res: with the socket "
@@ -303,22 +301,6 @@ CATALOGUE: Final = (
         "the worker disconnects of its own accord (worker.exited_after_disconnect)",
     ),
     MessageType(
-        "cluster", MSG, "primary", "worker",
-        "worker.send(data), cluster.broadcast(data): cluster.on_message, cluster.recv()",
-        (_DATA,),
-    ),
-    MessageType(
-        "cluster", REQ, "primary", "worker",
-        "await worker.request(data): answered by res from the worker's cluster.on_request handler",
-        (_ID, _DATA),
-    ),
-    MessageType(
-        "cluster", RES, "primary", "worker",
-        "the answer to a req or a listen",
-        (*_ANSWER, _f("kind", '"bind"', "listen failed: raise BindError", optional=True)),
-        "1 for a listen answer under SCHED_NONE: the listening socket",
-    ),
-    MessageType(
         "cluster", CONN, "primary", "worker",
         "SCHED_RR: a connection the primary accepted, for one of the worker's listeners (cluster/rr.py)",
         (_f("b", "int", "batch number, acknowledged by ack"), _f("h", "int", "the listener")),
@@ -328,6 +310,7 @@ CATALOGUE: Final = (
         "cluster", DISCONNECT, "primary", "worker",
         "worker.disconnect(): close your servers and the channel, then exit",
     ),
+    *_messaging("cluster", primary_asks=True),
 )
 # fmt: on
 

@@ -144,8 +144,9 @@ class Replier:
     """The answering side of one channel: sends exactly one ``res`` per request.
 
     ``send(msg, fds)`` puts a message on the channel and owns ``fds`` from then
-    on, whatever happens; it may return False (the peer is gone: dropped) or
-    raise ``DisconnectedError`` (the same, in a worker). ``who`` names the answerer in error texts ("the primary",
+    on, whatever happens (the senders in use close them when they fail); it may
+    return False (the peer is gone: dropped) or raise ``DisconnectedError`` (the
+    same, in a worker). ``who`` names the answerer in error texts ("the primary",
     "worker 3"): ``the primary's request handler raised KeyError: 'x'``.
     """
 
