@@ -399,13 +399,20 @@ async def start_unix_server(
 # -- a worker ----------------------------------------------------------------------------------
 
 
-def send(data: Any) -> None:
-    """Send ``data`` to the primary (Node's ``process.send``). Raises DisconnectedError when cut off."""
-    _need_worker("send()", "worker.send(data) or cluster.broadcast(data)").send(data)
+def send(data: Any, handle: socket.socket | None = None, *, keep_open: bool = False) -> None:
+    """Send ``data`` to the primary (Node's ``process.send``). Raises DisconnectedError when cut off.
+
+    ``handle``: a socket sent along (Node's ``sendHandle``): the primary's ``message``
+    listeners that take a third argument get it. A connection is closed here once
+    sent, unless ``keep_open``; listening and datagram sockets stay open.
+    """
+    _need_worker("send()", "worker.send(data) or cluster.broadcast(data)").send(data, handle, keep_open)
 
 
-def on_message(fn: Callable[[Any], Any]) -> Callable[[Any], Any]:
-    """Call ``fn(data)`` for each message from the primary (usable as a decorator).
+def on_message(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Call ``fn(data)`` for each message from the primary (usable as a decorator);
+    ``fn(data, handle)`` also gets the socket that came with a message (Node's
+    ``process.on('message', (m, handle) => ...)``).
 
     A sync ``fn`` runs on the channel thread (in an HTTP worker: on its event loop);
     an ``async def`` one on the loop it was registered from. While any is
@@ -415,19 +422,23 @@ def on_message(fn: Callable[[Any], Any]) -> Callable[[Any], Any]:
     return fn
 
 
-async def recv(timeout: float | None = None) -> Any:
-    """The next message from the primary (queued if it came while nobody waited)."""
-    return await _need_worker("recv()").recv(timeout)
+async def recv(timeout: float | None = None, *, with_handle: bool = False) -> Any:
+    """The next message from the primary (queued if it came while nobody waited).
+
+    ``with_handle``: ``(data, handle)``, the handle None when none came; without
+    it, a handle that came with the message is closed.
+    """
+    return await _need_worker("recv()").recv(timeout, with_handle)
 
 
-def messages() -> AsyncIterator[Any]:
+def messages(*, with_handle: bool = False) -> AsyncIterator[Any]:
     """``async for data in cluster.messages()``: every message, until disconnected."""
-    return _need_worker("messages()").messages()
+    return _need_worker("messages()").messages(with_handle)
 
 
-def get_message(timeout: float | None = None) -> Any:
+def get_message(timeout: float | None = None, *, with_handle: bool = False) -> Any:
     """Blocking ``recv()``, for sync code; TimeoutError after ``timeout`` s."""
-    return _need_worker("get_message()").get_message(timeout)
+    return _need_worker("get_message()").get_message(timeout, with_handle)
 
 
 async def request(data: Any, *, timeout: float | None = 5.0) -> Any:

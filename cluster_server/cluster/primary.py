@@ -34,6 +34,7 @@ from typing import Any
 
 from cluster_server import _proc
 from cluster_server._errors import ChannelError, DisconnectedError, IllegalTransition, RequestError
+from cluster_server.cluster import handles
 from cluster_server.cluster.rr import (
     POLICY_ENV,
     SCHED_RR,
@@ -128,20 +129,26 @@ class Emitter:
         self._listeners.setdefault(event, []).append((fn, once))
         return fn
 
-    def emit(self, event: str, *args: Any) -> None:
+    def emit(self, event: str, *args: Any, handle: socket.socket | None = None) -> bool:
+        """Call the listeners; ``handle`` (a message's) goes to those that take one more
+        argument (``cluster/handles.py``). True when one of them got it."""
         listeners = self._listeners.get(event)
         if not listeners:
-            return
+            return False
+        took = False
         for fn, once in list(listeners):
             if once:
                 self.off(event, fn)
+            call = handles.call_args(fn, args, handle)
+            took = took or len(call) > len(args)
             try:
-                result = fn(*args)
+                result = fn(*call)
             except Exception:
                 logger.exception("%r listener %r raised", event, fn)
                 continue
             if inspect.isawaitable(result):
                 _spawn(result, f"{event!r} listener {fn!r}")
+        return took
 
 
 _tasks: set[asyncio.Future[Any]] = set()
@@ -210,9 +217,19 @@ class Worker(Emitter):
     def __repr__(self) -> str:
         return f"<Worker id={self.id} pid={self.pid} state={self.state}>"
 
-    def send(self, data: Any) -> bool:
-        """Send a message (JSON-compatible data). False if the worker is disconnected: dropped."""
-        return self._primary.send(self, {"t": messages.MSG, "data": data})
+    def send(self, data: Any, handle: socket.socket | None = None, *, keep_open: bool = False) -> bool:
+        """Send a message (JSON-compatible data). False if the worker is disconnected: dropped.
+
+        ``handle``: a socket sent along (Node's ``sendHandle``, ``cluster/handles.py``); once
+        sent, a connection is closed here unless ``keep_open``.
+        """
+        if handle is None:
+            return self._primary.send(self, {"t": messages.MSG, "data": data})
+        fd = os.dup(handles.fd_of(handle))
+        sent = self._primary.send(self, {"t": messages.MSG, "data": data, "handle": handles.SOCKET}, [fd])
+        if sent:
+            handles.close_after_send(handle, keep_open)
+        return sent
 
     async def request(self, data: Any, timeout: float | None = 5.0) -> Any:
         """Send a request; return the worker's ``on_request`` handler's answer."""
@@ -253,7 +270,7 @@ class ClusterPrimary(Emitter):
         self._live: dict[int, Worker] = {}  # not yet exited, by id
         self._ids = itertools.count(1)
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._soon: list[Callable[[], None]] = []
+        self._soon: list[Callable[[], object]] = []
         self._changed: asyncio.Event | None = None
         self._handles: dict[tuple[Any, ...], socket.socket] = {}
         self._unlink: list[str] = []
@@ -288,7 +305,7 @@ class ClusterPrimary(Emitter):
             return None
         return self.attach(loop)
 
-    def call_soon(self, cb: Callable[..., None], *args: Any) -> None:
+    def call_soon(self, cb: Callable[..., object], *args: Any) -> None:
         if self._loop is not None and not self._loop.is_closed():
             self._loop.call_soon(cb, *args)
         else:
@@ -649,14 +666,13 @@ class ClusterPrimary(Emitter):
         if kind == messages.ACK:
             self._rr.ack(w, msg, fds)
             return
+        if kind == messages.MSG:
+            self._message(w, msg, fds)
+            return
         _proc.close_all(fds)  # a worker's other messages carry no fds
         if kind == messages.RES:
             if not w._requests.resolve(msg, []):
                 logger.debug("worker %d: an answer nobody waits for (late?) %.200r", w.id, msg)
-        elif kind == messages.MSG:
-            data = msg.get("data")
-            w.emit("message", data)
-            self.emit("message", w, data)
         elif kind == messages.ONLINE:
             if self._worker_moves(w, ClusterWorkerState.ONLINE):
                 w.emit("online")
@@ -677,6 +693,15 @@ class ClusterPrimary(Emitter):
             w.exited_after_disconnect = True
         else:
             logger.warning("worker %d [pid %d] sent an unknown message %.200r; ignored", w.id, w.pid, msg)
+
+    def _message(self, w: Worker, msg: Message, fds: list[int]) -> None:
+        """The ``message`` events; a handle that came with it goes to the listeners that take it."""
+        data = msg.get("data")
+        handle = handles.adopt(msg, fds, f"worker {w.id} [pid {w.pid}]")
+        took = w.emit("message", data, handle=handle)
+        took = self.emit("message", w, data, handle=handle) or took
+        if handle is not None and not took:
+            handle.close()  # nobody takes it: never leaked
 
     def _worker_moves(self, w: Worker, new: ClusterWorkerState) -> bool:
         """A worker's message moves it to ``new``: False (logged, ignored) where the table has no such move."""

@@ -46,6 +46,7 @@ from typing import Any, NoReturn
 
 from cluster_server import _proc
 from cluster_server._errors import BindError, ChannelError, ClusterRoleError, DisconnectedError
+from cluster_server.cluster import handles
 from cluster_server.cluster import role as _role
 from cluster_server.cluster.rr import RoundRobinSocket
 from cluster_server.cluster.rr import refuse as refuse_conn
@@ -99,7 +100,8 @@ class Endpoint(abc.ABC):
         self.pid = os.getpid()
         self._lock = threading.Lock()
         self._cond = threading.Condition(self._lock)
-        self._inbox: collections.deque[Any] = collections.deque()
+        #: (data, handle or None) for recv() while no on_message callback is registered
+        self._inbox: collections.deque[tuple[Any, socket.socket | None]] = collections.deque()
         self._inbox_full_warned = False
         self._wakers: list[tuple[asyncio.AbstractEventLoop, asyncio.Future[None]]] = []
         self._on_message: list[Callback] = []
@@ -139,8 +141,17 @@ class Endpoint(abc.ABC):
 
     # -- sending ------------------------------------------------------------------
 
-    def send(self, data: Any) -> None:
-        self._send({"t": MSG, "data": data})
+    def send(self, data: Any, handle: socket.socket | None = None, keep_open: bool = False) -> None:
+        """Send ``data`` to the primary; ``handle``: a socket sent along (``cluster/handles.py``)."""
+        if handle is None:
+            self._send({"t": MSG, "data": data})
+            return
+        self._send_handle({"t": MSG, "data": data, "handle": handles.SOCKET}, handles.fd_of(handle))
+        handles.close_after_send(handle, keep_open)
+
+    def _send_handle(self, msg: Message, fd: int) -> None:
+        """Send ``msg`` with a copy of ``fd`` (the caller keeps ``fd``)."""
+        raise ClusterRoleError("this worker's primary takes no handles: cluster-server's HTTP primary runs no app code")
 
     def broadcast(self, data: Any, include_self: bool = False) -> None:
         self._send({"t": BCAST, "data": data, "self": include_self})
@@ -269,7 +280,7 @@ class Endpoint(abc.ABC):
             )
         return Callback(fn, loop)
 
-    def get_message(self, timeout: float | None = None) -> Any:
+    def get_message(self, timeout: float | None = None, with_handle: bool = False) -> Any:
         self._check_may_block("cluster.get_message()")
         deadline = None if timeout is None else time.monotonic() + timeout
         with self._cond:
@@ -280,15 +291,15 @@ class Endpoint(abc.ABC):
                 if remaining is not None and remaining <= 0:
                     raise TimeoutError(f"no message within {timeout} s")
                 self._cond.wait(remaining)
-            return self._inbox.popleft()
+            return _unpack(self._inbox.popleft(), with_handle)
 
-    async def recv(self, timeout: float | None = None) -> Any:
+    async def recv(self, timeout: float | None = None, with_handle: bool = False) -> Any:
         loop = asyncio.get_running_loop()
         deadline = None if timeout is None else loop.time() + timeout
         while True:
             with self._lock:
                 if self._inbox:
-                    return self._inbox.popleft()
+                    return _unpack(self._inbox.popleft(), with_handle)
                 if not self.connected:
                     raise DisconnectedError(f"worker {self.id} is disconnected from its primary")
                 waker: asyncio.Future[None] = loop.create_future()
@@ -306,10 +317,10 @@ class Endpoint(abc.ABC):
                     if entry in self._wakers:
                         self._wakers.remove(entry)
 
-    async def messages(self) -> AsyncIterator[Any]:
+    async def messages(self, with_handle: bool = False) -> AsyncIterator[Any]:
         while True:
             try:
-                msg = await self.recv()
+                msg = await self.recv(with_handle=with_handle)
             except DisconnectedError:
                 return
             yield msg
@@ -347,31 +358,40 @@ class Endpoint(abc.ABC):
         if kind == CONN:
             self._on_conn(msg, fds)
             return
-        _proc.close_all(fds)
         if kind == MSG:
-            self._deliver(msg.get("data"))
-        elif kind == REQ:
+            self._deliver(msg.get("data"), handles.adopt(msg, fds, f"worker {self.id}"))
+            return
+        _proc.close_all(fds)
+        if kind == REQ:
             self._answer(msg)
         elif kind == DISCONNECT:
             self.disconnect(asked=True)
         else:
             logger.warning("worker %d: unknown message from the primary %.200r; ignored", self.id, msg)
 
-    def _deliver(self, data: Any) -> None:
+    def _deliver(self, data: Any, handle: socket.socket | None = None) -> None:
         with self._lock:
             callbacks = list(self._on_message)
             if not callbacks:
                 if len(self._inbox) >= MAX_INBOX:
-                    self._inbox.popleft()
+                    _, dropped = self._inbox.popleft()
+                    if dropped is not None:
+                        dropped.close()
                     if not self._inbox_full_warned:
                         self._inbox_full_warned = True
                         logger.warning(
                             "worker %d: %d messages wait for recv(); dropping the oldest", self.id, MAX_INBOX
                         )
-                self._inbox.append(data)
+                self._inbox.append((data, handle))
                 self._wake_all()
+                return
+        took = False
         for callback in callbacks:
-            self._call(callback, data)
+            args = handles.call_args(callback.fn, (data,), handle)
+            took = took or len(args) > 1
+            self._call(callback, *args)
+        if handle is not None and not took:
+            handle.close()  # no callback takes it: never leaked
 
     def _wake_all(self) -> None:
         """Wake every waiter (sync and async); the caller holds the lock."""
@@ -444,6 +464,16 @@ class Endpoint(abc.ABC):
         self._requests.close(lambda: DisconnectedError(f"worker {self.id} disconnected before the answer came"))
 
 
+def _unpack(item: tuple[Any, socket.socket | None], with_handle: bool) -> Any:
+    """An inbox item as ``recv()`` returns it: ``(data, handle)``, or ``data`` (the handle closed)."""
+    if with_handle:
+        return item
+    data, handle = item
+    if handle is not None:
+        handle.close()
+    return data
+
+
 def _wake(waker: asyncio.Future[None]) -> None:
     if not waker.done():
         waker.set_result(None)
@@ -484,6 +514,9 @@ class ThreadLink(Endpoint):
                 self._sock.sendmsg([data], anc)
             except OSError as exc:  # EPIPE, ECONNRESET, EBADF after close: the channel is gone
                 raise DisconnectedError(f"worker {self.id}'s channel to the primary is closed ({exc})") from None
+
+    def _send_handle(self, msg: Message, fd: int) -> None:
+        self._send(msg, [fd])  # a blocking sendmsg: the kernel copies the fd before it returns
 
     def _check_may_block(self, what: str) -> None:
         if threading.current_thread() is self._thread:

@@ -141,13 +141,19 @@ _ANSWER = (
 )
 
 
+_HANDLE = _f("handle", '"socket"', "a socket came with it (Node's sendHandle)", optional=True)
+
+
 def _messaging(channel: str, primary_asks: bool) -> tuple[MessageType, ...]:
     """``msg``, ``bcast``, ``req``, ``res``: the messaging API's protocol, one for both channels
-    that carry it (``worker``: the HTTP primary answers, never asks; ``cluster``: both ask)."""
+    that carry it (``worker``: the HTTP primary answers, never asks; ``cluster``: both ask, and
+    a msg may carry a socket, ``cluster/handles.py``)."""
+    msg = (_DATA, _HANDLE) if primary_asks else (_DATA,)
+    msg_fds = "1 with a handle: the socket" if primary_asks else ""
     both = (
         MessageType(
             channel, MSG, "worker", "primary", "cluster.send(data): the message event (HTTP: logged at debug level)",
-            (_DATA,),
+            msg, msg_fds,
         ),
         MessageType(
             channel, BCAST, "worker", "primary", "cluster.broadcast(data): sent on as msg to every other worker",
@@ -159,7 +165,7 @@ def _messaging(channel: str, primary_asks: bool) -> tuple[MessageType, ...]:
         ),
         MessageType(
             channel, MSG, "primary", "worker",
-            "a broadcast, or worker.send(data): cluster.on_message, cluster.recv()", (_DATA,),
+            "a broadcast, or worker.send(data): cluster.on_message, cluster.recv()", msg, msg_fds,
         ),
     )
     if not primary_asks:
