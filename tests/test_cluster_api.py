@@ -279,6 +279,7 @@ def test_kill_crash_and_self_disconnect(tmp_path: Path) -> None:
     assert exits["raise"] == [1, None, False, True]
     assert exits["self"] == [0, None, True, True]
     assert "ValueError: boom in the worker" in done.err  # its traceback, as Python prints it
+    assert "runpy" not in done.err and "run_main" not in done.err, "the program's frames only"
     assert done.one("self disconnected") == ["self disconnected", False]
 
 

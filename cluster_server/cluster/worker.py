@@ -42,6 +42,7 @@ import time
 import traceback
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
+from types import TracebackType
 from typing import Any, NoReturn
 
 from cluster_server import _proc
@@ -701,10 +702,22 @@ def run_main(target: MainTarget, args: Sequence[str]) -> int:
         signal.signal(signal.SIGINT, signal.SIG_DFL)
         os.kill(os.getpid(), signal.SIGINT)  # die of SIGINT, as an interpreter does
         return 130
-    except BaseException:
-        sys.excepthook(*sys.exc_info())
+    except BaseException as exc:
+        exc.__traceback__ = _program_frames(exc.__traceback__)  # (the hook shows the exception's own)
+        sys.excepthook(type(exc), exc, exc.__traceback__)
         return 1
     return 0
+
+
+def _program_frames(tb: TracebackType | None) -> TracebackType | None:
+    """The traceback from the program's first frame: without runpy's and ours, as
+    ``python script.py`` shows it."""
+    while tb is not None and tb.tb_next is not None:
+        filename = tb.tb_frame.f_code.co_filename
+        if filename != __file__ and not filename.startswith("<frozen runpy>") and "runpy" not in filename:
+            break
+        tb = tb.tb_next
+    return tb
 
 
 def exit_code_of(exc: SystemExit) -> int:
