@@ -44,7 +44,9 @@ requests (see ``docs/cluster-api.md``).
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import http.server
+import os
 import socket
 import socketserver
 import threading
@@ -200,27 +202,41 @@ def setup_primary(
     args: Sequence[str] | None = None,
     exec_argv: Sequence[str] | None = None,
     start_method: str | None = None,
+    cwd: str | None = None,
+    silent: bool | None = None,
+    stdio: Sequence[Any] | None = None,
+    uid: int | None = None,
+    gid: int | None = None,
+    serialization: str | None = None,
 ) -> None:
-    """Change how later ``fork()`` calls start workers (Node's ``cluster.setupPrimary``).
+    """Change how later ``fork()`` calls start workers (Node's ``cluster.setupPrimary``);
+    what is not given stays as it was, and the ``setup`` event gets the new settings.
 
     ``exec``: the worker's script (default: this program's own main, its script or
     its ``-m`` module); ``args``: its ``sys.argv[1:]`` (default: this program's);
     ``exec_argv``: interpreter options of a spawned worker (default: this
     interpreter's); ``start_method``: ``"fork"`` (default, or the
     ``CLUSTER_SERVER_START_METHOD`` environment variable) or ``"spawn"``.
+    ``cwd``, ``silent``, ``stdio``, ``uid``, ``gid``: the worker's process
+    (``cluster/child.py``); ``serialization``: ``"json"`` (default) or
+    ``"advanced"`` (``wire/advanced.py``: bytes, sets, tuples, dates, Decimal...).
     """
     global settings
     primary = _need_primary("setup_primary()")
     _freeze_policy(primary)
-    old = primary.settings
-    primary.setup(
-        Settings(
-            exec=old.exec if exec is None else exec,
-            args=old.args if args is None else tuple(args),
-            exec_argv=old.exec_argv if exec_argv is None else tuple(exec_argv),
-            start_method=old.start_method if start_method is None else start_method,
-        )
-    )
+    given: dict[str, Any] = {
+        "exec": exec,
+        "args": None if args is None else tuple(args),
+        "exec_argv": None if exec_argv is None else tuple(exec_argv),
+        "start_method": start_method,
+        "cwd": None if cwd is None else os.path.abspath(cwd),
+        "silent": silent,
+        "stdio": None if stdio is None else tuple(stdio),
+        "uid": uid,
+        "gid": gid,
+        "serialization": serialization,
+    }
+    primary.setup(dataclasses.replace(primary.settings, **{k: v for k, v in given.items() if v is not None}))
     settings = primary.settings
 
 

@@ -30,11 +30,11 @@ import subprocess
 import sys
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import IO, Any
 
 from cluster_server import _proc
 from cluster_server._errors import ChannelError, DisconnectedError, IllegalTransition, RequestError
-from cluster_server.cluster import handles
+from cluster_server.cluster import child, handles
 from cluster_server.cluster.rr import (
     POLICY_ENV,
     SCHED_RR,
@@ -45,8 +45,8 @@ from cluster_server.cluster.rr import (
 )
 from cluster_server.cluster.state import ClusterWorkerState, check_transition
 from cluster_server.cluster.worker import CHANNEL_FD_ENV, WORKER_ID_ENV, MainTarget, main_target, run_forked
+from cluster_server.wire import advanced, messages
 from cluster_server.wire import channel as _channel
-from cluster_server.wire import messages
 from cluster_server.wire.channel import Channel, Message
 from cluster_server.wire.request import Answer, Pending, Replier
 
@@ -63,6 +63,8 @@ SPAWN_BOOTSTRAP = (
 )
 #: the directory cluster_server was imported from
 _IMPORTED_FROM = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+#: the worker's message encoding ("json" or "advanced"), set by the primary for each worker
+SERIALIZATION_ENV = advanced.ENV
 #: the default start method, so one script runs unchanged under both
 START_METHOD_ENV = "CLUSTER_SERVER_START_METHOD"
 #: bytes queued for one worker that does not read (stopped, hung) before new messages
@@ -84,6 +86,17 @@ class Settings:
     exec_argv: tuple[str, ...] = field(default_factory=lambda: tuple(_interpreter_flags()))
     #: "fork" (default) or "spawn" (a fresh interpreter), like Node
     start_method: str = "fork"
+    #: the worker's working directory; None: the primary's (``cluster/child.py``)
+    cwd: str | None = None
+    #: stdin, stdout and stderr are pipes to the primary (``worker.stdout``...), not the primary's
+    silent: bool = False
+    #: (stdin, stdout, stderr): "inherit", "pipe", "ignore", an fd or a file; overrides ``silent``
+    stdio: tuple[Any, ...] | None = None
+    #: the worker's user and group ids; None: the primary's
+    uid: int | None = None
+    gid: int | None = None
+    #: "json" (default) or "advanced" (``wire/advanced.py``: bytes, sets, tuples, dates, Decimal...)
+    serialization: str = "json"
 
 
 def _interpreter_flags() -> list[str]:
@@ -197,6 +210,13 @@ class Worker(Emitter):
         self.pid = pid
         #: the ``subprocess.Popen`` of a spawned worker; None for a forked one
         self.process = process
+        #: the primary's ends of its stdio pipes (``silent``, ``stdio``): write to stdin, read
+        #: stdout and stderr to the end, then close them; None where the stream is not a pipe
+        self.stdin: IO[bytes] | None = None
+        self.stdout: IO[bytes] | None = None
+        self.stderr: IO[bytes] | None = None
+        #: how its messages are encoded: "json" or "advanced" (``settings.serialization`` at its fork)
+        self.serialization = "json"
         #: True once ``disconnect()`` or ``kill()`` was called (or the worker disconnected itself)
         self.exited_after_disconnect = False
         #: Node's states, "none", "online", "listening", "disconnected", "dead" (``cluster/state.py``)
@@ -437,29 +457,40 @@ class ClusterPrimary(Emitter):
     def setup(self, settings: Settings) -> None:
         if settings.start_method not in START_METHODS:
             raise ValueError(f"start_method={settings.start_method!r}: expected one of {', '.join(START_METHODS)}")
+        if settings.serialization not in advanced.MODES:
+            raise ValueError(f"serialization={settings.serialization!r}: expected 'json' or 'advanced'")
+        child.stdio_plan(settings.silent, settings.stdio)  # ValueError now, not at fork()
         self.settings = settings
         self.call_soon(self.emit, "setup", settings)
 
     def fork(self, env: dict[str, str] | None = None) -> Worker:
         self._running_loop()
         settings = self.settings
-        env = {**(env or {}), POLICY_ENV: policy_name(self.freeze_policy(self.frozen_policy()))}
+        child.check(settings.cwd, settings.uid, settings.gid)
+        plan = child.stdio_plan(settings.silent, settings.stdio)
+        policy = policy_name(self.freeze_policy(self.frozen_policy()))
+        env = {**(env or {}), POLICY_ENV: policy, SERIALIZATION_ENV: settings.serialization}
         target: MainTarget = ("path", os.path.abspath(settings.exec)) if settings.exec else main_target()
         worker_id = next(self._ids)
         ours, theirs = _channel.pair()
         process: subprocess.Popen[bytes] | None = None
         try:
             if settings.start_method == "fork":
-                pid = self._fork(worker_id, ours, theirs, env, target, settings.args)
+                stdio = child.open_for_fork(plan)
+                pid = self._fork(worker_id, ours, theirs, env, target, settings, stdio)
+                files = stdio.files()
             else:
-                process = self._spawn(worker_id, theirs, env, target, settings)
+                process = self._spawn(worker_id, theirs, env, target, settings, plan)
                 pid = process.pid
+                files = (process.stdin, process.stdout, process.stderr)
         except BaseException:
             ours.close()
             raise
         finally:
             theirs.close()
         w = Worker(self, worker_id, pid, Channel(ours), process)
+        w.stdin, w.stdout, w.stderr = files
+        w.serialization = settings.serialization
         try:
             w._pidfd = os.pidfd_open(pid)
         except (AttributeError, OSError):
@@ -475,33 +506,48 @@ class ClusterPrimary(Emitter):
         worker_id: int,
         ours: socket.socket,
         theirs: socket.socket,
-        env: dict[str, str] | None,
+        env: dict[str, str],
         target: MainTarget,
-        args: Sequence[str],
+        settings: Settings,
+        stdio: child.ForkedStdio,
     ) -> int:
         _proc.flush_output()
         primary_pid = os.getpid()
-        pid = os.fork()
+        try:
+            pid = os.fork()
+        except BaseException:
+            child.close_in_primary(stdio, failed=True)
+            raise
         if pid == 0:  # pragma: no cover - the child never returns
             try:
                 ours.close()
                 self.close_in_child()
+                child.apply_in_child(stdio, settings.cwd, settings.uid, settings.gid)
             finally:
-                run_forked(worker_id, theirs, primary_pid, env, target, args)
+                run_forked(worker_id, theirs, primary_pid, env, target, settings.args)
+        child.close_in_primary(stdio)
         return pid
 
     def _spawn(
-        self, worker_id: int, theirs: socket.socket, env: dict[str, str] | None, target: MainTarget, settings: Settings
+        self,
+        worker_id: int,
+        theirs: socket.socket,
+        env: dict[str, str],
+        target: MainTarget,
+        settings: Settings,
+        plan: tuple[Any, Any, Any],
     ) -> subprocess.Popen[bytes]:
         kind, name = target
         argv = [sys.executable, *settings.exec_argv, "-c", SPAWN_BOOTSTRAP, _IMPORTED_FROM, kind, name, *settings.args]
         fd = theirs.fileno()
-        child_env = {**os.environ, **(env or {}), WORKER_ID_ENV: str(worker_id), CHANNEL_FD_ENV: str(fd)}
-        return subprocess.Popen(argv, env=child_env, pass_fds=(fd,))
+        child_env = {**os.environ, **env, WORKER_ID_ENV: str(worker_id), CHANNEL_FD_ENV: str(fd)}
+        options = child.popen_options(plan, settings.cwd, settings.uid, settings.gid)
+        return subprocess.Popen(argv, env=child_env, pass_fds=(fd,), **options)
 
     def close_in_child(self) -> None:
         """In a freshly forked worker: drop every fd of the primary (never its loop)."""
         for w in self.workers.values():
+            _detach_stdio(w)
             if w._channel is not None:
                 w._channel.close()
             if w._pidfd >= 0:
@@ -608,7 +654,7 @@ class ClusterPrimary(Emitter):
                 )
             return False
         try:
-            sent = ch.send(msg, fds)
+            sent = ch.send(advanced.pack(msg) if w.serialization == "advanced" else msg, fds)
         except (TypeError, ValueError, ChannelError):
             _proc.close_all(fds)  # could not be encoded: nothing was taken
             raise
@@ -636,8 +682,10 @@ class ClusterPrimary(Emitter):
     def broadcast(self, data: Any, exclude: Worker | None = None) -> int:
         """Send to every connected worker; returns how many it was sent to."""
         msg = {"t": messages.MSG, "data": data}
-        _channel.encode(msg)  # fail here, once, if it cannot be sent
-        return sum(self.send(w, msg) for w in list(self.workers.values()) if w is not exclude)
+        targets = [w for w in list(self.workers.values()) if w is not exclude]
+        for mode in {w.serialization for w in targets}:  # fail here, once, if it cannot be sent
+            _channel.encode(advanced.pack(msg) if mode == "advanced" else msg)
+        return sum(self.send(w, msg) for w in targets)
 
     def _on_readable(self, w: Worker) -> None:
         ch = w._channel
@@ -648,6 +696,12 @@ class ClusterPrimary(Emitter):
                 if isinstance(msg, ChannelError):
                     _proc.close_all(fds)
                     logger.warning("worker %d [pid %d]: dropped a message: %s", w.id, w.pid, msg)
+                    continue
+                try:
+                    msg = advanced.unpack(msg)
+                except ValueError as exc:
+                    _proc.close_all(fds)
+                    logger.warning("worker %d [pid %d]: dropped a message: %s", w.id, w.pid, exc)
                     continue
                 try:
                     self._handle(w, msg, fds)
@@ -815,6 +869,17 @@ class ClusterPrimary(Emitter):
             with contextlib.suppress(OSError):
                 os.unlink(path)
         self._unlink.clear()
+
+
+def _detach_stdio(w: Worker) -> None:
+    """In a forked worker, another worker's stdio pipes (the primary's ends) point at
+    /dev/null instead: its stdin must see EOF when the primary closes it, and the file
+    objects, never used here, may still close their fd (a buffered one writes nowhere)."""
+    for f in (w.stdin, w.stdout, w.stderr):
+        if f is not None and not f.closed:
+            null = os.open(os.devnull, os.O_RDWR)
+            os.dup2(null, f.fileno(), inheritable=False)
+            os.close(null)
 
 
 def _handle_key(addr: Any, index: int = 0) -> tuple[Any, ...]:

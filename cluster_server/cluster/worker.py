@@ -51,6 +51,7 @@ from cluster_server.cluster import handles
 from cluster_server.cluster import role as _role
 from cluster_server.cluster.rr import RoundRobinSocket
 from cluster_server.cluster.rr import refuse as refuse_conn
+from cluster_server.wire import advanced
 from cluster_server.wire import channel as _channel
 from cluster_server.wire.channel import Message
 from cluster_server.wire.messages import (
@@ -352,6 +353,13 @@ class Endpoint(abc.ABC):
     # -- dispatch (on the transport's thread) ---------------------------------------
 
     def dispatch(self, msg: Message, fds: list[int]) -> None:
+        if "a" in msg:  # serialization="advanced" (wire/advanced.py)
+            try:
+                msg = advanced.unpack(msg)
+            except ValueError as exc:
+                _proc.close_all(fds)
+                logger.warning("worker %d: dropped a message from the primary: %s", self.id, exc)
+                return
         kind = msg.get("t")
         if kind == RES:
             self._resolve(msg, fds)
@@ -497,6 +505,8 @@ class ThreadLink(Endpoint):
         self._sock = sock
         self._send_lock = threading.Lock()
         self._thread = threading.Thread(target=self._read_loop, name="cluster-channel", daemon=True)
+        #: serialization="advanced": messages' data in wire/advanced.py's tagged JSON
+        self.advanced = os.environ.get(advanced.ENV) == "advanced"
 
     def start(self) -> None:
         self._send({"t": ONLINE})
@@ -506,7 +516,7 @@ class ThreadLink(Endpoint):
         return self._sock.fileno()
 
     def _send(self, msg: Message, fds: Sequence[int] = ()) -> None:
-        data = _channel.encode(msg)
+        data = _channel.encode(advanced.pack(msg) if self.advanced else msg)
         anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())] if fds else []
         with self._send_lock:
             if not self.connected:

@@ -142,13 +142,17 @@ _ANSWER = (
 
 
 _HANDLE = _f("handle", '"socket"', "a socket came with it (Node's sendHandle)", optional=True)
+_ADVANCED = _f(
+    "a", "str", "serialization='advanced': the data in wire/advanced.py's tagged JSON, instead of data", optional=True
+)
 
 
 def _messaging(channel: str, primary_asks: bool) -> tuple[MessageType, ...]:
     """``msg``, ``bcast``, ``req``, ``res``: the messaging API's protocol, one for both channels
     that carry it (``worker``: the HTTP primary answers, never asks; ``cluster``: both ask, and
     a msg may carry a socket, ``cluster/handles.py``)."""
-    msg = (_DATA, _HANDLE) if primary_asks else (_DATA,)
+    adv = (_ADVANCED,) if primary_asks else ()
+    msg = (_DATA, *adv, _HANDLE) if primary_asks else (_DATA,)
     msg_fds = "1 with a handle: the socket" if primary_asks else ""
     both = (
         MessageType(
@@ -157,11 +161,11 @@ def _messaging(channel: str, primary_asks: bool) -> tuple[MessageType, ...]:
         ),
         MessageType(
             channel, BCAST, "worker", "primary", "cluster.broadcast(data): sent on as msg to every other worker",
-            (_DATA, _f("self", "bool", "the sender gets it too")),
+            (_DATA, *adv, _f("self", "bool", "the sender gets it too")),
         ),
         MessageType(
             channel, REQ, "worker", "primary",
-            "await cluster.request(data), answered by res (HTTP: the built-in workers, incr, get)", (_ID, _DATA),
+            "await cluster.request(data), answered by res (HTTP: the built-in workers, incr, get)", (_ID, _DATA, *adv),
         ),
         MessageType(
             channel, MSG, "primary", "worker",
@@ -172,14 +176,15 @@ def _messaging(channel: str, primary_asks: bool) -> tuple[MessageType, ...]:
         return (*both, MessageType(channel, RES, "primary", "worker", "the answer to a req", _ANSWER))
     return (
         *both,
-        MessageType(channel, RES, "worker", "primary", "the answer to a req from the primary", _ANSWER),
+        MessageType(channel, RES, "worker", "primary", "the answer to a req from the primary", (*_ANSWER, *adv)),
         MessageType(
             channel, REQ, "primary", "worker",
-            "await worker.request(data), answered by res from the worker's cluster.on_request handler", (_ID, _DATA),
+            "await worker.request(data), answered by res from the worker's cluster.on_request handler",
+            (_ID, _DATA, *adv),
         ),
         MessageType(
             channel, RES, "primary", "worker", "the answer to a req or a listen",
-            (*_ANSWER, _f("kind", '"bind"', "listen failed: raise BindError", optional=True)),
+            (*_ANSWER, *adv, _f("kind", '"bind"', "listen failed: raise BindError", optional=True)),
             "1 for a listen answer under SCHED_NONE: the listening socket",
         ),
     )
