@@ -111,6 +111,14 @@ def test_asyncio_futures_work_the_same() -> None:
         rid = pending.add(fut)
         assert rid is not None
         pending.resolve({"t": RES, "id": rid, "data": "ok"}, [])
+        gave_up: asyncio.Future[Answer] = asyncio.get_running_loop().create_future()
+        late = pending.add(gave_up)
+        gave_up.cancel()  # wait_for timed out; the answer comes before it is discarded
+        assert not pending.resolve({"t": RES, "id": late, "data": "late"}, [])
+        failed: asyncio.Future[Answer] = asyncio.get_running_loop().create_future()
+        pending.add(failed)
+        failed.cancel()
+        pending.close(lambda: DisconnectedError("gone"))  # a cancelled one is skipped, not an error
         return await fut
 
     assert asyncio.run(main()) == ("ok", [])

@@ -34,6 +34,7 @@ from __future__ import annotations
 import concurrent.futures
 import inspect
 import itertools
+import sys
 import threading
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, Generic, Protocol, TypeVar
@@ -49,8 +50,6 @@ Answer = tuple[Any, list[int]]
 
 class Settleable(Protocol):
     """What :class:`Pending` needs of a future (asyncio's and ``concurrent.futures``' both are)."""
-
-    def done(self) -> bool: ...
 
     def set_result(self, result: Answer, /) -> None: ...
 
@@ -68,6 +67,15 @@ class Settled(Protocol):
 
 
 F = TypeVar("F", bound=Settleable)
+
+
+def _invalid_state() -> tuple[type[Exception], ...]:
+    """What setting a finished future raises: ``concurrent.futures``' error, and asyncio's
+    where asyncio is loaded (an asyncio future exists only then). Evaluated only when
+    something was raised, so settling a future costs no check first."""
+    asyncio = sys.modules.get("asyncio")
+    errors: tuple[type[Exception], ...] = (concurrent.futures.InvalidStateError,)
+    return errors if asyncio is None else (*errors, asyncio.InvalidStateError)
 
 
 def describe_exception(exc: BaseException) -> str:
@@ -111,7 +119,7 @@ class Pending(Generic[F]):
         rid = msg.get("id")
         with self._lock:
             fut = self._waiting.pop(rid, None) if isinstance(rid, int) else None
-        if fut is None or fut.done():
+        if fut is None:
             close_all(fds)
             return False
         try:
@@ -121,7 +129,7 @@ class Pending(Generic[F]):
                 fut.set_exception(BindError(error) if msg.get("kind") == "bind" else RequestError(error))
             else:
                 fut.set_result((msg.get("data"), fds))
-        except concurrent.futures.InvalidStateError:  # its waiter gave up meanwhile, on another thread
+        except _invalid_state():  # its waiter gave up (timed out) meanwhile
             close_all(fds)
             return False
         return True
@@ -132,11 +140,9 @@ class Pending(Generic[F]):
             self.closed = True
             waiting, self._waiting = self._waiting, {}
         for fut in waiting.values():
-            if fut.done():
-                continue
             try:
                 fut.set_exception(error())
-            except concurrent.futures.InvalidStateError:
+            except _invalid_state():  # its waiter gave up meanwhile
                 pass
 
 
@@ -182,7 +188,7 @@ class Replier:
             self.refuse(rid, f"{self.who}'s request handler raised {describe_exception(exc)}")
             return
         if schedule is None or not inspect.isawaitable(result):
-            self.answer(rid, result)
+            self._reply({"t": RES, "id": rid, "data": result})
             return
         try:
             fut = schedule(result)
