@@ -164,7 +164,7 @@ VALUE = {
     "bytes": b"\\x00\\xff", "tuple": (1, (2, 3)), "set": {1, 2}, "frozen": frozenset({"a"}),
     "when": datetime.datetime(2024, 2, 29, 12, 0, tzinfo=datetime.timezone.utc), "day": datetime.date(2024, 1, 1),
     "delta": datetime.timedelta(seconds=90), "price": decimal.Decimal("9.90"), "id": uuid.UUID(int=1),
-    "keys": {1: "int", (1, 2): "tuple"}, "nested": [{"deep": {b"k": {1.5, None}}}], "big": b"x" * 10_000,
+    "keys": {1: "int", (1, 2): "tuple"}, "nested": [{"deep": {b"k": {1.5, None}}}], "big": b"x" * 100_000,
 }
 if cluster.is_primary:
     cluster.setup_primary(serialization="advanced")

@@ -516,15 +516,18 @@ class ThreadLink(Endpoint):
         return self._sock.fileno()
 
     def _send(self, msg: Message, fds: Sequence[int] = ()) -> None:
-        data = _channel.encode(advanced.pack(msg) if self.advanced else msg)
-        anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())] if fds else []
-        with self._send_lock:
-            if not self.connected:
-                raise DisconnectedError(f"worker {self.id} is disconnected from its primary")
-            try:
-                self._sock.sendmsg([data], anc)
-            except OSError as exc:  # EPIPE, ECONNRESET, EBADF after close: the channel is gone
-                raise DisconnectedError(f"worker {self.id}'s channel to the primary is closed ({exc})") from None
+        data, wire_fds = _channel.frame(_channel.encode(advanced.pack(msg) if self.advanced else msg), list(fds))
+        anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", wire_fds).tobytes())] if wire_fds else []
+        try:
+            with self._send_lock:
+                if not self.connected:
+                    raise DisconnectedError(f"worker {self.id} is disconnected from its primary")
+                try:
+                    self._sock.sendmsg([data], anc)
+                except OSError as exc:  # EPIPE, ECONNRESET, EBADF after close: the channel is gone
+                    raise DisconnectedError(f"worker {self.id}'s channel to the primary is closed ({exc})") from None
+        finally:
+            _proc.close_all(wire_fds[len(fds) :])  # a large message's memfd: the kernel has its copy
 
     def _send_handle(self, msg: Message, fd: int) -> None:
         self._send(msg, [fd])  # a blocking sendmsg: the kernel copies the fd before it returns
@@ -540,32 +543,50 @@ class ThreadLink(Endpoint):
             pass
 
     def _read_loop(self) -> None:
-        sock = self._sock
         while True:
             try:
-                data, anc, flags, _ = sock.recvmsg(_channel.MAX_MESSAGE + 1, _channel._ANCBUF, _channel._CMSG_CLOEXEC)
-            except InterruptedError:
-                continue
-            except OSError:
+                got = self._receive()
+            except EOFError:
                 break
-            fds = _channel._fds_from(anc)
-            if not data and not fds:
-                break
-            if flags & (socket.MSG_CTRUNC | socket.MSG_TRUNC):
-                _proc.close_all(fds)
-                logger.warning("worker %d: dropped a truncated message from the primary", self.id)
+            if got is None:
                 continue
-            try:
-                msg = _channel.decode(data)
-            except ChannelError as exc:
-                _proc.close_all(fds)
-                logger.warning("worker %d: dropped a message from the primary: %s", self.id, exc)
-                continue
+            msg, fds = got
             try:
                 self.dispatch(msg, fds)
             except Exception:
                 logger.exception("worker %d: handling %.200r raised", self.id, msg)
         self._on_eof()
+
+    def _receive(self) -> tuple[Message, list[int]] | None:
+        """The next message from the primary; None when it was dropped (and logged). EOFError at the end."""
+        try:
+            data, anc, flags, _ = self._sock.recvmsg(_channel.MAX_MESSAGE + 1, _channel._ANCBUF, _channel._CMSG_CLOEXEC)
+        except InterruptedError:
+            return None
+        except OSError:
+            raise EOFError from None
+        fds = _channel._fds_from(anc)
+        if not data and not fds:
+            raise EOFError
+        try:
+            msg = _channel.decode(data)
+            if flags & socket.MSG_TRUNC:
+                raise ChannelError("a truncated message")
+        except ChannelError as exc:
+            _proc.close_all(fds)
+            logger.warning("worker %d: dropped a message from the primary: %s", self.id, exc)
+            return None
+        if flags & socket.MSG_CTRUNC:  # at our fd limit: a connection handed over goes back
+            if msg.get("t") == CONN:
+                return {**msg, "ctrunc": True}, fds
+            _proc.close_all(fds)
+            logger.warning("worker %d: dropped a message whose fds were truncated (at the fd limit?)", self.id)
+            return None
+        try:
+            return _channel.unframe(msg, fds)
+        except ChannelError as exc:  # (its fds are closed)
+            logger.warning("worker %d: dropped a message from the primary: %s", self.id, exc)
+            return None
 
     def _on_eof(self) -> None:
         expected = self.disconnecting

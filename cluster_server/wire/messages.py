@@ -56,6 +56,8 @@ LISTEN: Final = "listen"
 LISTENING: Final = "listening"
 DISCONNECT: Final = "disconnect"
 DISCONNECTING: Final = "disconnecting"
+# any channel: a message over 64 KiB, in a memfd sent with this envelope (wire/channel.py)
+LARGE: Final = "large"
 # template channel (and READY, ERROR)
 SPAWN: Final = "spawn"
 SPAWNED: Final = "spawned"
@@ -190,6 +192,18 @@ def _messaging(channel: str, primary_asks: bool) -> tuple[MessageType, ...]:
     )
 
 
+def _large(channel: str) -> tuple[MessageType, ...]:
+    """``large``: the envelope of a message over 64 KiB (``wire/channel.py``; any channel can
+    carry one, those of the messaging API are where a program makes them)."""
+    fields = (_f("n", "int", "the message's size (at most 256 MiB)"),)
+    what = "a message over 64 KiB: the memfd holds it (the same ordering; its own fds come first)"
+    fds = "the message's own, then a sealed memfd of n bytes"
+    return (
+        MessageType(channel, LARGE, "worker", "primary", what, fields, fds),
+        MessageType(channel, LARGE, "primary", "worker", what, fields, fds),
+    )
+
+
 CATALOGUE: Final = (
     # -- worker channel ------------------------------------------------------------------------
     MessageType(
@@ -237,6 +251,7 @@ CATALOGUE: Final = (
         ),
     ),
     *_messaging("worker", primary_asks=False),
+    *_large("worker"),
     # -- template channel ----------------------------------------------------------------------
     MessageType(
         "template", SPAWN, "primary", "template",
@@ -278,6 +293,7 @@ CATALOGUE: Final = (
     ),
     # -- cluster channel -----------------------------------------------------------------------
     MessageType("cluster", ONLINE, "worker", "primary", "the worker runtime started (the online event)"),
+    *_large("cluster"),
     MessageType(
         "cluster", LISTEN, "worker", "primary",
         "cluster.listen(address): the primary binds it once and answers res: with the socket "
