@@ -278,14 +278,16 @@ async def wait() -> None:
     await _need_primary("wait()").wait()
 
 
-def disconnect() -> None:
-    """Primary: ask every worker to disconnect. Worker: disconnect this worker."""
+def disconnect(callback: Callable[[], Any] | None = None) -> None:
+    """Primary: ask every worker to disconnect; ``callback()`` once all have (Node's
+    ``cluster.disconnect([callback])``; at once, on the next tick, when none is connected).
+    Worker: disconnect this worker (then ``callback()``)."""
     if _endpoint is not None:
         _endpoint.disconnect()
+        if callback is not None:
+            callback()
         return
-    for w in list(_primary.workers.values()):
-        if w.is_connected():
-            w.disconnect()
+    _primary.disconnect_all(callback)
 
 
 def on_request(fn: Callable[..., Any] | None) -> Callable[..., Any] | None:

@@ -621,13 +621,36 @@ class ClusterPrimary(Emitter):
             self._loop.remove_reader(ch.fileno())
             self._loop.remove_writer(ch.fileno())
         ch.close()
-        if not w._dead:
+        if w.state is not ClusterWorkerState.DEAD:  # (Node: 'disconnected' in the listeners, even if it died)
             w._move(ClusterWorkerState.DISCONNECTED)
         w._requests.close(lambda: DisconnectedError(f"worker {w.id} disconnected before it answered"))
         self._rr.disconnected(w)
         w.emit("disconnect")
         self.emit("disconnect", w)
         self._forget(w)
+
+    def disconnect_all(self, callback: Callable[[], Any] | None = None) -> None:
+        """``cluster.disconnect([callback])``: disconnect every worker; ``callback`` once all are
+        (on the next tick when none is connected), as Node's."""
+        connected = [w for w in self.workers.values() if w.is_connected()]
+        for w in connected:
+            w.disconnect()
+        if callback is None:
+            return
+        left = {w.id for w in connected}
+
+        def gone(w: Worker) -> None:
+            left.discard(w.id)
+            if not left:
+                self.off("disconnect", gone)
+                result = callback()
+                if inspect.isawaitable(result):
+                    _spawn(result, f"cluster.disconnect() callback {callback!r}")
+
+        if left:
+            self.on("disconnect", gone)
+        else:
+            self.call_soon(callback)
 
     def _forget(self, w: Worker) -> None:
         """Node removes a worker from ``cluster.workers`` once it has disconnected and exited."""
@@ -828,6 +851,8 @@ class ClusterPrimary(Emitter):
             host = key[1]
             family = socket.AF_INET6 if ":" in host else socket.AF_INET
             sock = socket.create_server((host, key[2]), family=family, backlog=backlog)
+            # a later listen on the port it got (port 0: random) is a listen on the same socket
+            self._handles.setdefault(("tcp", host, sock.getsockname()[1]), sock)
         self._handles[key] = sock
         return sock
 
@@ -852,7 +877,7 @@ class ClusterPrimary(Emitter):
         lid = msg.get("h")
         if self.frozen_policy() == SCHED_RR and isinstance(lid, int) and not isinstance(lid, bool):
             try:
-                self._rr.add(w, _handle_key(addr, index), sock, lid)
+                self._rr.add(w, sock, lid)
             except ValueError as exc:
                 w._replier.refuse(rid, f"the primary cannot listen on {addr!r}: {exc}", kind="bind")
                 return
@@ -862,7 +887,7 @@ class ClusterPrimary(Emitter):
 
     def close_handles(self) -> None:
         self._rr.close()
-        for sock in self._handles.values():
+        for sock in set(self._handles.values()):
             sock.close()
         self._handles.clear()
         for path in self._unlink:

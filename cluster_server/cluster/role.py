@@ -70,6 +70,10 @@ class CurrentWorker:
     def is_connected(self) -> bool:
         return self._endpoint.connected
 
+    def is_dead(self) -> bool:
+        """False: this worker runs (Node's ``cluster.worker.isDead()`` in a worker)."""
+        return False
+
     def on(self, event: str, fn: Callable[..., Any] | None = None) -> Any:
         """``message`` (``fn(data)``, or ``fn(data, handle)`` to get sockets sent with messages)
         or ``disconnect`` (``fn()``); without ``fn``, a decorator."""

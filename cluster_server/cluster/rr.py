@@ -199,20 +199,21 @@ class RoundRobinHandles:
     def __init__(self, send: Send, workers: Sized) -> None:
         self._send = send
         self._workers = workers
-        self.handles: dict[tuple[Any, ...], RoundRobinHandle] = {}
+        #: by the listening socket's fd: one handle per socket, whatever address it was asked for by
+        self.handles: dict[int, RoundRobinHandle] = {}
         #: worker id -> its listener id -> (handle, listener)
         self._listeners: dict[int, dict[int, tuple[RoundRobinHandle, _Listener]]] = {}
         self._keys = itertools.count(1)
 
-    def add(self, w: Worker, key: tuple[Any, ...], sock: socket.socket, lid: int) -> None:
-        """Worker ``w`` listens on ``key`` (bound as ``sock``) with its listener ``lid``."""
+    def add(self, w: Worker, sock: socket.socket, lid: int) -> None:
+        """Worker ``w`` listens on ``sock`` (the primary's) with its listener ``lid``."""
         mine = self._listeners.setdefault(w.id, {})
         if lid in mine:
             raise ValueError(f"listener id {lid} is in use already")
-        handle = self.handles.get(key)
+        handle = self.handles.get(sock.fileno())
         if handle is None:
             handle = RoundRobinHandle(sock, self._send, self._workers, asyncio.get_running_loop())
-            self.handles[key] = handle
+            self.handles[sock.fileno()] = handle
         listener = _Listener(w, lid, next(self._keys))
         mine[lid] = (handle, listener)
         handle.event("ready", listener)

@@ -347,8 +347,14 @@ class Endpoint(abc.ABC):
                         self._wakers.remove(entry)
 
     def add_closer(self, fn: Callable[[], None]) -> None:
-        """Something to close when the worker disconnects (a server it runs)."""
-        self._closers.append(fn)
+        """Something to close when the worker disconnects (a server it runs); closed at once
+        if the disconnect already began (it can come between ``listen`` and this call)."""
+        with self._lock:
+            late = self.disconnecting
+            if not late:
+                self._closers.append(fn)
+        if late:
+            fn()
 
     # -- dispatch (on the transport's thread) ---------------------------------------
 
@@ -453,24 +459,30 @@ class Endpoint(abc.ABC):
                 self._send({"t": DISCONNECTING})
             except DisconnectedError:
                 pass
-        for callback in self._on_disconnect:
-            self._call(callback)
         for close in self._closers:
             try:
                 close()
             except Exception:
                 logger.exception("worker %d: closing %r on disconnect raised", self.id, close)
-        self._mark_disconnected()
+        self._mark_disconnected(emit=True)
         self._close_transport()
 
-    def _mark_disconnected(self) -> None:
+    def _mark_disconnected(self, emit: bool = False) -> None:
+        """No longer connected; with ``emit``, the ``disconnect`` listeners run once the channel
+        is closed (Node's order: ``is_connected()`` is False in them) and before anything that
+        waits for the disconnect wakes up (the program may end right after)."""
         with self._lock:
             if not self.connected:
                 return
             self.connected = False
+        self._requests.close(lambda: DisconnectedError(f"worker {self.id} disconnected before the answer came"))
+        if emit:
+            self._close_transport()
+            for callback in self._on_disconnect:
+                self._call(callback)
+        with self._lock:
             self._disconnected.set()
             self._wake_all()
-        self._requests.close(lambda: DisconnectedError(f"worker {self.id} disconnected before the answer came"))
 
 
 def _unpack(item: tuple[Any, socket.socket | None], with_handle: bool) -> Any:
