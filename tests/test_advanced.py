@@ -66,13 +66,23 @@ def test_what_cannot_be_sent(value: Any, error: type[Exception]) -> None:
         advanced.dumps({"x": value})
 
 
-def test_a_value_that_contains_itself_is_refused() -> None:
+def test_shared_and_circular_lists_and_dicts_stay_so() -> None:
+    # as V8's structured clone (Node's test-cluster-advanced-serialization.js sends a circular object)
     cyclic: list[Any] = [1]
     cyclic.append(cyclic)
-    with pytest.raises(ValueError, match="contains itself"):
-        advanced.dumps(cyclic)
+    back = advanced.loads(advanced.dumps(cyclic))
+    assert back[0] == 1 and back[1] is back
     shared = [1, 2]
-    assert advanced.loads(advanced.dumps([shared, shared])) == [[1, 2], [1, 2]]  # shared is no cycle
+    node: dict[str, Any] = {"a": shared, "b": shared, "t": (shared,), 5: "x"}
+    node["self"] = node
+    back = advanced.loads(advanced.dumps([node, node]))
+    assert back[0] is back[1] and back[0]["self"] is back[0]
+    assert back[0]["a"] is back[0]["b"] is back[0]["t"][0] and back[0]["a"] == [1, 2]
+    through_tuple: list[Any] = []
+    through_tuple.append((through_tuple,))
+    back = advanced.loads(advanced.dumps(through_tuple))
+    assert back[0][0] is back
+    assert '"$id"' not in advanced.dumps([[1], [1]])  # equal is not shared: nothing extra
 
 
 @pytest.mark.parametrize(
@@ -87,6 +97,10 @@ def test_a_value_that_contains_itself_is_refused() -> None:
         '{"$complex": ["1", 2.0]}',
         '{"$decimal": "one"}',
         '{"$datetime": "yesterday"}',
+        '{"$ref": 1}',  # never defined
+        '{"$id": 1, "$set": [1]}',  # only lists and dicts are shared
+        '{"$id": 1, "$list": [{"$set": [{"$ref": 1}]}]}',  # a list in a set
+        '{"$id": 1, "$list": [{"$dict": [[{"$tuple": [{"$ref": 1}]}, 2]]}]}',  # a list in a key
         "[" * 100_000,
         "not json",
     ],

@@ -271,3 +271,51 @@ def test_server_restart_in_a_worker(tmp_path: Path, policy: str) -> None:
     assert done.rc == 0, done
     (_, _, port0, text0), (_, _, port1, text1) = done.find("served")
     assert port0 == port1 and [text0, text1] == ["server 0", "server 1"]
+
+
+def test_workers_share_a_udp_socket(tmp_path: Path) -> None:
+    # test-cluster-dgram-1.js: workers bind the same UDP port (shared, whatever the policy:
+    # Node never round-robins datagrams); every packet the primary sends is received once.
+    done = run_program(
+        tmp_path,
+        """
+        import socket
+        if cluster.is_primary:
+            async def main():
+                loop = asyncio.get_running_loop()
+                ports = asyncio.Queue()
+                ws = [cluster.fork() for _ in range(2)]
+                for w in ws:
+                    w.on("message", ports.put_nowait)
+                got = {await asyncio.wait_for(ports.get(), 20) for _ in ws}
+                out("ports", len(got), cluster.scheduling_policy == cluster.SCHED_RR)
+                port = got.pop()
+                with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+                    for i in range(20):
+                        s.sendto(b"x", ("127.0.0.1", port))
+                for _ in range(500):  # (at most 5 s)
+                    counts = [await w.request("count") for w in ws]
+                    if sum(counts) >= 20:
+                        break
+                    await asyncio.sleep(0.01)
+                out("received", sum(counts))
+                cluster.disconnect()
+            cluster.run(main)
+        else:
+            import threading
+            sock = cluster.listen(("127.0.0.1", 0), type=socket.SOCK_DGRAM)
+            n = 0
+            def read():
+                global n
+                while True:
+                    sock.recv(10)
+                    n += 1
+            threading.Thread(target=read, daemon=True).start()
+            cluster.on_request(lambda q: n)
+            cluster.send(sock.getsockname()[1])
+            cluster.wait_disconnect(20)
+        """,
+    )
+    assert done.rc == 0, done
+    assert done.one("ports") == ["ports", 1, True]
+    assert done.one("received") == ["received", 20]

@@ -318,7 +318,9 @@ def broadcast(data: Any, *, include_self: bool = False) -> int | None:
     return _primary.broadcast(data)
 
 
-def listen(address: tuple[str, int] | str, *, backlog: int = 511) -> socket.socket | RoundRobinSocket:
+def listen(
+    address: tuple[str, int] | str, *, backlog: int = 511, type: int = socket.SOCK_STREAM
+) -> socket.socket | RoundRobinSocket:
     """Listen at ``address`` (``(host, port)`` or a Unix socket path) through the primary.
 
     In a worker, the primary binds it the first time any worker asks (port 0 is
@@ -327,13 +329,14 @@ def listen(address: tuple[str, int] | str, *, backlog: int = 511) -> socket.sock
     primary's connections come through, under ``SCHED_NONE`` the shared
     listening socket itself. Both have ``accept()``, ``fileno()``,
     ``getsockname()``, ``settimeout()`` and ``close()``, so a server that
-    accepts from either runs under both. In the primary, a duplicate of the
-    same cached socket (yours to close).
+    accepts from either runs under both. ``type=socket.SOCK_DGRAM``: a UDP (or
+    Unix datagram) socket, always shared, as Node shares a worker's dgram
+    socket. In the primary, a duplicate of the same cached socket (yours to close).
     """
     if _endpoint is not None:
-        return _endpoint.listen(address, backlog)
-    sock = _primary.handle_for(address if isinstance(address, str) else list(address), backlog)
-    return sock.dup()
+        return _endpoint.listen(address, backlog, type)
+    addr = address if isinstance(address, str) else list(address)
+    return _primary.handle_for(addr, backlog, dgram=type == socket.SOCK_DGRAM).dup()
 
 
 async def create_server(

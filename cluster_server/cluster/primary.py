@@ -827,32 +827,23 @@ class ClusterPrimary(Emitter):
 
     # -- shared handles ---------------------------------------------------------------------
 
-    def handle_for(self, addr: Any, backlog: int = 511, index: int = 0) -> socket.socket:
+    def handle_for(self, addr: Any, backlog: int = 511, index: int = 0, dgram: bool = False) -> socket.socket:
         """The listening socket at ``addr``, bound the first time it is asked for.
 
         ``index``: for port 0, a worker's second ``listen`` of the same host gets
         another socket (another random port), shared with every other worker's
-        second one, as Node's ``index`` in its handle key.
+        second one, as Node's ``index`` in its handle key. ``dgram``: a UDP (or
+        Unix datagram) socket, always shared, as Node shares its dgram sockets.
         """
-        key = _handle_key(addr, index)
+        key = _handle_key(addr, index, dgram)
         sock = self._handles.get(key)
         if sock is not None:
             return sock
-        if key[0] == "unix":
-            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            try:
-                sock.bind(key[1])
-                sock.listen(backlog)
-            except BaseException:
-                sock.close()
-                raise
+        sock = _bind(key, backlog)
+        if key[0] in ("unix", "unixdgram"):
             self._unlink.append(key[1])
-        else:
-            host = key[1]
-            family = socket.AF_INET6 if ":" in host else socket.AF_INET
-            sock = socket.create_server((host, key[2]), family=family, backlog=backlog)
-            # a later listen on the port it got (port 0: random) is a listen on the same socket
-            self._handles.setdefault(("tcp", host, sock.getsockname()[1]), sock)
+        else:  # a later listen on the port it got (port 0: random) is a listen on the same socket
+            self._handles.setdefault((key[0], key[1], sock.getsockname()[1]), sock)
         self._handles[key] = sock
         return sock
 
@@ -864,9 +855,10 @@ class ClusterPrimary(Emitter):
             logger.warning("worker %d sent a listen request without an id %.200r; ignored", w.id, msg)
             return
         addr, backlog, index = msg.get("addr"), msg.get("backlog"), msg.get("index", 0)
+        dgram = msg.get("type") == "dgram"
         try:
             backlog = backlog if isinstance(backlog, int) and backlog > 0 else 511
-            sock = self.handle_for(addr, backlog, index if isinstance(index, int) else 0)
+            sock = self.handle_for(addr, backlog, index if isinstance(index, int) else 0, dgram)
         except (OSError, ValueError) as exc:
             code = errno.errorcode.get(getattr(exc, "errno", None) or 0)  # EADDRINUSE, as Node's err.code
             why = f"{code} {exc}" if code else str(exc)
@@ -875,7 +867,7 @@ class ClusterPrimary(Emitter):
         name = sock.getsockname()
         name = list(name) if isinstance(name, tuple) else name
         lid = msg.get("h")
-        if self.frozen_policy() == SCHED_RR and isinstance(lid, int) and not isinstance(lid, bool):
+        if self.frozen_policy() == SCHED_RR and not dgram and isinstance(lid, int) and not isinstance(lid, bool):
             try:
                 self._rr.add(w, sock, lid)
             except ValueError as exc:
@@ -907,15 +899,38 @@ def _detach_stdio(w: Worker) -> None:
             os.close(null)
 
 
-def _handle_key(addr: Any, index: int = 0) -> tuple[Any, ...]:
-    """``("unix", path)`` or ``("tcp", host, port[, index])``: one listening socket per key."""
+def _handle_key(addr: Any, index: int = 0, dgram: bool = False) -> tuple[Any, ...]:
+    """``("unix", path)`` or ``("tcp", host, port[, index])`` (``unixdgram``, ``udp`` for
+    datagram sockets): one listening socket per key."""
     if isinstance(addr, str):
-        return ("unix", addr)
+        return ("unixdgram" if dgram else "unix", addr)
     if isinstance(addr, list | tuple) and len(addr) == 2 and isinstance(addr[1], int):
+        kind = "udp" if dgram else "tcp"
         if addr[1] == 0 and index:
-            return ("tcp", str(addr[0]), 0, index)
-        return ("tcp", str(addr[0]), addr[1])
+            return (kind, str(addr[0]), 0, index)
+        return (kind, str(addr[0]), addr[1])
     raise ValueError(f"not an address: {addr!r}; expected (host, port) or a Unix socket path")
+
+
+def _bind(key: tuple[Any, ...], backlog: int) -> socket.socket:
+    """A socket bound (and listening, for a stream) as ``key`` says."""
+    if key[0] == "tcp":
+        family = socket.AF_INET6 if ":" in key[1] else socket.AF_INET
+        return socket.create_server((key[1], key[2]), family=family, backlog=backlog)
+    if key[0] == "udp":
+        sock = socket.socket(socket.AF_INET6 if ":" in key[1] else socket.AF_INET, socket.SOCK_DGRAM)
+        address: Any = (key[1], key[2])
+    else:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM if key[0] == "unixdgram" else socket.SOCK_STREAM)
+        address = key[1]
+    try:
+        sock.bind(address)
+        if key[0] == "unix":
+            sock.listen(backlog)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
 
 
 async def _first(*aws: Awaitable[Any]) -> None:

@@ -199,15 +199,20 @@ class Endpoint(abc.ABC):
         _proc.close_all(fds)
         return value
 
-    def listen(self, address: tuple[str, int] | str, backlog: int = 511) -> socket.socket | RoundRobinSocket:
+    def listen(
+        self, address: tuple[str, int] | str, backlog: int = 511, type: int = socket.SOCK_STREAM
+    ) -> socket.socket | RoundRobinSocket:
         """Ask the primary to listen at ``address`` (bound once for every worker).
 
         The primary's policy decides what comes back: the shared listening
         socket (``SCHED_NONE``), or a :class:`RoundRobinSocket` that the
-        connections it accepts come through (``SCHED_RR``).
+        connections it accepts come through (``SCHED_RR``). A datagram socket
+        (``type=SOCK_DGRAM``) is always the shared socket.
         """
         self._check_may_block("cluster.listen()")
         request: Message = {"t": LISTEN, "backlog": int(backlog)}
+        if type == socket.SOCK_DGRAM:  # shared whatever the policy, as Node's dgram sockets
+            request["type"] = "dgram"
         if isinstance(address, str):
             request["addr"] = address
         else:

@@ -303,6 +303,7 @@ CATALOGUE: Final = (
             _f("addr", "[host, port] | str", "a TCP address or a Unix socket path"),
             _f("backlog", "int", "listen backlog"),
             _f("index", "int", "port 0: the worker's n-th listen of that host (from 0): one port per n", optional=True),
+            _f("type", '"dgram"', "a datagram socket (UDP, Unix), always shared", optional=True),
             _f("h", "int", "the worker's id for this listener (SCHED_RR: conn and ack name it)", optional=True),
         ),
     ),
