@@ -31,9 +31,17 @@ their messages on their own event loop.
 **Messages** are JSON: ``dict`` (``str`` keys), ``list``, ``str``, ``int``,
 ``float``, ``bool``, ``None``. A tuple arrives as a list and non-``str`` dict
 keys as strings (``{1: "a"}`` -> ``{"1": "a"}``); ``bytes``, sets and other
-objects raise ``TypeError`` in the sender; ``nan``/``inf`` pass (Python's JSON
-writes ``NaN``/``Infinity`` and reads them back). One encoded message is at most
-64 KiB (``ChannelError`` in the sender). Nothing is ever unpickled.
+objects raise ``TypeError`` in the sender, unless the workers were forked with
+``setup_primary(serialization="advanced")`` (``wire/advanced.py``: bytes, sets,
+tuples, dates, ``Decimal``, shared and circular values). One encoded message is
+at most 256 MiB (past 64 KiB it travels in a memfd, in its place); a socket can
+go with one (``send(data, handle=sock)``). Nothing is ever unpickled.
+
+**Listening**: ``cluster.listen(address)`` (and ``cluster.HTTPServer``,
+``cluster.start_server``...) asks the primary, which binds once. Under
+``SCHED_RR`` (the default, as Node's on Linux) the primary accepts and hands
+each connection to the next worker listening there; under ``SCHED_NONE``
+every worker accepts on the shared socket. The same server code runs under both.
 
 In an HTTP worker of cluster-server (your ASGI app), ``is_worker`` is True and
 ``send``, ``broadcast``, ``on_message``, ``recv``, ``messages``, ``request``
