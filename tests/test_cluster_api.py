@@ -678,6 +678,7 @@ def test_shared_handle_is_bound_once(tmp_path: Path, start_method: str) -> None:
             """,
             start_method=start_method,
             BUSY_PORT=str(busy.getsockname()[1]),
+            CLUSTER_SERVER_SCHED_POLICY="none",  # the shared handle (round-robin: test_cluster_rr.py)
         )
     finally:
         busy.close()

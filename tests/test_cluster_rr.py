@@ -262,3 +262,52 @@ def test_a_bad_policy_is_a_clear_error(tmp_path: Path) -> None:
         done.one("env")[1]
         == "CLUSTER_SERVER_SCHED_POLICY='roundrobin': expected 'rr' (round-robin) or 'none' (shared handle)"
     )
+
+
+def test_a_worker_at_its_fd_limit_gives_connections_back(tmp_path: Path) -> None:
+    # A connection handed to a worker that cannot receive another fd arrives truncated
+    # (MSG_CTRUNC): the worker says so and the primary gives it to another worker, and
+    # backs off from that one (the HTTP server's hand-off, scheduling/primary.py).
+    done = run_program(
+        tmp_path,
+        """
+        import resource
+        async def ask(addr):
+            reader, writer = await asyncio.open_connection(*addr)
+            line = await reader.readline()
+            writer.close()
+            return int(line)
+
+        if cluster.is_primary:
+            async def main():
+                listening = asyncio.Queue()
+                cluster.on("listening", lambda w, addr: listening.put_nowait(addr))
+                full = cluster.fork(env={"ROLE": "full"})
+                limited = asyncio.get_running_loop().create_future()
+                full.on("message", limited.set_result)
+                addr = await asyncio.wait_for(listening.get(), 20)
+                await asyncio.wait_for(limited, 20)
+                serve = cluster.fork(env={"ROLE": "serve"})
+                await asyncio.wait_for(listening.get(), 20)
+                out("answers", [await asyncio.wait_for(ask(addr), 10) for _ in range(6)], serve.pid)
+                full.kill()
+                serve.kill()
+            cluster.run(main)
+        elif os.environ["ROLE"] == "full":
+            sock = cluster.listen(("127.0.0.1", 0))
+            open_now = len(os.listdir("/proc/self/fd")) - 1
+            resource.setrlimit(resource.RLIMIT_NOFILE, (open_now, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+            cluster.send("limited")
+            time.sleep(30)
+        else:
+            sock = cluster.listen(("127.0.0.1", 0))
+            while True:
+                conn, _ = sock.accept()
+                conn.sendall(f"{os.getpid()}\\n".encode())
+                conn.close()
+        """,
+    )
+    assert done.rc == 0, done
+    answers, serve_pid = done.one("answers")[1:]
+    assert answers == [serve_pid] * 6
+    assert "is at its file-descriptor limit" in done.err
