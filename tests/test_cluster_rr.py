@@ -46,14 +46,14 @@ if cluster.is_primary:
         await asyncio.wait_for(listening.get(), 20)
         # one connection is queued in 'hold', which never accepts; the other is served
         tasks = [asyncio.ensure_future(ask(addr)) for _ in range(2)]
-        out("before the death", await answered(tasks, 1.0), serve.pid)
+        out("before the death", await answered(tasks, 0.5), serve.pid)
         hold.kill(signal.SIGKILL)  # what it was handed and never accepted goes to 'serve'
         out("after the death", await answered(tasks, 10), serve.pid)
 
         closer = cluster.fork(env={"ROLE": "close"})
         await asyncio.wait_for(listening.get(), 20)
         tasks = [asyncio.ensure_future(ask(addr)) for _ in range(2)]
-        out("before the close", await answered(tasks, 1.0))
+        out("before the close", await answered(tasks, 0.5))
         closer.send("close")  # its listener closes: the connection it holds goes back
         out("after the close", await answered(tasks, 10), closer.is_connected())
 
