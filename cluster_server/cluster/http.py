@@ -87,7 +87,7 @@ class LoopLink(Endpoint):
             "cluster-server manages its HTTP workers: stop or restart them with signals (SIGTERM, SIGHUP)"
         )
 
-    def listen(self, address: tuple[str, int] | str, backlog: int = 511) -> Any:
+    def listen(self, address: tuple[str, int] | str, backlog: int = 511, type: int = 0) -> Any:
         raise ClusterRoleError("cluster-server's HTTP workers already serve the sockets it bound: no cluster.listen")
 
     def _close_transport(self) -> None:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import functools
 import inspect
 import itertools
@@ -29,14 +30,23 @@ import subprocess
 import sys
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, NoReturn
+from typing import IO, Any, NoReturn
 
 from cluster_server import _proc
-from cluster_server._errors import DisconnectedError, IllegalTransition, RequestError
+from cluster_server._errors import ChannelError, DisconnectedError, IllegalTransition, RequestError
+from cluster_server.cluster import child, handles
+from cluster_server.cluster.rr import (
+    POLICY_ENV,
+    SCHED_RR,
+    RoundRobinHandles,
+    check_policy,
+    default_policy,
+    policy_name,
+)
 from cluster_server.cluster.state import ClusterWorkerState, check_transition
 from cluster_server.cluster.worker import CHANNEL_FD_ENV, WORKER_ID_ENV, MainTarget, main_target, run_forked
+from cluster_server.wire import advanced, messages
 from cluster_server.wire import channel as _channel
-from cluster_server.wire import messages
 from cluster_server.wire.channel import Channel, Message, receive_all
 from cluster_server.wire.request import Answer, Pending, Replier
 from cluster_server.wire.spawn import fork_child
@@ -54,6 +64,8 @@ SPAWN_BOOTSTRAP = (
 )
 #: the directory cluster_server was imported from
 _IMPORTED_FROM = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+#: the worker's message encoding ("json" or "advanced"), set by the primary for each worker
+SERIALIZATION_ENV = advanced.ENV
 #: the default start method, so one script runs unchanged under both
 START_METHOD_ENV = "CLUSTER_SERVER_START_METHOD"
 #: bytes queued for one worker that does not read (stopped, hung) before new messages
@@ -75,6 +87,17 @@ class Settings:
     exec_argv: tuple[str, ...] = field(default_factory=lambda: tuple(_interpreter_flags()))
     #: "fork" (default) or "spawn" (a fresh interpreter), like Node
     start_method: str = "fork"
+    #: the worker's working directory; None: the primary's (``cluster/child.py``)
+    cwd: str | None = None
+    #: stdin, stdout and stderr are pipes to the primary (``worker.stdout``...), not the primary's
+    silent: bool = False
+    #: (stdin, stdout, stderr): "inherit", "pipe", "ignore", an fd or a file; overrides ``silent``
+    stdio: tuple[Any, ...] | None = None
+    #: the worker's user and group ids; None: the primary's
+    uid: int | None = None
+    gid: int | None = None
+    #: "json" (default) or "advanced" (``wire/advanced.py``: bytes, sets, tuples, dates, Decimal...)
+    serialization: str = "json"
 
 
 def _interpreter_flags() -> list[str]:
@@ -120,20 +143,26 @@ class Emitter:
         self._listeners.setdefault(event, []).append((fn, once))
         return fn
 
-    def emit(self, event: str, *args: Any) -> None:
+    def emit(self, event: str, *args: Any, handle: socket.socket | None = None) -> bool:
+        """Call the listeners; ``handle`` (a message's) goes to those that take one more
+        argument (``cluster/handles.py``). True when one of them got it."""
         listeners = self._listeners.get(event)
         if not listeners:
-            return
+            return False
+        took = False
         for fn, once in list(listeners):
             if once:
                 self.off(event, fn)
+            call = handles.call_args(fn, args, handle)
+            took = took or len(call) > len(args)
             try:
-                result = fn(*args)
+                result = fn(*call)
             except Exception:
                 logger.exception("%r listener %r raised", event, fn)
                 continue
             if inspect.isawaitable(result):
                 _spawn(result, f"{event!r} listener {fn!r}")
+        return took
 
 
 _tasks: set[asyncio.Future[Any]] = set()
@@ -170,6 +199,13 @@ class Worker(Emitter):
         self.pid = pid
         #: the ``subprocess.Popen`` of a spawned worker; None for a forked one
         self.process = process
+        #: the primary's ends of its stdio pipes (``silent``, ``stdio``): write to stdin, read
+        #: stdout and stderr to the end, then close them; None where the stream is not a pipe
+        self.stdin: IO[bytes] | None = None
+        self.stdout: IO[bytes] | None = None
+        self.stderr: IO[bytes] | None = None
+        #: how its messages are encoded: "json" or "advanced" (``settings.serialization`` at its fork)
+        self.serialization = "json"
         #: True once ``disconnect()`` or ``kill()`` was called (or the worker disconnected itself)
         self.exited_after_disconnect = False
         #: Node's states, "none", "online", "listening", "disconnected", "dead" (``cluster/state.py``)
@@ -190,9 +226,19 @@ class Worker(Emitter):
     def __repr__(self) -> str:
         return f"<Worker id={self.id} pid={self.pid} state={self.state}>"
 
-    def send(self, data: Any) -> bool:
-        """Send a message (JSON-compatible data). False if the worker is disconnected: dropped."""
-        return self._primary.send(self, {"t": messages.MSG, "data": data})
+    def send(self, data: Any, handle: socket.socket | None = None, *, keep_open: bool = False) -> bool:
+        """Send a message (JSON-compatible data). False if the worker is disconnected: dropped.
+
+        ``handle``: a socket sent along (Node's ``sendHandle``, ``cluster/handles.py``); once
+        sent, a connection is closed here unless ``keep_open``.
+        """
+        if handle is None:
+            return self._primary.send(self, {"t": messages.MSG, "data": data})
+        fd = os.dup(handles.fd_of(handle))
+        sent = self._primary.send(self, {"t": messages.MSG, "data": data, "handle": handles.SOCKET}, [fd])
+        if sent:
+            handles.close_after_send(handle, keep_open)
+        return sent
 
     async def request(self, data: Any, timeout: float | None = 5.0) -> Any:
         """Send a request; return the worker's ``on_request`` handler's answer."""
@@ -233,11 +279,15 @@ class ClusterPrimary(Emitter):
         self._live: dict[int, Worker] = {}  # not yet exited, by id
         self._ids = itertools.count(1)
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._soon: list[Callable[[], None]] = []
+        self._soon: list[Callable[[], object]] = []
         self._changed: asyncio.Event | None = None
         self._handles: dict[tuple[Any, ...], socket.socket] = {}
         self._unlink: list[str] = []
         self._request_handler: Callable[[Worker, Any], Any] | None = None
+        #: Node's cluster.schedulingPolicy, frozen by the first fork() or setup_primary()
+        self.policy: int | None = None
+        self._policy_warned = False
+        self._rr = RoundRobinHandles(self.send, self.workers)
 
     # -- the loop -------------------------------------------------------------------
 
@@ -264,7 +314,7 @@ class ClusterPrimary(Emitter):
             return None
         return self.attach(loop)
 
-    def call_soon(self, cb: Callable[..., None], *args: Any) -> None:
+    def call_soon(self, cb: Callable[..., object], *args: Any) -> None:
         if self._loop is not None and not self._loop.is_closed():
             self._loop.call_soon(cb, *args)
         else:
@@ -376,32 +426,66 @@ class ClusterPrimary(Emitter):
 
     # -- forking ----------------------------------------------------------------------
 
+    def freeze_policy(self, policy: Any) -> int:
+        """Node freezes ``cluster.schedulingPolicy`` at the first ``fork()`` or ``setupPrimary()``."""
+        if self.policy is None:
+            self.policy = check_policy(policy)
+        elif policy != self.policy and not self._policy_warned:
+            self._policy_warned = True
+            logger.warning(
+                "cluster.scheduling_policy changed to %r after the first fork() or setup_primary(): "
+                "ignored, as in Node (it stays %s)",
+                policy,
+                policy_name(self.policy).upper(),
+            )
+        return self.policy
+
+    def frozen_policy(self) -> int:
+        return self.policy if self.policy is not None else default_policy()
+
     def setup(self, settings: Settings) -> None:
         if settings.start_method not in START_METHODS:
             raise ValueError(f"start_method={settings.start_method!r}: expected one of {', '.join(START_METHODS)}")
+        if settings.serialization not in advanced.MODES:
+            raise ValueError(f"serialization={settings.serialization!r}: expected 'json' or 'advanced'")
+        child.stdio_plan(settings.silent, settings.stdio)  # ValueError now, not at fork()
         self.settings = settings
         self.call_soon(self.emit, "setup", settings)
 
     def fork(self, env: dict[str, str] | None = None) -> Worker:
         self._running_loop()
         settings = self.settings
+        child.check(settings.cwd, settings.uid, settings.gid)
+        plan = child.stdio_plan(settings.silent, settings.stdio)
+        policy = policy_name(self.freeze_policy(self.frozen_policy()))
+        env = {**(env or {}), POLICY_ENV: policy, SERIALIZATION_ENV: settings.serialization}
         target: MainTarget = ("path", os.path.abspath(settings.exec)) if settings.exec else main_target()
         worker_id = next(self._ids)
         process: subprocess.Popen[bytes] | None = None
         if settings.start_method == "fork":
-            main = functools.partial(self._forked, worker_id, os.getpid(), env, target, settings.args)
-            pid, ours = fork_child(main)
+            stdio = child.open_for_fork(plan)
+            main = functools.partial(self._forked, worker_id, os.getpid(), env, target, settings, stdio)
+            try:
+                pid, ours = fork_child(main)
+            except BaseException:
+                child.close_in_primary(stdio, failed=True)
+                raise
+            child.close_in_primary(stdio)
+            files = stdio.files()
         else:
             ours, theirs = _channel.pair()
             try:
-                process = self._spawn(worker_id, theirs, env, target, settings)
+                process = self._spawn(worker_id, theirs, env, target, settings, plan)
             except BaseException:
                 ours.close()
                 raise
             finally:
                 theirs.close()
             pid = process.pid
+            files = (process.stdin, process.stdout, process.stderr)
         w = Worker(self, worker_id, pid, Channel(ours), process)
+        w.stdin, w.stdout, w.stderr = files
+        w.serialization = settings.serialization
         try:
             w._pidfd = os.pidfd_open(pid)
         except (AttributeError, OSError):
@@ -416,30 +500,40 @@ class ClusterPrimary(Emitter):
         self,
         worker_id: int,
         primary_pid: int,
-        env: dict[str, str] | None,
+        env: dict[str, str],
         target: MainTarget,
-        args: Sequence[str],
+        settings: Settings,
+        stdio: child.ForkedStdio,
         sock: socket.socket,
         close: list[int],
     ) -> NoReturn:  # pragma: no cover - in the forked worker
         try:
             _proc.close_all(close)  # our end of its channel
             self.close_in_child()
+            child.apply_in_child(stdio, settings.cwd, settings.uid, settings.gid)
         finally:
-            run_forked(worker_id, sock, primary_pid, env, target, args)
+            run_forked(worker_id, sock, primary_pid, env, target, settings.args)
 
     def _spawn(
-        self, worker_id: int, theirs: socket.socket, env: dict[str, str] | None, target: MainTarget, settings: Settings
+        self,
+        worker_id: int,
+        theirs: socket.socket,
+        env: dict[str, str],
+        target: MainTarget,
+        settings: Settings,
+        plan: tuple[Any, Any, Any],
     ) -> subprocess.Popen[bytes]:
         kind, name = target
         argv = [sys.executable, *settings.exec_argv, "-c", SPAWN_BOOTSTRAP, _IMPORTED_FROM, kind, name, *settings.args]
         fd = theirs.fileno()
-        child_env = {**os.environ, **(env or {}), WORKER_ID_ENV: str(worker_id), CHANNEL_FD_ENV: str(fd)}
-        return subprocess.Popen(argv, env=child_env, pass_fds=(fd,))
+        child_env = {**os.environ, **env, WORKER_ID_ENV: str(worker_id), CHANNEL_FD_ENV: str(fd)}
+        options = child.popen_options(plan, settings.cwd, settings.uid, settings.gid)
+        return subprocess.Popen(argv, env=child_env, pass_fds=(fd,), **options)
 
     def close_in_child(self) -> None:
         """In a freshly forked worker: drop every fd of the primary (never its loop)."""
         for w in self.workers.values():
+            _detach_stdio(w)
             if w._channel is not None:
                 w._channel.close()
             if w._pidfd >= 0:
@@ -452,6 +546,9 @@ class ClusterPrimary(Emitter):
             sock.close()
         self._handles.clear()
         self._unlink.clear()
+        # connections the round-robin handles hold (never their loop's readers: the parent's)
+        _proc.close_all(self._rr.fds_to_close_in_child())
+        self._rr = RoundRobinHandles(self.send, self.workers)
 
     # -- exits and disconnects ------------------------------------------------------------
 
@@ -496,6 +593,7 @@ class ClusterPrimary(Emitter):
             w.process.returncode = code if sig is None else -int(sig)
         w._move(ClusterWorkerState.DEAD)
         self._live.pop(w.id, None)
+        self._rr.exited(w)
         w.emit("exit", code, sig)
         self.emit("exit", w, code, sig)
         self._forget(w)
@@ -509,12 +607,36 @@ class ClusterPrimary(Emitter):
             self._loop.remove_reader(ch.fileno())
             self._loop.remove_writer(ch.fileno())
         ch.close()
-        if not w._dead:
+        if w.state is not ClusterWorkerState.DEAD:  # (Node: 'disconnected' in the listeners, even if it died)
             w._move(ClusterWorkerState.DISCONNECTED)
         w._requests.close(lambda: DisconnectedError(f"worker {w.id} disconnected before it answered"))
+        self._rr.disconnected(w)
         w.emit("disconnect")
         self.emit("disconnect", w)
         self._forget(w)
+
+    def disconnect_all(self, callback: Callable[[], Any] | None = None) -> None:
+        """``cluster.disconnect([callback])``: disconnect every worker; ``callback`` once all are
+        (on the next tick when none is connected), as Node's."""
+        connected = [w for w in self.workers.values() if w.is_connected()]
+        for w in connected:
+            w.disconnect()
+        if callback is None:
+            return
+        left = {w.id for w in connected}
+
+        def gone(w: Worker) -> None:
+            left.discard(w.id)
+            if not left:
+                self.off("disconnect", gone)
+                result = callback()
+                if inspect.isawaitable(result):
+                    _spawn(result, f"cluster.disconnect() callback {callback!r}")
+
+        if left:
+            self.on("disconnect", gone)
+        else:
+            self.call_soon(callback)
 
     def _forget(self, w: Worker) -> None:
         """Node removes a worker from ``cluster.workers`` once it has disconnected and exited."""
@@ -541,7 +663,12 @@ class ClusterPrimary(Emitter):
                 )
             return False
         try:
-            sent = ch.send(msg, fds)  # (the channel closes the fds if it raises)
+            payload = advanced.pack(msg) if w.serialization == "advanced" else msg
+        except (TypeError, ValueError, ChannelError):
+            _proc.close_all(fds)  # could not be encoded: nothing was taken
+            raise
+        try:
+            sent = ch.send(payload, fds)  # (the channel closes the fds if it raises)
         except OSError:
             # Gone (mid-broadcast, say): it reads as a disconnect, on the next tick.
             self.call_soon(self.close_channel, w)
@@ -566,8 +693,10 @@ class ClusterPrimary(Emitter):
     def broadcast(self, data: Any, exclude: Worker | None = None) -> int:
         """Send to every connected worker; returns how many it was sent to."""
         msg = {"t": messages.MSG, "data": data}
-        _channel.encode(msg)  # fail here, once, if it cannot be sent
-        return sum(self.send(w, msg) for w in list(self.workers.values()) if w is not exclude)
+        targets = [w for w in list(self.workers.values()) if w is not exclude]
+        for mode in {w.serialization for w in targets}:  # fail here, once, if it cannot be sent
+            _channel.encode(advanced.pack(msg) if mode == "advanced" else msg)
+        return sum(self.send(w, msg) for w in targets)
 
     def _on_readable(self, w: Worker) -> None:
         ch = w._channel
@@ -578,20 +707,28 @@ class ClusterPrimary(Emitter):
 
     def _dispatch(self, w: Worker, msg: Message, fds: list[int]) -> None:
         try:
+            try:
+                msg = advanced.unpack(msg)
+            except ValueError as exc:
+                _proc.close_all(fds)
+                logger.warning("worker %d [pid %d]: dropped a message: %s", w.id, w.pid, exc)
+                return
             self._handle(w, msg, fds)
         except Exception:  # a listener's bug: the next message is still read
             logger.exception("worker %d [pid %d]: handling %.200r raised", w.id, w.pid, msg)
 
     def _handle(self, w: Worker, msg: Message, fds: list[int]) -> None:
-        _proc.close_all(fds)  # a worker's messages carry no fds
         kind = msg.get("t")
+        if kind == messages.ACK:
+            self._rr.ack(w, msg, fds)
+            return
+        if kind == messages.MSG:
+            self._message(w, msg, fds)
+            return
+        _proc.close_all(fds)  # a worker's other messages carry no fds
         if kind == messages.RES:
             if not w._requests.resolve(msg, []):
                 logger.debug("worker %d: an answer nobody waits for (late?) %.200r", w.id, msg)
-        elif kind == messages.MSG:
-            data = msg.get("data")
-            w.emit("message", data)
-            self.emit("message", w, data)
         elif kind == messages.ONLINE:
             if self._worker_moves(w, ClusterWorkerState.ONLINE):
                 w.emit("online")
@@ -612,6 +749,15 @@ class ClusterPrimary(Emitter):
             w.exited_after_disconnect = True
         else:
             logger.warning("worker %d [pid %d] sent an unknown message %.200r; ignored", w.id, w.pid, msg)
+
+    def _message(self, w: Worker, msg: Message, fds: list[int]) -> None:
+        """The ``message`` events; a handle that came with it goes to the listeners that take it."""
+        data = msg.get("data")
+        handle = handles.adopt(msg, fds, f"worker {w.id} [pid {w.pid}]")
+        took = w.emit("message", data, handle=handle)
+        took = self.emit("message", w, data, handle=handle) or took
+        if handle is not None and not took:
+            handle.close()  # nobody takes it: never leaked
 
     def _worker_moves(self, w: Worker, new: ClusterWorkerState) -> bool:
         """A worker's message moves it to ``new``: False (logged, ignored) where the table has no such move."""
@@ -660,56 +806,110 @@ class ClusterPrimary(Emitter):
 
     # -- shared handles ---------------------------------------------------------------------
 
-    def handle_for(self, addr: Any, backlog: int = 511) -> socket.socket:
-        """The listening socket at ``addr``, bound the first time it is asked for."""
-        if isinstance(addr, str):
-            key: tuple[Any, ...] = ("unix", addr)
-        elif isinstance(addr, list | tuple) and len(addr) == 2 and isinstance(addr[1], int):
-            key = ("tcp", str(addr[0]), addr[1])
-        else:
-            raise ValueError(f"not an address: {addr!r}; expected (host, port) or a Unix socket path")
+    def handle_for(self, addr: Any, backlog: int = 511, index: int = 0, dgram: bool = False) -> socket.socket:
+        """The listening socket at ``addr``, bound the first time it is asked for.
+
+        ``index``: for port 0, a worker's second ``listen`` of the same host gets
+        another socket (another random port), shared with every other worker's
+        second one, as Node's ``index`` in its handle key. ``dgram``: a UDP (or
+        Unix datagram) socket, always shared, as Node shares its dgram sockets.
+        """
+        key = _handle_key(addr, index, dgram)
         sock = self._handles.get(key)
         if sock is not None:
             return sock
-        if key[0] == "unix":
-            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            try:
-                sock.bind(key[1])
-                sock.listen(backlog)
-            except BaseException:
-                sock.close()
-                raise
+        sock = _bind(key, backlog)
+        if key[0] in ("unix", "unixdgram"):
             self._unlink.append(key[1])
-        else:
-            host = key[1]
-            family = socket.AF_INET6 if ":" in host else socket.AF_INET
-            sock = socket.create_server((host, key[2]), family=family, backlog=backlog)
+        else:  # a later listen on the port it got (port 0: random) is a listen on the same socket
+            self._handles.setdefault((key[0], key[1], sock.getsockname()[1]), sock)
         self._handles[key] = sock
         return sock
 
     def _listen(self, w: Worker, msg: Message) -> None:
+        """A worker's ``cluster.listen()``: bind once; share the socket (SCHED_NONE), or add the
+        worker to the address's round-robin handle (SCHED_RR, ``cluster/rr.py``)."""
         rid = msg.get("id")
         if not isinstance(rid, int):
             logger.warning("worker %d sent a listen request without an id %.200r; ignored", w.id, msg)
             return
-        addr = msg.get("addr")
-        backlog = msg.get("backlog")
+        addr, backlog, index = msg.get("addr"), msg.get("backlog"), msg.get("index", 0)
+        dgram = msg.get("type") == "dgram"
         try:
-            sock = self.handle_for(addr, backlog if isinstance(backlog, int) and backlog > 0 else 511)
+            backlog = backlog if isinstance(backlog, int) and backlog > 0 else 511
+            sock = self.handle_for(addr, backlog, index if isinstance(index, int) else 0, dgram)
         except (OSError, ValueError) as exc:
-            w._replier.refuse(rid, f"the primary cannot listen on {addr!r}: {exc}", kind="bind")
+            code = errno.errorcode.get(getattr(exc, "errno", None) or 0)  # EADDRINUSE, as Node's err.code
+            why = f"{code} {exc}" if code else str(exc)
+            w._replier.refuse(rid, f"the primary cannot listen on {addr!r}: {why}", kind="bind")
             return
         name = sock.getsockname()
-        w._replier.answer(rid, list(name) if isinstance(name, tuple) else name, [os.dup(sock.fileno())])
+        name = list(name) if isinstance(name, tuple) else name
+        lid = msg.get("h")
+        if self.frozen_policy() == SCHED_RR and not dgram and isinstance(lid, int) and not isinstance(lid, bool):
+            try:
+                self._rr.add(w, sock, lid)
+            except ValueError as exc:
+                w._replier.refuse(rid, f"the primary cannot listen on {addr!r}: {exc}", kind="bind")
+                return
+            w._replier.answer(rid, {"addr": name, "rr": True})
+            return
+        w._replier.answer(rid, name, [os.dup(sock.fileno())])
 
     def close_handles(self) -> None:
-        for sock in self._handles.values():
+        self._rr.close()
+        for sock in set(self._handles.values()):
             sock.close()
         self._handles.clear()
         for path in self._unlink:
             with contextlib.suppress(OSError):
                 os.unlink(path)
         self._unlink.clear()
+
+
+def _detach_stdio(w: Worker) -> None:
+    """In a forked worker, another worker's stdio pipes (the primary's ends) point at
+    /dev/null instead: its stdin must see EOF when the primary closes it, and the file
+    objects, never used here, may still close their fd (a buffered one writes nowhere)."""
+    for f in (w.stdin, w.stdout, w.stderr):
+        if f is not None and not f.closed:
+            null = os.open(os.devnull, os.O_RDWR)
+            os.dup2(null, f.fileno(), inheritable=False)
+            os.close(null)
+
+
+def _handle_key(addr: Any, index: int = 0, dgram: bool = False) -> tuple[Any, ...]:
+    """``("unix", path)`` or ``("tcp", host, port[, index])`` (``unixdgram``, ``udp`` for
+    datagram sockets): one listening socket per key."""
+    if isinstance(addr, str):
+        return ("unixdgram" if dgram else "unix", addr)
+    if isinstance(addr, list | tuple) and len(addr) == 2 and isinstance(addr[1], int):
+        kind = "udp" if dgram else "tcp"
+        if addr[1] == 0 and index:
+            return (kind, str(addr[0]), 0, index)
+        return (kind, str(addr[0]), addr[1])
+    raise ValueError(f"not an address: {addr!r}; expected (host, port) or a Unix socket path")
+
+
+def _bind(key: tuple[Any, ...], backlog: int) -> socket.socket:
+    """A socket bound (and listening, for a stream) as ``key`` says."""
+    if key[0] == "tcp":
+        family = socket.AF_INET6 if ":" in key[1] else socket.AF_INET
+        return socket.create_server((key[1], key[2]), family=family, backlog=backlog)
+    if key[0] == "udp":
+        sock = socket.socket(socket.AF_INET6 if ":" in key[1] else socket.AF_INET, socket.SOCK_DGRAM)
+        address: Any = (key[1], key[2])
+    else:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM if key[0] == "unixdgram" else socket.SOCK_STREAM)
+        address = key[1]
+    try:
+        sock.bind(address)
+        if key[0] == "unix":
+            sock.listen(backlog)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
 
 
 async def _first(*aws: Awaitable[Any]) -> None:

@@ -59,8 +59,9 @@ class CurrentWorker:
     def pid(self) -> int:
         return self._endpoint.pid
 
-    def send(self, data: Any) -> None:
-        self._endpoint.send(data)
+    def send(self, data: Any, handle: Any = None, *, keep_open: bool = False) -> None:
+        """Send ``data`` to the primary, with a socket if ``handle`` (see ``cluster.send``)."""
+        self._endpoint.send(data, handle, keep_open)
 
     def disconnect(self) -> None:
         """Close this worker's servers and channel; the worker then exits when its code returns."""
@@ -69,8 +70,13 @@ class CurrentWorker:
     def is_connected(self) -> bool:
         return self._endpoint.connected
 
+    def is_dead(self) -> bool:
+        """False: this worker runs (Node's ``cluster.worker.isDead()`` in a worker)."""
+        return False
+
     def on(self, event: str, fn: Callable[..., Any] | None = None) -> Any:
-        """``message`` (``fn(data)``) or ``disconnect`` (``fn()``); without ``fn``, a decorator."""
+        """``message`` (``fn(data)``, or ``fn(data, handle)`` to get sockets sent with messages)
+        or ``disconnect`` (``fn()``); without ``fn``, a decorator."""
         if fn is None:
             return lambda f: self.on(event, f)
         if event == "message":

@@ -30,6 +30,7 @@ import asyncio
 import collections
 import concurrent.futures
 import inspect
+import itertools
 import logging
 import os
 import runpy
@@ -45,11 +46,16 @@ from typing import Any, NoReturn
 
 from cluster_server import _logging, _proc
 from cluster_server._errors import BindError, ChannelError, ClusterRoleError, DisconnectedError
+from cluster_server.cluster import handles
 from cluster_server.cluster import role as _role
+from cluster_server.cluster.rr import RoundRobinSocket
+from cluster_server.cluster.rr import refuse as refuse_conn
+from cluster_server.wire import advanced
 from cluster_server.wire import channel as _channel
 from cluster_server.wire.channel import Message
 from cluster_server.wire.messages import (
     BCAST,
+    CONN,
     DISCONNECT,
     DISCONNECTING,
     LISTEN,
@@ -96,7 +102,8 @@ class Endpoint(abc.ABC):
         self.pid = os.getpid()
         self._lock = threading.Lock()
         self._cond = threading.Condition(self._lock)
-        self._inbox: collections.deque[Any] = collections.deque()
+        #: (data, handle or None) for recv() while no on_message callback is registered
+        self._inbox: collections.deque[tuple[Any, socket.socket | None]] = collections.deque()
         self._inbox_full_warned = False
         self._wakers: list[tuple[asyncio.AbstractEventLoop, asyncio.Future[None]]] = []
         self._on_message: list[Callback] = []
@@ -109,6 +116,10 @@ class Endpoint(abc.ABC):
         self._requests: Pending[concurrent.futures.Future[Answer]] = Pending()
         self._replier = Replier(self._send, f"worker {worker_id}")
         self._closers: list[Callable[[], None]] = []
+        #: round-robin listeners by id (``cluster/rr.py``)
+        self._rr_sockets: dict[int, RoundRobinSocket] = {}
+        self._listener_ids = itertools.count(1)
+        self._zero_ports: dict[str, int] = {}  # host -> listen(0) calls so far
         self.connected = True
         self.disconnecting = False
         self._disconnected = threading.Event()
@@ -132,8 +143,17 @@ class Endpoint(abc.ABC):
 
     # -- sending ------------------------------------------------------------------
 
-    def send(self, data: Any) -> None:
-        self._send({"t": MSG, "data": data})
+    def send(self, data: Any, handle: socket.socket | None = None, keep_open: bool = False) -> None:
+        """Send ``data`` to the primary; ``handle``: a socket sent along (``cluster/handles.py``)."""
+        if handle is None:
+            self._send({"t": MSG, "data": data})
+            return
+        self._send_handle({"t": MSG, "data": data, "handle": handles.SOCKET}, handles.fd_of(handle))
+        handles.close_after_send(handle, keep_open)
+
+    def _send_handle(self, msg: Message, fd: int) -> None:
+        """Send ``msg`` with a copy of ``fd`` (the caller keeps ``fd``)."""
+        raise ClusterRoleError("this worker's primary takes no handles: cluster-server's HTTP primary runs no app code")
 
     def broadcast(self, data: Any, include_self: bool = False) -> None:
         self._send({"t": BCAST, "data": data, "self": include_self})
@@ -179,23 +199,61 @@ class Endpoint(abc.ABC):
         _proc.close_all(fds)
         return value
 
-    def listen(self, address: tuple[str, int] | str, backlog: int = 511) -> socket.socket:
-        """Ask the primary for the listening socket at ``address`` (bound once, shared)."""
+    def listen(
+        self, address: tuple[str, int] | str, backlog: int = 511, type: int = socket.SOCK_STREAM
+    ) -> socket.socket | RoundRobinSocket:
+        """Ask the primary to listen at ``address`` (bound once for every worker).
+
+        The primary's policy decides what comes back: the shared listening
+        socket (``SCHED_NONE``), or a :class:`RoundRobinSocket` that the
+        connections it accepts come through (``SCHED_RR``). A datagram socket
+        (``type=SOCK_DGRAM``) is always the shared socket.
+        """
         self._check_may_block("cluster.listen()")
+        request: Message = {"t": LISTEN, "backlog": int(backlog)}
+        if type == socket.SOCK_DGRAM:  # shared whatever the policy, as Node's dgram sockets
+            request["type"] = "dgram"
         if isinstance(address, str):
-            addr: Any = address
+            request["addr"] = address
         else:
             host, port = address
-            addr = [str(host), int(port)]
-        rid, fut = self._start_request({"t": LISTEN, "addr": addr, "backlog": int(backlog)})
-        late = f"the primary did not answer a listen request within {LISTEN_TIMEOUT} s"
-        name, fds = self._wait_answer(rid, fut, LISTEN_TIMEOUT, late)
+            request["addr"] = [str(host), int(port)]
+            if int(port) == 0:  # Node: the n-th listen(0) of a host in each worker shares one port
+                request["index"] = self._zero_ports[str(host)] = self._zero_ports.get(str(host), -1) + 1
+        rr = RoundRobinSocket(self._send, next(self._listener_ids), self._forget_listener)
+        self._rr_sockets[rr.lid] = rr
+        request["h"] = rr.lid
+        try:
+            rid, fut = self._start_request(request)
+            late = f"the primary did not answer a listen request within {LISTEN_TIMEOUT} s"
+            answer, fds = self._wait_answer(rid, fut, LISTEN_TIMEOUT, late)
+        except BaseException:
+            rr.discard()
+            raise
+        if isinstance(answer, dict):  # round-robin: connections come through the channel
+            _proc.close_all(fds)
+            rr.listening(answer.get("addr"))
+            self.add_closer(rr.shutdown)
+            self._send({"t": LISTENING, "addr": answer.get("addr")})
+            return rr
+        rr.discard()
         if not fds:
             raise BindError(f"the primary sent no socket for {address!r}")
         _proc.close_all(fds[1:])
         sock = socket.socket(fileno=fds[0])
-        self._send({"t": LISTENING, "addr": name})
+        self._send({"t": LISTENING, "addr": answer})
         return sock
+
+    def _forget_listener(self, lid: int) -> None:
+        self._rr_sockets.pop(lid, None)
+
+    def _on_conn(self, msg: Message, fds: list[int]) -> None:
+        """Connections the primary handed to one of our round-robin listeners."""
+        rr = self._rr_sockets.get(msg.get("h"))  # type: ignore[arg-type]
+        if rr is None:
+            refuse_conn(self._send, msg, fds)
+        else:
+            rr.on_conn(msg, fds)
 
     # -- receiving ----------------------------------------------------------------
 
@@ -229,7 +287,7 @@ class Endpoint(abc.ABC):
             )
         return Callback(fn, loop)
 
-    def get_message(self, timeout: float | None = None) -> Any:
+    def get_message(self, timeout: float | None = None, with_handle: bool = False) -> Any:
         self._check_may_block("cluster.get_message()")
         deadline = None if timeout is None else time.monotonic() + timeout
         with self._cond:
@@ -240,15 +298,15 @@ class Endpoint(abc.ABC):
                 if remaining is not None and remaining <= 0:
                     raise TimeoutError(f"no message within {timeout} s")
                 self._cond.wait(remaining)
-            return self._inbox.popleft()
+            return _unpack(self._inbox.popleft(), with_handle)
 
-    async def recv(self, timeout: float | None = None) -> Any:
+    async def recv(self, timeout: float | None = None, with_handle: bool = False) -> Any:
         loop = asyncio.get_running_loop()
         deadline = None if timeout is None else loop.time() + timeout
         while True:
             with self._lock:
                 if self._inbox:
-                    return self._inbox.popleft()
+                    return _unpack(self._inbox.popleft(), with_handle)
                 if not self.connected:
                     raise DisconnectedError(f"worker {self.id} is disconnected from its primary")
                 waker: asyncio.Future[None] = loop.create_future()
@@ -266,10 +324,10 @@ class Endpoint(abc.ABC):
                     if entry in self._wakers:
                         self._wakers.remove(entry)
 
-    async def messages(self) -> AsyncIterator[Any]:
+    async def messages(self, with_handle: bool = False) -> AsyncIterator[Any]:
         while True:
             try:
-                msg = await self.recv()
+                msg = await self.recv(with_handle=with_handle)
             except DisconnectedError:
                 return
             yield msg
@@ -294,41 +352,66 @@ class Endpoint(abc.ABC):
                         self._wakers.remove(entry)
 
     def add_closer(self, fn: Callable[[], None]) -> None:
-        """Something to close when the worker disconnects (a server it runs)."""
-        self._closers.append(fn)
+        """Something to close when the worker disconnects (a server it runs); closed at once
+        if the disconnect already began (it can come between ``listen`` and this call)."""
+        with self._lock:
+            late = self.disconnecting
+            if not late:
+                self._closers.append(fn)
+        if late:
+            fn()
 
     # -- dispatch (on the transport's thread) ---------------------------------------
 
     def dispatch(self, msg: Message, fds: list[int]) -> None:
+        if "a" in msg:  # serialization="advanced" (wire/advanced.py)
+            try:
+                msg = advanced.unpack(msg)
+            except ValueError as exc:
+                _proc.close_all(fds)
+                logger.warning("worker %d: dropped a message from the primary: %s", self.id, exc)
+                return
         kind = msg.get("t")
         if kind == RES:
             self._resolve(msg, fds)
             return
-        _proc.close_all(fds)
+        if kind == CONN:
+            self._on_conn(msg, fds)
+            return
         if kind == MSG:
-            self._deliver(msg.get("data"))
-        elif kind == REQ:
+            self._deliver(msg.get("data"), handles.adopt(msg, fds, f"worker {self.id}"))
+            return
+        _proc.close_all(fds)
+        if kind == REQ:
             self._answer(msg)
         elif kind == DISCONNECT:
             self.disconnect(asked=True)
         else:
             logger.warning("worker %d: unknown message from the primary %.200r; ignored", self.id, msg)
 
-    def _deliver(self, data: Any) -> None:
+    def _deliver(self, data: Any, handle: socket.socket | None = None) -> None:
         with self._lock:
             callbacks = list(self._on_message)
             if not callbacks:
                 if len(self._inbox) >= MAX_INBOX:
-                    self._inbox.popleft()
+                    _, dropped = self._inbox.popleft()
+                    if dropped is not None:
+                        dropped.close()
                     if not self._inbox_full_warned:
                         self._inbox_full_warned = True
                         logger.warning(
                             "worker %d: %d messages wait for recv(); dropping the oldest", self.id, MAX_INBOX
                         )
-                self._inbox.append(data)
+                self._inbox.append((data, handle))
                 self._wake_all()
+                return
+        took = False
         for callback in callbacks:
-            self._call(callback, data)
+            args = handles.call_args(callback.fn, (data,), handle)
+            took = took or len(args) > 1
+            self._call(callback, *args)
+        if handle is not None and not took:
+            handle.close()  # no callback takes it: never leaked
 
     def _wake_all(self) -> None:
         """Wake every waiter (sync and async); the caller holds the lock."""
@@ -381,24 +464,40 @@ class Endpoint(abc.ABC):
                 self._send({"t": DISCONNECTING})
             except DisconnectedError:
                 pass
-        for callback in self._on_disconnect:
-            self._call(callback)
         for close in self._closers:
             try:
                 close()
             except Exception:
                 logger.exception("worker %d: closing %r on disconnect raised", self.id, close)
-        self._mark_disconnected()
+        self._mark_disconnected(emit=True)
         self._close_transport()
 
-    def _mark_disconnected(self) -> None:
+    def _mark_disconnected(self, emit: bool = False) -> None:
+        """No longer connected; with ``emit``, the ``disconnect`` listeners run once the channel
+        is closed (Node's order: ``is_connected()`` is False in them) and before anything that
+        waits for the disconnect wakes up (the program may end right after)."""
         with self._lock:
             if not self.connected:
                 return
             self.connected = False
+        self._requests.close(lambda: DisconnectedError(f"worker {self.id} disconnected before the answer came"))
+        if emit:
+            self._close_transport()
+            for callback in self._on_disconnect:
+                self._call(callback)
+        with self._lock:
             self._disconnected.set()
             self._wake_all()
-        self._requests.close(lambda: DisconnectedError(f"worker {self.id} disconnected before the answer came"))
+
+
+def _unpack(item: tuple[Any, socket.socket | None], with_handle: bool) -> Any:
+    """An inbox item as ``recv()`` returns it: ``(data, handle)``, or ``data`` (the handle closed)."""
+    if with_handle:
+        return item
+    data, handle = item
+    if handle is not None:
+        handle.close()
+    return data
 
 
 def _wake(waker: asyncio.Future[None]) -> None:
@@ -423,6 +522,8 @@ class ThreadLink(Endpoint):
         self._sock = sock
         self._send_lock = threading.Lock()
         self._thread = threading.Thread(target=self._read_loop, name="cluster-channel", daemon=True)
+        #: serialization="advanced": messages' data in wire/advanced.py's tagged JSON
+        self.advanced = os.environ.get(advanced.ENV) == "advanced"
 
     def start(self) -> None:
         self._send({"t": ONLINE})
@@ -432,15 +533,21 @@ class ThreadLink(Endpoint):
         return self._sock.fileno()
 
     def _send(self, msg: Message, fds: Sequence[int] = ()) -> None:
-        data = _channel.encode(msg)
-        anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())] if fds else []
-        with self._send_lock:
-            if not self.connected:
-                raise DisconnectedError(f"worker {self.id} is disconnected from its primary")
-            try:
-                self._sock.sendmsg([data], anc)
-            except OSError as exc:  # EPIPE, ECONNRESET, EBADF after close: the channel is gone
-                raise DisconnectedError(f"worker {self.id}'s channel to the primary is closed ({exc})") from None
+        data, wire_fds = _channel.frame(_channel.encode(advanced.pack(msg) if self.advanced else msg), list(fds))
+        anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", wire_fds).tobytes())] if wire_fds else []
+        try:
+            with self._send_lock:
+                if not self.connected:
+                    raise DisconnectedError(f"worker {self.id} is disconnected from its primary")
+                try:
+                    self._sock.sendmsg([data], anc)
+                except OSError as exc:  # EPIPE, ECONNRESET, EBADF after close: the channel is gone
+                    raise DisconnectedError(f"worker {self.id}'s channel to the primary is closed ({exc})") from None
+        finally:
+            _proc.close_all(wire_fds[len(fds) :])  # a large message's memfd: the kernel has its copy
+
+    def _send_handle(self, msg: Message, fd: int) -> None:
+        self._send(msg, [fd])  # a blocking sendmsg: the kernel copies the fd before it returns
 
     def _check_may_block(self, what: str) -> None:
         if threading.current_thread() is self._thread:
@@ -453,32 +560,50 @@ class ThreadLink(Endpoint):
             pass
 
     def _read_loop(self) -> None:
-        sock = self._sock
         while True:
             try:
-                data, anc, flags, _ = sock.recvmsg(_channel.MAX_MESSAGE + 1, _channel._ANCBUF, _channel._CMSG_CLOEXEC)
-            except InterruptedError:
-                continue
-            except OSError:
+                got = self._receive()
+            except EOFError:
                 break
-            fds = _channel._fds_from(anc)
-            if not data and not fds:
-                break
-            if flags & (socket.MSG_CTRUNC | socket.MSG_TRUNC):
-                _proc.close_all(fds)
-                logger.warning("worker %d: dropped a truncated message from the primary", self.id)
+            if got is None:
                 continue
-            try:
-                msg = _channel.decode(data)
-            except ChannelError as exc:
-                _proc.close_all(fds)
-                logger.warning("worker %d: dropped a message from the primary: %s", self.id, exc)
-                continue
+            msg, fds = got
             try:
                 self.dispatch(msg, fds)
             except Exception:
                 logger.exception("worker %d: handling %.200r raised", self.id, msg)
         self._on_eof()
+
+    def _receive(self) -> tuple[Message, list[int]] | None:
+        """The next message from the primary; None when it was dropped (and logged). EOFError at the end."""
+        try:
+            data, anc, flags, _ = self._sock.recvmsg(_channel.MAX_MESSAGE + 1, _channel._ANCBUF, _channel._CMSG_CLOEXEC)
+        except InterruptedError:
+            return None
+        except OSError:
+            raise EOFError from None
+        fds = _channel._fds_from(anc)
+        if not data and not fds:
+            raise EOFError
+        try:
+            msg = _channel.decode(data)
+            if flags & socket.MSG_TRUNC:
+                raise ChannelError("a truncated message")
+        except ChannelError as exc:
+            _proc.close_all(fds)
+            logger.warning("worker %d: dropped a message from the primary: %s", self.id, exc)
+            return None
+        if flags & socket.MSG_CTRUNC:  # at our fd limit: a connection handed over goes back
+            if msg.get("t") == CONN:
+                return {**msg, "ctrunc": True}, fds
+            _proc.close_all(fds)
+            logger.warning("worker %d: dropped a message whose fds were truncated (at the fd limit?)", self.id)
+            return None
+        try:
+            return _channel.unframe(msg, fds)
+        except ChannelError as exc:  # (its fds are closed)
+            logger.warning("worker %d: dropped a message from the primary: %s", self.id, exc)
+            return None
 
     def _on_eof(self) -> None:
         expected = self.disconnecting

@@ -2,6 +2,13 @@
 
 The policies and the hand-off protocol are described in ``protocol.py``; the
 worker's side is ``worker.py``.
+
+:class:`HandOff` runs in two hosts, through the small interface
+:class:`HandOffHost` names: the HTTP primary's selector loop
+(``primary/loop.py``, one HandOff for all its listeners), and each
+round-robin handle of the cluster API (``cluster/rr.py``, one HandOff per
+address the workers listen on, on the primary's asyncio loop). A "worker" here
+is anything with a ``pid`` (its key), a ``name`` (for logs) and a ``channel``.
 """
 
 from __future__ import annotations
@@ -13,8 +20,8 @@ import os
 import resource
 import socket
 import time
-from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Sequence, Sized
+from typing import TYPE_CHECKING, Any, Protocol
 
 from cluster_server._logging import Throttle
 from cluster_server._proc import close_all
@@ -37,14 +44,60 @@ from cluster_server.scheduling.protocol import (
     STALL,
     WINDOW,
 )
-from cluster_server.wire.channel import MAX_FDS, Message
+from cluster_server.wire.channel import MAX_FDS, Channel, Message
 from cluster_server.wire.messages import ACK, CONN
 
 if TYPE_CHECKING:
     from cluster_server._config import Config
-    from cluster_server.primary.loop import Primary, Worker
 
 logger = logging.getLogger("cluster_server")
+
+
+class Worker(Protocol):
+    """What the hand-off reads of a worker (the HTTP primary's ``Worker``, a cluster-API listener)."""
+
+    @property
+    def pid(self) -> int: ...  # its key among the peers: unique while it may hold connections
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def channel(self) -> Channel | None: ...
+
+
+class Listening(Protocol):
+    @property
+    def sock(self) -> socket.socket: ...
+
+
+class HandOffHost(Protocol):
+    """What :class:`HandOff` needs of the loop it runs in (``Primary`` in ``primary/loop.py``,
+    ``RoundRobinHandle`` in ``cluster/rr.py``).
+
+    ``add_reader(sock, callback)`` calls ``callback(mask)`` when ``sock`` is
+    readable; ``send(worker, msg, fds)`` owns ``fds`` from then on and returns
+    False when the worker's channel is gone; ``slots`` counts the workers the
+    host may run (for the fd budget); ``stopping`` is true once the host stops
+    (held connections then go to any worker still connected).
+    """
+
+    @property
+    def listeners(self) -> Sequence[Listening]: ...
+
+    @property
+    def slots(self) -> Sized: ...
+
+    @property
+    def stopping(self) -> bool: ...
+
+    def clock(self) -> float: ...
+
+    def add_reader(self, fileobj: Any, callback: Callable[[int], None]) -> None: ...
+
+    def remove_reader(self, fileobj: Any) -> None: ...
+
+    def send(self, w: Any, msg: Message, fds: list[int] | None = None) -> bool: ...
 
 
 def primary_components(config: Config) -> list[Component]:
@@ -116,7 +169,7 @@ class HandOff(Component):
         self.least_busy = policy == "least-busy"
         self.window = window
         self.hold_max = hold_max
-        self.primary: Primary | None = None
+        self.primary: HandOffHost | None = None
         self.peers: dict[int, _Peer] = {}  # pid -> state, from ready until reaped
         self.ring: list[_Peer] = []  # READY peers that may be routed to, in readiness order
         self._next = 0  # where the rotation starts
@@ -143,7 +196,7 @@ class HandOff(Component):
     # -- Component hooks ------------------------------------------------------
 
     @override
-    def attach(self, primary: Primary) -> None:
+    def attach(self, primary: HandOffHost) -> None:
         self.primary = primary
         for lst in primary.listeners:
             lst.sock.setblocking(False)
@@ -641,7 +694,7 @@ class ReusePortCheck(Component):
     """Primary component for ``reuseport``: warn when restarts can reset queued connections."""
 
     @override
-    def attach(self, primary: Primary) -> None:
+    def attach(self, primary: Any) -> None:
         logger.info("scheduling: reuseport (each worker binds its own SO_REUSEPORT socket)")
         warning = migrate_req_warning()
         if warning:

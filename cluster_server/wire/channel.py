@@ -9,6 +9,14 @@ A message is a JSON object (UTF-8). The primary never unpickles anything from a
 worker: a worker may run with fewer privileges than the primary. Anything that
 is not a JSON object is a :class:`ChannelError` the caller logs and drops.
 
+A message larger than one datagram may be (:data:`MAX_MESSAGE`, 64 KiB: a
+SEQPACKET message must fit the socket buffer whole) travels in a sealed
+``memfd`` sent with a small envelope, ``{"t": "large", "n": size}``, on the
+same socket: so it keeps its place among the others (the same ordering) and
+the fds it carries, and small messages pay one length check for it. Up to
+:data:`MAX_LARGE_MESSAGE` (256 MiB) encoded. The receiver checks the memfd is a
+regular file of exactly that size before it reads it, and reads no more.
+
 Both ends are non-blocking. ``send`` queues what the kernel will not take yet;
 the owner of the channel calls ``flush`` when the socket becomes writable.
 Queued fds stay open (owned by the channel) until they are sent or the channel
@@ -20,25 +28,31 @@ from __future__ import annotations
 import array
 import collections
 import errno
+import fcntl
 import json
 import logging
 import os
 import select
 import socket
+import stat
 import time
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 from cluster_server._errors import ChannelError
 from cluster_server._proc import close_all as _close_all
+from cluster_server.wire.messages import LARGE
 
-#: Largest encoded message. SEQPACKET messages must fit the socket buffer whole.
+#: Largest message sent as one datagram. SEQPACKET messages must fit the socket buffer whole.
 MAX_MESSAGE = 64 * 1024
+#: Largest encoded message at all: past MAX_MESSAGE it travels in a memfd (see above)
+MAX_LARGE_MESSAGE = 256 * 1024 * 1024
 #: Linux refuses more than 253 fds in one message (SCM_MAX_FD).
 MAX_FDS = 253
 _FD_SIZE = array.array("i").itemsize
 _ANCBUF = socket.CMSG_SPACE(MAX_FDS * _FD_SIZE)
 _CMSG_CLOEXEC: int = getattr(socket, "MSG_CMSG_CLOEXEC", 0)
+_SEALS = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_WRITE | fcntl.F_SEAL_SEAL
 
 Message = dict[str, Any]
 
@@ -49,15 +63,78 @@ _encoder = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False)
 
 def encode(msg: Message) -> bytes:
     data = _encoder.encode(msg).encode()
-    if len(data) > MAX_MESSAGE:
-        raise ChannelError(f"message of {len(data)} bytes is over the {MAX_MESSAGE}-byte limit")
+    if len(data) > MAX_LARGE_MESSAGE:
+        raise ChannelError(f"message of {len(data)} bytes is over the {MAX_LARGE_MESSAGE}-byte limit")
     return data
 
 
-def decode(data: bytes) -> Message:
+def frame(data: bytes, fds: list[int]) -> tuple[bytes, list[int]]:
+    """What goes on the wire for an encoded message: itself, or past MAX_MESSAGE an
+    envelope, with a sealed memfd holding the message after its own fds (the caller
+    owns that memfd, as it owns ``fds``)."""
+    if len(data) <= MAX_MESSAGE:
+        return data, fds
+    try:
+        memfd = os.memfd_create("cluster-server-message", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+    except OSError as exc:  # out of fds or memory: the sender's problem, not the channel's
+        raise ChannelError(f"no memfd for a message of {len(data)} bytes: {exc}") from None
+    try:
+        view = memoryview(data)
+        written = 0
+        while written < len(data):
+            written += os.write(memfd, view[written:])
+        fcntl.fcntl(memfd, fcntl.F_ADD_SEALS, _SEALS)
+    except OSError as exc:
+        os.close(memfd)
+        raise ChannelError(f"cannot write a message of {len(data)} bytes to a memfd: {exc}") from None
+    return _encoder.encode({"t": LARGE, "n": len(data)}).encode(), [*fds, memfd]
+
+
+def unframe(msg: Message, fds: list[int]) -> tuple[Message, list[int]]:
+    """The message a received one stands for: itself, or what the memfd of a ``large``
+    envelope holds (the memfd is closed; the other fds are the message's). ChannelError
+    (every fd closed) for a malformed one."""
+    if msg.get("t") != LARGE:
+        return msg, fds
+    size = msg.get("n")
+    if not fds or isinstance(size, bool) or not isinstance(size, int) or not 0 < size <= MAX_LARGE_MESSAGE:
+        _close_all(fds)
+        raise ChannelError(f"a large message without its memfd, or of a bad size ({size!r:.20})")
+    memfd, fds = fds[-1], fds[:-1]
+    try:
+        inner = decode(_read_memfd(memfd, size))
+        if inner.get("t") == LARGE:
+            raise ChannelError("a large message inside a large message")
+    except OSError as exc:
+        _close_all(fds)
+        raise ChannelError(f"a large message's memfd cannot be read: {exc}") from None
+    except BaseException:
+        _close_all(fds)
+        raise
+    finally:
+        os.close(memfd)
+    return inner, fds
+
+
+def _read_memfd(fd: int, size: int) -> bytearray:
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode) or st.st_size != size:
+        raise ChannelError(f"a large message's memfd is not a file of {size} bytes")
+    buf = bytearray(size)
+    view = memoryview(buf)
+    done = 0
+    while done < size:
+        n = os.preadv(fd, [view[done:]], done)
+        if n <= 0:
+            raise ChannelError(f"a large message's memfd ended after {done} of {size} bytes")
+        done += n
+    return buf
+
+
+def decode(data: bytes | bytearray) -> Message:
     """One message from bytes a peer sent: a JSON object, or ``ChannelError``.
 
-    Never raises anything else: the size is bounded by ``MAX_MESSAGE`` and a
+    Never raises anything else: the size is bounded (``MAX_LARGE_MESSAGE``) and a
     nesting too deep for the decoder (``[`` x 60,000, say) is refused, not
     allowed to raise ``RecursionError`` into the primary's loop.
     """
@@ -98,7 +175,8 @@ class Channel:
         self.sock = sock
         self._fileno = sock.fileno()
         # (payload, fds) not yet taken by the kernel; the fds are ours until sent
-        self._out: collections.deque[tuple[bytes, list[int]]] = collections.deque()
+        # (what goes on the wire, the fds with it, the message's size) not yet taken by the kernel
+        self._out: collections.deque[tuple[bytes, list[int], int]] = collections.deque()
         self._out_bytes = 0
         self._out_fds = 0
         self.closed = False
@@ -131,17 +209,20 @@ class Channel:
         be encoded.
         """
         owned = list(fds)
+        item: tuple[bytes, list[int], int] | None = None
         try:
             if self.closed:
                 raise BrokenPipeError(errno.EPIPE, "channel is closed")
-            item = (encode(msg), owned)
+            data = encode(msg)
+            item = (*frame(data, owned), len(data))
             if not self._out and self._try_send(item):
                 return True
         except BaseException:
-            _close_all(owned)  # not sent, not queued: nobody else will close them
+            # not sent, not queued: nobody else will close them (nor a large message's memfd)
+            _close_all(item[1] if item is not None else owned)
             raise
         self._out.append(item)
-        self._out_bytes += len(item[0])
+        self._out_bytes += item[2]
         self._out_fds += len(item[1])
         return False
 
@@ -150,13 +231,13 @@ class Channel:
         while self._out:
             if not self._try_send(self._out[0]):
                 return False
-            data, fds = self._out.popleft()
-            self._out_bytes -= len(data)
+            _, fds, size = self._out.popleft()
+            self._out_bytes -= size
             self._out_fds -= len(fds)
         return True
 
-    def _try_send(self, item: tuple[bytes, list[int]]) -> bool:
-        data, fds = item
+    def _try_send(self, item: tuple[bytes, list[int], int]) -> bool:
+        data, fds, _ = item
         try:
             if fds:
                 anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())]
@@ -175,7 +256,7 @@ class Channel:
 
     def queued_fds(self) -> list[int]:
         """The fds of queued messages (still owned by the channel)."""
-        return [fd for _, item_fds in self._out for fd in item_fds]
+        return [fd for _, item_fds, _ in self._out for fd in item_fds]
 
     def take_pending_fds(self) -> list[int]:
         """Remove queued messages and hand back the fds they carried (caller owns them)."""
@@ -220,10 +301,17 @@ class Channel:
                 yield ChannelError(f"message over {MAX_MESSAGE} bytes truncated"), []
                 continue
             try:
-                yield decode(data), fds
+                msg = decode(data)
             except ChannelError as exc:
                 _close_all(fds)
                 yield exc, []
+                continue
+            try:
+                msg, fds = unframe(msg, fds)
+            except ChannelError as exc:  # (its fds are closed)
+                yield exc, []
+                continue
+            yield msg, fds
 
     def close(self) -> None:
         if self.closed:

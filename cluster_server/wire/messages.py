@@ -42,7 +42,7 @@ READY: Final = "ready"
 HEARTBEAT: Final = "hb"
 BOOT_ERROR: Final = "boot_error"
 HEALTH: Final = "health"
-# worker channel: connection hand-off (--scheduling round-robin / least-busy)
+# worker channel: connection hand-off (--scheduling round-robin / least-busy); cluster channel: SCHED_RR
 CONN: Final = "conn"
 ACK: Final = "ack"
 # worker and cluster channels: the messaging API (cluster.send, broadcast, request)
@@ -56,6 +56,8 @@ LISTEN: Final = "listen"
 LISTENING: Final = "listening"
 DISCONNECT: Final = "disconnect"
 DISCONNECTING: Final = "disconnecting"
+# any channel: a message over 64 KiB, in a memfd sent with this envelope (wire/channel.py)
+LARGE: Final = "large"
 # template channel (and READY, ERROR)
 SPAWN: Final = "spawn"
 SPAWNED: Final = "spawned"
@@ -141,41 +143,64 @@ _ANSWER = (
 )
 
 
+_HANDLE = _f("handle", '"socket"', "a socket came with it (Node's sendHandle)", optional=True)
+_ADVANCED = _f(
+    "a", "str", "serialization='advanced': the data in wire/advanced.py's tagged JSON, instead of data", optional=True
+)
+
+
 def _messaging(channel: str, primary_asks: bool) -> tuple[MessageType, ...]:
     """``msg``, ``bcast``, ``req``, ``res``: the messaging API's protocol, one for both channels
-    that carry it (``worker``: the HTTP primary answers, never asks; ``cluster``: both ask)."""
+    that carry it (``worker``: the HTTP primary answers, never asks; ``cluster``: both ask, and
+    a msg may carry a socket, ``cluster/handles.py``)."""
+    adv = (_ADVANCED,) if primary_asks else ()
+    msg = (_DATA, *adv, _HANDLE) if primary_asks else (_DATA,)
+    msg_fds = "1 with a handle: the socket" if primary_asks else ""
     both = (
         MessageType(
             channel, MSG, "worker", "primary", "cluster.send(data): the message event (HTTP: logged at debug level)",
-            (_DATA,),
+            msg, msg_fds,
         ),
         MessageType(
             channel, BCAST, "worker", "primary", "cluster.broadcast(data): sent on as msg to every other worker",
-            (_DATA, _f("self", "bool", "the sender gets it too")),
+            (_DATA, *adv, _f("self", "bool", "the sender gets it too")),
         ),
         MessageType(
             channel, REQ, "worker", "primary",
-            "await cluster.request(data), answered by res (HTTP: the built-in workers, incr, get)", (_ID, _DATA),
+            "await cluster.request(data), answered by res (HTTP: the built-in workers, incr, get)", (_ID, _DATA, *adv),
         ),
         MessageType(
             channel, MSG, "primary", "worker",
-            "a broadcast, or worker.send(data): cluster.on_message, cluster.recv()", (_DATA,),
+            "a broadcast, or worker.send(data): cluster.on_message, cluster.recv()", msg, msg_fds,
         ),
     )
     if not primary_asks:
         return (*both, MessageType(channel, RES, "primary", "worker", "the answer to a req", _ANSWER))
     return (
         *both,
-        MessageType(channel, RES, "worker", "primary", "the answer to a req from the primary", _ANSWER),
+        MessageType(channel, RES, "worker", "primary", "the answer to a req from the primary", (*_ANSWER, *adv)),
         MessageType(
             channel, REQ, "primary", "worker",
-            "await worker.request(data), answered by res from the worker's cluster.on_request handler", (_ID, _DATA),
+            "await worker.request(data), answered by res from the worker's cluster.on_request handler",
+            (_ID, _DATA, *adv),
         ),
         MessageType(
             channel, RES, "primary", "worker", "the answer to a req or a listen",
-            (*_ANSWER, _f("kind", '"bind"', "listen failed: raise BindError", optional=True)),
-            "1 for a listen answer: the listening socket",
+            (*_ANSWER, *adv, _f("kind", '"bind"', "listen failed: raise BindError", optional=True)),
+            "1 for a listen answer under SCHED_NONE: the listening socket",
         ),
+    )
+
+
+def _large(channel: str) -> tuple[MessageType, ...]:
+    """``large``: the envelope of a message over 64 KiB (``wire/channel.py``; any channel can
+    carry one, those of the messaging API are where a program makes them)."""
+    fields = (_f("n", "int", "the message's size (at most 256 MiB)"),)
+    what = "a message over 64 KiB: the memfd holds it (the same ordering; its own fds come first)"
+    fds = "the message's own, then a sealed memfd of n bytes"
+    return (
+        MessageType(channel, LARGE, "worker", "primary", what, fields, fds),
+        MessageType(channel, LARGE, "primary", "worker", what, fields, fds),
     )
 
 
@@ -241,6 +266,7 @@ CATALOGUE: Final = (
         ),
     ),
     *_messaging("worker", primary_asks=False),
+    *_large("worker"),
     # -- template channel ----------------------------------------------------------------------
     MessageType(
         "template", SPAWN, "primary", "template",
@@ -286,13 +312,30 @@ CATALOGUE: Final = (
     ),
     # -- cluster channel -----------------------------------------------------------------------
     MessageType("cluster", ONLINE, "worker", "primary", "the worker runtime started (the online event)"),
+    *_large("cluster"),
     MessageType(
         "cluster", LISTEN, "worker", "primary",
-        "cluster.listen(address): the primary binds it once and answers res with the socket",
+        "cluster.listen(address): the primary binds it once and answers res: with the socket "
+        "(SCHED_NONE), or with {addr, rr: true} and adds the worker to the address's round-robin handle",
         (
             _ID,
             _f("addr", "[host, port] | str", "a TCP address or a Unix socket path"),
             _f("backlog", "int", "listen backlog"),
+            _f("index", "int", "port 0: the worker's n-th listen of that host (from 0): one port per n", optional=True),
+            _f("type", '"dgram"', "a datagram socket (UDP, Unix), always shared", optional=True),
+            _f("h", "int", "the worker's id for this listener (SCHED_RR: conn and ack name it)", optional=True),
+        ),
+    ),
+    MessageType(
+        "cluster", ACK, "worker", "primary",
+        "SCHED_RR: which handed-over connections the worker's server accepted, or gives back "
+        "(the worker channel's ack, for one listener; cluster/rr.py)",
+        (
+            _f("h", "int", "the listener"),
+            _f("b", "list[int]", "batches accepted by the server", optional=True),
+            _f("r", "list[int]", "batches given back: the listener is closed", optional=True),
+            _f("f", "list[list[int]]", "[batch, index, ...] given back (at the fd limit, or closed)", optional=True),
+            _f("close", "true", "the listener is closed: route nothing more to it", optional=True),
         ),
     ),
     MessageType(
@@ -303,6 +346,12 @@ CATALOGUE: Final = (
     MessageType(
         "cluster", DISCONNECTING, "worker", "primary",
         "the worker disconnects of its own accord (worker.exited_after_disconnect)",
+    ),
+    MessageType(
+        "cluster", CONN, "primary", "worker",
+        "SCHED_RR: a connection the primary accepted, for one of the worker's listeners (cluster/rr.py)",
+        (_f("b", "int", "batch number, acknowledged by ack"), _f("h", "int", "the listener")),
+        "1 accepted connection",
     ),
     MessageType(
         "cluster", DISCONNECT, "primary", "worker",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import array
 import contextlib
 import os
 import resource
@@ -11,6 +12,7 @@ from collections.abc import Iterator
 import pytest
 
 from cluster_server import ChannelError
+from cluster_server.wire import channel
 from cluster_server.wire.channel import MAX_MESSAGE, Channel, decode, encode, pair
 
 from ..conftest import is_open
@@ -118,10 +120,84 @@ def test_oversized_message_is_truncated_and_dropped(ends: tuple[Channel, Channel
     assert msg == {"t": "ok"}
 
 
-def test_encode_refuses_oversized_messages() -> None:
-    with pytest.raises(ChannelError, match="over the 65536-byte limit"):
-        encode({"t": "x", "blob": "a" * MAX_MESSAGE})
+def test_encode_refuses_messages_over_the_large_limit(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert channel.MAX_LARGE_MESSAGE >= 64 * 1024 * 1024  # the documented bound
+    monkeypatch.setattr(channel, "MAX_LARGE_MESSAGE", 100_000)  # (256 MiB: too big to build here)
+    with pytest.raises(ChannelError, match="over the 100000-byte limit"):
+        encode({"t": "x", "blob": "a" * 100_000})
     assert decode(encode({"t": "x"})) == {"t": "x"}
+
+
+def drain(sender: Channel, receiver: Channel) -> list[tuple[object, list[int]]]:
+    """Flush ``sender`` while reading ``receiver`` until nothing is queued; everything received."""
+    got: list[tuple[object, list[int]]] = []
+    while not sender.flush():
+        got += receive_all(receiver)
+    return got + receive_all(receiver)
+
+
+def test_large_messages_keep_their_place_and_their_fds(ends: tuple[Channel, Channel]) -> None:
+    a, b = ends
+    big = "é" * (2 * 1024 * 1024 + 3)  # 4 MiB and 6 bytes of UTF-8 (64 MiB: test_cluster_large.py)
+    r, w = os.pipe()
+    try:
+        a.send({"t": "before"})
+        a.send({"t": "big", "blob": big}, [os.dup(r)])
+        a.send({"t": "after", "blob": "x" * (MAX_MESSAGE + 1)})  # just over: a memfd too
+        a.send({"t": "last"})
+        got = drain(a, b)
+        assert [m["t"] for m, _ in got] == ["before", "big", "after", "last"]  # type: ignore[index]
+        (big_msg, big_fds), (after, after_fds) = got[1], got[2]
+        assert big_msg == {"t": "big", "blob": big} and len(big_fds) == 1
+        assert after_fds == [] and len(after["blob"]) == MAX_MESSAGE + 1  # type: ignore[index]
+        os.write(w, b"!")
+        assert os.read(big_fds[0], 1) == b"!"  # its own fd came with it; the memfd did not stay open
+        os.close(big_fds[0])
+    finally:
+        os.close(r)
+        os.close(w)
+
+
+def _envelope(ch: Channel, msg: dict[str, object], fds: list[int]) -> None:
+    payload = encode(msg)
+    ch.sock.sendmsg([payload], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())] if fds else [])
+    for fd in fds:
+        os.close(fd)
+
+
+def _memfd(data: bytes) -> int:
+    fd = os.memfd_create("test")
+    os.write(fd, data)
+    return fd
+
+
+def test_malformed_large_messages_are_dropped_and_close_their_fds(ends: tuple[Channel, Channel]) -> None:
+    a, b = ends
+    lowest_free = os.dup(0)
+    os.close(lowest_free)
+    r, w = os.pipe()
+    cases = [
+        ({"t": "large", "n": 10}, []),  # no memfd
+        ({"t": "large", "n": 10}, [_memfd(b"12345")]),  # not that size
+        ({"t": "large", "n": 4}, [os.dup(r)]),  # a pipe, not a file
+        ({"t": "large", "n": 5}, [os.dup(w), _memfd(b"[1,2]")]),  # not an object (and its own fd)
+        ({"t": "large", "n": 2**40}, [_memfd(b"{}")]),  # over the bound
+        ({"t": "large", "n": "5"}, [_memfd(b"{}")]),
+    ]
+    inner = encode({"t": "large", "n": 2})
+    cases.append(({"t": "large", "n": len(inner)}, [_memfd(inner)]))  # one inside another
+    for msg, fds in cases:
+        _envelope(a, msg, fds)
+    a.send({"t": "ok"})
+    os.close(r)
+    os.close(w)
+    got = receive_all(b)
+    assert [type(m) for m, _ in got[:-1]] == [ChannelError] * len(cases), got
+    assert all(fds == [] for _, fds in got[:-1])
+    assert got[-1] == ({"t": "ok"}, [])
+    probe = os.dup(0)
+    os.close(probe)
+    assert probe <= lowest_free, "a received fd was left open"
 
 
 def test_peer_closing_is_eof(ends: tuple[Channel, Channel]) -> None:

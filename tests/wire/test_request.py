@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 
 from cluster_server._errors import BindError, DisconnectedError, RequestError
+from cluster_server.wire import channel as channel_module
 from cluster_server.wire.channel import Channel, Message, pair
 from cluster_server.wire.messages import RES
 from cluster_server.wire.request import Answer, Pending, Replier
@@ -131,13 +132,16 @@ def channel_send(ch: Channel) -> Any:
     return send
 
 
-def test_replier_answers_once_whatever_the_handler_does(ends: tuple[Channel, Channel]) -> None:
+def test_replier_answers_once_whatever_the_handler_does(
+    ends: tuple[Channel, Channel], monkeypatch: pytest.MonkeyPatch
+) -> None:
     a, b = ends
+    monkeypatch.setattr(channel_module, "MAX_LARGE_MESSAGE", 64 * 1024)  # (256 MiB: too big to build here)
     replier = Replier(channel_send(a), "worker 3")
     replier.call(1, lambda data: data * 2, 21)
     replier.call(2, lambda data: {"yes": 1}[data], "nope")
     replier.call(3, lambda data: object(), None)  # not JSON
-    replier.call(4, lambda data: "x" * 70_000, None)  # over the 64 KiB limit
+    replier.call(4, lambda data: "x" * 70_000, None)  # over the limit
     got = {msg["id"]: msg for msg, _ in received(b)}
     assert got[1] == {"t": RES, "id": 1, "data": 42}
     assert got[2] == {"t": RES, "id": 2, "error": "worker 3's request handler raised KeyError: 'nope'"}
