@@ -157,10 +157,10 @@ def format_status(st: dict[str, Any]) -> str:
     """The status as a table, like ``pm2 ls``."""
     head = (
         f"cluster-server {st['version']} · primary {st['pid']} · {', '.join(st['listeners'])} · "
-        f"{st['app']} · generation {st['generation']} · up {format_duration(st['uptime'])}"
+        f"{st['app']} · generation {st['generation']} · up {format_duration(st['uptime_seconds'])}"
     )
     counts = ", ".join(f"{n} {s}" for s, n in st["states"].items() if n)
-    lines = [head, f"{st['workers']} workers ({counts or 'none'})"]
+    lines = [head, f"{st['workers_configured']} workers ({counts or 'none'})"]
     if st.get("roll"):
         r = st["roll"]
         lines.append(
@@ -169,22 +169,22 @@ def format_status(st: dict[str, Any]) -> str:
     if st.get("stopping"):
         lines.append("stopping")
     table = [list(COLUMNS)]
-    for row in st["rows"]:
+    for row in st["workers"]:
         state = row["state"]
-        if state == "backoff" and row.get("restart_in") is not None:
-            state = f"backoff {row['restart_in']:.1f}s"
+        if state == "backoff" and row.get("restart_in_seconds") is not None:
+            state = f"backoff {row['restart_in_seconds']:.1f}s"
         table.append(
             [
                 str(row["id"]),
                 str(row["pid"] or "-"),
                 state,
                 str(row["generation"]),
-                format_duration(row["uptime"]),
+                format_duration(row["uptime_seconds"]),
                 str(row["requests"]),
                 str(row["connections"]),
-                format_bytes(row["rss"]),
+                format_bytes(row["rss_bytes"]),
                 str(row["restarts"]),
-                format_duration(row["heartbeat_age"]),
+                format_duration(row["heartbeat_age_seconds"]),
             ]
         )
     widths = [max(len(r[i]) for r in table) for i in range(len(COLUMNS))]

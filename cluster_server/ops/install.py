@@ -9,8 +9,10 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from cluster_server._config import Config
+from cluster_server.ops import multiproc as _multiproc
 from cluster_server.ops import privileges as _privileges
 from cluster_server.ops.control import ControlServer
+from cluster_server.ops.multiproc import MultiprocDir
 from cluster_server.ops.status import ClusterWatch
 from cluster_server.ops.systemd import Notifier
 from cluster_server.ops.upgrade import PidFile, Upgrader
@@ -52,6 +54,8 @@ def install(primary: Primary) -> Operations:
         for slot in primary.slots.values():
             slot.generation = primary.generation
     watch = ClusterWatch()
+    if handed is not None:
+        watch.restore(handed.get("counters"))  # counters go on across an upgrade
     primary.add_component(watch)  # first: the others listen to its events
     notifier = Notifier(watch)
     primary.add_component(notifier)
@@ -71,6 +75,9 @@ def install(primary: Primary) -> Operations:
             inherited.set_inheritable(False)
         metrics = MetricsServer(config.metrics_bind, watch, sock=inherited, defer=successor)
     pidfile = PidFile(config.pidfile, defer=successor) if config.pidfile else None
+    if (multiproc_dir := _multiproc.directory()) is not None:
+        # An upgrade's new primary leaves the files alone: the old workers still write there.
+        primary.add_component(MultiprocDir(multiproc_dir, config, wipe=handed is None))
     upgrader = Upgrader(watch, control=control, metrics=metrics, notifier=notifier, pidfile=pidfile)
     if control is not None:
         control.upgrade = upgrader.start

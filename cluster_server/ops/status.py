@@ -6,9 +6,11 @@ systemd notifier. Nothing here changes the primary's state.
 :class:`ClusterWatch` is a component that turns the primary's state into
 events other components subscribe to (``all_ready``, ``roll_started``,
 ``roll_finished``, ``stopping``) and keeps the counters the primary does not:
-worker exits by reason, unplanned restarts per slot, rolling restarts by
-outcome. It watches ``primary.roll_state`` after every loop iteration instead
-of hooking into the roll code, so the primary needs no change for it.
+worker exits by reason, unplanned restarts per slot, rolling restarts and
+recycles by outcome. After every loop iteration it looks at
+``primary.roll_state`` and at the rolls the primary recorded as ended
+(``finished_rolls``), so a roll that started and ended within one iteration is
+counted too.
 """
 
 from __future__ import annotations
@@ -25,12 +27,34 @@ from cluster_server._version import __version__
 from cluster_server.primary.state import WorkerState
 
 if TYPE_CHECKING:
-    from cluster_server.primary.loop import Primary, Roll, Worker
+    from cluster_server.primary.loop import Primary, Roll, Slot, Worker
 
 logger = logging.getLogger("cluster_server")
 
+#: exits after which the slot gets a new worker, by reason: unplanned ones (crash: exited
+#: without being asked, boot_failure: before it was ready, hang: no heartbeat for
+#: --worker-timeout, ready_timeout: not ready within --ready-timeout), recycling
+#: (max_requests, max_memory, max_lifetime) and rolling restarts (rolled: SIGHUP, ctl
+#: reload/restart; reloaded: --reload saw a change)
+RESTART_REASONS = (
+    "crash",
+    "boot_failure",
+    "hang",
+    "ready_timeout",
+    "max_requests",
+    "max_memory",
+    "max_lifetime",
+    "rolled",
+    "reloaded",
+)
+#: exits with no replacement: a slot removed (scaled_down), the server stopping
+#: (stopped), or a new primary taking over (upgrade)
+FINAL_REASONS = ("scaled_down", "stopped", "upgrade")
+EXIT_REASONS = RESTART_REASONS + FINAL_REASONS
 #: exits that are not the primary's plan, counted as a slot's restarts
-UNPLANNED = frozenset({"crash", "boot_failure", "timeout", "ready_timeout"})
+UNPLANNED = frozenset({"crash", "boot_failure", "hang", "ready_timeout"})
+#: how rolling restarts and recycles end
+OUTCOMES = ("completed", "failed", "aborted")
 #: every state a row of ``ctl status`` can show (``backoff``: an empty slot waiting to restart)
 STATES = ("booting", "ready", "draining", "backoff")
 
@@ -38,7 +62,7 @@ STATES = ("booting", "ready", "draining", "backoff")
 def exit_reason(w: Worker) -> str:
     """Why a worker exited, as a metric label: the primary's reason, or crash / boot_failure."""
     if w.stop_reason:
-        return w.stop_reason.replace(" ", "_")
+        return w.stop_reason
     return "boot_failure" if w.state is WorkerState.FAILED else "crash"
 
 
@@ -49,10 +73,15 @@ class ClusterWatch:
         self.primary: Primary | None = None
         self.exits: collections.Counter[str] = collections.Counter()
         self.slot_restarts: collections.Counter[int] = collections.Counter()
+        #: rolling restarts by outcome (SIGHUP, ctl reload/restart, --reload); recycles are apart
         self.rolls: collections.Counter[str] = collections.Counter()
+        self.recycles: collections.Counter[str] = collections.Counter()
+        #: per slot: how its last worker ended, in words (shown for a slot in backoff)
+        self.last_exit: dict[int, str] = {}
         self.started_at = time.time()
         self._listeners: dict[str, list[Callable[..., None]]] = collections.defaultdict(list)
         self._roll: Roll | None = None
+        self._rolls_seen = 0
         self._all_ready = False
         self._stopping = False
 
@@ -75,9 +104,36 @@ class ClusterWatch:
             return
         reason = exit_reason(w)
         self.exits[reason] += 1
+        self.last_exit[w.id] = w.boot_error or f"{reason.replace('_', ' ')} ({w.exit_status})"
         p = self.primary
         if reason in UNPLANNED and p is not None and not p.stopping and w.id in p.slots:
             self.slot_restarts[w.id] += 1
+
+    def restarts(self) -> dict[str, int]:
+        """Exits that were followed by a new worker in the slot, by reason (every reason listed)."""
+        return {reason: self.exits.get(reason, 0) for reason in RESTART_REASONS}
+
+    # -- handing the counters to an upgrade's new primary --------------------------
+
+    def counters(self, upgrading: int = 0) -> dict[str, dict[str, int]]:
+        """The counters, for a new primary to go on from; ``upgrading`` workers will exit "upgrade"."""
+        exits = collections.Counter(self.exits)
+        exits["upgrade"] += upgrading
+        return {"exits": dict(exits), "rolls": dict(self.rolls), "recycles": dict(self.recycles)}
+
+    def restore(self, counters: Any) -> None:
+        """Go on from a predecessor's ``counters()`` (anything malformed is ignored)."""
+        if not isinstance(counters, dict):
+            return
+        for key, counter in (("exits", self.exits), ("rolls", self.rolls), ("recycles", self.recycles)):
+            values = counters.get(key)
+            if not isinstance(values, dict) or len(values) > 64:
+                continue
+            for name, n in values.items():
+                if isinstance(name, str) and len(name) <= 64 and isinstance(n, int) and n >= 0:
+                    counter[name] += n
+
+    # -- events ---------------------------------------------------------------
 
     def tick(self) -> None:
         p = self.primary
@@ -86,70 +142,79 @@ class ClusterWatch:
         if p.ever_ready and not self._all_ready:
             self._all_ready = True
             self._emit("all_ready")
+        self._rolls_ended(p)
         roll = p.roll_state
-        if roll is not self._roll:
-            if self._roll is not None:
-                old = self._roll
-                if p.stopping:
-                    outcome = "aborted"
-                elif old.current is None and not old.pending:
-                    outcome = "completed"
-                else:
-                    outcome = "failed"
-                self.rolls[outcome] += 1
-                self._emit("roll_finished", old, outcome)
+        if roll is not self._roll and roll is not None:
             self._roll = roll
-            if roll is not None:
-                self._emit("roll_started", roll)
+            self._emit("roll_started", roll)
         if p.stopping and not self._stopping:
             self._stopping = True
             self._emit("stopping")
 
-    # -- the snapshot -------------------------------------------------------
+    def _rolls_ended(self, p: Primary) -> None:
+        """Count the rolls that ended since the last look, even one that started and ended meanwhile."""
+        new = min(p.rolls_ended - self._rolls_seen, len(p.finished_rolls))
+        self._rolls_seen = p.rolls_ended
+        for roll in list(p.finished_rolls)[len(p.finished_rolls) - new :] if new > 0 else ():
+            outcome = roll.outcome or "failed"
+            (self.recycles if roll.recycle else self.rolls)[outcome] += 1
+            if roll is not self._roll:
+                self._emit("roll_started", roll)
+            self._roll = None
+            self._emit("roll_finished", roll, outcome)
+
+    # -- the snapshot (``ctl status --json``; its schema is in docs/operations.md) ----------
 
     def rows(self) -> list[dict[str, Any]]:
         """One row per live worker, plus one per empty slot waiting out its backoff."""
         p = self.primary
         assert p is not None
         now = p.clock()
-        rows: list[dict[str, Any]] = []
-        for w in p.workers.values():
-            rows.append(
-                {
-                    "id": w.id,
-                    "pid": w.pid,
-                    "state": w.state.value,
-                    "generation": w.generation,
-                    "uptime": round(now - w.spawned_at, 3),
-                    "requests": w.requests,
-                    "connections": w.connections,
-                    "rss": rss_bytes(w.pid),
-                    "restarts": self.slot_restarts[w.id],
-                    "heartbeat_age": (round(now - w.last_heartbeat, 3) if w.state is not WorkerState.BOOTING else None),
-                    "slot": w.id in p.slots and w.pid in (p.slots[w.id].pid, p.slots[w.id].replacement),
-                }
-            )
+        rows = [self._worker_row(p, w, now) for w in p.workers.values()]
         for slot in p.slots.values():
             if slot.pid is None and slot.replacement is None and not p.stopping:
-                rows.append(
-                    {
-                        "id": slot.id,
-                        "pid": None,
-                        "state": "backoff",
-                        "generation": slot.generation,
-                        "uptime": None,
-                        "requests": 0,
-                        "connections": 0,
-                        "rss": None,
-                        "restarts": self.slot_restarts[slot.id],
-                        "heartbeat_age": None,
-                        "slot": True,
-                        "restart_in": round(max(0.0, slot.respawn_at - now), 3),
-                        "failures": slot.failures,
-                    }
-                )
+                rows.append(self._backoff_row(slot, now))
         rows.sort(key=lambda r: (r["id"], r["generation"], r["pid"] or 0))
         return rows
+
+    def _worker_row(self, p: Primary, w: Worker, now: float) -> dict[str, Any]:
+        slot = p.slots.get(w.id)
+        return {
+            "id": w.id,
+            "pid": w.pid,
+            "state": w.state.value,
+            "generation": w.generation,
+            "uptime_seconds": round(now - w.spawned_at, 3),
+            "requests": w.requests,
+            "connections": w.connections,
+            "rss_bytes": rss_bytes(w.pid),
+            "restarts": self.slot_restarts[w.id],
+            "heartbeat_age_seconds": (round(now - w.last_heartbeat, 3) if w.state is not WorkerState.BOOTING else None),
+            "holds_slot": slot is not None and w.pid in (slot.pid, slot.replacement),
+            "stop_reason": w.stop_reason,
+            "restart_in_seconds": None,
+            "failures": slot.failures if slot is not None else 0,
+            "last_exit": None,
+        }
+
+    def _backoff_row(self, slot: Slot, now: float) -> dict[str, Any]:
+        return {
+            "id": slot.id,
+            "pid": None,
+            "state": "backoff",
+            "generation": slot.generation,
+            "uptime_seconds": None,
+            "requests": 0,
+            "connections": 0,
+            "rss_bytes": None,
+            "restarts": self.slot_restarts[slot.id],
+            "heartbeat_age_seconds": None,
+            "holds_slot": True,
+            "stop_reason": None,
+            "restart_in_seconds": round(max(0.0, slot.respawn_at - now), 3),
+            "failures": slot.failures,
+            "last_exit": self.last_exit.get(slot.id),
+        }
 
     def snapshot(self) -> dict[str, Any]:
         """Everything ``ctl status`` shows, JSON-serialisable."""
@@ -157,32 +222,24 @@ class ClusterWatch:
         assert p is not None
         rows = self.rows()
         states = collections.Counter(r["state"] for r in rows)
-        roll = p.roll_state
         return {
             "version": __version__,
             "pid": os.getpid(),
             "app": p.config.app_name,
             "listeners": [lst.display for lst in p.listeners],
-            "started_at": self.started_at,
-            "uptime": round(time.time() - self.started_at, 3),
+            "started_at_unix_seconds": self.started_at,
+            "uptime_seconds": round(time.time() - self.started_at, 3),
             "generation": p.generation,
-            "workers": len(p.slots),
+            "workers_configured": len(p.slots),
             "states": {s: states.get(s, 0) for s in STATES},
             "stopping": p.stopping,
-            "roll": (
-                None
-                if roll is None
-                else {
-                    "generation": roll.generation,
-                    "reason": roll.reason,
-                    "done": len(roll.done),
-                    "pending": len(roll.pending) + (roll.current is not None),
-                }
-            ),
+            "roll": None if p.roll_state is None else _roll_info(p.roll_state, p.clock()),
             "restarts": sum(self.slot_restarts.values()),
             "exits": dict(self.exits),
-            "rolls": dict(self.rolls),
-            "rows": rows,
+            "rolls": {o: self.rolls.get(o, 0) for o in OUTCOMES},
+            "recycles": {o: self.recycles.get(o, 0) for o in OUTCOMES},
+            "last_rolls": [_roll_info(r, p.clock()) for r in p.finished_rolls],
+            "workers": rows,
         }
 
     def summary(self) -> str:
@@ -196,3 +253,19 @@ class ClusterWatch:
         if p.stopping:
             line += ", stopping"
         return line
+
+
+def _roll_info(roll: Roll, now: float) -> dict[str, Any]:
+    """A roll or recycle, in progress (``outcome`` None) or ended."""
+    return {
+        "generation": roll.generation,
+        "reason": roll.reason,
+        "kind": roll.kind,
+        "recycle": roll.recycle,
+        "slots": list(roll.slots),
+        "done": len(roll.done),
+        "pending": len(roll.pending) + (roll.current is not None),
+        "outcome": roll.outcome,
+        "error": roll.error,
+        "started_seconds_ago": round(now - roll.started_at, 3),
+    }

@@ -174,6 +174,8 @@ class Upgrader:
             {"fd": lst.sock.fileno(), "display": lst.display, "unlink": lst.unlink_path} for lst in p.listeners
         ]
         metrics_fd = self.metrics.sock.fileno() if self.metrics is not None and self.metrics.sock else None
+        # The new primary's counters go on from ours; our workers will exit "upgrade" once it is ready.
+        counters = self.watch.counters(upgrading=len(p.workers))
         argv = [sys.executable, *sys.orig_argv[1:]]
         env = dict(os.environ)
         r, w = os.pipe()  # both ends close-on-exec: only the child's copy of w is made inheritable
@@ -194,6 +196,7 @@ class Upgrader:
                     "listeners": listeners,
                     "ready_fd": w,
                     "generation": p.generation,
+                    "counters": counters,
                 }
                 if metrics_fd is not None:
                     handed["metrics_fd"] = metrics_fd
@@ -261,7 +264,7 @@ class Upgrader:
             self.pidfile.release()
         if self.notifier is not None:
             self.notifier.handed_over(pid)
-        p.stop(graceful=True, why=f"upgraded: the primary is now pid {pid}")
+        p.stop(graceful=True, why=f"upgraded: the primary is now pid {pid}", reason="upgrade")
 
     def _failed(self, why: str, exited: bool = False) -> None:
         p = self.primary

@@ -43,6 +43,7 @@ from typing import TYPE_CHECKING, Any, NoReturn
 from cluster_server import _proc
 from cluster_server._config import Config
 from cluster_server._errors import ChannelError
+from cluster_server.primary.loop import RELOAD_PREFIX
 from cluster_server.wire import channel as _channel
 from cluster_server.wire.channel import Channel, send_blocking
 
@@ -410,7 +411,7 @@ class Reloader:
         self.reloads += 1
         self.waiting_for_fix = False
         logger.info("reload: %s %s; rolling to a new generation", shown, why)
-        primary.roll(f"reload: {shown} {why}")
+        primary.roll(f"{RELOAD_PREFIX} {shown} {why}")  # the prefix makes the old workers' exit "reloaded"
 
 
 def _stop_child(pid: int, grace: float = 1.0) -> None:

@@ -4,7 +4,8 @@ Messages a worker sends on its channel (JSON objects, key ``t`` is the type):
 
 - ``{"t": "ready"}`` once lifespan startup finished and the sockets are served;
 - ``{"t": "hb", "r": requests, "c": open_connections}`` every heartbeat interval,
-  from the event loop;
+  from the event loop (sooner while requests complete); with ``--metrics-bind``
+  it carries the request metrics too (``"m"``, see ``worker/request_metrics.py``);
 - ``{"t": "boot_error", "error": "...", "stage": "load" | "lifespan"}`` when the
   app cannot be loaded or its lifespan startup fails (then the worker exits
   with status 3);
@@ -44,6 +45,7 @@ from cluster_server.scheduling.worker import WorkerHandOff, worker_sockets
 from cluster_server.wire.channel import Channel, FdsTruncated
 from cluster_server.worker.health import HealthMiddleware, HealthState, health_handler
 from cluster_server.worker.interface import adapt_app
+from cluster_server.worker.request_metrics import FRESH_INTERVAL, RequestMetrics
 from cluster_server.worker.uvicorn_glue import WorkerServer, guard_request_head, run_on_fresh_loop, wrap_loaded_app
 
 logger = logging.getLogger("cluster_server.worker")
@@ -240,16 +242,28 @@ def _run(config: Config, spec: WorkerSpec, channel: Channel, load: Callable[[Con
         report({"t": "boot_error", "error": error, "stage": "load"})
         return EXIT_BOOT_FAILURE
 
+    stats: RequestMetrics | None = None
+
+    def heartbeat(s: WorkerServer) -> None:
+        msg: dict[str, Any] = {"t": "hb", "r": s.total_requests, "c": s.open_connections}
+        if stats is not None:
+            msg["m"] = stats.report()
+        report(msg)
+
     server = WorkerServer(
         uconfig,
         on_ready=lambda: report({"t": "ready"}),
-        on_heartbeat=lambda s: report({"t": "hb", "r": s.total_requests, "c": s.open_connections}),
+        on_heartbeat=heartbeat,
         heartbeat_interval=config.heartbeat_interval,
+        fresh_interval=FRESH_INTERVAL,
     )
     if (health_path := config.health_path) is not None:
         health = HealthState()
         wrap_loaded_app(uconfig, lambda app: HealthMiddleware(app, health_path, health))
         server.handlers["health"] = health_handler(health)
+    if config.metrics_bind:  # outermost: every request the app layer sees is counted
+        stats = RequestMetrics(uconfig.loaded_app)
+        wrap_loaded_app(uconfig, lambda app: stats)
 
     def orphaned(*_: Any) -> None:
         # The primary is gone: finish quickly, and never outlive it by more than ~2 s.

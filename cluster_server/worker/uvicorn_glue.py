@@ -53,7 +53,10 @@ class WorkerServer(uvicorn.Server):
     - ``on_ready`` runs on the event loop once lifespan startup finished and the
       sockets are served;
     - ``on_heartbeat`` runs on the event loop every ``heartbeat_interval``
-      seconds (from the loop itself: a blocked loop sends none);
+      seconds (from the loop itself: a blocked loop sends none), and sooner,
+      ``fresh_interval`` after the last one, when requests completed since
+      (the request counts it carries stay fresh), and once more when the
+      drain is over (the last counts);
     - SIGTERM drains; nothing is re-raised afterwards, so a cleanly drained
       worker exits 0 instead of looking killed by SIGTERM.
 
@@ -74,12 +77,15 @@ class WorkerServer(uvicorn.Server):
         on_ready: Callable[[], None],
         on_heartbeat: Callable[[WorkerServer], None],
         heartbeat_interval: float,
+        fresh_interval: float | None = None,
     ) -> None:
         super().__init__(config)
         self._on_ready = on_ready
         self._on_heartbeat = on_heartbeat
         self._heartbeat_interval = heartbeat_interval
+        self._fresh_interval = heartbeat_interval if fresh_interval is None else fresh_interval
         self._last_beat = 0.0
+        self._beat_requests = 0  # total_requests at the last heartbeat
         #: True once the graceful shutdown began; protocols read it
         self.draining = False
         self.drain_window = DRAIN_IDLE_WINDOW
@@ -121,13 +127,19 @@ class WorkerServer(uvicorn.Server):
 
     def _beat(self) -> None:
         now = time.monotonic()
-        if now - self._last_beat >= self._heartbeat_interval:
+        since = now - self._last_beat
+        if since >= self._heartbeat_interval or (
+            since >= self._fresh_interval and self.server_state.total_requests != self._beat_requests
+        ):
             self._last_beat = now
+            self._beat_requests = self.server_state.total_requests
             self._on_heartbeat(self)
 
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
         self.begin_drain()
         await super().shutdown(sockets=sockets)
+        if self.started:
+            self._on_heartbeat(self)  # the last counts, with every request done
 
     def begin_drain(self) -> None:
         """From now on every response says ``Connection: close`` (uvicorn's
