@@ -8,6 +8,7 @@ import re
 import resource
 import signal
 import socket
+import sys
 import threading
 import time
 from collections import Counter
@@ -455,3 +456,63 @@ def test_a_slots_totals_go_on_across_its_workers() -> None:
     assert slot.counts == {("GET", "2xx"): 6, ("POST", "4xx"): 1}
     assert slot.in_flight == 1  # an exited worker has none in flight
     assert totals.requests_per_slot(p) == {1: 7}
+
+
+# -- PROMETHEUS_MULTIPROC_DIR ------------------------------------------------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(90)
+def test_multiprocess_dir_is_wiped_at_start_and_dead_workers_are_marked(
+    start_server: Callable[..., Server], tmp_path: Path
+) -> None:
+    from .conftest import ROOT, run_in_session
+
+    mp = tmp_path / "mp"
+    mp.mkdir()
+    env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(mp), "PYTHONPATH": str(ROOT)}
+    # A previous run's files: 1,000 orders that must not be summed in.
+    leftover = "from examples.multiproc_app.app import ORDERS; ORDERS.labels(kind='standard').inc(1000)"
+    code, _, err = run_in_session([sys.executable, "-c", leftover], ROOT, env)
+    assert code == 0, err
+    assert list(mp.glob("counter_*.db"))
+    mport = free_port()
+    srv = start_server(
+        "examples.multiproc_app.app:app",
+        "--workers",
+        "2",
+        "--metrics-bind",
+        f"127.0.0.1:{mport}",
+        "--no-access-log",
+        env={"PROMETHEUS_MULTIPROC_DIR": str(mp)},
+        cwd=ROOT,
+    ).wait_ready()
+    for i in range(10):
+        assert httpx.post(f"{srv.url}/orders?kind={'express' if i % 2 else 'standard'}&items=3", timeout=10).is_success
+    m = scrape(mport)
+    assert by(m, "shop_orders_total", "kind") == {"standard": 5, "express": 5}
+    assert m["shop_basket_items_count"][()] == 10
+    assert m["shop_workers"][()] == 2  # livesum: the live workers
+    assert "cluster_server_workers" in m  # next to cluster-server's own
+    # The app's own route, from inside a worker, says the same.
+    assert "shop_orders_total" in httpx.get(f"{srv.url}/metrics", timeout=10).text
+
+    victim = srv.worker_pids()[0]
+    assert (mp / f"gauge_livesum_{victim}.db").exists()
+    os.kill(victim, signal.SIGKILL)
+    wait_until(lambda: not (mp / f"gauge_livesum_{victim}.db").exists(), 10, what="mark_process_dead")
+    wait_until(lambda: scrape(mport)["cluster_server_workers"][(("state", "ready"),)] == 2, 20, what="replaced")
+    m = scrape(mport)
+    assert m["shop_workers"][()] == 2  # not 3: the dead worker's gauge is gone
+    assert by(m, "shop_orders_total", "kind") == {"standard": 5, "express": 5}  # counters stay
+
+
+def test_an_unusable_multiprocess_dir_is_a_one_line_error(
+    start_server: Callable[..., Server], write_app: Callable[[str, str], Path], tmp_path: Path
+) -> None:
+    write_app("hello", HELLO_APP)
+    not_a_dir = tmp_path / "file"
+    not_a_dir.write_text("")
+    srv = start_server("hello:app", env={"PROMETHEUS_MULTIPROC_DIR": str(not_a_dir / "sub")})
+    assert srv.wait_exit(20) == 2
+    assert f"Error: PROMETHEUS_MULTIPROC_DIR={not_a_dir / 'sub'}: Not a directory" in srv.log()
