@@ -330,7 +330,7 @@ def test_commands_drive_the_primary() -> None:
     assert control.handle({"cmd": "scale", "workers": 3}) == {"workers": 3, "before": 2}
     assert len(p.workers) == 3
     r = control.handle({"cmd": "reload"})
-    assert r == {"started": True, "queued": False, "generation": 2}
+    assert r == {"started": True, "queued": False, "generation": 2, "since_generation": 1}
     with pytest.raises(ControlError, match="rolling restart is in progress"):
         control.handle({"cmd": "restart", "id": 1})
     for cmd in ({"cmd": "scale", "workers": 0}, {"cmd": "scale", "workers": True}, {"cmd": "restart", "id": "1"}):

@@ -267,5 +267,5 @@ def _roll_info(roll: Roll, now: float) -> dict[str, Any]:
         "pending": len(roll.pending) + (roll.current is not None),
         "outcome": roll.outcome,
         "error": roll.error,
-        "started_seconds_ago": round(now - roll.started_at, 3),
+        "duration_seconds": round((roll.ended_at if roll.ended_at is not None else now) - roll.started_at, 3),
     }

@@ -139,6 +139,7 @@ class Roll:
     outcome: str | None = None
     #: why it failed, in words
     error: str | None = None
+    ended_at: float | None = None
 
 
 class Launcher(Protocol):
@@ -676,7 +677,7 @@ class Primary:
         roll = self.roll_state
         if roll is None:
             return
-        roll.outcome, roll.error = outcome, error
+        roll.outcome, roll.error, roll.ended_at = outcome, error, self.clock()
         self.finished_rolls.append(roll)
         self.rolls_ended += 1
         self.roll_state = None
