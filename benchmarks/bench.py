@@ -1566,6 +1566,167 @@ SCENARIOS["memory"] = Scenario(
 )
 
 
+# --------------------------------------------------------------------------- metrics-cost
+
+
+@dataclass
+class CostRound:
+    variant: str  # "off" or "on"
+    requests: int
+    cpu_s: float  # CPU time of the server's whole process tree during the load
+    errors: int
+
+    @property
+    def cpu_us_per_request(self) -> float:
+        return self.cpu_s / self.requests * 1e6 if self.requests else float("inf")
+
+
+def tree_cpu_seconds(sid: int) -> float:
+    """CPU time so far of every thread of every process in session ``sid``, in seconds.
+
+    From ``/proc/PID/task/TID/schedstat`` (nanoseconds on the CPU): finer than
+    ``/proc/PID/stat``'s clock ticks, so short rounds still measure well.
+    """
+    total = 0
+    for pid in session_pids(sid):
+        with contextlib.suppress(OSError):
+            for tid in os.listdir(f"/proc/{pid}/task"):
+                with contextlib.suppress(OSError), open(f"/proc/{pid}/task/{tid}/schedstat") as f:
+                    total += int(f.read().split()[0])
+    return total / 1e9
+
+
+def wrk2_path() -> str | None:
+    """wrk2 (open-loop, ``-R``): on PATH, or the copy next to the repository (../shared/tools/wrk2)."""
+    found = shutil.which("wrk2")
+    if found:
+        return found
+    shared = ROOT.parent / "shared" / "tools" / "wrk2"
+    return str(shared) if shared.exists() else None
+
+
+def cost_load(url: str, args: argparse.Namespace) -> LoadResult:
+    """Keep-alive load on ``GET /``: wrk2 at ``--rate`` requests/s, or wrk as fast as it goes."""
+    if args.rate:
+        wrk2 = wrk2_path()
+        if wrk2 is None:
+            sys.exit("bench: --rate needs wrk2 (on PATH or ../shared/tools/wrk2)")
+        cmd = [wrk2, "-t1", f"-c{args.connections}", f"-d{args.duration}s", f"-R{args.rate}", "--latency", url + "/"]
+        try:
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.duration + 30)
+        except subprocess.TimeoutExpired:
+            raise LoadFailed("wrk2 overran its deadline") from None
+        return wrk_result(proc.returncode, proc.stdout, proc.stderr)
+    return run_load(url, args.tool, args.duration, args.connections, args.threads)
+
+
+def cost_round(server: RunningServer, variant: str, args: argparse.Namespace) -> CostRound:
+    server.check_alive()
+    before = tree_cpu_seconds(server.proc.pid)
+    load = cost_load(server.url, args)
+    used = tree_cpu_seconds(server.proc.pid) - before
+    server.check_alive()
+    return CostRound(variant, load.requests, used, load.errors)
+
+
+def metrics_cost_cmd(metrics: bool) -> Callable[[str, int, int], list[str]]:
+    def command(app: str, port: int, workers: int) -> list[str]:
+        cmd = cluster_server_cmd(app, port, workers)
+        return [*cmd, "--metrics-bind", f"{HOST}:{free_port()}"] if metrics else cmd
+
+    return command
+
+
+def run_cost_rounds(servers: dict[str, RunningServer], args: argparse.Namespace) -> list[CostRound]:
+    """Warm both up, then ``--rounds`` rounds, each loading one then the other (the order alternates)."""
+    for server in servers.values():
+        with contextlib.suppress(LoadFailed):
+            run_load(server.url, args.tool, 2, args.connections, args.threads)
+    rounds: list[CostRound] = []
+    for i in range(args.rounds):
+        order = ["off", "on"] if i % 2 == 0 else ["on", "off"]
+        for variant in order:
+            r = cost_round(servers[variant], variant, args)
+            log(f"bench:   round {i + 1} {variant:>3}: {r.requests} requests, {r.cpu_us_per_request:.1f} us CPU each")
+            rounds.append(r)
+    return rounds
+
+
+def cost_rows(rounds: list[CostRound], commands: dict[str, list[str]], workers: int) -> list[Row]:
+    rows = []
+    for variant in ("off", "on"):
+        mine = [r for r in rounds if r.variant == variant]
+        per_request = [r.cpu_us_per_request for r in mine]
+        row = Row("metrics-cost", f"cluster-server (metrics {variant})", workers, command=commands[variant])
+        row.details = {
+            "cpu_us_per_request_median": statistics.median(per_request),
+            "cpu_us_per_request": per_request,
+            "requests": [r.requests for r in mine],
+            "errors": sum(r.errors for r in mine),
+        }
+        rows.append(row)
+    off, on = (r.details["cpu_us_per_request_median"] for r in rows)
+    rows[1].ratio = on / off
+    return rows
+
+
+def add_metrics_cost_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--rounds", type=positive_int, default=7, help="interleaved rounds (7)")
+    p.add_argument("--duration", type=positive_int, default=5, help="seconds of load per round and variant (5)")
+    p.add_argument("--connections", type=positive_int, default=32, help="keep-alive connections (32)")
+    p.add_argument("--threads", type=positive_int, default=2, help="wrk threads (2)")
+    p.add_argument("--rate", type=non_negative_int, default=0, help="requests/s with wrk2 (open loop); 0: wrk (0)")
+
+
+def scenario_metrics_cost(args: argparse.Namespace) -> list[Row]:
+    rows: list[Row] = []
+    for workers in args.workers:
+        log(f"bench: metrics-cost x{workers}: {args.rounds} rounds of {args.duration}s per variant ...")
+        with contextlib.ExitStack() as stack:
+            servers = {
+                variant: stack.enter_context(
+                    run_server(ServerSpec(variant, metrics_cost_cmd(variant == "on")), args.app, workers, 30)
+                )
+                for variant in ("off", "on")
+            }
+            rounds = run_cost_rounds(servers, args)
+            rows += cost_rows(rounds, {v: s.command for v, s in servers.items()}, workers)
+    print_cost_table(rows, args)
+    return rows
+
+
+def print_cost_table(rows: list[Row], args: argparse.Namespace) -> None:
+    table = [("server", "workers", "CPU us/request (median)", "rounds", "requests/round (median)", "vs off")]
+    for r in rows:
+        d = r.details
+        ratio = f"{(r.ratio - 1) * 100:+.1f}%" if r.ratio is not None else "-"
+        rounds = " ".join(f"{v:.1f}" for v in d["cpu_us_per_request"])
+        table.append(
+            (
+                r.server,
+                str(r.workers),
+                f"{d['cpu_us_per_request_median']:.1f}",
+                rounds,
+                f"{statistics.median(d['requests']):.0f}",
+                ratio,
+            )
+        )
+    print_columns(table, left=1)
+    load = f"wrk2 -R{args.rate}" if args.rate else f"{args.tool}, as fast as it goes"
+    print(
+        f"\nCPU = time on CPU of every thread of every process of the server (from /proc/*/task/*/schedstat) "
+        f"during each round's load, divided by the requests it answered; keep-alive GET / of {args.app}, "
+        f"{args.connections} connections, {load}; rounds interleaved (off/on, then on/off)."
+    )
+
+
+SCENARIOS["metrics-cost"] = Scenario(
+    "CPU per request with request metrics on (--metrics-bind) and off, in interleaved rounds",
+    add_metrics_cost_args,
+    scenario_metrics_cost,
+)
+
+
 # --------------------------------------------------------------------------- CLI
 
 

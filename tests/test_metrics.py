@@ -195,13 +195,16 @@ def _drive(url: str, plan: list[tuple[str, str, str]], errors: list[str]) -> Non
 
 @pytest.mark.slow
 @pytest.mark.timeout(120)
+@pytest.mark.parametrize("http", ["httptools", "h11"])
 def test_requests_read_back_exactly_from_one_scrape(
-    start_server: Callable[..., Server], write_app: Callable[[str, str], Path]
+    start_server: Callable[..., Server], write_app: Callable[[str, str], Path], http: str
 ) -> None:
+    """1,000 requests with known methods and statuses through 2 workers: one scrape, one
+    second later, has exactly those counts (both of uvicorn's HTTP implementations)."""
     write_app("statuses", STATUS_APP)
     mport = free_port()
     srv = start_server(
-        "statuses:app", "--workers", "2", "--metrics-bind", f"127.0.0.1:{mport}", "--no-access-log"
+        "statuses:app", "--workers", "2", "--metrics-bind", f"127.0.0.1:{mport}", "--no-access-log", "--http", http
     ).wait_ready()
     plan = [*(PLAN * 39), *[("GET", "/raise", "5xx")] * 25]  # 975 + 25 = 1,000 requests
     assert len(plan) == 1000

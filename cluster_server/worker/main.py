@@ -45,8 +45,14 @@ from cluster_server.scheduling.worker import WorkerHandOff, worker_sockets
 from cluster_server.wire.channel import Channel, FdsTruncated
 from cluster_server.worker.health import HealthMiddleware, HealthState, health_handler
 from cluster_server.worker.interface import adapt_app
-from cluster_server.worker.request_metrics import FRESH_INTERVAL, RequestMetrics
-from cluster_server.worker.uvicorn_glue import WorkerServer, guard_request_head, run_on_fresh_loop, wrap_loaded_app
+from cluster_server.worker.request_metrics import FRESH_INTERVAL, RequestStats
+from cluster_server.worker.uvicorn_glue import (
+    WorkerServer,
+    count_requests,
+    guard_request_head,
+    run_on_fresh_loop,
+    wrap_loaded_app,
+)
 
 logger = logging.getLogger("cluster_server.worker")
 
@@ -242,12 +248,14 @@ def _run(config: Config, spec: WorkerSpec, channel: Channel, load: Callable[[Con
         report({"t": "boot_error", "error": error, "stage": "load"})
         return EXIT_BOOT_FAILURE
 
-    stats: RequestMetrics | None = None
+    stats = RequestStats() if config.metrics_bind else None
+    if stats is not None:
+        count_requests(stats)
 
     def heartbeat(s: WorkerServer) -> None:
         msg: dict[str, Any] = {"t": "hb", "r": s.total_requests, "c": s.open_connections}
         if stats is not None:
-            msg["m"] = stats.report()
+            msg["m"] = stats.report(s.requests_in_flight)
         report(msg)
 
     server = WorkerServer(
@@ -261,9 +269,6 @@ def _run(config: Config, spec: WorkerSpec, channel: Channel, load: Callable[[Con
         health = HealthState()
         wrap_loaded_app(uconfig, lambda app: HealthMiddleware(app, health_path, health))
         server.handlers["health"] = health_handler(health)
-    if config.metrics_bind:  # outermost: every request the app layer sees is counted
-        stats = RequestMetrics(uconfig.loaded_app)
-        wrap_loaded_app(uconfig, lambda app: stats)
 
     def orphaned(*_: Any) -> None:
         # The primary is gone: finish quickly, and never outlive it by more than ~2 s.

@@ -20,6 +20,11 @@ Tested against uvicorn 0.54 (pinned in pyproject.toml). What we rely on:
   WebSocket protocols' ``handshake_complete`` / ``handshake_completed_event``.
 - the protocols' ``cycle``, ``transport`` and ``server_state.default_headers``
   (``guard_request_head``).
+- for ``count_requests``: the module-level name ``RequestResponseCycle`` in
+  ``uvicorn.protocols.http.httptools_impl`` and ``h11_impl``, which the
+  protocols look up for each request; its ``run_asgi(app)`` (called once per
+  request, when the app's task is created), ``send(message)``,
+  ``response_started``, ``response_complete`` and ``scope``.
 """
 
 from __future__ import annotations
@@ -30,12 +35,15 @@ import logging
 import signal
 import socket
 import time
+from bisect import bisect_left
 from collections.abc import Awaitable, Callable, Coroutine, Generator
 from types import FrameType
 from typing import Any
 
 import uvicorn
 from uvicorn._compat import asyncio_run
+
+from cluster_server.worker.request_metrics import BUCKETS, METHODS, OTHER, RequestStats
 
 logger = logging.getLogger("cluster_server.worker")
 
@@ -105,6 +113,11 @@ class WorkerServer(uvicorn.Server):
     @property
     def open_connections(self) -> int:
         return len(self.server_state.connections)
+
+    @property
+    def requests_in_flight(self) -> int:
+        """HTTP requests received and not yet fully answered (one per connection at most)."""
+        return sum(1 for c in self.server_state.connections if _busy(c))
 
     async def startup(self, sockets: list[socket.socket] | None = None) -> None:
         config: Any = self.config
@@ -361,6 +374,64 @@ def _shutdown_when_open(ws: Any, interval: float = 0.02) -> None:
         ws.shutdown()
     else:
         asyncio.get_running_loop().call_later(interval, _shutdown_when_open, ws, interval)
+
+
+def count_requests(stats: RequestStats) -> None:
+    """Count every HTTP request uvicorn answers in this process into ``stats``.
+
+    Swaps the request class of uvicorn's HTTP protocols (both, whichever is
+    configured) for a subclass that notes when the app starts (``run_asgi``),
+    the status its response starts with, and, when its last body chunk is sent
+    (``send``), adds the request to ``stats`` (``RequestStats.add``, inlined
+    here: this runs for every request). No coroutine is added: both overrides
+    are plain functions that hand back uvicorn's own coroutine, and nothing the
+    garbage collector tracks is allocated (the two attributes are slots). A
+    response uvicorn sends itself through the same object (500 for an app that
+    failed, 503 over --limit-concurrency) is counted too. Call once, before serving.
+    """
+    import importlib
+
+    for name in ("uvicorn.protocols.http.h11_impl", "uvicorn.protocols.http.httptools_impl"):
+        try:
+            module = importlib.import_module(name)
+        except ImportError:  # httptools not installed
+            continue
+        base = getattr(module, "RequestResponseCycle", None)
+        if base is not None and not getattr(base, "_cs_counting", False):
+            setattr(module, "RequestResponseCycle", _counting_cycle(base, stats))  # noqa: B010
+
+
+def _counting_cycle(base: Any, stats: RequestStats) -> Any:
+    run_asgi, send = base.run_asgi, base.send
+    clock = time.perf_counter
+    by_method, buckets, bounds = stats.by_method, stats.buckets, BUCKETS
+
+    class CountingCycle(base):  # type: ignore[misc]
+        __slots__ = ("_cs_start", "_cs_status")
+        _cs_counting = True
+
+        def run_asgi(self, app: Any) -> Any:
+            self._cs_start = clock()
+            self._cs_status = 500  # if the app never starts a response, uvicorn answers 500
+            return run_asgi(self, app)
+
+        def send(self, message: Any) -> Any:
+            if not self.response_started:
+                self._cs_status = message.get("status", 500)
+            elif not self.response_complete and not message.get("more_body", False):
+                seconds = clock() - self._cs_start
+                method = self.scope["method"]
+                counts = by_method.get(method)
+                if counts is None:
+                    counts = by_method.setdefault(method if method in METHODS else OTHER, {})
+                status = self._cs_status
+                counts[status] = counts.get(status, 0) + 1
+                buckets[bisect_left(bounds, seconds)] += 1
+                stats.seconds += seconds
+            return send(self, message)
+
+    CountingCycle.__name__ = CountingCycle.__qualname__ = f"Counting{base.__name__}"
+    return CountingCycle
 
 
 def run_on_fresh_loop(main: Coroutine[Any, Any, None], uconfig: uvicorn.Config) -> None:
