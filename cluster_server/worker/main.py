@@ -203,6 +203,21 @@ def _await_parent(pid: int, timeout: float) -> bool:
     return True
 
 
+def _heartbeat(config: Config, report: Callable[[dict[str, Any]], None]) -> Callable[[WorkerServer], None]:
+    """The heartbeat: requests and connections so far, and with --metrics-bind the request metrics."""
+    stats = RequestStats() if config.metrics_bind else None
+    if stats is not None:
+        count_requests(stats)
+
+    def heartbeat(s: WorkerServer) -> None:
+        msg: dict[str, Any] = {"t": "hb", "r": s.total_requests, "c": s.open_connections}
+        if stats is not None:
+            msg["m"] = stats.report(s.requests_in_flight)
+        report(msg)
+
+    return heartbeat
+
+
 def _run(config: Config, spec: WorkerSpec, channel: Channel, load: Callable[[Config], Any] = load_app) -> int:
     _proc.set_title(f"cluster-server: worker {spec.id} [{config.app_name}]")
     # (before dropping privileges: cluster-server's own imports do not depend on --user's rights)
@@ -248,20 +263,10 @@ def _run(config: Config, spec: WorkerSpec, channel: Channel, load: Callable[[Con
         report({"t": "boot_error", "error": error, "stage": "load"})
         return EXIT_BOOT_FAILURE
 
-    stats = RequestStats() if config.metrics_bind else None
-    if stats is not None:
-        count_requests(stats)
-
-    def heartbeat(s: WorkerServer) -> None:
-        msg: dict[str, Any] = {"t": "hb", "r": s.total_requests, "c": s.open_connections}
-        if stats is not None:
-            msg["m"] = stats.report(s.requests_in_flight)
-        report(msg)
-
     server = WorkerServer(
         uconfig,
         on_ready=lambda: report({"t": "ready"}),
-        on_heartbeat=heartbeat,
+        on_heartbeat=_heartbeat(config, report),
         heartbeat_interval=config.heartbeat_interval,
         fresh_interval=FRESH_INTERVAL,
     )
