@@ -1597,12 +1597,15 @@ def tree_cpu_seconds(sid: int) -> float:
 
 
 def wrk2_path() -> str | None:
-    """wrk2 (open-loop, ``-R``): on PATH, or the copy next to the repository (../shared/tools/wrk2)."""
-    found = shutil.which("wrk2")
+    """wrk2 (open-loop, ``-R``): ``$WRK2``, on PATH, or a ``shared/tools/wrk2`` next to the checkout or above it."""
+    found = os.environ.get("WRK2") or shutil.which("wrk2")
     if found:
         return found
-    shared = ROOT.parent / "shared" / "tools" / "wrk2"
-    return str(shared) if shared.exists() else None
+    for base in (ROOT.parent, ROOT.parent.parent):
+        shared = base / "shared" / "tools" / "wrk2"
+        if shared.exists():
+            return str(shared)
+    return None
 
 
 def cost_load(url: str, args: argparse.Namespace) -> LoadResult:
@@ -1610,7 +1613,7 @@ def cost_load(url: str, args: argparse.Namespace) -> LoadResult:
     if args.rate:
         wrk2 = wrk2_path()
         if wrk2 is None:
-            sys.exit("bench: --rate needs wrk2 (on PATH or ../shared/tools/wrk2)")
+            sys.exit("bench: --rate needs wrk2 ($WRK2, on PATH, or shared/tools/wrk2 next to the checkout)")
         cmd = [wrk2, "-t1", f"-c{args.connections}", f"-d{args.duration}s", f"-R{args.rate}", "--latency", url + "/"]
         try:
             proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.duration + 30)
@@ -1637,19 +1640,23 @@ def metrics_cost_cmd(metrics: bool) -> Callable[[str, int, int], list[str]]:
     return command
 
 
-def run_cost_rounds(servers: dict[str, RunningServer], args: argparse.Namespace) -> list[CostRound]:
-    """Warm both up, then ``--rounds`` rounds, each loading one then the other (the order alternates)."""
-    for server in servers.values():
-        with contextlib.suppress(LoadFailed):
-            run_load(server.url, args.tool, 2, args.connections, args.threads)
+def run_cost_rounds(workers: int, args: argparse.Namespace) -> tuple[list[CostRound], dict[str, list[str]]]:
+    """``--rounds`` rounds, each loading a fresh server of each variant, one after the other
+    (the order alternates). Fresh processes each round: two processes of the same server differ
+    by a few percent (memory layout, hash seeds), a difference rounds on the same pair would keep."""
     rounds: list[CostRound] = []
+    commands: dict[str, list[str]] = {}
     for i in range(args.rounds):
-        order = ["off", "on"] if i % 2 == 0 else ["on", "off"]
-        for variant in order:
-            r = cost_round(servers[variant], variant, args)
+        for variant in ("off", "on") if i % 2 == 0 else ("on", "off"):
+            spec = ServerSpec(variant, metrics_cost_cmd(variant == "on"))
+            with run_server(spec, args.app, workers, args.start_timeout) as server:
+                commands[variant] = server.command
+                with contextlib.suppress(LoadFailed):
+                    run_load(server.url, args.tool, 1, args.connections, args.threads)  # warm-up
+                r = cost_round(server, variant, args)
             log(f"bench:   round {i + 1} {variant:>3}: {r.requests} requests, {r.cpu_us_per_request:.1f} us CPU each")
             rounds.append(r)
-    return rounds
+    return rounds, commands
 
 
 def cost_rows(rounds: list[CostRound], commands: dict[str, list[str]], workers: int) -> list[Row]:
@@ -1667,6 +1674,10 @@ def cost_rows(rounds: list[CostRound], commands: dict[str, list[str]], workers: 
         rows.append(row)
     off, on = (r.details["cpu_us_per_request_median"] for r in rows)
     rows[1].ratio = on / off
+    # Each round loads both back to back: the ratio within a round is the least noisy measure.
+    paired = [b / a for a, b in zip(*(row.details["cpu_us_per_request"] for row in rows), strict=True)]
+    rows[1].details["paired_ratios"] = paired
+    rows[1].details["paired_ratio_median"] = statistics.median(paired)
     return rows
 
 
@@ -1682,15 +1693,8 @@ def scenario_metrics_cost(args: argparse.Namespace) -> list[Row]:
     rows: list[Row] = []
     for workers in args.workers:
         log(f"bench: metrics-cost x{workers}: {args.rounds} rounds of {args.duration}s per variant ...")
-        with contextlib.ExitStack() as stack:
-            servers = {
-                variant: stack.enter_context(
-                    run_server(ServerSpec(variant, metrics_cost_cmd(variant == "on")), args.app, workers, 30)
-                )
-                for variant in ("off", "on")
-            }
-            rounds = run_cost_rounds(servers, args)
-            rows += cost_rows(rounds, {v: s.command for v, s in servers.items()}, workers)
+        rounds, commands = run_cost_rounds(workers, args)
+        rows += cost_rows(rounds, commands, workers)
     print_cost_table(rows, args)
     return rows
 
@@ -1712,11 +1716,17 @@ def print_cost_table(rows: list[Row], args: argparse.Namespace) -> None:
             )
         )
     print_columns(table, left=1)
+    for r in rows:
+        if "paired_ratio_median" in r.details:
+            print(
+                f"\n{r.server} x{r.workers}: median of the per-round ratios on/off "
+                f"{(r.details['paired_ratio_median'] - 1) * 100:+.1f}%"
+            )
     load = f"wrk2 -R{args.rate}" if args.rate else f"{args.tool}, as fast as it goes"
     print(
         f"\nCPU = time on CPU of every thread of every process of the server (from /proc/*/task/*/schedstat) "
         f"during each round's load, divided by the requests it answered; keep-alive GET / of {args.app}, "
-        f"{args.connections} connections, {load}; rounds interleaved (off/on, then on/off)."
+        f"{args.connections} connections, {load}; fresh servers each round, rounds interleaved (off/on, then on/off)."
     )
 
 
