@@ -158,8 +158,9 @@ class MetricsServer(ClientServer[_Client]):
         assert self.sock is not None and self.primary is not None
         for conn in self._accepted(self.sock, MAX_CLIENTS - len(self.clients), "metrics"):
             self._add(_Client(conn, self.primary.clock() + DEADLINE))
-        if len(self.clients) >= MAX_CLIENTS and not self._full:
-            # The others wait in the kernel's listen queue until a client is done.
+        if len(self.clients) >= MAX_CLIENTS:
+            # The others wait in the kernel's listen queue until a client is done. (Also when
+            # already full: the end of an accept pause may have watched the socket again.)
             self._full = True
             self.primary.remove_reader(self.sock)
 
