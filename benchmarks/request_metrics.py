@@ -4,8 +4,8 @@
     python benchmarks/request_metrics.py                # 15 rounds of 20,000 requests each way
 
 What ``--metrics-bind`` adds to each request in a worker is ``count_requests``
-(``cluster_server/worker/uvicorn_glue.py``): uvicorn's request objects note the
-start, status and end of each request. This drives uvicorn's own HTTP protocol
+(``cluster_server/worker/uvicorn_glue.py``): uvicorn's request objects note
+when the app starts and count the request when its response starts. This drives uvicorn's own HTTP protocol
 (httptools and uvloop when installed, as the workers run it; with the request
 head guard the workers always have) in-process with an in-memory transport:
 keep-alive ``GET /`` requests to the benchmark's hello-world app, one after the
@@ -50,30 +50,27 @@ REQUEST = b"GET / HTTP/1.1\r\nHost: bench\r\nUser-Agent: bench\r\nAccept: */*\r\
 
 
 class ReferenceMiddleware:
-    """The obvious way to count requests, for comparison: an ASGI middleware."""
+    """The obvious way to count the same things, for comparison: an ASGI middleware
+    (a coroutine around the app, a coroutine around ``send``)."""
 
     def __init__(self, app: Any, stats: RequestStats) -> None:
         self.app = app
         self.stats = stats
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        status = 500
+        start = time.perf_counter()
 
         async def send_status(message: Any) -> None:
-            nonlocal status
             if message["type"] == "http.response.start":
+                seconds = time.perf_counter() - start
                 status = message["status"]
+                by_status = self.stats.by_method.setdefault(scope["method"], {})
+                by_status[status] = by_status.get(status, 0) + 1
+                self.stats.buckets[bisect_left(BUCKETS, seconds)] += 1
+                self.stats.seconds += seconds
             await send(message)
 
-        start = time.perf_counter()
-        try:
-            await self.app(scope, receive, send_status)
-        finally:
-            seconds = time.perf_counter() - start
-            by_status = self.stats.by_method.setdefault(scope["method"], {})
-            by_status[status] = by_status.get(status, 0) + 1
-            self.stats.buckets[bisect_left(BUCKETS, seconds)] += 1
-            self.stats.seconds += seconds
+        await self.app(scope, receive, send_status)
 
 
 class MemoryTransport(asyncio.Transport):

@@ -49,10 +49,10 @@ FAMILIES = {
     "cluster_server_worker_rss_bytes": "gauge",
     "cluster_server_worker_uptime_seconds": "gauge",
     "cluster_server_http_requests": "counter",
-    "cluster_server_http_request_duration_seconds": "histogram",
+    "cluster_server_http_time_to_first_byte_seconds": "histogram",
     "cluster_server_http_requests_in_flight": "gauge",
     "cluster_server_worker_http_requests": "counter",
-    "cluster_server_worker_http_request_duration_seconds": "histogram",
+    "cluster_server_worker_http_time_to_first_byte_seconds": "histogram",
     "cluster_server_worker_http_requests_in_flight": "gauge",
     "cluster_server_accept_backlog": "gauge",
     "cluster_server_handoff_unacknowledged": "gauge",
@@ -229,11 +229,11 @@ def test_requests_read_back_exactly_from_one_scrape(
     assert per_worker == expected
     workers = by(m, "cluster_server_worker_http_requests_total", "worker")
     assert set(workers) == {"1", "2"} and all(n > 0 for n in workers.values()), workers
-    assert m["cluster_server_http_request_duration_seconds_count"][()] == 1000
-    assert m["cluster_server_http_request_duration_seconds_bucket"][(("le", "+Inf"),)] == 1000
-    assert len(m["cluster_server_http_request_duration_seconds_bucket"]) == len(BUCKETS) + 1
-    assert 0 < m["cluster_server_http_request_duration_seconds_sum"][()] < 100
-    assert sum(m["cluster_server_worker_http_request_duration_seconds_count"].values()) == 1000
+    assert m["cluster_server_http_time_to_first_byte_seconds_count"][()] == 1000
+    assert m["cluster_server_http_time_to_first_byte_seconds_bucket"][(("le", "+Inf"),)] == 1000
+    assert len(m["cluster_server_http_time_to_first_byte_seconds_bucket"]) == len(BUCKETS) + 1
+    assert 0 < m["cluster_server_http_time_to_first_byte_seconds_sum"][()] < 100
+    assert sum(m["cluster_server_worker_http_time_to_first_byte_seconds_count"].values()) == 1000
     assert sum(m["cluster_server_worker_requests_total"].values()) == 1000  # uvicorn's count, fresh too
     assert m["cluster_server_http_requests_in_flight"][()] == 0
 

@@ -163,8 +163,8 @@ def _request_metrics(kind: str, t: Totals, labels: list[str], values: list[str])
     for (method, cls), n in sorted(t.counts.items()):
         requests.add_metric([*values, method, cls], n)
     duration = HistogramMetricFamily(
-        PREFIX + kind + "request_duration_seconds",
-        f"Seconds from a request's head to the app's return, in {where}",
+        PREFIX + kind + "time_to_first_byte_seconds",
+        f"Seconds from a request's head to its response's first byte, in {where}",
         labels=labels,
     )
     cumulative, running = [], 0

@@ -19,18 +19,22 @@ report and adds it to its slot's totals when the worker exits. A draining
 worker sends a last heartbeat once its requests are done.
 
 Every request pays for this, so the work per request is as small as it gets:
-uvicorn's own request objects note the start, the status and the end, and add
-the request to the counts (``count_requests`` in ``worker/uvicorn_glue.py``)
-without a coroutine of their own and without allocating anything the garbage
-collector tracks. An ASGI middleware, the obvious way, costs about twice as
-much (benchmarks/request_metrics.py; docs/benchmarks.md has the numbers).
+uvicorn's own request objects note when the app starts and, when the response
+starts, add the request to the counts (``count_requests`` in
+``worker/uvicorn_glue.py``), without a coroutine of their own and without
+allocating anything the garbage collector tracks. An ASGI middleware, the
+obvious way, costs more than twice as much (benchmarks/request_metrics.py;
+docs/benchmarks.md has the numbers).
 
-What is measured: from the moment uvicorn starts the app on a request (its head
-parsed) until the app sends the last chunk of the response body; the status is
-the one the response started with. Every response uvicorn sends through the
-app's channel counts, its own too: ``500`` for an app that failed before
-answering, ``503`` over ``--limit-concurrency``. Requests refused before they
-reach that point (a malformed head: 400) do not, nor do WebSockets.
+What is measured: the time to first byte, from the moment uvicorn starts the
+app on a request (its head parsed) until the app starts its response (status
+line and headers written). That is the server's latency: for an ordinary
+response the body follows at once, and a stream (server-sent events, a large
+download at a slow client's pace) counts when it starts, not when the client
+has it all. Every response uvicorn sends through the app's channel counts, its
+own too: ``500`` for an app that failed before answering, ``503`` over
+``--limit-concurrency``. Requests refused before they reach that point (a
+malformed head: 400) do not, nor do WebSockets.
 """
 
 from __future__ import annotations

@@ -24,7 +24,7 @@ Tested against uvicorn 0.54 (pinned in pyproject.toml). What we rely on:
   ``uvicorn.protocols.http.httptools_impl`` and ``h11_impl``, which the
   protocols look up for each request; its ``run_asgi(app)`` (called once per
   request, when the app's task is created), ``send(message)``,
-  ``response_started``, ``response_complete`` and ``scope``.
+  ``response_started`` and ``scope``.
 """
 
 from __future__ import annotations
@@ -380,14 +380,14 @@ def count_requests(stats: RequestStats) -> None:
     """Count every HTTP request uvicorn answers in this process into ``stats``.
 
     Swaps the request class of uvicorn's HTTP protocols (both, whichever is
-    configured) for a subclass that notes when the app starts (``run_asgi``),
-    the status its response starts with, and, when its last body chunk is sent
-    (``send``), adds the request to ``stats`` (``RequestStats.add``, inlined
-    here: this runs for every request). No coroutine is added: both overrides
-    are plain functions that hand back uvicorn's own coroutine, and nothing the
-    garbage collector tracks is allocated (the two attributes are slots). A
-    response uvicorn sends itself through the same object (500 for an app that
-    failed, 503 over --limit-concurrency) is counted too. Call once, before serving.
+    configured) for a subclass that notes when the app starts (``run_asgi``)
+    and, when the response starts (the first ``send``), adds the request to
+    ``stats`` with its method, status and time to first byte. No coroutine is
+    added: both overrides are plain functions that hand back uvicorn's own
+    coroutine, and nothing the garbage collector tracks is allocated (the start
+    time is a slot). A response uvicorn sends itself through the same object
+    (500 for an app that failed, 503 over --limit-concurrency) is counted too.
+    Call once, before serving.
     """
     import importlib
 
@@ -407,24 +407,21 @@ def _counting_cycle(base: Any, stats: RequestStats) -> Any:
     by_method, buckets, bounds = stats.by_method, stats.buckets, BUCKETS
 
     class CountingCycle(base):  # type: ignore[misc]
-        __slots__ = ("_cs_start", "_cs_status")
+        __slots__ = ("_cs_start",)
         _cs_counting = True
 
         def run_asgi(self, app: Any) -> Any:
             self._cs_start = clock()
-            self._cs_status = 500  # if the app never starts a response, uvicorn answers 500
             return run_asgi(self, app)
 
         def send(self, message: Any) -> Any:
-            if not self.response_started:
-                self._cs_status = message.get("status", 500)
-            elif not self.response_complete and not message.get("more_body", False):
+            if not self.response_started:  # (inlined: this runs for every request)
                 seconds = clock() - self._cs_start
                 method = self.scope["method"]
                 counts = by_method.get(method)
                 if counts is None:
                     counts = by_method.setdefault(method if method in METHODS else OTHER, {})
-                status = self._cs_status
+                status = message.get("status", 500)
                 counts[status] = counts.get(status, 0) + 1
                 buckets[bisect_left(bounds, seconds)] += 1
                 stats.seconds += seconds
