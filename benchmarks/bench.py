@@ -1648,7 +1648,7 @@ def run_cost_rounds(workers: int, args: argparse.Namespace) -> tuple[list[CostRo
     commands: dict[str, list[str]] = {}
     for i in range(args.rounds):
         for variant in ("off", "on") if i % 2 == 0 else ("on", "off"):
-            spec = ServerSpec(variant, metrics_cost_cmd(variant == "on"))
+            spec = ServerSpec(variant, metrics_cost_cmd(variant == "on" and not args.control))
             with run_server(spec, args.app, workers, args.start_timeout) as server:
                 commands[variant] = server.command
                 with contextlib.suppress(LoadFailed):
@@ -1687,6 +1687,11 @@ def add_metrics_cost_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--connections", type=positive_int, default=32, help="keep-alive connections (32)")
     p.add_argument("--threads", type=positive_int, default=2, help="wrk threads (2)")
     p.add_argument("--rate", type=non_negative_int, default=0, help="requests/s with wrk2 (open loop); 0: wrk (0)")
+    p.add_argument(
+        "--control",
+        action="store_true",
+        help="an A/A run: 'on' without --metrics-bind too, to see what the method reads for no difference",
+    )
 
 
 def scenario_metrics_cost(args: argparse.Namespace) -> list[Row]:
@@ -1716,6 +1721,8 @@ def print_cost_table(rows: list[Row], args: argparse.Namespace) -> None:
             )
         )
     print_columns(table, left=1)
+    if args.control:
+        print("\n--control: both sides ran WITHOUT --metrics-bind; any difference is the method's noise")
     for r in rows:
         if "paired_ratio_median" in r.details:
             print(
