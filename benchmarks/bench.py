@@ -1566,6 +1566,184 @@ SCENARIOS["memory"] = Scenario(
 )
 
 
+# --------------------------------------------------------------------------- metrics-cost
+
+
+@dataclass
+class CostRound:
+    variant: str  # "off" or "on"
+    requests: int
+    cpu_s: float  # CPU time of the server's whole process tree during the load
+    errors: int
+
+    @property
+    def cpu_us_per_request(self) -> float:
+        return self.cpu_s / self.requests * 1e6 if self.requests else float("inf")
+
+
+def tree_cpu_seconds(sid: int) -> float:
+    """CPU time so far of every thread of every process in session ``sid``, in seconds.
+
+    From ``/proc/PID/task/TID/schedstat`` (nanoseconds on the CPU): finer than
+    ``/proc/PID/stat``'s clock ticks, so short rounds still measure well.
+    """
+    total = 0
+    for pid in session_pids(sid):
+        with contextlib.suppress(OSError):
+            for tid in os.listdir(f"/proc/{pid}/task"):
+                with contextlib.suppress(OSError), open(f"/proc/{pid}/task/{tid}/schedstat") as f:
+                    total += int(f.read().split()[0])
+    return total / 1e9
+
+
+def wrk2_path() -> str | None:
+    """wrk2 (open-loop, ``-R``): ``$WRK2``, on PATH, or a ``shared/tools/wrk2`` next to the checkout or above it."""
+    found = os.environ.get("WRK2") or shutil.which("wrk2")
+    if found:
+        return found
+    for base in (ROOT.parent, ROOT.parent.parent):
+        shared = base / "shared" / "tools" / "wrk2"
+        if shared.exists():
+            return str(shared)
+    return None
+
+
+def cost_load(url: str, args: argparse.Namespace) -> LoadResult:
+    """Keep-alive load on ``GET /``: wrk2 at ``--rate`` requests/s, or wrk as fast as it goes."""
+    if args.rate:
+        wrk2 = wrk2_path()
+        if wrk2 is None:
+            sys.exit("bench: --rate needs wrk2 ($WRK2, on PATH, or shared/tools/wrk2 next to the checkout)")
+        cmd = [wrk2, "-t1", f"-c{args.connections}", f"-d{args.duration}s", f"-R{args.rate}", "--latency", url + "/"]
+        try:
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.duration + 30)
+        except subprocess.TimeoutExpired:
+            raise LoadFailed("wrk2 overran its deadline") from None
+        return wrk_result(proc.returncode, proc.stdout, proc.stderr)
+    return run_load(url, args.tool, args.duration, args.connections, args.threads)
+
+
+def cost_round(server: RunningServer, variant: str, args: argparse.Namespace) -> CostRound:
+    server.check_alive()
+    before = tree_cpu_seconds(server.proc.pid)
+    load = cost_load(server.url, args)
+    used = tree_cpu_seconds(server.proc.pid) - before
+    server.check_alive()
+    return CostRound(variant, load.requests, used, load.errors)
+
+
+def metrics_cost_cmd(metrics: bool) -> Callable[[str, int, int], list[str]]:
+    def command(app: str, port: int, workers: int) -> list[str]:
+        cmd = cluster_server_cmd(app, port, workers)
+        return [*cmd, "--metrics-bind", f"{HOST}:{free_port()}"] if metrics else cmd
+
+    return command
+
+
+def run_cost_rounds(workers: int, args: argparse.Namespace) -> tuple[list[CostRound], dict[str, list[str]]]:
+    """``--rounds`` rounds, each loading a fresh server of each variant, one after the other
+    (the order alternates). Fresh processes each round: two processes of the same server differ
+    by a few percent (memory layout, hash seeds), a difference rounds on the same pair would keep."""
+    rounds: list[CostRound] = []
+    commands: dict[str, list[str]] = {}
+    for i in range(args.rounds):
+        for variant in ("off", "on") if i % 2 == 0 else ("on", "off"):
+            spec = ServerSpec(variant, metrics_cost_cmd(variant == "on" and not args.control))
+            with run_server(spec, args.app, workers, args.start_timeout) as server:
+                commands[variant] = server.command
+                with contextlib.suppress(LoadFailed):
+                    run_load(server.url, args.tool, 1, args.connections, args.threads)  # warm-up
+                r = cost_round(server, variant, args)
+            log(f"bench:   round {i + 1} {variant:>3}: {r.requests} requests, {r.cpu_us_per_request:.1f} us CPU each")
+            rounds.append(r)
+    return rounds, commands
+
+
+def cost_rows(rounds: list[CostRound], commands: dict[str, list[str]], workers: int) -> list[Row]:
+    rows = []
+    for variant in ("off", "on"):
+        mine = [r for r in rounds if r.variant == variant]
+        per_request = [r.cpu_us_per_request for r in mine]
+        row = Row("metrics-cost", f"cluster-server (metrics {variant})", workers, command=commands[variant])
+        row.details = {
+            "cpu_us_per_request_median": statistics.median(per_request),
+            "cpu_us_per_request": per_request,
+            "requests": [r.requests for r in mine],
+            "errors": sum(r.errors for r in mine),
+        }
+        rows.append(row)
+    off, on = (r.details["cpu_us_per_request_median"] for r in rows)
+    rows[1].ratio = on / off
+    # Each round loads both back to back: the ratio within a round is the least noisy measure.
+    paired = [b / a for a, b in zip(*(row.details["cpu_us_per_request"] for row in rows), strict=True)]
+    rows[1].details["paired_ratios"] = paired
+    rows[1].details["paired_ratio_median"] = statistics.median(paired)
+    return rows
+
+
+def add_metrics_cost_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--rounds", type=positive_int, default=7, help="interleaved rounds (7)")
+    p.add_argument("--duration", type=positive_int, default=5, help="seconds of load per round and variant (5)")
+    p.add_argument("--connections", type=positive_int, default=32, help="keep-alive connections (32)")
+    p.add_argument("--threads", type=positive_int, default=2, help="wrk threads (2)")
+    p.add_argument("--rate", type=non_negative_int, default=0, help="requests/s with wrk2 (open loop); 0: wrk (0)")
+    p.add_argument(
+        "--control",
+        action="store_true",
+        help="an A/A run: 'on' without --metrics-bind too, to see what the method reads for no difference",
+    )
+
+
+def scenario_metrics_cost(args: argparse.Namespace) -> list[Row]:
+    rows: list[Row] = []
+    for workers in args.workers:
+        log(f"bench: metrics-cost x{workers}: {args.rounds} rounds of {args.duration}s per variant ...")
+        rounds, commands = run_cost_rounds(workers, args)
+        rows += cost_rows(rounds, commands, workers)
+    print_cost_table(rows, args)
+    return rows
+
+
+def print_cost_table(rows: list[Row], args: argparse.Namespace) -> None:
+    table = [("server", "workers", "CPU us/request (median)", "rounds", "requests/round (median)", "vs off")]
+    for r in rows:
+        d = r.details
+        ratio = f"{(r.ratio - 1) * 100:+.1f}%" if r.ratio is not None else "-"
+        rounds = " ".join(f"{v:.1f}" for v in d["cpu_us_per_request"])
+        table.append(
+            (
+                r.server,
+                str(r.workers),
+                f"{d['cpu_us_per_request_median']:.1f}",
+                rounds,
+                f"{statistics.median(d['requests']):.0f}",
+                ratio,
+            )
+        )
+    print_columns(table, left=1)
+    if args.control:
+        print("\n--control: both sides ran WITHOUT --metrics-bind; any difference is the method's noise")
+    for r in rows:
+        if "paired_ratio_median" in r.details:
+            print(
+                f"\n{r.server} x{r.workers}: median of the per-round ratios on/off "
+                f"{(r.details['paired_ratio_median'] - 1) * 100:+.1f}%"
+            )
+    load = f"wrk2 -R{args.rate}" if args.rate else f"{args.tool}, as fast as it goes"
+    print(
+        f"\nCPU = time on CPU of every thread of every process of the server (from /proc/*/task/*/schedstat) "
+        f"during each round's load, divided by the requests it answered; keep-alive GET / of {args.app}, "
+        f"{args.connections} connections, {load}; fresh servers each round, rounds interleaved (off/on, then on/off)."
+    )
+
+
+SCENARIOS["metrics-cost"] = Scenario(
+    "CPU per request with request metrics on (--metrics-bind) and off, in interleaved rounds",
+    add_metrics_cost_args,
+    scenario_metrics_cost,
+)
+
+
 # --------------------------------------------------------------------------- CLI
 
 

@@ -37,7 +37,7 @@ def status(path: str) -> dict[str, Any]:
 
 
 def ready_pids(st: dict[str, Any]) -> list[int]:
-    return sorted(r["pid"] for r in st["rows"] if r["state"] == "ready")
+    return sorted(r["pid"] for r in st["workers"] if r["state"] == "ready")
 
 
 class LoadLoop:

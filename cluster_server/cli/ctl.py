@@ -1,9 +1,9 @@
 """``cluster-server ctl``: talk to a running server through its control socket.
 
     cluster-server ctl status            # a table like `pm2 ls`; --json for machines
-    cluster-server ctl reload            # rolling restart
-    cluster-server ctl scale 4           # up or down (down drains)
-    cluster-server ctl restart 2         # replace worker 2 (replacement first)
+    cluster-server ctl reload            # rolling restart (--wait: until it ended; exit 1 if it failed)
+    cluster-server ctl scale 4           # up or down (down drains; --wait too)
+    cluster-server ctl restart 2         # replace worker 2 (replacement first; --wait too)
     cluster-server ctl stop              # graceful stop
     cluster-server ctl upgrade           # re-execute the primary (like SIGUSR2)
     cluster-server ctl ls                # control sockets of running servers
@@ -21,6 +21,7 @@ from typing import Any, NoReturn
 import click
 
 from cluster_server._errors import ClusterServerError
+from cluster_server.cli import waiting as _waiting
 from cluster_server.ops import control as _control
 
 
@@ -67,33 +68,65 @@ def status(ctx: click.Context, as_json: bool) -> None:
         click.echo(format_status(result))
 
 
+def _wait_options(fn: Any) -> Any:
+    fn = click.option(
+        "--wait-timeout",
+        type=click.FloatRange(0.1),
+        default=600.0,
+        show_default=True,
+        metavar="SECONDS",
+        help="With --wait: give up (exit 1) after this long.",
+    )(fn)
+    return click.option(
+        "--wait", is_flag=True, help="Return when it has ended: exit 0 if it succeeded, 1 with the reason if not."
+    )(fn)
+
+
+def _wait(ctx: click.Context, check: Any, timeout: float) -> None:
+    """Follow the status until ``check`` says the change ended; exit 1 with the reason if it failed."""
+    ended = _waiting.wait(lambda: _call(ctx, {"cmd": "status"}), check, timeout)
+    if not ended.ok:
+        click.echo(f"Error: {ended.message}", err=True)
+        sys.exit(1)
+    click.echo(ended.message)
+
+
 @ctl.command()
+@_wait_options
 @click.pass_context
-def reload(ctx: click.Context) -> None:
+def reload(ctx: click.Context, wait: bool, wait_timeout: float) -> None:
     """Rolling restart: each worker is replaced, the replacement ready before the old one drains."""
     r = _call(ctx, {"cmd": "reload"})
     if r["started"]:
         click.echo(f"rolling restart to generation {r['generation']} started")
     else:
         click.echo("a rolling restart is in progress; another one is queued after it")
+    if wait:
+        _wait(ctx, lambda st: _waiting.roll_ended(st, r["since_generation"]), wait_timeout)
 
 
 @ctl.command()
 @click.argument("workers", type=click.IntRange(1, 1024))
+@_wait_options
 @click.pass_context
-def scale(ctx: click.Context, workers: int) -> None:
+def scale(ctx: click.Context, workers: int, wait: bool, wait_timeout: float) -> None:
     """Change the number of workers to WORKERS (removed workers drain)."""
     r = _call(ctx, {"cmd": "scale", "workers": workers})
     click.echo(f"scaled from {r['before']} to {r['workers']} workers")
+    if wait:
+        _wait(ctx, lambda st: _waiting.scale_ended(st, r["workers"], r["before"]), wait_timeout)
 
 
 @ctl.command()
 @click.argument("worker_id", metavar="ID", type=int)
+@_wait_options
 @click.pass_context
-def restart(ctx: click.Context, worker_id: int) -> None:
+def restart(ctx: click.Context, worker_id: int, wait: bool, wait_timeout: float) -> None:
     """Replace worker ID (the replacement is ready before the old one drains)."""
     r = _call(ctx, {"cmd": "restart", "id": worker_id})
     click.echo(f"restarting worker {r['id']} (generation {r['generation']})")
+    if wait:
+        _wait(ctx, lambda st: _waiting.roll_ended(st, r["since_generation"], r["id"]), wait_timeout)
 
 
 @ctl.command()
@@ -157,10 +190,10 @@ def format_status(st: dict[str, Any]) -> str:
     """The status as a table, like ``pm2 ls``."""
     head = (
         f"cluster-server {st['version']} · primary {st['pid']} · {', '.join(st['listeners'])} · "
-        f"{st['app']} · generation {st['generation']} · up {format_duration(st['uptime'])}"
+        f"{st['app']} · generation {st['generation']} · up {format_duration(st['uptime_seconds'])}"
     )
     counts = ", ".join(f"{n} {s}" for s, n in st["states"].items() if n)
-    lines = [head, f"{st['workers']} workers ({counts or 'none'})"]
+    lines = [head, f"{st['workers_configured']} workers ({counts or 'none'})"]
     if st.get("roll"):
         r = st["roll"]
         lines.append(
@@ -169,22 +202,22 @@ def format_status(st: dict[str, Any]) -> str:
     if st.get("stopping"):
         lines.append("stopping")
     table = [list(COLUMNS)]
-    for row in st["rows"]:
+    for row in st["workers"]:
         state = row["state"]
-        if state == "backoff" and row.get("restart_in") is not None:
-            state = f"backoff {row['restart_in']:.1f}s"
+        if state == "backoff" and row.get("restart_in_seconds") is not None:
+            state = f"backoff {row['restart_in_seconds']:.1f}s"
         table.append(
             [
                 str(row["id"]),
                 str(row["pid"] or "-"),
                 state,
                 str(row["generation"]),
-                format_duration(row["uptime"]),
+                format_duration(row["uptime_seconds"]),
                 str(row["requests"]),
                 str(row["connections"]),
-                format_bytes(row["rss"]),
+                format_bytes(row["rss_bytes"]),
                 str(row["restarts"]),
-                format_duration(row["heartbeat_age"]),
+                format_duration(row["heartbeat_age_seconds"]),
             ]
         )
     widths = [max(len(r[i]) for r in table) for i in range(len(COLUMNS))]

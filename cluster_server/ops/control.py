@@ -379,9 +379,10 @@ class ControlServer(ClientServer[_Client]):
             raise ControlError(f"unknown command {cmd!r}; try status, reload, scale, restart, stop, upgrade")
         if p.stopping:
             raise ControlError("the server is stopping")
+        before = p.generation  # ``ctl ... --wait`` waits for a roll to a later generation
         if cmd == "reload":
             started = p.roll("ctl reload")
-            return {"started": started, "queued": not started, "generation": p.generation}
+            return {"started": started, "queued": not started, "generation": p.generation, "since_generation": before}
         if cmd == "scale":
             n = req.get("workers")
             if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= 1024:
@@ -396,7 +397,7 @@ class ControlServer(ClientServer[_Client]):
             if p.roll_state is not None:
                 raise ControlError("a rolling restart is in progress; try again when it is done")
             p.roll(f"ctl restart {wid}", slots=[wid])
-            return {"id": wid, "generation": p.generation}
+            return {"id": wid, "generation": p.generation, "since_generation": before}
         if cmd == "stop":
             p.stop(graceful=True, why="ctl stop")
             return {"stopping": True}

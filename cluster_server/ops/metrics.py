@@ -1,52 +1,68 @@
 """``--metrics-bind HOST:PORT``: Prometheus metrics, served by the primary itself.
 
 The exposition is prometheus-client's (``generate_latest``/``choose_encoder``
-over a custom collector that reads the worker table at scrape time), but not
-its HTTP server: that one runs in a thread, and the primary is one thread. A
-tiny non-blocking responder in the primary's selector loop answers
-``GET /metrics`` (anything else: 404), one request per connection, with the
-same bounds as the control socket (8 KiB request head, 5 s deadline, at most
-16 clients), so a slow or hostile scraper cannot hold the primary up.
+over a collector that reads the primary's state at scrape time, see
+``ops/metric_families.py``; plus prometheus-client's process collector for the
+primary's own ``process_*`` metrics, and, with ``PROMETHEUS_MULTIPROC_DIR``,
+the app's metrics summed over every worker), but not its HTTP server: that
+one runs in a thread, and the primary is one thread. A tiny non-blocking
+responder in the primary's selector loop answers ``GET /metrics`` (anything
+else: 404), one request per connection, with bounds (8 KiB request head, 5 s
+deadline, at most 16 clients at once), so a slow or hostile scraper cannot hold
+the primary up.
 
 Other components can add samples: a component's ``metrics_samples()`` hook
 (``primary/component.py``) returns ``(name, help, kind, labels, value)`` tuples
 (``kind`` is ``"gauge"`` or ``"counter"``); it is asked on every scrape. The round-robin
 scheduler reports ``cluster_server_accept_backlog`` that way.
+
+A storm of scrapes queues, it is never reset: with 16 clients being served the
+primary stops accepting, and the others wait in the kernel's listen queue
+(``BACKLOG``) until one is done. A body built less than ``CACHE_FOR`` seconds
+ago is sent again rather than built anew, so a storm costs the primary little.
+
+Request metrics come from the workers' heartbeats (``worker/request_metrics.py``);
+this component keeps the totals of exited workers (``ops/request_totals.py``).
 """
 
 from __future__ import annotations
 
 import collections
 import logging
+import os
 import selectors
 import socket
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 from cluster_server._errors import BindError, ConfigError
+from cluster_server.ops import multiproc as _multiproc
 from cluster_server.ops.clients import Client, ClientServer
-from cluster_server.ops.status import STATES
-from cluster_server.primary.component import override
+from cluster_server.ops.metric_families import Collector
+from cluster_server.ops.request_totals import SlotTotals
+from cluster_server.primary.component import WorkerEvent, override
 from cluster_server.primary.sockets import _bind_message, _family_of
 
 if TYPE_CHECKING:
     from cluster_server.ops.status import ClusterWatch
-    from cluster_server.primary.loop import Primary
+    from cluster_server.primary.loop import Primary, Worker
 
 logger = logging.getLogger("cluster_server")
 
 MAX_REQUEST = 8 * 1024
 DEADLINE = 5.0
 MAX_CLIENTS = 16
-#: exit reasons always exported (as 0 until one happens); others appear when they do
-EXIT_REASONS = ("crash", "boot_failure", "timeout", "ready_timeout", "rolled", "scaled_down")
+#: scrapers waiting in the kernel while MAX_CLIENTS are served (the kernel caps it at net.core.somaxconn)
+BACKLOG = 4096
+#: a body this fresh is sent again to the next scraper asking for the same format
+CACHE_FOR = 0.1
 
 
 def parse_bind(value: str) -> tuple[str, int]:
-    """``"127.0.0.1:9100"``, ``"[::1]:9100"``, ``":9100"`` (all interfaces) -> (host, port)."""
+    """``"127.0.0.1:8001"``, ``"[::1]:8001"``, ``":8001"`` (all interfaces) -> (host, port)."""
     host, sep, port_text = value.rpartition(":")
     if not sep or not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
-        raise ConfigError(f"--metrics-bind {value!r} must look like HOST:PORT (e.g. 127.0.0.1:9100)")
+        raise ConfigError(f"--metrics-bind {value!r} must look like HOST:PORT (e.g. 127.0.0.1:8001)")
     host = host.strip("[]") or "0.0.0.0"
     return host, int(port_text)
 
@@ -57,7 +73,7 @@ def bind(value: str) -> socket.socket:
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind((host, port))
-        sock.listen(16)
+        sock.listen(BACKLOG)
     except OSError as exc:
         sock.close()
         message = _bind_message(exc, f"metrics port {port} on {host}", port)
@@ -67,106 +83,15 @@ def bind(value: str) -> socket.socket:
 
 
 class _Collector:
-    """Reads the worker table on every scrape."""
+    """Registered once; reads the primary's state at every scrape (``ops/metric_families.py``)."""
 
     def __init__(self, server: MetricsServer) -> None:
         self.server = server
 
     def collect(self) -> Iterator[Any]:
-        watch = self.server.watch
         p = self.server.primary
         assert p is not None
-        snap = watch.snapshot()
-        yield from _cluster_families(snap)
-        yield from _history_families(watch, snap)
-        yield from _worker_families(snap["rows"])
-        yield from _extra_families(p)
-
-
-def _cluster_families(snap: dict[str, Any]) -> Iterator[Any]:
-    """The cluster as it is configured and runs now."""
-    from prometheus_client.core import GaugeMetricFamily
-
-    info = GaugeMetricFamily("cluster_server_info", "cluster-server's version and app", labels=["version", "app"])
-    info.add_metric([snap["version"], snap["app"]], 1)
-    yield info
-    yield GaugeMetricFamily("cluster_server_workers_configured", "Worker slots (--workers, ctl scale)", snap["workers"])
-    yield GaugeMetricFamily(
-        "cluster_server_generation", "Current code generation (+1 per rolling restart)", snap["generation"]
-    )
-    by_state = GaugeMetricFamily(
-        "cluster_server_workers", "Workers by state (backoff: an empty slot waiting to restart)", labels=["state"]
-    )
-    for state in STATES:
-        by_state.add_metric([state], snap["states"][state])
-    yield by_state
-
-
-def _history_families(watch: ClusterWatch, snap: dict[str, Any]) -> Iterator[Any]:
-    """What happened since the primary started: exits by reason, rolling restarts by outcome."""
-    from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
-
-    restarts = CounterMetricFamily(
-        "cluster_server_worker_restarts",
-        "Workers that exited, by reason: crash, boot_failure, timeout (hung), ready_timeout, rolled...",
-        labels=["reason"],
-    )
-    for reason in EXIT_REASONS:
-        restarts.add_metric([reason], watch.exits.get(reason, 0))
-    for reason, n in sorted(watch.exits.items()):
-        if reason not in EXIT_REASONS:
-            restarts.add_metric([reason], n)
-    yield restarts
-
-    rolls = CounterMetricFamily("cluster_server_rolling_restarts", "Rolling restarts, by outcome", labels=["outcome"])
-    for outcome in ("completed", "failed", "aborted"):
-        rolls.add_metric([outcome], watch.rolls.get(outcome, 0))
-    yield rolls
-    yield GaugeMetricFamily(
-        "cluster_server_rolling_restart_in_progress",
-        "1 while a rolling restart runs",
-        int(snap["roll"] is not None),
-    )
-
-
-def _worker_families(rows: list[dict[str, Any]]) -> Iterator[Any]:
-    """One sample per live worker in each family."""
-    from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
-
-    labels = ["worker", "pid"]
-    requests = CounterMetricFamily("cluster_server_worker_requests", "Requests a worker served", labels=labels)
-    conns = GaugeMetricFamily("cluster_server_worker_open_connections", "Open connections of a worker", labels=labels)
-    hb = GaugeMetricFamily(
-        "cluster_server_worker_heartbeat_age_seconds", "Seconds since a worker's last heartbeat", labels=labels
-    )
-    rss = GaugeMetricFamily("cluster_server_worker_rss_bytes", "Resident memory of a worker", labels=labels)
-    up = GaugeMetricFamily("cluster_server_worker_uptime_seconds", "Seconds since a worker was started", labels=labels)
-    for row in rows:
-        if row["pid"] is None:
-            continue
-        lv = [str(row["id"]), str(row["pid"])]
-        requests.add_metric(lv, row["requests"])
-        conns.add_metric(lv, row["connections"])
-        up.add_metric(lv, row["uptime"])
-        if row["heartbeat_age"] is not None:
-            hb.add_metric(lv, row["heartbeat_age"])
-        if row["rss"] is not None:
-            rss.add_metric(lv, row["rss"])
-    yield from (requests, conns, hb, rss, up)
-
-
-def _extra_families(p: Primary) -> Iterator[Any]:
-    """Samples other components offer (the round-robin scheduler's accept backlog...)."""
-    from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
-
-    extra: dict[str, Any] = {}
-    for name, help_text, kind, sample_labels, value in p.metrics_samples():
-        family = extra.get(name)
-        if family is None:
-            cls = CounterMetricFamily if kind == "counter" else GaugeMetricFamily
-            family = extra[name] = cls(name, help_text, labels=sorted(sample_labels))
-        family.add_metric([str(sample_labels[k]) for k in sorted(sample_labels)], value)
-    yield from extra.values()
+        yield from Collector(p, self.server.watch, self.server.totals, logger).collect()
 
 
 class _Client(Client):
@@ -192,10 +117,13 @@ class MetricsServer(ClientServer[_Client]):
         self.active = False
         self.primary: Primary | None = None
         self.clients: dict[int, _Client] = {}
-        from prometheus_client import CollectorRegistry
-
-        self.registry = CollectorRegistry(auto_describe=False)
-        self.registry.register(_Collector(self))
+        #: request totals of the workers that exited, per slot
+        self.totals = SlotTotals()
+        #: True while MAX_CLIENTS are served and the listening socket is not watched
+        self._full = False
+        #: content type -> (when it was built, the response)
+        self._cache: dict[str, tuple[float, bytes]] = {}
+        self.registry = _registry(self)
 
     @property
     def address(self) -> tuple[str, int]:
@@ -227,12 +155,33 @@ class MetricsServer(ClientServer[_Client]):
         self.active = False
 
     @override
+    def worker_event(self, event: WorkerEvent, w: Worker) -> None:
+        if event == "exited":
+            self.totals.worker_exited(w)
+
+    @override
+    def _accept(self, mask: int) -> None:
+        assert self.sock is not None and self.primary is not None
+        for conn in self._accepted(self.sock, MAX_CLIENTS - len(self.clients), "metrics"):
+            self._welcome(conn)
+        if len(self.clients) >= MAX_CLIENTS:
+            # The others wait in the kernel's listen queue until a client is done. (Also when
+            # already full: the end of an accept pause may have watched the socket again.)
+            self._full = True
+            self.primary.remove_reader(self.sock)
+
+    @override
     def _welcome(self, conn: socket.socket) -> None:
         assert self.primary is not None
-        if len(self.clients) >= MAX_CLIENTS:
-            conn.close()  # a scraper that retries is answered soon enough
-            return
         self._add(_Client(conn, self.primary.clock() + DEADLINE))
+
+    @override
+    def _drop(self, fd: int) -> None:
+        super()._drop(fd)
+        if self._full and len(self.clients) < MAX_CLIENTS:
+            self._full = False
+            if self.sock is not None and self.active and self._paused is None and self.primary is not None:
+                self.primary.add_reader(self.sock, self._accept)
 
     @override
     def _serve(self, fd: int, c: _Client, mask: int) -> None:
@@ -276,15 +225,26 @@ class MetricsServer(ClientServer[_Client]):
             name, _, value = line.partition(":")
             if name.strip().lower() == "accept":
                 accept = value.strip()
+        return self._exposition(accept, head_only=method == "HEAD")
+
+    def _exposition(self, accept: str, head_only: bool) -> bytes:
+        """The metrics in the format the scraper accepts; built at most every CACHE_FOR seconds."""
         from prometheus_client.exposition import choose_encoder
 
+        assert self.primary is not None
         encoder, content_type = choose_encoder(accept)
-        try:
-            body = encoder(self.registry)
-        except Exception:
-            logger.exception("metrics: collecting failed")
-            return _response(500, "Internal Server Error", b"collecting metrics failed; see the server log\n")
-        return _response(200, "OK", body, [("Content-Type", content_type)], head_only=method == "HEAD")
+        now = self.primary.clock()
+        cached = self._cache.get(content_type)
+        if cached is not None and now - cached[0] < CACHE_FOR:
+            body = cached[1]
+        else:
+            try:
+                body = encoder(self.registry)
+            except Exception:
+                logger.exception("metrics: collecting failed")
+                return _response(500, "Internal Server Error", b"collecting metrics failed; see the server log\n")
+            self._cache[content_type] = (now, body)
+        return _response(200, "OK", body, [("Content-Type", content_type)], head_only=head_only)
 
     def _write(self, fd: int, c: _Client) -> None:
         try:
@@ -300,6 +260,21 @@ class MetricsServer(ClientServer[_Client]):
             self.primary.modify_reader(c.sock, selectors.EVENT_WRITE)
             return
         self._linger(fd, c)
+
+
+def _registry(server: MetricsServer) -> Any:
+    """The primary's metrics, its process_* metrics, and the app's multiprocess metrics if any."""
+    from prometheus_client import CollectorRegistry, ProcessCollector
+
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(_Collector(server))
+    ProcessCollector(registry=registry)
+    path = _multiproc.directory()
+    if path is not None and os.path.isdir(path):
+        from prometheus_client.multiprocess import MultiProcessCollector
+
+        MultiProcessCollector(registry, path)  # type: ignore[no-untyped-call]
+    return registry
 
 
 def _response(

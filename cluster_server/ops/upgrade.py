@@ -182,6 +182,8 @@ class Upgrader(Component):
                 {"fd": lst.sock.fileno(), "display": lst.display, "unlink": lst.unlink_path} for lst in p.listeners
             ],
             "generation": p.generation,
+            # The new primary's counters go on from ours; our workers will exit "upgrade" once it is ready.
+            "counters": self.watch.counters(upgrading=len(p.workers)),
         }
         if self.metrics is not None and self.metrics.sock:
             handed["metrics_fd"] = self.metrics.sock.fileno()
@@ -240,7 +242,7 @@ class Upgrader(Component):
             self.pidfile.release()
         if self.notifier is not None:
             self.notifier.handed_over(pid)
-        p.stop(graceful=True, why=f"upgraded: the primary is now pid {pid}")
+        p.stop(graceful=True, why=f"upgraded: the primary is now pid {pid}", reason="upgrade")
 
     def _failed(self, why: str, exited: bool = False) -> None:
         p = self.primary

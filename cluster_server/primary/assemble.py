@@ -15,8 +15,10 @@ from typing import TYPE_CHECKING, Any
 
 from cluster_server import _proc
 from cluster_server._config import Config
+from cluster_server.ops import multiproc as _multiproc
 from cluster_server.ops import privileges as _privileges
 from cluster_server.ops.control import ControlServer
+from cluster_server.ops.multiproc import MultiprocDir
 from cluster_server.ops.status import ClusterWatch
 from cluster_server.ops.systemd import Notifier
 from cluster_server.ops.upgrade import PidFile, Upgrader
@@ -90,7 +92,13 @@ def _operations(config: Config, watch: ClusterWatch, handed: dict[str, Any] | No
     metrics = _metrics_server(config, watch, handed, successor)
     pidfile = PidFile(config.pidfile, defer=successor) if config.pidfile else None
     upgrader = Upgrader(watch, control=control, metrics=metrics, notifier=notifier, pidfile=pidfile)
-    return [notifier, *(c for c in (control, metrics, pidfile) if c is not None), upgrader]
+    if handed is not None:
+        watch.restore(handed.get("counters"))  # counters go on across an upgrade
+    multiproc = None
+    if (multiproc_dir := _multiproc.directory()) is not None:
+        # An upgrade's new primary leaves the files alone: the old workers still write there.
+        multiproc = MultiprocDir(multiproc_dir, config, wipe=handed is None)
+    return [notifier, *(c for c in (control, metrics, pidfile, multiproc) if c is not None), upgrader]
 
 
 def _metrics_server(

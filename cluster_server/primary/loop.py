@@ -59,6 +59,10 @@ _OWN_MESSAGES = frozenset({HEARTBEAT, READY, BOOT_ERROR})
 #: on exit, how long the primary waits for the workers it SIGKILLed, and how often it looks
 SHUTDOWN_REAP = 5.0
 REAP_POLL = 0.01
+#: a roll whose reason starts with this was asked for by ``--reload`` (its old workers exit "reloaded")
+RELOAD_PREFIX = "reload:"
+#: finished rolls the primary remembers (``ctl status``, ``ctl reload --wait``)
+ROLL_HISTORY = 32
 
 _S = WorkerState
 _P = ParamSpec("_P")
@@ -96,11 +100,15 @@ class Worker:
     killed: bool = False
     #: draining: SIGKILL at this time; hung: SIGKILL after the stack dump
     kill_at: float | None = None
-    #: why the primary is stopping it ("drain", "timeout", "rolled", ...), None if it was not asked
+    #: why the primary is stopping it, as a metric label ("stopped", "hang", "rolled",
+    #: "max_requests"...: ``ops/status.py`` lists them), None if it was not asked
     stop_reason: str | None = None
     exit_status: str = ""
     #: --reload: the app could not start, and the worker serves a 500 page saying why
     error_page: bool = False
+    #: the request metrics of its last heartbeat, as sent (``worker/request_metrics.py``);
+    #: read by the metrics endpoint, which checks them
+    report: Any = None
 
     def move(self, new: WorkerState) -> None:
         self.state = check_transition(self.state, new)
@@ -137,6 +145,15 @@ class Roll:
     current: int | None = None  # slot being rolled
     done: list[int] = field(default_factory=list)
     recycle: bool = False
+    #: the exit reason of the workers it replaces: rolled, reloaded, max_requests, max_memory, max_lifetime
+    kind: str = "rolled"
+    #: the slots it was asked to replace (``pending`` empties as it goes)
+    slots: list[int] = field(default_factory=list)
+    #: once it ended: completed, failed (a replacement could not start) or aborted (the server stopped)
+    outcome: str | None = None
+    #: why it failed, in words
+    error: str | None = None
+    ended_at: float | None = None
 
 
 class Primary:
@@ -166,6 +183,9 @@ class Primary:
         self.roll_state: Roll | None = None
         #: rolls asked for while one ran: (reason, slots or None for all), run in order
         self.roll_queue: list[tuple[str, list[int] | None]] = []
+        #: the last rolls and recycles that ended (outcome set), oldest first; ``rolls_ended`` counts them all
+        self.finished_rolls: collections.deque[Roll] = collections.deque(maxlen=ROLL_HISTORY)
+        self.rolls_ended = 0
         self.ever_ready = False
         self.stopping = False
         self.fatal: ClusterServerError | None = None
@@ -534,7 +554,8 @@ class Primary:
             self._on_channel(w, selectors.EVENT_READ)
         w.move(exit_state(w.state))
         self._forget_channel(w)
-        level = logging.INFO if w.stop_reason in ("drain", "rolled", "recycled", "scaled down") else logging.WARNING
+        planned = w.stop_reason is not None and w.stop_reason not in ("hang", "ready_timeout")
+        level = logging.INFO if planned else logging.WARNING
         logger.log(level, "%s exited (%s)", w.name, w.exit_status)
         self.emit("exited", w)
         self.worker_gone(w, status)
@@ -580,7 +601,7 @@ class Primary:
             elif w.state is _S.BOOTING and now - w.spawned_at >= cfg.ready_timeout:
                 w.boot_error = f"worker {w.id} was not ready within {cfg.ready_timeout:g} s (--ready-timeout)"
                 logger.error("%s was not ready within %g s; killing it", w.name, cfg.ready_timeout)
-                w.stop_reason = "ready timeout"
+                w.stop_reason = "ready_timeout"
                 self.launcher.kill(w.pid, signal.SIGKILL)
                 w.killed = True
             elif w.state is _S.READY and cfg.worker_timeout and now - w.last_heartbeat >= cfg.worker_timeout:
@@ -591,7 +612,7 @@ class Primary:
                     now - w.last_heartbeat,
                     cfg.worker_timeout,
                 )
-                w.stop_reason = "timeout"
+                w.stop_reason = "hang"
                 self.launcher.kill(w.pid, DUMP_SIGNAL)  # faulthandler dumps every thread
                 w.kill_at = now + DUMP_GRACE
 
@@ -651,6 +672,7 @@ class Primary:
             r, c = msg.get("r"), msg.get("c")
             if isinstance(r, int) and isinstance(c, int):
                 w.requests, w.connections = r, c
+            w.report = msg.get("m")
         elif kind == READY:
             if w.state is _S.DRAINING:
                 # Asked to stop while it booted (a scale-down, a stop): it stops all the same.
@@ -732,21 +754,25 @@ class Primary:
                 return False
         self.generation += 1
         pending = sorted(self.slots) if slots is None else sorted(s for s in set(slots) if s in self.slots)
+        kind = "reloaded" if reason.startswith(RELOAD_PREFIX) else "rolled"
         logger.info("rolling restart to generation %d (%s): %d worker(s)", self.generation, reason, len(pending))
-        self._start_roll(Roll(self.generation, reason, pending, started_at=self.clock()))
+        self._start_roll(Roll(self.generation, reason, pending, started_at=self.clock(), kind=kind, slots=pending[:]))
         return True
 
-    def recycle(self, slot_id: int, reason: str) -> bool:
+    def recycle(self, slot_id: int, reason: str, kind: str = "max_requests") -> bool:
         """Replace one slot's worker (replacement first), keeping its generation.
 
-        False (and nothing queued) if a roll is running or the slot is busy; the
-        caller asks again later.
+        ``kind`` is the old worker's exit reason (max_requests, max_memory,
+        max_lifetime). False (and nothing queued) if a roll is running or the
+        slot is busy; the caller asks again later.
         """
         slot = self.slots.get(slot_id)
         if self.stopping or self.roll_state is not None or slot is None or slot.replacement is not None:
             return False
         logger.info("recycling worker %d (%s)", slot_id, reason)
-        self._start_roll(Roll(slot.generation, reason, [slot_id], started_at=self.clock(), recycle=True))
+        self._start_roll(
+            Roll(slot.generation, reason, [slot_id], started_at=self.clock(), recycle=True, kind=kind, slots=[slot_id])
+        )
         return True
 
     def _start_roll(self, roll: Roll) -> None:
@@ -755,13 +781,6 @@ class Primary:
         for c in self.components:
             self._call(c, None, c.roll_started, roll)
         self.advance_roll()
-
-    def _end_roll(self, outcome: str) -> None:
-        """The roll is over: ``completed``, ``failed`` or ``aborted`` (``roll_finished``)."""
-        roll, self.roll_state = self.roll_state, None
-        if roll is not None:
-            for c in self.components:
-                self._call(c, None, c.roll_finished, roll, outcome)
 
     def replace_now(self, slot_id: int, reason: str) -> bool:
         """Drain a slot's worker now and refill the slot at once, not replacement first.
@@ -793,7 +812,7 @@ class Primary:
                 continue
             w = self.spawn_worker(slot, roll.generation)
             if w is None:
-                self._end_roll("failed")
+                self._end_roll("failed", "cannot start a worker (see the log)")
                 kind = "recycling" if roll.recycle else f"rolling restart to generation {roll.generation}"
                 logger.error("%s stopped: cannot start a worker; the running workers keep serving", kind)
                 self._next_roll()
@@ -809,6 +828,19 @@ class Primary:
         self._end_roll("completed")
         self._next_roll()
 
+    def _end_roll(self, outcome: str, error: str | None = None) -> None:
+        """The roll in progress is over: ``completed``, ``failed`` or ``aborted``. Remember how
+        (``finished_rolls``), clear it, and tell the components (``roll_finished``)."""
+        roll = self.roll_state
+        if roll is None:
+            return
+        roll.outcome, roll.error, roll.ended_at = outcome, error, self.clock()
+        self.finished_rolls.append(roll)
+        self.rolls_ended += 1
+        self.roll_state = None
+        for c in self.components:
+            self._call(c, None, c.roll_finished, roll, outcome)
+
     def _next_roll(self) -> None:
         while self.roll_queue and self.roll_state is None and not self.stopping:
             reason, slots = self.roll_queue.pop(0)
@@ -818,7 +850,8 @@ class Primary:
         old_pid, slot.pid, slot.replacement = slot.pid, new.pid, None
         slot.generation, slot.failures = new.generation, 0
         if old_pid is not None and old_pid in self.workers:
-            self.drain_worker(self.workers[old_pid], "rolled")
+            roll = self.roll_state
+            self.drain_worker(self.workers[old_pid], roll.kind if roll is not None else "rolled")
         if self.roll_state is not None and self.roll_state.current == slot.id:
             self.roll_state.done.append(slot.id)
             self.roll_state.current = None
@@ -830,7 +863,7 @@ class Primary:
         why = w.boot_error or f"worker {w.id} exited ({w.exit_status}) before it was ready"
         if roll is None or self.stopping:
             return  # stopped meanwhile: nothing to keep going
-        self._end_roll("failed")
+        self._end_roll("failed", why)
         slot = self.slots.get(w.id)
         old = self.workers.get(slot.pid) if slot is not None and slot.pid is not None else None
         keeps = f"{old.name} keeps serving" if old is not None else f"worker {w.id} will be restarted"
@@ -860,34 +893,38 @@ class Primary:
             slot = self.slots.pop(i)
             for pid in (slot.pid, slot.replacement):
                 if pid is not None and pid in self.workers:
-                    self.drain_worker(self.workers[pid], "scaled down")
+                    self.drain_worker(self.workers[pid], "scaled_down")
             if roll is not None and roll.current == i:
                 roll.current = None  # its replacement drains; go on with the next slot
         self.manage_workers()
         self.advance_roll()
 
-    def drain_worker(self, w: Worker, reason: str = "drain") -> None:
-        """Ask a worker to stop gracefully; SIGKILL it after --graceful-timeout."""
+    def drain_worker(self, w: Worker, reason: str = "stopped") -> None:
+        """Ask a worker to stop gracefully; SIGKILL it after --graceful-timeout.
+
+        ``reason`` is its exit reason, a metric label (``ops/status.py``).
+        """
         if w.state is _S.DRAINING:
             return
         w.move(_S.DRAINING)
         w.stop_reason = reason
-        logger.info("%s draining (%s)", w.name, reason)
+        logger.info("%s draining (%s)", w.name, reason.replace("_", " "))
         self.emit("draining", w)
         w.kill_at = self.clock() + self.config.graceful_timeout
         self.launcher.kill(w.pid, signal.SIGTERM)
 
-    def stop(self, graceful: bool = True, why: str = "stop") -> None:
+    def stop(self, graceful: bool = True, why: str = "stop", reason: str = "stopped") -> None:
+        """Stop the cluster; ``reason`` is the workers' exit reason ("upgrade" when a new primary took over)."""
         if not graceful:  # (also when a drain had begun: SIGQUIT during a SIGTERM drain)
             logger.warning("stopping (%s): killing %d worker(s)", why, len(self.workers))
         elif not self.stopping:
             logger.info("stopping (%s): draining %d worker(s)", why, len(self.workers))
         self.stopping = True
-        self._end_roll("aborted")
+        self._end_roll("aborted", f"the server is stopping ({why})")
         self.roll_queue.clear()
         if graceful:
             for w in list(self.workers.values()):
-                self.drain_worker(w)
+                self.drain_worker(w, reason)
         else:
             self.kill_all()
 
@@ -903,6 +940,7 @@ class Primary:
     def kill_all(self) -> None:
         self.stopping = True
         for w in self.workers.values():
+            w.stop_reason = w.stop_reason or "stopped"
             self.launcher.kill(w.pid, signal.SIGKILL)
             w.killed = True
 

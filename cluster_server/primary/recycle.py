@@ -140,10 +140,11 @@ class Recycler(Component):
             lim = self.limits.get(w.pid)
             if lim is None or now < lim.retry_at:
                 continue
-            why = self.reason(w, lim, now)
-            if why is None:
+            found = self.reason(w, lim, now)
+            if found is None:
                 continue
-            if not p.recycle(slot.id, why):
+            kind, why = found
+            if not p.recycle(slot.id, why, kind):
                 lim.retry_at = now + 1.0  # the slot is busy; look again soon, without spinning
                 continue
             # If this worker is still here when the recycle ended, the replacement
@@ -167,17 +168,19 @@ class Recycler(Component):
             )
             p.replace_now(slot.id, why)
 
-    def reason(self, w: Worker, lim: _Limits, now: float) -> str | None:
-        """Why ``w`` should be recycled now, or None."""
+    def reason(self, w: Worker, lim: _Limits, now: float) -> tuple[str, str] | None:
+        """Why ``w`` should be recycled now: (its exit reason, in words), or None."""
         cfg = self.config
         if lim.max_requests is not None and w.requests >= lim.max_requests:
             limit = f"--max-requests {cfg.max_requests}"
             if lim.max_requests != cfg.max_requests:
                 limit += f" + jitter = {lim.max_requests}"
-            return f"{w.name} served {w.requests} requests ({limit})"
+            return "max_requests", f"{w.name} served {w.requests} requests ({limit})"
         if cfg.max_worker_memory and lim.rss is not None and lim.rss > cfg.max_worker_memory * MIB:
-            return f"{w.name} uses {lim.rss / MIB:.0f} MiB of its own (--max-worker-memory {cfg.max_worker_memory:g})"
+            limit = f"--max-worker-memory {cfg.max_worker_memory:g}"
+            return "max_memory", f"{w.name} uses {lim.rss / MIB:.0f} MiB of its own ({limit})"
         if lim.die_at is not None and now >= lim.die_at:
             age = now - (w.ready_at or now)
-            return f"{w.name} served for {age:.0f} s (--max-worker-lifetime {cfg.max_worker_lifetime:g})"
+            limit = f"--max-worker-lifetime {cfg.max_worker_lifetime:g}"
+            return "max_lifetime", f"{w.name} served for {age:.0f} s ({limit})"
         return None

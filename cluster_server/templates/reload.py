@@ -43,6 +43,7 @@ from cluster_server import _logging, _proc
 from cluster_server._config import Config
 from cluster_server._errors import ClusterServerError
 from cluster_server.primary.component import Component, WorkerEvent, override
+from cluster_server.primary.loop import RELOAD_PREFIX
 from cluster_server.wire.channel import Channel, Message, receive_all, send_blocking
 from cluster_server.wire.messages import CHANGES, ERROR, WATCHING
 from cluster_server.wire.spawn import child_main
@@ -412,7 +413,7 @@ class Reloader(Component):
         self.reloads += 1
         self.waiting_for_fix = False
         logger.info("reload: %s %s; rolling to a new generation", shown, why)
-        primary.roll(f"reload: {shown} {why}")
+        primary.roll(f"{RELOAD_PREFIX} {shown} {why}")  # the prefix makes the old workers' exit "reloaded"
 
 
 def _stop_child(pid: int, grace: float = 1.0) -> None:

@@ -38,8 +38,15 @@ from cluster_server.worker.access import TimedAccessLog
 from cluster_server.worker.error_page import LifespanErrors, error_app
 from cluster_server.worker.health import HealthMiddleware, HealthState, health_handler
 from cluster_server.worker.interface import adapt_app
+from cluster_server.worker.request_metrics import FRESH_INTERVAL, RequestStats
 from cluster_server.worker.spec import DUMP_SIGNAL, EXIT_BOOT_FAILURE, WorkerSpec
-from cluster_server.worker.uvicorn_glue import WorkerServer, guard_request_head, run_on_fresh_loop, wrap_loaded_app
+from cluster_server.worker.uvicorn_glue import (
+    WorkerServer,
+    count_requests,
+    guard_request_head,
+    run_on_fresh_loop,
+    wrap_loaded_app,
+)
 
 logger = logging.getLogger("cluster_server.worker")
 
@@ -218,6 +225,21 @@ def _await_parent(pid: int, timeout: float) -> bool:
     return True
 
 
+def _heartbeat(config: Config, report: Callable[[dict[str, Any]], None]) -> Callable[[WorkerServer], None]:
+    """The heartbeat: requests and connections so far, and with --metrics-bind the request metrics."""
+    stats = RequestStats() if config.metrics_bind else None
+    if stats is not None:
+        count_requests(stats)
+
+    def heartbeat(s: WorkerServer) -> None:
+        msg: dict[str, Any] = {"t": HEARTBEAT, "r": s.total_requests, "c": s.open_connections}
+        if stats is not None:
+            msg["m"] = stats.report(s.requests_in_flight)
+        report(msg)
+
+    return heartbeat
+
+
 class _WorkerProcess:
     """One HTTP worker's life, after the fork hygiene: returns its exit status."""
 
@@ -303,8 +325,9 @@ class _WorkerProcess:
         server = WorkerServer(
             uconfig,
             on_ready=lambda: self.report(ready),
-            on_heartbeat=lambda s: self.report({"t": HEARTBEAT, "r": s.total_requests, "c": s.open_connections}),
+            on_heartbeat=_heartbeat(self.config, self.report),
             heartbeat_interval=self.config.heartbeat_interval,
+            fresh_interval=FRESH_INTERVAL,
         )
         if (health_path := self.config.health_path) is not None and not error_page:
             health = HealthState()

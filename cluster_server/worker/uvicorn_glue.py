@@ -21,6 +21,11 @@ Tested against uvicorn 0.54 (pinned in pyproject.toml). What we rely on:
   WebSocket protocols' ``handshake_complete`` / ``handshake_completed_event``.
 - the protocols' ``cycle``, ``transport`` and ``server_state.default_headers``
   (``guard_request_head``).
+- for ``count_requests``: the module-level name ``RequestResponseCycle`` in
+  ``uvicorn.protocols.http.httptools_impl`` and ``h11_impl``, which the
+  protocols look up for each request; its ``run_asgi(app)`` (called once per
+  request, when the app's task is created), ``send(message)``,
+  ``response_started`` and ``scope``.
 """
 
 from __future__ import annotations
@@ -31,12 +36,15 @@ import logging
 import signal
 import socket
 import time
+from bisect import bisect_left
 from collections.abc import Awaitable, Callable, Coroutine, Generator
 from types import FrameType
 from typing import Any
 
 import uvicorn
 from uvicorn._compat import asyncio_run
+
+from cluster_server.worker.request_metrics import BUCKETS, METHODS, OTHER, RequestStats
 
 logger = logging.getLogger("cluster_server.worker")
 
@@ -54,7 +62,10 @@ class WorkerServer(uvicorn.Server):
     - ``on_ready`` runs on the event loop once lifespan startup finished and the
       sockets are served;
     - ``on_heartbeat`` runs on the event loop every ``heartbeat_interval``
-      seconds (from the loop itself: a blocked loop sends none);
+      seconds (from the loop itself: a blocked loop sends none), and sooner,
+      ``fresh_interval`` after the last one, when requests completed since
+      (the request counts it carries stay fresh), and once more when the
+      drain is over (the last counts);
     - SIGTERM drains; nothing is re-raised afterwards, so a cleanly drained
       worker exits 0 instead of looking killed by SIGTERM.
 
@@ -76,12 +87,15 @@ class WorkerServer(uvicorn.Server):
         on_ready: Callable[[], None],
         on_heartbeat: Callable[[WorkerServer], None],
         heartbeat_interval: float,
+        fresh_interval: float | None = None,
     ) -> None:
         super().__init__(config)
         self._on_ready = on_ready
         self._on_heartbeat = on_heartbeat
         self._heartbeat_interval = heartbeat_interval
+        self._fresh_interval = heartbeat_interval if fresh_interval is None else fresh_interval
         self._last_beat = 0.0
+        self._beat_requests = 0  # total_requests at the last heartbeat
         #: True once the graceful shutdown began; protocols read it
         self.draining = False
         self.drain_window = DRAIN_IDLE_WINDOW
@@ -101,6 +115,11 @@ class WorkerServer(uvicorn.Server):
     @property
     def open_connections(self) -> int:
         return len(self.server_state.connections)
+
+    @property
+    def requests_in_flight(self) -> int:
+        """HTTP requests received and not yet fully answered (one per connection at most)."""
+        return sum(1 for c in self.server_state.connections if _busy(c))
 
     async def startup(self, sockets: list[socket.socket] | None = None) -> None:
         config: Any = self.config
@@ -123,13 +142,19 @@ class WorkerServer(uvicorn.Server):
 
     def _beat(self) -> None:
         now = time.monotonic()
-        if now - self._last_beat >= self._heartbeat_interval:
+        since = now - self._last_beat
+        if since >= self._heartbeat_interval or (
+            since >= self._fresh_interval and self.server_state.total_requests != self._beat_requests
+        ):
             self._last_beat = now
+            self._beat_requests = self.server_state.total_requests
             self._on_heartbeat(self)
 
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
         self.begin_drain()
         await super().shutdown(sockets=sockets)
+        if self.started:
+            self._on_heartbeat(self)  # the last counts, with every request done
 
     def begin_drain(self) -> None:
         """From now on every response says ``Connection: close`` (uvicorn's
@@ -360,6 +385,61 @@ def _shutdown_when_open(ws: Any, interval: float = 0.02) -> None:
         ws.shutdown()
     else:
         asyncio.get_running_loop().call_later(interval, _shutdown_when_open, ws, interval)
+
+
+def count_requests(stats: RequestStats) -> None:
+    """Count every HTTP request uvicorn answers in this process into ``stats``.
+
+    Swaps the request class of uvicorn's HTTP protocols (both, whichever is
+    configured) for a subclass that notes when the app starts (``run_asgi``)
+    and, when the response starts (the first ``send``), adds the request to
+    ``stats`` with its method, status and time to first byte. No coroutine is
+    added: both overrides are plain functions that hand back uvicorn's own
+    coroutine, and nothing the garbage collector tracks is allocated (the start
+    time is a slot). A response uvicorn sends itself through the same object
+    (500 for an app that failed, 503 over --limit-concurrency) is counted too.
+    Call once, before serving.
+    """
+    import importlib
+
+    for name in ("uvicorn.protocols.http.h11_impl", "uvicorn.protocols.http.httptools_impl"):
+        try:
+            module = importlib.import_module(name)
+        except ImportError:  # httptools not installed
+            continue
+        base = getattr(module, "RequestResponseCycle", None)
+        if base is not None and not getattr(base, "_cs_counting", False):
+            setattr(module, "RequestResponseCycle", _counting_cycle(base, stats))  # noqa: B010
+
+
+def _counting_cycle(base: Any, stats: RequestStats) -> Any:
+    run_asgi, send = base.run_asgi, base.send
+    clock = time.perf_counter
+    by_method, buckets, bounds = stats.by_method, stats.buckets, BUCKETS
+
+    class CountingCycle(base):  # type: ignore[misc]
+        __slots__ = ("_cs_start",)
+        _cs_counting = True
+
+        def run_asgi(self, app: Any) -> Any:
+            self._cs_start = clock()
+            return run_asgi(self, app)
+
+        def send(self, message: Any) -> Any:
+            if not self.response_started:  # (inlined: this runs for every request)
+                seconds = clock() - self._cs_start
+                method = self.scope["method"]
+                counts = by_method.get(method)
+                if counts is None:
+                    counts = by_method.setdefault(method if method in METHODS else OTHER, {})
+                status = message.get("status", 500)
+                counts[status] = counts.get(status, 0) + 1
+                buckets[bisect_left(bounds, seconds)] += 1
+                stats.seconds += seconds
+            return send(self, message)
+
+    CountingCycle.__name__ = CountingCycle.__qualname__ = f"Counting{base.__name__}"
+    return CountingCycle
 
 
 def run_on_fresh_loop(main: Coroutine[Any, Any, None], uconfig: uvicorn.Config) -> None:

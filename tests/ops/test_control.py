@@ -43,7 +43,7 @@ def test_status_shows_the_live_table(server: tuple[Server, str]) -> None:
     for _ in range(5):
         assert srv.get().status_code == 200
     # requests reach the table with the next heartbeat (1 s)
-    wait_until(lambda: sum(r["requests"] for r in status(path)["rows"]) == 5, 5, what="5 requests counted")
+    wait_until(lambda: sum(r["requests"] for r in status(path)["workers"]) == 5, 5, what="5 requests counted")
 
     out = ctl(path, "status").stdout
     lines = out.splitlines()
@@ -68,8 +68,8 @@ def test_status_shows_the_live_table(server: tuple[Server, str]) -> None:
     assert all(r[7].endswith("M") for r in rows), out  # RSS from /proc
 
     st = json.loads(ctl(path, "status", "--json").stdout)
-    assert st["pid"] == srv.pid and st["workers"] == 2 and st["states"]["ready"] == 2
-    assert all(r["heartbeat_age"] is not None and r["heartbeat_age"] < 3 for r in st["rows"])
+    assert st["pid"] == srv.pid and st["workers_configured"] == 2 and st["states"]["ready"] == 2
+    assert all(r["heartbeat_age_seconds"] is not None and r["heartbeat_age_seconds"] < 3 for r in st["workers"])
 
 
 def test_the_primary_imports_no_app_uvicorn_or_asyncio(server: tuple[Server, str]) -> None:
@@ -160,7 +160,7 @@ def test_scale_up_and_down_under_load_loses_nothing(
         n = load.count()
         wait_until(lambda: load.count() > n + 100, 10, what="load on 3 workers")
         assert "scaled from 3 to 1 workers" in ctl(path, "scale", "1").stdout
-        wait_until(lambda: len(status(path)["rows"]) == 1, 15, what="back to 1 worker")
+        wait_until(lambda: len(status(path)["workers"]) == 1, 15, what="back to 1 worker")
         n = load.count()
         wait_until(lambda: load.count() > n + 50, 10, what="load after scaling down")
     assert load.failures == [], load.failures[:5]
@@ -177,7 +177,7 @@ def test_reload_rolls_every_worker(server: tuple[Server, str]) -> None:
 
     def rolled() -> bool:
         st = status(path)
-        return st["roll"] is None and [r["generation"] for r in st["rows"]] == [2, 2]
+        return st["roll"] is None and [r["generation"] for r in st["workers"]] == [2, 2]
 
     wait_until(rolled, 20, what="generation 2 everywhere")
     after = ready_pids(status(path))
@@ -188,17 +188,17 @@ def test_reload_rolls_every_worker(server: tuple[Server, str]) -> None:
 
 def test_restart_replaces_one_worker(server: tuple[Server, str]) -> None:
     _, path = server
-    rows = {r["id"]: r["pid"] for r in status(path)["rows"]}
+    rows = {r["id"]: r["pid"] for r in status(path)["workers"]}
     assert "restarting worker 2" in ctl(path, "restart", "2").stdout
     wait_until(
         lambda: (
-            {r["id"]: r["pid"] for r in status(path)["rows"] if r["state"] == "ready"}.get(2) not in (None, rows[2])
-            and len(status(path)["rows"]) == 2
+            {r["id"]: r["pid"] for r in status(path)["workers"] if r["state"] == "ready"}.get(2) not in (None, rows[2])
+            and len(status(path)["workers"]) == 2
         ),
         15,
         what="worker 2 replaced",
     )
-    now = {r["id"]: r["pid"] for r in status(path)["rows"]}
+    now = {r["id"]: r["pid"] for r in status(path)["workers"]}
     assert now[1] == rows[1] and now[2] != rows[2]
     bad = ctl(path, "restart", "7", check=False)
     assert bad.returncode == 1 and bad.stderr.startswith("Error: no worker 7; the worker ids are [1, 2]")
@@ -339,7 +339,7 @@ def test_commands_drive_the_primary() -> None:
     assert control.handle({"cmd": "scale", "workers": 3}) == {"workers": 3, "before": 2}
     assert len(p.workers) == 3
     r = control.handle({"cmd": "reload"})
-    assert r == {"started": True, "queued": False, "generation": 2}
+    assert r == {"started": True, "queued": False, "generation": 2, "since_generation": 1}
     with pytest.raises(ControlError, match="rolling restart is in progress"):
         control.handle({"cmd": "restart", "id": 1})
     for cmd in ({"cmd": "scale", "workers": 0}, {"cmd": "scale", "workers": True}, {"cmd": "restart", "id": "1"}):
@@ -364,13 +364,13 @@ def test_backoff_is_a_visible_state() -> None:
             assert bool(p.workers) == (wait == 0.0)
             clock[0] += wait
             p.manage_workers()
-    rows = control.handle({"cmd": "status"})["rows"]
+    rows = control.handle({"cmd": "status"})["workers"]
     assert [(r["id"], r["state"], r["pid"]) for r in rows] == [(1, "backoff", None)]
-    assert rows[0]["restart_in"] == pytest.approx(0.2) and rows[0]["restarts"] == 3
+    assert rows[0]["restart_in_seconds"] == pytest.approx(0.2) and rows[0]["restarts"] == 3
     assert "backoff 0.2s" in format_status(control.handle({"cmd": "status"}))
     clock[0] += 0.25
     p.manage_workers()
-    assert [r["state"] for r in control.handle({"cmd": "status"})["rows"]] == ["booting"]
+    assert [r["state"] for r in control.handle({"cmd": "status"})["workers"]] == ["booting"]
 
 
 def test_roll_outcomes_are_counted() -> None:

@@ -27,6 +27,7 @@ import yaml
 from cluster_server._config import Config
 from cluster_server._errors import AppLoadError, ConfigError
 from cluster_server.cli.main import cli
+from cluster_server.ops.metrics import parse_bind
 from tests.conftest import ROOT, Server, free_port, wait_until
 
 DEPLOY = ROOT / "examples" / "deploy"
@@ -153,7 +154,18 @@ def test_kubernetes_manifest_agrees_with_its_flags(monkeypatch: pytest.MonkeyPat
     assert config.host == "0.0.0.0"
 
     ports = {p["name"]: p["containerPort"] for p in container["ports"]}
-    assert list(ports.values()) == [config.port], "containerPort == --port"
+    assert ports["http"] == config.port, "containerPort == --port"
+    # Prometheus scrapes the primary's --metrics-bind port, named by the annotations
+    # and by observability/podmonitor.yaml; not node_exporter's 9100.
+    assert config.metrics_bind is not None
+    host, metrics_port = parse_bind(config.metrics_bind)
+    assert host == "0.0.0.0" and ports["metrics"] == metrics_port != 9100
+    annotations = pod["metadata"]["annotations"]
+    assert annotations["prometheus.io/scrape"] == "true"
+    assert int(annotations["prometheus.io/port"]) == metrics_port and annotations["prometheus.io/path"] == "/metrics"
+    monitor = yaml.safe_load((DEPLOY / "observability" / "podmonitor.yaml").read_text())
+    assert monitor["spec"]["selector"]["matchLabels"].items() <= pod["metadata"]["labels"].items()
+    assert [e["port"] for e in monitor["spec"]["podMetricsEndpoints"]] == ["metrics"]
 
     def port_of(ref: str | int) -> int:
         return ports[ref] if isinstance(ref, str) else ref

@@ -69,7 +69,7 @@ def test_a_blocked_event_loop_is_dumped_and_replaced(
 
     def replaced() -> bool:
         st = status(path)
-        return [(r["state"], r["pid"] != old) for r in st["rows"]] == [("ready", True)]
+        return [(r["state"], r["pid"] != old) for r in st["workers"]] == [("ready", True)]
 
     wait_until(replaced, timeout + 5, interval=0.05, what="a new ready worker")
     elapsed = time.monotonic() - t0
@@ -85,7 +85,7 @@ def test_a_blocked_event_loop_is_dumped_and_replaced(
     assert "Current thread" in dump or "Thread 0x" in dump
     assert re.search(r'File ".*hangapp\.py", line \d+ in blocking_the_event_loop', dump), dump[:3000]
     assert log.count("sent no heartbeat") == 1, "dumped and killed once"
-    assert status(path)["exits"] == {"timeout": 1}
+    assert status(path)["exits"] == {"hang": 1}
 
 
 def test_a_crash_loop_backs_off_visibly_and_recovers(
@@ -102,17 +102,17 @@ def test_a_crash_loop_backs_off_visibly_and_recovers(
         httpx.get(srv.url + "/crash", timeout=5)
 
     def in_backoff() -> dict[str, object] | None:
-        for row in status(path)["rows"]:
+        for row in status(path)["workers"]:
             if row["state"] == "backoff" and row["restarts"] >= 3:
                 return dict(row)
         return None
 
     row = wait_until(in_backoff, 15, interval=0.02, what="a slot in backoff")
-    assert row["pid"] is None and 0 < float(row["restart_in"]) <= 10  # type: ignore[arg-type]
+    assert row["pid"] is None and 0 < float(row["restart_in_seconds"]) <= 10  # type: ignore[arg-type]
     # The other worker keeps serving meanwhile; the cluster is not halted.
     assert srv.get().status_code == 200
     assert srv.proc.poll() is None
     assert re.search(r"worker \d failed \d+ times in a row; restarting it in \d+\.\d\d s", srv.log())
 
     flag.unlink()
-    wait_until(lambda: [r["state"] for r in status(path)["rows"]] == ["ready", "ready"], 20, what="recovered")
+    wait_until(lambda: [r["state"] for r in status(path)["workers"]] == ["ready", "ready"], 20, what="recovered")

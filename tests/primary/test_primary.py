@@ -465,7 +465,7 @@ def test_ttin_adds_a_worker_and_ttou_drains_one() -> None:
     c.p.handle_ttou()
     assert sorted(c.p.slots) == [1, 2]
     assert c.launcher.kills == [(third.pid, TERM)]
-    assert third.stop_reason == "scaled down"
+    assert third.stop_reason == "scaled_down"
     c.exit(third, exited(0))
     c.tick(100)
     assert len(c.launcher.workers) == 3, "a scaled-down worker is not replaced"

@@ -178,7 +178,7 @@ def test_max_requests_recycles_without_losing_a_request(
     wait_until(lambda: len(server.worker_pids()) == 2, 10)
     assert set(server.worker_pids()).isdisjoint(first)
     # replacement first: every old worker drained only after its replacement was ready
-    lines = [line for line in log.splitlines() if " ready in " in line or "draining (rolled)" in line]
+    lines = [line for line in log.splitlines() if " ready in " in line or "draining (max requests)" in line]
     assert lines and all("ready in" in prev for prev, line in itertools.pairwise(lines) if "draining" in line), lines
 
 
