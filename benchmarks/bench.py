@@ -1566,6 +1566,210 @@ SCENARIOS["memory"] = Scenario(
 )
 
 
+# --------------------------------------------------------------------------- efficiency
+
+#: servers ``efficiency`` compares by default: the baseline, gunicorn's uvicorn worker,
+#: every cluster-server policy, and cluster-server with no --scheduling (its default)
+EFFICIENCY_SERVERS = ["uvicorn", "gunicorn", *(f"cluster-server:{p}" for p in POLICIES), "cluster-server"]
+#: wrk options per load mode: keep-alive, or a new connection per request
+LOAD_MODES: dict[str, tuple[str, ...]] = {"keep-alive": (), "close": ("-H", "Connection: close")}
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+
+def process_cpu(pid: int) -> float:
+    """CPU seconds (user + system) ``pid`` has used so far; 0 when it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS  # utime, stime (fields 14, 15)
+
+
+def tree_cpu(sid: int) -> dict[int, float]:
+    """CPU seconds used so far by every process of session ``sid`` (a server's whole tree)."""
+    return {pid: process_cpu(pid) for pid in session_pids(sid)}
+
+
+@dataclass
+class EfficiencyRow(Row):
+    mode: str = ""  # keep-alive, or close (a new connection per request)
+    round: int = 0
+    cpu_s: float = 0.0  # CPU seconds of the server's whole process tree during the load
+    main_cpu_s: float = 0.0  # of which its main process (primary, arbiter, supervisor)
+    loadavg: float = 0.0  # 1-minute load average just before the run
+
+    @property
+    def per_cpu_s(self) -> float | None:
+        """Requests per CPU-second of the server's process tree."""
+        return self.load.requests / self.cpu_s if self.load and self.cpu_s > 0 else None
+
+
+def add_efficiency_args(p: argparse.ArgumentParser) -> None:
+    p.set_defaults(servers=list(EFFICIENCY_SERVERS), workers=[2])
+    p.add_argument("--duration", type=positive_int, default=5, help="seconds of load per run (5)")
+    p.add_argument("--connections", type=positive_int, default=64, help="open connections (64)")
+    p.add_argument("--threads", type=positive_int, default=2, help="wrk threads (2)")
+    p.add_argument("--repeat", type=positive_int, default=3, help="interleaved rounds; medians (3)")
+    p.add_argument("--warmup", type=non_negative_int, default=1, help="seconds of discarded load first (1)")
+    p.add_argument(
+        "--modes",
+        type=lambda t: [m for m in t.split(",") if m in LOAD_MODES] or list(LOAD_MODES),
+        default=list(LOAD_MODES),
+        help="keep-alive, close (a new connection per request), or both (both)",
+    )
+
+
+def measure_cpu_under_load(server: RunningServer, row: EfficiencyRow, args: argparse.Namespace) -> None:
+    """One measured wrk run on a running server; the CPU its tree used meanwhile goes in ``row``."""
+    extra = LOAD_MODES[row.mode]
+    if args.warmup > 0:
+        wrk_load(server.url, args.warmup, args.connections, args.threads, *extra)
+    row.loadavg = os.getloadavg()[0]
+    sid = server.proc.pid
+    before = tree_cpu(sid)
+    row.load = wrk_load(server.url, args.duration, args.connections, args.threads, *extra)
+    after = tree_cpu(sid)
+    server.check_alive()
+    row.cpu_s = sum(cpu - before.get(pid, 0.0) for pid, cpu in after.items())
+    row.main_cpu_s = after.get(sid, 0.0) - before.get(sid, 0.0)
+
+
+def measure_efficiency(spec: ServerSpec, workers: int, rnd: int, args: argparse.Namespace) -> list[EfficiencyRow]:
+    """Start ``spec`` once and measure each load mode on it, in turn."""
+    rows = [EfficiencyRow("efficiency", spec.name, workers, mode=m, round=rnd) for m in args.modes]
+    with contextlib.ExitStack() as stack:
+        holder = Row("efficiency", spec.name, workers)
+        stack.enter_context(recorded(holder))
+        server = stack.enter_context(run_server(spec, args.app, workers, args.start_timeout))
+        pids = len(probe_pids(server.url, workers, timeout=5))
+        for row in rows:
+            row.command, row.pids_seen = server.command, pids
+            with recorded(row):
+                measure_cpu_under_load(server, row, args)
+    if holder.status != "ok":  # the server did not start (or is not installed)
+        for row in rows:
+            row.status, row.note = holder.status, holder.note
+    return rows
+
+
+def run_efficiency_rounds(args: argparse.Namespace) -> list[EfficiencyRow]:
+    """Every server, ``--repeat`` rounds, interleaved (A B C A B C ...)."""
+    runs: list[EfficiencyRow] = []
+    skipped: set[str] = set()
+    for workers in args.workers:
+        for rnd in range(1, args.repeat + 1):
+            for name in args.servers:
+                if name in skipped:
+                    continue
+                log(
+                    f"bench: efficiency {name} x{workers} round {rnd}/{args.repeat} (load avg {os.getloadavg()[0]:.1f})"
+                )
+                rows = measure_efficiency(server_spec(name), workers, rnd, args)
+                for row in rows:
+                    if row.status == "ok" and row.per_cpu_s is not None and row.load is not None:
+                        log(
+                            f"bench:   {row.mode}: {row.load.requests_per_s:,.0f} req/s, "
+                            f"{row.per_cpu_s:,.0f} req/CPU-s, main process {row.main_cpu_s / row.cpu_s:.1%}"
+                        )
+                    else:
+                        log_not_ok(row)
+                if all(r.status == "skipped" for r in rows):
+                    skipped.add(name)
+                runs.extend(rows)
+    return runs
+
+
+def summarize_efficiency(runs: list[EfficiencyRow]) -> list[EfficiencyRow]:
+    """One row per (workers, mode, server): medians over rounds; ``ratio`` is the median of
+    each round's requests per CPU-second over uvicorn's in the same round and mode."""
+    base = {(r.workers, r.mode, r.round): r.per_cpu_s for r in runs if r.server == BASELINE and r.per_cpu_s}
+    keys = list(dict.fromkeys((r.workers, r.mode, r.server) for r in runs))
+    out = []
+    for workers, mode, server in keys:
+        mine = [r for r in runs if (r.workers, r.mode, r.server) == (workers, mode, server)]
+        ok = [r for r in mine if r.status == "ok" and r.per_cpu_s and r.load]
+        if not ok:
+            out.append(mine[-1])
+            continue
+        row = EfficiencyRow("efficiency", server, workers, mode=mode, command=ok[0].command)
+        row.note = "; ".join(sorted({r.note for r in mine if r.note}))
+        ratios = [r.per_cpu_s / base[(workers, mode, r.round)] for r in ok if base.get((workers, mode, r.round))]
+        row.ratio = statistics.median(ratios) if ratios else None  # type: ignore[operator]
+        row.details = {
+            "requests_per_s": statistics.median(r.load.requests_per_s for r in ok if r.load),
+            "per_cpu_s": statistics.median(r.per_cpu_s for r in ok if r.per_cpu_s),
+            "main_share": statistics.median(r.main_cpu_s / r.cpu_s for r in ok),
+            "errors": sum(r.load.errors for r in ok if r.load),
+            "rounds": len(ok),
+            "runs": [
+                {
+                    "round": r.round,
+                    "requests_per_s": r.load.requests_per_s if r.load else None,
+                    "cpu_s": r.cpu_s,
+                    "main_cpu_s": r.main_cpu_s,
+                    "per_cpu_s": r.per_cpu_s,
+                    "loadavg": r.loadavg,
+                    "status": r.status,
+                }
+                for r in mine
+            ],
+        }
+        out.append(row)
+    return out
+
+
+def print_efficiency_table(rows: list[EfficiencyRow]) -> None:
+    header = ("server", "workers", "mode", "req/s", "req/CPU-s", f"vs {BASELINE}", "main CPU", "errors", "rounds")
+    table = [header]
+    for r in rows:
+        name = "cluster-server (default)" if r.server == "cluster-server" else r.server
+        if r.status != "ok" or not r.details:
+            table.append((name, str(r.workers), r.mode, r.status, *("-",) * 5))
+            continue
+        d = r.details
+        table.append(
+            (
+                name,
+                str(r.workers),
+                r.mode,
+                f"{d['requests_per_s']:,.0f}",
+                f"{d['per_cpu_s']:,.0f}",
+                f"{r.ratio:.2f}x" if r.ratio is not None else "-",
+                f"{d['main_share']:.1%}",
+                str(d["errors"]),
+                str(d["rounds"]),
+            )
+        )
+    print_columns(table, left=3)
+    print_notes(rows, lambda r: f" {r.mode}")
+
+
+def scenario_efficiency(args: argparse.Namespace) -> list[Row]:
+    if args.tool != "wrk":
+        sys.exit("bench: the efficiency scenario needs wrk")
+    if not Path("/proc/self/stat").exists():
+        sys.exit("bench: the efficiency scenario reads /proc/PID/stat (Linux)")
+    runs = run_efficiency_rounds(args)
+    rows = summarize_efficiency(runs)
+    print_efficiency_table(rows)
+    print(
+        f"\nload: wrk -t{args.threads} -c{args.connections} -d{args.duration}s per run, after {args.warmup}s warm-up,"
+        f" GET / of {args.app}; close = -H 'Connection: close'; req/CPU-s = requests over the CPU time (user +"
+        f" system, /proc/PID/stat) of every process in the server's session during the run; vs {BASELINE} ="
+        f" median over {args.repeat} interleaved round(s) of that ratio against {BASELINE} in the same round;"
+        " main CPU = the main process's share (primary, arbiter, supervisor)"
+    )
+    return list(rows)
+
+
+SCENARIOS["efficiency"] = Scenario(
+    "requests per CPU-second of each server's whole process tree, keep-alive and a new connection per request",
+    add_efficiency_args,
+    scenario_efficiency,
+)
+
+
 # --------------------------------------------------------------------------- CLI
 
 
