@@ -1770,6 +1770,216 @@ SCENARIOS["efficiency"] = Scenario(
 )
 
 
+# --------------------------------------------------------------------------- open loop
+
+#: servers ``openloop`` compares by default
+OPENLOOP_SERVERS = EFFICIENCY_SERVERS
+#: the slow requests of each variant: (path, milliseconds, one request in how many)
+OPENLOOP_VARIANTS: dict[str, tuple[str, int, int]] = {"block": ("/block", 20, 1000), "cpu": ("/cpu", 5, 10)}
+#: percentiles reported (wrk2's corrected histogram)
+OPENLOOP_PERCENTILES = (50.0, 99.0, 99.9)
+
+
+@dataclass
+class OpenLoopRow(Row):
+    variant: str = ""  # block or cpu
+    percent: int = 0  # offered rate, % of the baseline's closed-loop capacity
+    rate: int = 0  # offered rate, requests per second
+    round: int = 0
+    percentiles: dict[str, float] = field(default_factory=dict)  # "99.9" -> ms
+    loadavg: float = 0.0
+
+
+def add_openloop_args(p: argparse.ArgumentParser) -> None:
+    p.set_defaults(servers=list(OPENLOOP_SERVERS), workers=[2])
+    p.add_argument("--wrk2", help="path of wrk2 (default: wrk2 on PATH; the scenario is skipped without it)")
+    p.add_argument("--duration", type=positive_int, default=10, help="seconds per measured run (10)")
+    p.add_argument("--connections", type=positive_int, default=64, help="wrk2 connections (64)")
+    p.add_argument("--threads", type=positive_int, default=2, help="wrk2 threads (2)")
+    p.add_argument("--repeat", type=positive_int, default=3, help="interleaved rounds; medians (3)")
+    p.add_argument("--loads", type=int_list, default=[40, 70], help="offered rates, %% of capacity (40,70)")
+    p.add_argument(
+        "--variants",
+        type=lambda t: [v for v in t.split(",") if v in OPENLOOP_VARIANTS] or list(OPENLOOP_VARIANTS),
+        default=list(OPENLOOP_VARIANTS),
+        help="block (1 in 1000 blocks its loop 20 ms), cpu (1 in 10 burns 5 ms of CPU), or both (both)",
+    )
+    p.add_argument(
+        "--capacity",
+        type=positive_int,
+        help=f"{BASELINE}'s closed-loop req/s per variant (default: measured first, wrk -c64, two runs)",
+    )
+
+
+def openloop_script(variant: str) -> str:
+    path, ms, every = OPENLOOP_VARIANTS[variant]
+    return MIXED_LUA.replace("/block?ms={ms}", f"{path}?ms={ms}").replace("{every}", str(every))
+
+
+def parse_wrk2(output: str) -> tuple[LoadResult, dict[str, float]]:
+    """wrk2 ``--latency`` output: the summary and the corrected percentiles (ms)."""
+    found: dict[str, float] = {}
+    for m in re.finditer(r"^\s*(\d+\.\d+)%\s+([\d.]+)(us|ms|s|m|h)\s*$", output, re.M):
+        found.setdefault(f"{float(m[1]):g}", _to_ms(m[2], m[3]))
+    return parse_wrk(output), found
+
+
+def wrk2_run(
+    wrk2: str, url: str, rate: int, args: argparse.Namespace, variant: str
+) -> tuple[LoadResult, dict[str, float]]:
+    with tempfile.NamedTemporaryFile("w", suffix=".lua", prefix="bench-") as fh:
+        fh.write(openloop_script(variant))
+        fh.flush()
+        cmd = [wrk2, f"-t{args.threads}", f"-c{args.connections}", f"-d{args.duration}s", f"-R{rate}"]
+        cmd += ["--latency", "--timeout", "5s", "-s", fh.name, url + "/"]
+        try:
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.duration + 60)
+        except subprocess.TimeoutExpired:
+            raise LoadFailed(f"wrk2 overran its {args.duration + 60}s deadline") from None
+    if proc.returncode != 0:
+        raise LoadFailed(f"wrk2 exited with {proc.returncode}: {proc.stderr.strip()}")
+    return parse_wrk2(proc.stdout)
+
+
+def measure_capacity(variant: str, args: argparse.Namespace) -> int:
+    """The baseline's closed-loop req/s on the variant's load (wrk -c64, median of two 5 s runs)."""
+    rates = []
+    with run_server(server_spec(BASELINE), args.app, args.workers[0], args.start_timeout) as server:
+        for _ in range(2):
+            load = wrk_script_load(server.url, 5, 64, 2, openloop_script(variant))
+            rates.append(load.requests_per_s)
+    return int(statistics.median(rates))
+
+
+def measure_openloop(
+    spec: ServerSpec, rnd: int, rates: dict[tuple[str, int], int], wrk2: str, args: argparse.Namespace
+) -> list[OpenLoopRow]:
+    """Start ``spec`` once; one wrk2 run per (variant, load) on it."""
+    workers = args.workers[0]
+    rows = [
+        OpenLoopRow("openloop", spec.name, workers, variant=v, percent=p, rate=rates[v, p], round=rnd)
+        for v in args.variants
+        for p in args.loads
+    ]
+    holder = Row("openloop", spec.name, workers)
+    with recorded(holder), run_server(spec, args.app, workers, args.start_timeout) as server:
+        pids = len(probe_pids(server.url, workers, timeout=5))
+        wrk_script_load(server.url, 1, args.connections, args.threads, openloop_script(args.variants[0]))  # warm-up
+        for row in rows:
+            row.command, row.pids_seen, row.loadavg = server.command, pids, os.getloadavg()[0]
+            with recorded(row):
+                row.load, row.percentiles = wrk2_run(wrk2, server.url, row.rate, args, row.variant)
+                server.check_alive()
+    if holder.status != "ok":
+        for row in rows:
+            row.status, row.note = holder.status, holder.note
+    return rows
+
+
+def openloop_rates(args: argparse.Namespace) -> dict[tuple[str, int], int]:
+    rates = {}
+    for variant in args.variants:
+        capacity = args.capacity or measure_capacity(variant, args)
+        log(f"bench: {BASELINE} closed-loop capacity on '{variant}': {capacity:,} req/s")
+        for percent in args.loads:
+            rates[variant, percent] = max(1, capacity * percent // 100)
+    return rates
+
+
+def summarize_openloop(runs: list[OpenLoopRow]) -> list[OpenLoopRow]:
+    """One row per (variant, load, server): the median of each percentile over the rounds."""
+    keys = list(dict.fromkeys((r.variant, r.percent, r.server) for r in runs))
+    out = []
+    for variant, percent, server in sorted(keys, key=lambda k: (k[0], k[1])):
+        mine = [r for r in runs if (r.variant, r.percent, r.server) == (variant, percent, server)]
+        ok = [r for r in mine if r.status == "ok" and r.load is not None]
+        if not ok:
+            out.append(mine[-1])
+            continue
+        row = OpenLoopRow("openloop", server, ok[0].workers, variant=variant, percent=percent, rate=ok[0].rate)
+        row.command, row.note = ok[0].command, "; ".join(sorted({r.note for r in mine if r.note}))
+        names = [f"{p:g}" for p in OPENLOOP_PERCENTILES]
+        row.percentiles = {n: statistics.median(r.percentiles[n] for r in ok if n in r.percentiles) for n in names}
+        row.details = {
+            "requests_per_s": statistics.median(r.load.requests_per_s for r in ok if r.load),
+            "errors": sum(r.load.errors for r in ok if r.load),
+            "rounds": len(ok),
+            "runs": [
+                {
+                    "round": r.round,
+                    "percentiles": r.percentiles,
+                    "loadavg": r.loadavg,
+                    "status": r.status,
+                    "requests_per_s": r.load.requests_per_s if r.load else None,
+                }
+                for r in mine
+            ],
+        }
+        out.append(row)
+    return out
+
+
+def print_openloop_table(rows: list[OpenLoopRow]) -> None:
+    header = ("variant", "load", "server", "offered", "achieved", "p50 ms", "p99 ms", "p99.9 ms", "errors", "rounds")
+    table = [header]
+    for r in rows:
+        name = "cluster-server (default)" if r.server == "cluster-server" else r.server
+        lead = (r.variant, f"{r.percent}%", name, f"{r.rate:,}")
+        if r.status != "ok" or not r.details:
+            table.append((*lead, r.status, *("-",) * 5))
+            continue
+        pct = [f"{r.percentiles.get(f'{p:g}', float('nan')):.2f}" for p in OPENLOOP_PERCENTILES]
+        table.append(
+            (*lead, f"{r.details['requests_per_s']:,.0f}", *pct, str(r.details["errors"]), str(r.details["rounds"]))
+        )
+    print_columns(table, left=3)
+    print_notes(rows, lambda r: f" {r.variant} {r.percent}%")
+
+
+def scenario_openloop(args: argparse.Namespace) -> list[Row]:
+    wrk2 = args.wrk2 or shutil.which("wrk2")
+    if not wrk2 or not os.access(wrk2, os.X_OK):
+        log("bench: openloop needs wrk2 (--wrk2 PATH, or wrk2 on PATH); skipped")
+        return []
+    if not shutil.which("wrk"):
+        sys.exit("bench: openloop measures capacity and warms up with wrk; wrk is not on PATH")
+    rates = openloop_rates(args)
+    runs: list[OpenLoopRow] = []
+    skipped: set[str] = set()
+    for rnd in range(1, args.repeat + 1):
+        for name in args.servers:
+            if name in skipped:
+                continue
+            log(f"bench: openloop {name} round {rnd}/{args.repeat} (load avg {os.getloadavg()[0]:.1f})")
+            rows = measure_openloop(server_spec(name), rnd, rates, wrk2, args)
+            for row in rows:
+                if row.status == "ok":
+                    shown = ", ".join(f"p{k} {v:.2f}" for k, v in row.percentiles.items() if k in ("50", "99", "99.9"))
+                    log(f"bench:   {row.variant} {row.percent}% ({row.rate:,} req/s): {shown} ms")
+                else:
+                    log_not_ok(row)
+            if all(r.status == "skipped" for r in rows):
+                skipped.add(name)
+            runs.extend(rows)
+    rows = summarize_openloop(runs)
+    print_openloop_table(rows)
+    print(
+        f"\nload: wrk2 -t{args.threads} -c{args.connections} -d{args.duration}s -R RATE --latency, a new connection"
+        f" per request; block = 1 in 1000 requests blocks its loop 20 ms, cpu = 1 in 10 burns 5 ms of CPU;"
+        f" RATE = LOAD% of {BASELINE}'s closed-loop capacity on the same load; latency from each request's intended"
+        f" send time (no coordinated omission); medians of {args.repeat} interleaved round(s);"
+        f" {args.workers[0]} workers"
+    )
+    return list(rows)
+
+
+SCENARIOS["openloop"] = Scenario(
+    "open-loop latency (wrk2 -R) of a mixed app at fixed offered rates, a new connection per request",
+    add_openloop_args,
+    scenario_openloop,
+)
+
+
 # --------------------------------------------------------------------------- CLI
 
 
