@@ -231,7 +231,7 @@ def _run(config: Config, spec: WorkerSpec, channel: Channel, load: Callable[[Con
         app = load(config)
         uconfig = uvicorn_config(config, app)
         uconfig.load()
-        guard_request_head(uconfig, config.timeout_request_header, config.max_request_head_size)
+        head_guard = guard_request_head(uconfig, config.timeout_request_header, config.max_request_head_size)
     except AppLoadError as exc:
         report({"t": "boot_error", "error": str(exc), "stage": "load"})
         return EXIT_BOOT_FAILURE
@@ -245,6 +245,7 @@ def _run(config: Config, spec: WorkerSpec, channel: Channel, load: Callable[[Con
         on_ready=lambda: report({"t": "ready"}),
         on_heartbeat=lambda s: report({"t": "hb", "r": s.total_requests, "c": s.open_connections}),
         heartbeat_interval=config.heartbeat_interval,
+        head_guard=head_guard,
     )
     if (health_path := config.health_path) is not None:
         health = HealthState()
