@@ -84,6 +84,7 @@ def ready(sched: HandOff, w: Worker) -> None:
 
 def setup(policy: str, n_workers: int, **kw: Any) -> tuple[HandOff, FakePrimary, list[Worker]]:
     primary = FakePrimary()
+    kw.setdefault("run_delay", lambda pid: None)  # fake pids: no /proc to read (see the starved-worker tests)
     sched = HandOff(policy, **kw)
     sched.attach(primary)  # type: ignore[arg-type]
     workers = [make_worker(i) for i in range(1, n_workers + 1)]
@@ -617,7 +618,9 @@ def test_sigkilled_worker_loses_none_of_the_connections_queued_for_it(
 
 
 def test_worker_at_its_fd_limit_does_not_drop_connections(start_server: Any, write_app: Any) -> None:
-    server = start(start_server, write_app, "round-robin", 2, env={"TEST_FD_ROOM": "6"})
+    # (room for 3 more fds: with deferred accept a connection reaches a worker only once its
+    # request arrived, so 32 concurrent clients fill a worker more slowly than their connects did)
+    server = start(start_server, write_app, "round-robin", 2, env={"TEST_FD_ROOM": "3"})
     answers = fetch_many(server.url, 40, "/slow", timeout=30)
     statuses = [a.status_code if isinstance(a, httpx.Response) else repr(a) for a in answers]
     assert statuses == [200] * 40
@@ -768,6 +771,49 @@ def test_a_short_scheduling_delay_does_not_start_queueing(conns: Any, caplog: An
     offer(sched, conns(1))
     assert "blocked" not in caplog.text
     assert sched.peers[w1.pid].load == 4 and not sched.held
+
+
+def late_ack_with(waited: list[float], conns: Any, caplog: Any) -> HandOff:
+    """One least-busy worker acks BLOCKED late; ``waited`` is what its /proc/PID/schedstat
+    says it waited for a CPU (run_delay, seconds), reading after reading."""
+    readings = iter(waited)
+    sched, primary, (w1,) = setup("least-busy", 1, run_delay=lambda pid: next(readings))
+    ready(sched, w1)
+    offer(sched, conns(3))  # it starts holding: the first reading
+    primary.now += _protocol.BLOCKED * 2
+    with caplog.at_level(logging.INFO, logger="cluster_server"):
+        ack(sched, w1, b=primary.batches_for(w1), k=3, o=3)  # late: the second reading
+    return sched
+
+
+def test_a_starved_worker_is_not_taken_for_a_blocked_one(conns: Any, caplog: Any) -> None:
+    """A loaded machine (issue 13, finding 8): the ack is late because the worker waited for
+    a CPU the whole time (its run_delay grew as much), not because its app blocked it."""
+    sched = late_ack_with([1.0, 1.0 + _protocol.BLOCKED * 2, 2.0], conns, caplog)
+    assert "blocked" not in caplog.text
+    samples = {name: value for name, _, _, _, value in sched.metrics_samples()}
+    assert samples["cluster_server_handoff_queueing"] == 0
+
+
+def test_run_delay_reads_a_real_process() -> None:
+    """The reader behind those two tests: a process that waits for a CPU shows it in
+    /proc/PID/schedstat (here: this one, after a short burst of work on a shared machine)."""
+    from cluster_server.scheduling.primary import _run_delay
+
+    first = _run_delay(os.getpid())
+    if first is None:
+        pytest.skip("no /proc/PID/schedstat here")
+    sum(range(200_000))
+    second = _run_delay(os.getpid())
+    assert second is not None and second >= first >= 0
+    assert _run_delay(2**22 + 1) is None  # (no such pid: pid_max is at most 2**22)
+
+
+def test_a_worker_that_had_the_cpu_and_no_ack_is_blocked(conns: Any, caplog: Any) -> None:
+    sched = late_ack_with([1.0, 1.005, 1.005], conns, caplog)  # waited 5 ms of the 60
+    assert "blocked for 55 ms or more (not counting 5 ms waiting for a CPU)" in caplog.text
+    samples = {name: value for name, _, _, _, value in sched.metrics_samples()}
+    assert samples["cluster_server_handoff_queueing"] == 1
 
 
 def test_least_busy_keeps_new_connections_away_from_a_blocked_worker(

@@ -34,6 +34,7 @@ from cluster_server.scheduling.protocol import (
     RETRY_CAP,
     RETRY_FIRST,
     STALL,
+    WAITED_EVERY,
     WINDOW,
 )
 from cluster_server.wire.channel import MAX_FDS, Message
@@ -64,6 +65,7 @@ class _Peer:
         "backoff",
         "batches",
         "blocked_until",
+        "checked_at",
         "closing",
         "conns",
         "handed",
@@ -72,6 +74,8 @@ class _Peer:
         "progress_at",
         "taken",
         "unacked",
+        "waited",
+        "waited_at",
         "worker",
     )
 
@@ -90,6 +94,11 @@ class _Peer:
         self.closing = False  # draining, refusing, or its channel broke: never route again
         #: last sign of life: its last ack, or when it last got a batch while holding none
         self.progress_at = 0.0
+        #: least-busy: seconds its main thread had waited for a CPU (run_delay) at waited_at,
+        #: read at a progress_at no older than WAITED_EVERY; None: unknown
+        self.waited: float | None = None
+        self.waited_at = -1.0
+        self.checked_at = -1.0  # when a late ack last made the primary read it again
 
     @property
     def load(self) -> int:
@@ -105,9 +114,18 @@ class _Peer:
 class HandOff:
     """Primary component for ``round-robin`` and ``least-busy``: accept, route, hold, re-route."""
 
-    def __init__(self, policy: str, *, window: int = WINDOW, hold_max: int = HOLD_MAX) -> None:
+    def __init__(
+        self,
+        policy: str,
+        *,
+        window: int = WINDOW,
+        hold_max: int = HOLD_MAX,
+        run_delay: Callable[[int], float | None] | None = None,
+    ) -> None:
         if policy not in HANDOFF:
             raise ValueError(f"HandOff does not do {policy!r}")
+        #: seconds a worker (by pid) has waited for a CPU so far; None when unknown
+        self.run_delay = run_delay or _run_delay
         self.policy = policy
         self.least_busy = policy == "least-busy"
         self.window = window
@@ -431,7 +449,7 @@ class HandOff:
                 break
             fd = held.popleft()
             if not peer.unacked:
-                peer.progress_at = now  # holding nothing until now: not stalled
+                self._progress(peer, now)  # holding nothing until now: not stalled
             peer.unacked += 1  # so that pick() sees it
             peer.handed += 1
             group = groups.get(peer)
@@ -467,7 +485,7 @@ class HandOff:
         self.messages += 1
         bid = self._batch
         if not peer.unacked:
-            peer.progress_at = self.primary.clock()
+            self._progress(peer, self.primary.clock())
         peer.batches[bid] = fds
         peer.unacked += len(fds)
         peer.handed += len(fds)
@@ -482,15 +500,40 @@ class HandOff:
             return False
         return True
 
+    def _progress(self, peer: _Peer, now: float) -> None:
+        """``peer`` showed its loop runs (an ack), or starts holding connections: the stall
+        clock restarts. least-busy also notes how long it has waited for a CPU so far, at
+        most every WAITED_EVERY (a /proc read), so a late ack can tell a blocked loop from
+        a starved one."""
+        peer.progress_at = now
+        if self.least_busy and now - peer.waited_at >= WAITED_EVERY:
+            peer.waited, peer.waited_at = self.run_delay(peer.worker.pid), now
+
     def _saw_blocked(self, peer: _Peer, now: float) -> None:
-        """``peer`` held connections and did not run its event loop for BLOCKED: this app has
-        requests that block it. Queue connections in the primary (BUSY_MAX) for a while."""
+        """``peer`` held connections and did not run its event loop for BLOCKED. If it was
+        not waiting for a CPU meanwhile (a busy machine delays every loop), this app has
+        requests that block it: queue connections in the primary (BUSY_MAX) for a while."""
+        stalled = now - peer.progress_at
+        waiting = 0.0
+        if peer.waited is not None:
+            if now - peer.checked_at < WAITED_EVERY:
+                return  # judged a moment ago (pick() asks for every connection)
+            peer.checked_at = now
+            waited = self.run_delay(peer.worker.pid)
+            if waited is not None:
+                # (the baseline is at most WAITED_EVERY older than progress_at: this can
+                # only overstate the waiting, never call a starved loop blocked)
+                waiting = max(0.0, waited - peer.waited)
+        if stalled - waiting < BLOCKED:
+            return  # starved of CPU, not blocked by its app
         if now >= self._queue_until:
             logger.info(
-                "%s's event loop was blocked for %.0f ms or more: for the next %g s, a worker with %d busy "
-                "connections gets no more while the primary can hold them (--scheduling least-busy)",
+                "%s's event loop was blocked for %.0f ms or more (not counting %.0f ms waiting for a CPU): for the "
+                "next %g s, a worker with %d busy connections gets no more while the primary can hold them "
+                "(--scheduling least-busy)",
                 peer.worker.name,
-                (now - peer.progress_at) * 1e3,
+                (stalled - waiting) * 1e3,
+                waiting * 1e3,
                 QUEUE_FOR,
                 BUSY_MAX,
             )
@@ -518,7 +561,7 @@ class HandOff:
         now = self.primary.clock()
         if self.least_busy and peer.unacked and now - peer.progress_at >= BLOCKED:
             self._saw_blocked(peer, now)
-        peer.progress_at = now
+        self._progress(peer, now)
         taken = _ints(msg.get("b", []), "b")
         draining = _ints(msg.get("r", []), "r")
         partial = msg.get("f", [])
@@ -589,6 +632,16 @@ def _ints(values: Any, key: str) -> list[int]:
     if not isinstance(values, list):
         raise TypeError(f"{key!r} is not a list")
     return [_int(v, key) for v in values]
+
+
+def _run_delay(pid: int) -> float | None:
+    """Seconds ``pid``'s main thread (a worker's event loop) has spent runnable but waiting
+    for a CPU (``/proc/PID/schedstat``, second field); None when the kernel does not say."""
+    try:
+        with open(f"/proc/{pid}/schedstat", "rb") as fh:
+            return int(fh.read().split()[1]) / 1e9
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 def _channel_open(w: Worker) -> bool:
