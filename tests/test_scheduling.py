@@ -19,6 +19,7 @@ import textwrap
 import threading
 import time
 import types
+from collections.abc import Callable
 from typing import Any
 
 import httpx
@@ -773,26 +774,47 @@ def test_a_short_scheduling_delay_does_not_start_queueing(conns: Any, caplog: An
     assert sched.peers[w1.pid].load == 4 and not sched.held
 
 
-def late_ack_with(waited: list[float], conns: Any, caplog: Any) -> HandOff:
-    """One least-busy worker acks BLOCKED late; ``waited`` is what its /proc/PID/schedstat
-    says it waited for a CPU (run_delay, seconds), reading after reading."""
-    readings = iter(waited)
-    sched, primary, (w1,) = setup("least-busy", 1, run_delay=lambda pid: next(readings))
+def late_ack_with(
+    worker_waits: Callable[[float], float], conns: Any, caplog: Any, primary_waits: float = 0.0
+) -> HandOff:
+    """One least-busy worker acks 60 ms late (BLOCKED x 2). ``worker_waits(t)`` is how long it
+    has waited for a CPU by fake time ``t`` (what /proc/PID/schedstat says, run_delay), and
+    the primary waits ``primary_waits`` of those 60 ms itself."""
+    clock: list[float] = []
+    start = 100.0
+
+    def run_delay(pid: int) -> float:
+        t = clock[0]
+        if pid == os.getpid():
+            return primary_waits * (t - start) / (_protocol.BLOCKED * 2)
+        return worker_waits(t - start)
+
+    sched, primary, (w1,) = setup("least-busy", 1, run_delay=run_delay)
+    clock.append(primary.now)
     ready(sched, w1)
-    offer(sched, conns(3))  # it starts holding: the first reading
+    offer(sched, conns(3))  # it starts holding: the baseline readings
     primary.now += _protocol.BLOCKED * 2
+    clock[0] = primary.now
     with caplog.at_level(logging.INFO, logger="cluster_server"):
-        ack(sched, w1, b=primary.batches_for(w1), k=3, o=3)  # late: the second reading
+        ack(sched, w1, b=primary.batches_for(w1), k=3, o=3)  # late
     return sched
+
+
+def queueing(sched: HandOff) -> float:
+    samples = {name: value for name, _, _, _, value in sched.metrics_samples()}
+    return samples["cluster_server_handoff_queueing"]
 
 
 def test_a_starved_worker_is_not_taken_for_a_blocked_one(conns: Any, caplog: Any) -> None:
     """A loaded machine (issue 13, finding 8): the ack is late because the worker waited for
     a CPU the whole time (its run_delay grew as much), not because its app blocked it."""
-    sched = late_ack_with([1.0, 1.0 + _protocol.BLOCKED * 2, 2.0], conns, caplog)
-    assert "blocked" not in caplog.text
-    samples = {name: value for name, _, _, _, value in sched.metrics_samples()}
-    assert samples["cluster_server_handoff_queueing"] == 0
+    sched = late_ack_with(lambda t: 1.0 + t, conns, caplog)
+    assert "blocked" not in caplog.text and queueing(sched) == 0
+
+
+def test_a_late_ack_the_primary_was_slow_to_read_is_not_a_blocked_loop(conns: Any, caplog: Any) -> None:
+    sched = late_ack_with(lambda t: 1.0 + t / 2, conns, caplog, primary_waits=0.03)  # 30 + 30 ms of 60
+    assert "blocked" not in caplog.text and queueing(sched) == 0
 
 
 def test_run_delay_reads_a_real_process() -> None:
@@ -810,10 +832,9 @@ def test_run_delay_reads_a_real_process() -> None:
 
 
 def test_a_worker_that_had_the_cpu_and_no_ack_is_blocked(conns: Any, caplog: Any) -> None:
-    sched = late_ack_with([1.0, 1.005, 1.005], conns, caplog)  # waited 5 ms of the 60
+    sched = late_ack_with(lambda t: 1.0 + min(t, 0.005), conns, caplog)  # waited 5 ms of the 60
     assert "blocked for 55 ms or more (not counting 5 ms waiting for a CPU)" in caplog.text
-    samples = {name: value for name, _, _, _, value in sched.metrics_samples()}
-    assert samples["cluster_server_handoff_queueing"] == 1
+    assert queueing(sched) == 1
 
 
 def test_least_busy_keeps_new_connections_away_from_a_blocked_worker(

@@ -65,7 +65,6 @@ class _Peer:
         "backoff",
         "batches",
         "blocked_until",
-        "checked_at",
         "closing",
         "conns",
         "handed",
@@ -98,7 +97,6 @@ class _Peer:
         #: read at a progress_at no older than WAITED_EVERY; None: unknown
         self.waited: float | None = None
         self.waited_at = -1.0
-        self.checked_at = -1.0  # when a late ack last made the primary read it again
 
     @property
     def load(self) -> int:
@@ -124,8 +122,10 @@ class HandOff:
     ) -> None:
         if policy not in HANDOFF:
             raise ValueError(f"HandOff does not do {policy!r}")
-        #: seconds a worker (by pid) has waited for a CPU so far; None when unknown
+        #: seconds a process (by pid) has waited for a CPU so far; None when unknown
         self.run_delay = run_delay or _run_delay
+        self._own_waited = 0.0  # the primary's run_delay, read at _own_waited_at
+        self._own_waited_at = -1.0
         self.policy = policy
         self.least_busy = policy == "least-busy"
         self.window = window
@@ -390,9 +390,7 @@ class HandOff:
             if p.unacked < p.limit and p.blocked_until <= now and _channel_open(p.worker):
                 load = p.load
                 if p.unacked and p.progress_at < stalled_after:
-                    load += 1 << 30  # stalled: last resort
-                    if now - p.progress_at >= BLOCKED:
-                        self._saw_blocked(p, now)
+                    load += 1 << 30  # stalled: last resort (whether it blocks: its late ack says)
                 # Equally busy: fewer connections in all (idle keep-alive ones too) first.
                 if best is None or load <= best_load:
                     conns = p.connections
@@ -502,27 +500,39 @@ class HandOff:
 
     def _progress(self, peer: _Peer, now: float) -> None:
         """``peer`` showed its loop runs (an ack), or starts holding connections: the stall
-        clock restarts. least-busy also notes how long it has waited for a CPU so far, at
-        most every WAITED_EVERY (a /proc read), so a late ack can tell a blocked loop from
-        a starved one."""
+        clock restarts. least-busy also notes how long it and the primary have waited for a
+        CPU so far (at most every WAITED_EVERY: two /proc reads), so that a late ack can tell
+        a blocked loop from a starved one."""
         peer.progress_at = now
         if self.least_busy and now - peer.waited_at >= WAITED_EVERY:
-            peer.waited, peer.waited_at = self.run_delay(peer.worker.pid), now
+            peer.waited, peer.waited_at = self._waited(peer, fresh=False), now
+
+    def _waited(self, peer: _Peer, fresh: bool) -> float | None:
+        """Seconds ``peer``'s loop and the primary have waited for a CPU so far, or None.
+
+        The ack's delay as the primary sees it is both: the worker waiting to run, and the
+        primary waiting to read it. The primary's own reading is cached for WAITED_EVERY
+        unless ``fresh``: an older baseline only overstates the waiting."""
+        worker = self.run_delay(peer.worker.pid)
+        if worker is None:
+            return None
+        assert self.primary is not None
+        now = self.primary.clock()
+        if fresh or now - self._own_waited_at >= WAITED_EVERY:
+            self._own_waited, self._own_waited_at = self.run_delay(os.getpid()) or 0.0, now
+        return worker + self._own_waited
 
     def _saw_blocked(self, peer: _Peer, now: float) -> None:
-        """``peer`` held connections and did not run its event loop for BLOCKED. If it was
-        not waiting for a CPU meanwhile (a busy machine delays every loop), this app has
-        requests that block it: queue connections in the primary (BUSY_MAX) for a while."""
+        """``peer`` acknowledged BLOCKED late. If it (or the primary) was not waiting for a CPU
+        most of that time (a busy machine delays every loop), its app has requests that block
+        its event loop: queue connections in the primary (BUSY_MAX) for a while."""
         stalled = now - peer.progress_at
         waiting = 0.0
         if peer.waited is not None:
-            if now - peer.checked_at < WAITED_EVERY:
-                return  # judged a moment ago (pick() asks for every connection)
-            peer.checked_at = now
-            waited = self.run_delay(peer.worker.pid)
+            waited = self._waited(peer, fresh=True)
             if waited is not None:
-                # (the baseline is at most WAITED_EVERY older than progress_at: this can
-                # only overstate the waiting, never call a starved loop blocked)
+                # (the baseline is at most WAITED_EVERY older than progress_at: this can only
+                # overstate the waiting, never call a starved loop blocked)
                 waiting = max(0.0, waited - peer.waited)
         if stalled - waiting < BLOCKED:
             return  # starved of CPU, not blocked by its app
