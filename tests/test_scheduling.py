@@ -405,7 +405,7 @@ def test_reuseport_warning(tmp_path: Any) -> None:
 
 
 def test_config_scheduling_choices() -> None:
-    assert Config(app="a:b").scheduling == "least-busy"
+    assert Config(app="a:b").scheduling == "shared"
     with pytest.raises(ConfigError, match="not one of"):
         Config(app="a:b", scheduling="random")
     with pytest.raises(ConfigError, match="reuseport needs --host"):
