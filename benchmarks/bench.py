@@ -1772,8 +1772,13 @@ SCENARIOS["efficiency"] = Scenario(
 
 # --------------------------------------------------------------------------- open loop
 
-#: servers ``openloop`` compares by default
-OPENLOOP_SERVERS = EFFICIENCY_SERVERS
+#: servers ``openloop`` compares by default: the peers, cluster-server's default, the other policies
+OPENLOOP_SERVERS = [
+    "uvicorn",
+    "gunicorn",
+    "cluster-server",
+    *(f"cluster-server:{p}" for p in POLICIES if p != "shared"),
+]
 #: the slow requests of each variant: (path, milliseconds, one request in how many)
 OPENLOOP_VARIANTS: dict[str, tuple[str, int, int]] = {"block": ("/block", 20, 1000), "cpu": ("/cpu", 5, 10)}
 #: percentiles reported (wrk2's corrected histogram)
@@ -1807,7 +1812,7 @@ def add_openloop_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--capacity",
         type=positive_int,
-        help=f"{BASELINE}'s closed-loop req/s per variant (default: measured first, wrk -c64, two runs)",
+        help=f"{BASELINE}'s closed-loop req/s per variant (default: measured at the start of each round)",
     )
 
 
@@ -1842,11 +1847,11 @@ def wrk2_run(
 
 
 def measure_capacity(variant: str, args: argparse.Namespace) -> int:
-    """The baseline's closed-loop req/s on the variant's load (wrk -c64, median of two 5 s runs)."""
+    """The baseline's closed-loop req/s on the variant's load (wrk -c64, median of two 3 s runs)."""
     rates = []
     with run_server(server_spec(BASELINE), args.app, args.workers[0], args.start_timeout) as server:
         for _ in range(2):
-            load = wrk_script_load(server.url, 5, 64, 2, openloop_script(variant))
+            load = wrk_script_load(server.url, 3, 64, 2, openloop_script(variant))
             rates.append(load.requests_per_s)
     return int(statistics.median(rates))
 
@@ -1877,10 +1882,15 @@ def measure_openloop(
 
 
 def openloop_rates(args: argparse.Namespace) -> dict[tuple[str, int], int]:
+    """Offered rates per (variant, load): measured again each round, so that a machine that
+    other work shares (its capacity drifts) gets the same fraction of what it has now."""
     rates = {}
     for variant in args.variants:
         capacity = args.capacity or measure_capacity(variant, args)
-        log(f"bench: {BASELINE} closed-loop capacity on '{variant}': {capacity:,} req/s")
+        log(
+            f"bench: {BASELINE} closed-loop capacity on '{variant}': {capacity:,} req/s"
+            f" (load avg {os.getloadavg()[0]:.1f})"
+        )
         for percent in args.loads:
             rates[variant, percent] = max(1, capacity * percent // 100)
     return rates
@@ -1896,7 +1906,8 @@ def summarize_openloop(runs: list[OpenLoopRow]) -> list[OpenLoopRow]:
         if not ok:
             out.append(mine[-1])
             continue
-        row = OpenLoopRow("openloop", server, ok[0].workers, variant=variant, percent=percent, rate=ok[0].rate)
+        rate = int(statistics.median(r.rate for r in ok))
+        row = OpenLoopRow("openloop", server, ok[0].workers, variant=variant, percent=percent, rate=rate)
         row.command, row.note = ok[0].command, "; ".join(sorted({r.note for r in mine if r.note}))
         names = [f"{p:g}" for p in OPENLOOP_PERCENTILES]
         row.percentiles = {n: statistics.median(r.percentiles[n] for r in ok if n in r.percentiles) for n in names}
@@ -1907,6 +1918,7 @@ def summarize_openloop(runs: list[OpenLoopRow]) -> list[OpenLoopRow]:
             "runs": [
                 {
                     "round": r.round,
+                    "rate": r.rate,
                     "percentiles": r.percentiles,
                     "loadavg": r.loadavg,
                     "status": r.status,
@@ -1943,10 +1955,10 @@ def scenario_openloop(args: argparse.Namespace) -> list[Row]:
         return []
     if not shutil.which("wrk"):
         sys.exit("bench: openloop measures capacity and warms up with wrk; wrk is not on PATH")
-    rates = openloop_rates(args)
     runs: list[OpenLoopRow] = []
     skipped: set[str] = set()
     for rnd in range(1, args.repeat + 1):
+        rates = openloop_rates(args)
         for name in args.servers:
             if name in skipped:
                 continue
@@ -1966,7 +1978,8 @@ def scenario_openloop(args: argparse.Namespace) -> list[Row]:
     print(
         f"\nload: wrk2 -t{args.threads} -c{args.connections} -d{args.duration}s -R RATE --latency, a new connection"
         f" per request; block = 1 in 1000 requests blocks its loop 20 ms, cpu = 1 in 10 burns 5 ms of CPU;"
-        f" RATE = LOAD% of {BASELINE}'s closed-loop capacity on the same load; latency from each request's intended"
+        f" RATE = LOAD% of {BASELINE}'s closed-loop capacity on the same load, measured each round (offered: median);"
+        f" latency from each request's intended"
         f" send time (no coordinated omission); medians of {args.repeat} interleaved round(s);"
         f" {args.workers[0]} workers"
     )
