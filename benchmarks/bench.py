@@ -1744,6 +1744,433 @@ SCENARIOS["metrics-cost"] = Scenario(
 )
 
 
+# --------------------------------------------------------------------------- efficiency
+
+#: servers ``efficiency`` compares by default: the baseline, gunicorn's uvicorn worker,
+#: every cluster-server policy, and cluster-server with no --scheduling (its default)
+EFFICIENCY_SERVERS = ["uvicorn", "gunicorn", *(f"cluster-server:{p}" for p in POLICIES), "cluster-server"]
+#: wrk options per load mode: keep-alive, or a new connection per request
+LOAD_MODES: dict[str, tuple[str, ...]] = {"keep-alive": (), "close": ("-H", "Connection: close")}
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+
+def process_cpu(pid: int) -> float:
+    """CPU seconds (user + system) ``pid`` has used so far; 0 when it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS  # utime, stime (fields 14, 15)
+
+
+def tree_cpu(sid: int) -> dict[int, float]:
+    """CPU seconds used so far by every process of session ``sid`` (a server's whole tree)."""
+    return {pid: process_cpu(pid) for pid in session_pids(sid)}
+
+
+@dataclass
+class EfficiencyRow(Row):
+    mode: str = ""  # keep-alive, or close (a new connection per request)
+    round: int = 0
+    cpu_s: float = 0.0  # CPU seconds of the server's whole process tree during the load
+    main_cpu_s: float = 0.0  # of which its main process (primary, arbiter, supervisor)
+    loadavg: float = 0.0  # 1-minute load average just before the run
+
+    @property
+    def per_cpu_s(self) -> float | None:
+        """Requests per CPU-second of the server's process tree."""
+        return self.load.requests / self.cpu_s if self.load and self.cpu_s > 0 else None
+
+
+def add_efficiency_args(p: argparse.ArgumentParser) -> None:
+    p.set_defaults(servers=list(EFFICIENCY_SERVERS), workers=[2])
+    p.add_argument("--duration", type=positive_int, default=5, help="seconds of load per run (5)")
+    p.add_argument("--connections", type=positive_int, default=64, help="open connections (64)")
+    p.add_argument("--threads", type=positive_int, default=2, help="wrk threads (2)")
+    p.add_argument("--repeat", type=positive_int, default=3, help="interleaved rounds; medians (3)")
+    p.add_argument("--warmup", type=non_negative_int, default=1, help="seconds of discarded load first (1)")
+    p.add_argument(
+        "--modes",
+        type=lambda t: [m for m in t.split(",") if m in LOAD_MODES] or list(LOAD_MODES),
+        default=list(LOAD_MODES),
+        help="keep-alive, close (a new connection per request), or both (both)",
+    )
+
+
+def measure_cpu_under_load(server: RunningServer, row: EfficiencyRow, args: argparse.Namespace) -> None:
+    """One measured wrk run on a running server; the CPU its tree used meanwhile goes in ``row``."""
+    extra = LOAD_MODES[row.mode]
+    if args.warmup > 0:
+        wrk_load(server.url, args.warmup, args.connections, args.threads, *extra)
+    row.loadavg = os.getloadavg()[0]
+    sid = server.proc.pid
+    before = tree_cpu(sid)
+    row.load = wrk_load(server.url, args.duration, args.connections, args.threads, *extra)
+    after = tree_cpu(sid)
+    server.check_alive()
+    row.cpu_s = sum(cpu - before.get(pid, 0.0) for pid, cpu in after.items())
+    row.main_cpu_s = after.get(sid, 0.0) - before.get(sid, 0.0)
+
+
+def measure_efficiency(spec: ServerSpec, workers: int, rnd: int, args: argparse.Namespace) -> list[EfficiencyRow]:
+    """Start ``spec`` once and measure each load mode on it, in turn."""
+    rows = [EfficiencyRow("efficiency", spec.name, workers, mode=m, round=rnd) for m in args.modes]
+    with contextlib.ExitStack() as stack:
+        holder = Row("efficiency", spec.name, workers)
+        stack.enter_context(recorded(holder))
+        server = stack.enter_context(run_server(spec, args.app, workers, args.start_timeout))
+        pids = len(probe_pids(server.url, workers, timeout=5))
+        for row in rows:
+            row.command, row.pids_seen = server.command, pids
+            with recorded(row):
+                measure_cpu_under_load(server, row, args)
+    if holder.status != "ok":  # the server did not start (or is not installed)
+        for row in rows:
+            row.status, row.note = holder.status, holder.note
+    return rows
+
+
+def run_efficiency_rounds(args: argparse.Namespace) -> list[EfficiencyRow]:
+    """Every server, ``--repeat`` rounds, interleaved (A B C A B C ...)."""
+    runs: list[EfficiencyRow] = []
+    skipped: set[str] = set()
+    for workers in args.workers:
+        for rnd in range(1, args.repeat + 1):
+            for name in args.servers:
+                if name in skipped:
+                    continue
+                log(
+                    f"bench: efficiency {name} x{workers} round {rnd}/{args.repeat} (load avg {os.getloadavg()[0]:.1f})"
+                )
+                rows = measure_efficiency(server_spec(name), workers, rnd, args)
+                for row in rows:
+                    if row.status == "ok" and row.per_cpu_s is not None and row.load is not None:
+                        log(
+                            f"bench:   {row.mode}: {row.load.requests_per_s:,.0f} req/s, "
+                            f"{row.per_cpu_s:,.0f} req/CPU-s, main process {row.main_cpu_s / row.cpu_s:.1%}"
+                        )
+                    else:
+                        log_not_ok(row)
+                if all(r.status == "skipped" for r in rows):
+                    skipped.add(name)
+                runs.extend(rows)
+    return runs
+
+
+def summarize_efficiency(runs: list[EfficiencyRow]) -> list[EfficiencyRow]:
+    """One row per (workers, mode, server): medians over rounds; ``ratio`` is the median of
+    each round's requests per CPU-second over uvicorn's in the same round and mode."""
+    base = {(r.workers, r.mode, r.round): r.per_cpu_s for r in runs if r.server == BASELINE and r.per_cpu_s}
+    keys = list(dict.fromkeys((r.workers, r.mode, r.server) for r in runs))
+    out = []
+    for workers, mode, server in keys:
+        mine = [r for r in runs if (r.workers, r.mode, r.server) == (workers, mode, server)]
+        ok = [r for r in mine if r.status == "ok" and r.per_cpu_s and r.load]
+        if not ok:
+            out.append(mine[-1])
+            continue
+        row = EfficiencyRow("efficiency", server, workers, mode=mode, command=ok[0].command)
+        row.note = "; ".join(sorted({r.note for r in mine if r.note}))
+        ratios = [r.per_cpu_s / base[(workers, mode, r.round)] for r in ok if base.get((workers, mode, r.round))]
+        row.ratio = statistics.median(ratios) if ratios else None  # type: ignore[operator]
+        row.details = {
+            "requests_per_s": statistics.median(r.load.requests_per_s for r in ok if r.load),
+            "per_cpu_s": statistics.median(r.per_cpu_s for r in ok if r.per_cpu_s),
+            "main_share": statistics.median(r.main_cpu_s / r.cpu_s for r in ok),
+            "errors": sum(r.load.errors for r in ok if r.load),
+            "rounds": len(ok),
+            "runs": [
+                {
+                    "round": r.round,
+                    "requests_per_s": r.load.requests_per_s if r.load else None,
+                    "cpu_s": r.cpu_s,
+                    "main_cpu_s": r.main_cpu_s,
+                    "per_cpu_s": r.per_cpu_s,
+                    "loadavg": r.loadavg,
+                    "status": r.status,
+                }
+                for r in mine
+            ],
+        }
+        out.append(row)
+    return out
+
+
+def print_efficiency_table(rows: list[EfficiencyRow]) -> None:
+    header = ("server", "workers", "mode", "req/s", "req/CPU-s", f"vs {BASELINE}", "main CPU", "errors", "rounds")
+    table = [header]
+    for r in rows:
+        name = "cluster-server (default)" if r.server == "cluster-server" else r.server
+        if r.status != "ok" or not r.details:
+            table.append((name, str(r.workers), r.mode, r.status, *("-",) * 5))
+            continue
+        d = r.details
+        table.append(
+            (
+                name,
+                str(r.workers),
+                r.mode,
+                f"{d['requests_per_s']:,.0f}",
+                f"{d['per_cpu_s']:,.0f}",
+                f"{r.ratio:.2f}x" if r.ratio is not None else "-",
+                f"{d['main_share']:.1%}",
+                str(d["errors"]),
+                str(d["rounds"]),
+            )
+        )
+    print_columns(table, left=3)
+    print_notes(rows, lambda r: f" {r.mode}")
+
+
+def scenario_efficiency(args: argparse.Namespace) -> list[Row]:
+    if args.tool != "wrk":
+        sys.exit("bench: the efficiency scenario needs wrk")
+    if not Path("/proc/self/stat").exists():
+        sys.exit("bench: the efficiency scenario reads /proc/PID/stat (Linux)")
+    runs = run_efficiency_rounds(args)
+    rows = summarize_efficiency(runs)
+    print_efficiency_table(rows)
+    print(
+        f"\nload: wrk -t{args.threads} -c{args.connections} -d{args.duration}s per run, after {args.warmup}s warm-up,"
+        f" GET / of {args.app}; close = -H 'Connection: close'; req/CPU-s = requests over the CPU time (user +"
+        f" system, /proc/PID/stat) of every process in the server's session during the run; vs {BASELINE} ="
+        f" median over {args.repeat} interleaved round(s) of that ratio against {BASELINE} in the same round;"
+        " main CPU = the main process's share (primary, arbiter, supervisor)"
+    )
+    return list(rows)
+
+
+SCENARIOS["efficiency"] = Scenario(
+    "requests per CPU-second of each server's whole process tree, keep-alive and a new connection per request",
+    add_efficiency_args,
+    scenario_efficiency,
+)
+
+
+# --------------------------------------------------------------------------- open loop
+
+#: servers ``openloop`` compares by default: the peers, cluster-server's default, the other policies
+OPENLOOP_SERVERS = [
+    "uvicorn",
+    "gunicorn",
+    "cluster-server",
+    *(f"cluster-server:{p}" for p in POLICIES if p != "shared"),
+]
+#: the slow requests of each variant: (path, milliseconds, one request in how many)
+OPENLOOP_VARIANTS: dict[str, tuple[str, int, int]] = {"block": ("/block", 20, 1000), "cpu": ("/cpu", 5, 10)}
+#: percentiles reported (wrk2's corrected histogram)
+OPENLOOP_PERCENTILES = (50.0, 99.0, 99.9)
+
+
+@dataclass
+class OpenLoopRow(Row):
+    variant: str = ""  # block or cpu
+    percent: int = 0  # offered rate, % of the baseline's closed-loop capacity
+    rate: int = 0  # offered rate, requests per second
+    round: int = 0
+    percentiles: dict[str, float] = field(default_factory=dict)  # "99.9" -> ms
+    loadavg: float = 0.0
+
+
+def add_openloop_args(p: argparse.ArgumentParser) -> None:
+    p.set_defaults(servers=list(OPENLOOP_SERVERS), workers=[2])
+    p.add_argument("--wrk2", help="path of wrk2 (default: wrk2 on PATH; the scenario is skipped without it)")
+    p.add_argument("--duration", type=positive_int, default=10, help="seconds per measured run (10)")
+    p.add_argument("--connections", type=positive_int, default=64, help="wrk2 connections (64)")
+    p.add_argument("--threads", type=positive_int, default=2, help="wrk2 threads (2)")
+    p.add_argument("--repeat", type=positive_int, default=3, help="interleaved rounds; medians (3)")
+    p.add_argument("--loads", type=int_list, default=[40, 70], help="offered rates, %% of capacity (40,70)")
+    p.add_argument(
+        "--variants",
+        type=lambda t: [v for v in t.split(",") if v in OPENLOOP_VARIANTS] or list(OPENLOOP_VARIANTS),
+        default=list(OPENLOOP_VARIANTS),
+        help="block (1 in 1000 blocks its loop 20 ms), cpu (1 in 10 burns 5 ms of CPU), or both (both)",
+    )
+    p.add_argument(
+        "--capacity",
+        type=positive_int,
+        help=f"{BASELINE}'s closed-loop req/s per variant (default: measured at the start of each round)",
+    )
+
+
+def openloop_script(variant: str) -> str:
+    path, ms, every = OPENLOOP_VARIANTS[variant]
+    return MIXED_LUA.replace("/block?ms={ms}", f"{path}?ms={ms}").replace("{every}", str(every))
+
+
+def parse_wrk2(output: str) -> tuple[LoadResult, dict[str, float]]:
+    """wrk2 ``--latency`` output: the summary and the corrected percentiles (ms)."""
+    found: dict[str, float] = {}
+    for m in re.finditer(r"^\s*(\d+\.\d+)%\s+([\d.]+)(us|ms|s|m|h)\s*$", output, re.M):
+        found.setdefault(f"{float(m[1]):g}", _to_ms(m[2], m[3]))
+    return parse_wrk(output), found
+
+
+def wrk2_run(
+    wrk2: str, url: str, rate: int, args: argparse.Namespace, variant: str
+) -> tuple[LoadResult, dict[str, float]]:
+    with tempfile.NamedTemporaryFile("w", suffix=".lua", prefix="bench-") as fh:
+        fh.write(openloop_script(variant))
+        fh.flush()
+        cmd = [wrk2, f"-t{args.threads}", f"-c{args.connections}", f"-d{args.duration}s", f"-R{rate}"]
+        cmd += ["--latency", "--timeout", "5s", "-s", fh.name, url + "/"]
+        try:
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.duration + 60)
+        except subprocess.TimeoutExpired:
+            raise LoadFailed(f"wrk2 overran its {args.duration + 60}s deadline") from None
+    if proc.returncode != 0:
+        raise LoadFailed(f"wrk2 exited with {proc.returncode}: {proc.stderr.strip()}")
+    return parse_wrk2(proc.stdout)
+
+
+def measure_capacity(variant: str, args: argparse.Namespace) -> int:
+    """The baseline's closed-loop req/s on the variant's load (wrk -c64, median of two 3 s runs)."""
+    rates = []
+    with run_server(server_spec(BASELINE), args.app, args.workers[0], args.start_timeout) as server:
+        for _ in range(2):
+            load = wrk_script_load(server.url, 3, 64, 2, openloop_script(variant))
+            rates.append(load.requests_per_s)
+    return int(statistics.median(rates))
+
+
+def measure_openloop(
+    spec: ServerSpec, rnd: int, rates: dict[tuple[str, int], int], wrk2: str, args: argparse.Namespace
+) -> list[OpenLoopRow]:
+    """Start ``spec`` once; one wrk2 run per (variant, load) on it."""
+    workers = args.workers[0]
+    rows = [
+        OpenLoopRow("openloop", spec.name, workers, variant=v, percent=p, rate=rates[v, p], round=rnd)
+        for v in args.variants
+        for p in args.loads
+    ]
+    holder = Row("openloop", spec.name, workers)
+    with recorded(holder), run_server(spec, args.app, workers, args.start_timeout) as server:
+        pids = len(probe_pids(server.url, workers, timeout=5))
+        wrk_script_load(server.url, 1, args.connections, args.threads, openloop_script(args.variants[0]))  # warm-up
+        for row in rows:
+            row.command, row.pids_seen, row.loadavg = server.command, pids, os.getloadavg()[0]
+            with recorded(row):
+                row.load, row.percentiles = wrk2_run(wrk2, server.url, row.rate, args, row.variant)
+                server.check_alive()
+    if holder.status != "ok":
+        for row in rows:
+            row.status, row.note = holder.status, holder.note
+    return rows
+
+
+def openloop_rates(args: argparse.Namespace) -> dict[tuple[str, int], int]:
+    """Offered rates per (variant, load): measured again each round, so that a machine that
+    other work shares (its capacity drifts) gets the same fraction of what it has now."""
+    rates = {}
+    for variant in args.variants:
+        capacity = args.capacity or measure_capacity(variant, args)
+        log(
+            f"bench: {BASELINE} closed-loop capacity on '{variant}': {capacity:,} req/s"
+            f" (load avg {os.getloadavg()[0]:.1f})"
+        )
+        for percent in args.loads:
+            rates[variant, percent] = max(1, capacity * percent // 100)
+    return rates
+
+
+def summarize_openloop(runs: list[OpenLoopRow]) -> list[OpenLoopRow]:
+    """One row per (variant, load, server): the median of each percentile over the rounds."""
+    keys = list(dict.fromkeys((r.variant, r.percent, r.server) for r in runs))
+    out = []
+    for variant, percent, server in sorted(keys, key=lambda k: (k[0], k[1])):
+        mine = [r for r in runs if (r.variant, r.percent, r.server) == (variant, percent, server)]
+        ok = [r for r in mine if r.status == "ok" and r.load is not None]
+        if not ok:
+            out.append(mine[-1])
+            continue
+        rate = int(statistics.median(r.rate for r in ok))
+        row = OpenLoopRow("openloop", server, ok[0].workers, variant=variant, percent=percent, rate=rate)
+        row.command, row.note = ok[0].command, "; ".join(sorted({r.note for r in mine if r.note}))
+        names = [f"{p:g}" for p in OPENLOOP_PERCENTILES]
+        row.percentiles = {n: statistics.median(r.percentiles[n] for r in ok if n in r.percentiles) for n in names}
+        row.details = {
+            "requests_per_s": statistics.median(r.load.requests_per_s for r in ok if r.load),
+            "errors": sum(r.load.errors for r in ok if r.load),
+            "rounds": len(ok),
+            "runs": [
+                {
+                    "round": r.round,
+                    "rate": r.rate,
+                    "percentiles": r.percentiles,
+                    "loadavg": r.loadavg,
+                    "status": r.status,
+                    "requests_per_s": r.load.requests_per_s if r.load else None,
+                }
+                for r in mine
+            ],
+        }
+        out.append(row)
+    return out
+
+
+def print_openloop_table(rows: list[OpenLoopRow]) -> None:
+    header = ("variant", "load", "server", "offered", "achieved", "p50 ms", "p99 ms", "p99.9 ms", "errors", "rounds")
+    table = [header]
+    for r in rows:
+        name = "cluster-server (default)" if r.server == "cluster-server" else r.server
+        lead = (r.variant, f"{r.percent}%", name, f"{r.rate:,}")
+        if r.status != "ok" or not r.details:
+            table.append((*lead, r.status, *("-",) * 5))
+            continue
+        pct = [f"{r.percentiles.get(f'{p:g}', float('nan')):.2f}" for p in OPENLOOP_PERCENTILES]
+        table.append(
+            (*lead, f"{r.details['requests_per_s']:,.0f}", *pct, str(r.details["errors"]), str(r.details["rounds"]))
+        )
+    print_columns(table, left=3)
+    print_notes(rows, lambda r: f" {r.variant} {r.percent}%")
+
+
+def scenario_openloop(args: argparse.Namespace) -> list[Row]:
+    wrk2 = args.wrk2 or shutil.which("wrk2")
+    if not wrk2 or not os.access(wrk2, os.X_OK):
+        log("bench: openloop needs wrk2 (--wrk2 PATH, or wrk2 on PATH); skipped")
+        return []
+    if not shutil.which("wrk"):
+        sys.exit("bench: openloop measures capacity and warms up with wrk; wrk is not on PATH")
+    runs: list[OpenLoopRow] = []
+    skipped: set[str] = set()
+    for rnd in range(1, args.repeat + 1):
+        rates = openloop_rates(args)
+        for name in args.servers:
+            if name in skipped:
+                continue
+            log(f"bench: openloop {name} round {rnd}/{args.repeat} (load avg {os.getloadavg()[0]:.1f})")
+            rows = measure_openloop(server_spec(name), rnd, rates, wrk2, args)
+            for row in rows:
+                if row.status == "ok":
+                    shown = ", ".join(f"p{k} {v:.2f}" for k, v in row.percentiles.items() if k in ("50", "99", "99.9"))
+                    log(f"bench:   {row.variant} {row.percent}% ({row.rate:,} req/s): {shown} ms")
+                else:
+                    log_not_ok(row)
+            if all(r.status == "skipped" for r in rows):
+                skipped.add(name)
+            runs.extend(rows)
+    rows = summarize_openloop(runs)
+    print_openloop_table(rows)
+    print(
+        f"\nload: wrk2 -t{args.threads} -c{args.connections} -d{args.duration}s -R RATE --latency, a new connection"
+        f" per request; block = 1 in 1000 requests blocks its loop 20 ms, cpu = 1 in 10 burns 5 ms of CPU;"
+        f" RATE = LOAD% of {BASELINE}'s closed-loop capacity on the same load, measured each round (offered: median);"
+        f" latency from each request's intended"
+        f" send time (no coordinated omission); medians of {args.repeat} interleaved round(s);"
+        f" {args.workers[0]} workers"
+    )
+    return list(rows)
+
+
+SCENARIOS["openloop"] = Scenario(
+    "open-loop latency (wrk2 -R) of a mixed app at fixed offered rates, a new connection per request",
+    add_openloop_args,
+    scenario_openloop,
+)
+
+
 # --------------------------------------------------------------------------- CLI
 
 

@@ -11,7 +11,13 @@ One chart set per scenario (the ``scenario`` key of the JSON):
   ``latency-p99.svg`` (p99 latency, same layout);
 - ``spread``: ``spread.svg``, connections (or requests) per worker, a group per
   policy/server, workers sorted busiest first. Each row needs ``per_worker``: a list of
-  counts, and is labelled by its ``policy`` (else ``server``) and ``workers``.
+  counts, and is labelled by its ``policy`` (else ``server``) and ``workers``;
+- ``efficiency``: ``efficiency.svg``, requests per CPU-second relative to uvicorn, a
+  group per load mode, a bar per server;
+- ``openloop``: ``openloop-p99.svg`` and ``openloop-p999.svg``, latency at fixed offered
+  rates, a group per variant and load;
+- ``restart``: ``restart-failed.svg``, failed requests across rolling restarts, a group
+  per load mode and worker count.
 
 Rows whose ``status`` is not ``ok`` are left out, and listed under the chart.
 
@@ -248,9 +254,91 @@ def chart_spread(payload: dict[str, Any]) -> dict[str, str]:
     }
 
 
+def _label(server: str) -> str:
+    """``cluster-server`` alone is the default policy; ``cluster-server:POLICY`` names one."""
+    return "cluster-server (default)" if server == "cluster-server" else server
+
+
+def _bars_by_server(
+    ok: list[dict[str, Any]], groups: list[str], group_of: Callable[[dict[str, Any]], str], value: Callable[..., Any]
+) -> list[Series]:
+    """One series per server (in the order met), one value per group (None: not measured)."""
+    out = []
+    for i, name in enumerate(_server_order(ok)):
+        by_group = {group_of(r): value(r) for r in ok if r["server"] == name}
+        colour = SERVER_COLOURS.get(name, PALETTE[(i + 4) % len(PALETTE)])
+        out.append(Series(_label(name), [by_group.get(g) for g in groups], colour))
+    return out
+
+
+def chart_efficiency(payload: dict[str, Any]) -> dict[str, str]:
+    """``bench.py efficiency``: requests per CPU-second relative to uvicorn, per load mode."""
+    rows = payload["results"]
+    ok = [r for r in rows if r.get("status") == "ok" and r.get("ratio") is not None]
+    groups = list(dict.fromkeys(f"{r['mode']} ({r['workers']} workers)" for r in ok))
+    series = _bars_by_server(ok, groups, lambda r: f"{r['mode']} ({r['workers']} workers)", lambda r: r["ratio"])
+    return {
+        "efficiency.svg": grouped_bars(
+            "CPU efficiency: requests per CPU-second, relative to uvicorn (higher is better)",
+            _subtitle(payload) + " · medians",
+            groups,
+            series,
+            "x uvicorn",
+            _left_out(rows),
+        )
+    }
+
+
+def chart_openloop(payload: dict[str, Any]) -> dict[str, str]:
+    """``bench.py openloop``: p99 and p99.9 latency per variant and offered load."""
+    rows = payload["results"]
+    ok = [r for r in rows if r.get("status") == "ok" and r.get("percentiles")]
+    groups = list(dict.fromkeys(f"{r['variant']} {r['percent']}%" for r in ok))
+    out = {}
+    for name, key in (("openloop-p99.svg", "99"), ("openloop-p999.svg", "99.9")):
+        series = _bars_by_server(
+            ok, groups, lambda r: f"{r['variant']} {r['percent']}%", lambda r, k=key: r["percentiles"].get(k)
+        )
+        out[name] = grouped_bars(
+            f"Open loop, a new connection per request: p{key} latency (lower is better)",
+            _subtitle(payload) + " · medians",
+            groups,
+            series,
+            "milliseconds",
+            _left_out(rows),
+        )
+    return out
+
+
+def chart_restart(payload: dict[str, Any]) -> dict[str, str]:
+    """``bench.py restart``: failed requests (errors + non-2xx) across the rolling restarts."""
+    rows = payload["results"]
+    ok = [r for r in rows if r.get("status") == "ok" and r.get("load")]
+    groups = list(dict.fromkeys(f"{r['mode']} ({r['workers']} workers)" for r in ok))
+
+    def failed(r: dict[str, Any]) -> int:
+        load = r["load"]
+        return int(load.get("non_2xx", 0)) + sum(int(v) for v in load.get("socket_errors", {}).values())
+
+    series = _bars_by_server(ok, groups, lambda r: f"{r['mode']} ({r['workers']} workers)", failed)
+    return {
+        "restart-failed.svg": grouped_bars(
+            "Failed requests across two rolling restarts (SIGHUP) under load (lower is better)",
+            _subtitle(payload),
+            groups,
+            series,
+            "failed requests",
+            _left_out(rows),
+        )
+    }
+
+
 CHARTS: dict[str, Callable[[dict[str, Any]], dict[str, str]]] = {
     "throughput": chart_throughput,
     "spread": chart_spread,
+    "efficiency": chart_efficiency,
+    "openloop": chart_openloop,
+    "restart": chart_restart,
 }
 
 

@@ -4,7 +4,9 @@
 - ``GET /pid``         -> the pid of the worker that answered (as text)
 - any path with an ``x-pid`` request header -> the worker pid as well
 - ``GET /block?ms=N``  -> ``Hello, world!`` after blocking the worker's event loop
-  for N ms (default 50): a slow, CPU-bound request (``bench.py mixed``)
+  for N ms (default 50): a slow request that holds its loop (``bench.py mixed``)
+- ``GET /cpu?ms=N``    -> ``Hello, world!`` after N ms (default 5) of CPU work on the
+  event loop (``bench.py openloop --variant cpu``)
 
 Serve it with ``benchmarks.hello:app`` from the repository root.
 """
@@ -30,10 +32,14 @@ async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
                 return
     if scope["type"] != "http":
         return
-    if scope["path"] == "/block":  # a slow request: holds its worker's event loop (CPU-bound work, say)
-        ms = scope["query_string"].partition(b"ms=")[2].partition(b"&")[0]
-        time.sleep(int(ms or b"50") / 1000)
-    wants_pid = scope["path"] == "/pid" or any(k == b"x-pid" for k, _ in scope["headers"])
+    path = scope["path"]
+    if path == "/block":  # a slow request: holds its worker's event loop (a blocking call, say)
+        time.sleep(_ms(scope, 50) / 1000)
+    elif path == "/cpu":  # CPU work on the event loop
+        until = time.thread_time() + _ms(scope, 5) / 1000
+        while time.thread_time() < until:
+            pass
+    wants_pid = path == "/pid" or any(k == b"x-pid" for k, _ in scope["headers"])
     body = str(os.getpid()).encode() if wants_pid else HELLO
     await send(
         {
@@ -43,3 +49,8 @@ async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
         }
     )
     await send({"type": "http.response.body", "body": body})
+
+
+def _ms(scope: dict[str, Any], default: int) -> int:
+    ms = scope["query_string"].partition(b"ms=")[2].partition(b"&")[0]
+    return int(ms or default)

@@ -219,11 +219,12 @@ class Config:
     )
 
     scheduling: SchedulingType = option(
-        "least-busy",
-        "How connections reach workers: the primary hands each one to the worker with the fewest busy "
-        "connections (least-busy) or to the next worker in turn (round-robin); or every worker "
-        "accepts on the shared socket and the kernel picks (shared); or each worker binds its own "
-        "SO_REUSEPORT socket (reuseport). See docs/scheduling.md.",
+        "shared",
+        "How connections reach workers: every worker accepts on the shared socket, once a "
+        "connection's request has arrived, and the kernel picks among the workers whose event loop "
+        "is free (shared); or the primary hands each one to the worker with the fewest busy "
+        "connections (least-busy) or to the next worker in turn (round-robin); or each worker binds "
+        "its own SO_REUSEPORT socket (reuseport). See docs/scheduling.md.",
         group="processes",
     )
 

@@ -59,6 +59,26 @@ def titled(primary: int, word: str) -> list[int]:
     return sorted(int(line.split()[0]) for line in out.stdout.splitlines() if f"cluster-server: {word}" in line)
 
 
+def holds_connection(pids: list[int], client: socket.socket) -> bool:
+    """Whether one of ``pids`` holds the server end of ``client``'s TCP connection (from
+    /proc/net/tcp*: an accepted connection is a socket inode in that process's fds)."""
+    mine, theirs = client.getsockname()[1], client.getpeername()[1]
+    inodes = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with contextlib.suppress(OSError), open(table) as fh:
+            for line in fh.readlines()[1:]:
+                f = line.split()
+                if int(f[1].rsplit(":", 1)[1], 16) == theirs and int(f[2].rsplit(":", 1)[1], 16) == mine:
+                    inodes.add(f"socket:[{f[9]}]")
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            for fd in os.listdir(f"/proc/{pid}/fd"):
+                with contextlib.suppress(OSError):
+                    if os.readlink(f"/proc/{pid}/fd/{fd}") in inodes:
+                        return True
+    return False
+
+
 def alive(pid: int) -> bool:
     """Is ``pid`` a live process (not gone, not a zombie)?"""
     try:
@@ -183,6 +203,13 @@ class Server:
 
     def signal(self, sig: int) -> None:
         os.kill(self.pid, sig)
+
+    def wait_accepted(self, client: socket.socket, timeout: float = 5.0) -> None:
+        """Wait until one of the server's processes has accepted ``client``'s connection.
+
+        The listening socket defers accept (``TCP_DEFER_ACCEPT``): a connection that
+        has sent nothing reaches ``accept()`` after about a second, not at once."""
+        wait_until(lambda: holds_connection([self.pid, *self.worker_pids()], client), timeout, what="accepted")
 
     def wait_exit(self, timeout: float = 15.0) -> int:
         return self.proc.wait(timeout)

@@ -14,6 +14,7 @@ from typing import Any
 
 from cluster_server._config import Config
 from cluster_server._errors import BindError
+from cluster_server.scheduling.protocol import defer_accept
 
 
 @dataclass
@@ -77,6 +78,7 @@ def _bind_tcp(host: str, port: int, backlog: int, tls: bool, reserve: bool = Fal
         sock.bind((host.strip("[]"), port))
         if not reserve:
             sock.listen(backlog)
+            defer_accept(sock)
     except OSError as exc:
         sock.close()
         raise BindError(_bind_message(exc, f"port {port} on {host}", port)) from None

@@ -42,6 +42,7 @@ from cluster_server.scheduling.protocol import (
     RETRY_CAP,
     RETRY_FIRST,
     STALL,
+    WAITED_EVERY,
     WINDOW,
 )
 from cluster_server.wire.channel import MAX_FDS, Channel, Message
@@ -127,6 +128,8 @@ class _Peer:
         "progress_at",
         "taken",
         "unacked",
+        "waited",
+        "waited_at",
         "worker",
     )
 
@@ -145,6 +148,10 @@ class _Peer:
         self.closing = False  # draining, refusing, or its channel broke: never route again
         #: last sign of life: its last ack, or when it last got a batch while holding none
         self.progress_at = 0.0
+        #: least-busy: seconds its main thread had waited for a CPU (run_delay) at waited_at,
+        #: read at a progress_at no older than WAITED_EVERY; None: unknown
+        self.waited: float | None = None
+        self.waited_at = -1.0
 
     @property
     def load(self) -> int:
@@ -162,9 +169,20 @@ class HandOff(Component):
 
     essential = True  # it routes every connection
 
-    def __init__(self, policy: str, *, window: int = WINDOW, hold_max: int = HOLD_MAX) -> None:
+    def __init__(
+        self,
+        policy: str,
+        *,
+        window: int = WINDOW,
+        hold_max: int = HOLD_MAX,
+        run_delay: Callable[[int], float | None] | None = None,
+    ) -> None:
         if policy not in HANDOFF:
             raise ValueError(f"HandOff does not do {policy!r}")
+        #: seconds a process (by pid) has waited for a CPU so far; None when unknown
+        self.run_delay = run_delay or _run_delay
+        self._own_waited = 0.0  # the primary's run_delay, read at _own_waited_at
+        self._own_waited_at = -1.0
         self.policy = policy
         self.least_busy = policy == "least-busy"
         self.window = window
@@ -437,9 +455,7 @@ class HandOff(Component):
             if p.unacked < p.limit and p.blocked_until <= now and _channel_open(p.worker):
                 load = p.load
                 if p.unacked and p.progress_at < stalled_after:
-                    load += 1 << 30  # stalled: last resort
-                    if now - p.progress_at >= BLOCKED:
-                        self._saw_blocked(p, now)
+                    load += 1 << 30  # stalled: last resort (whether it blocks: its late ack says)
                 # Equally busy: fewer connections in all (idle keep-alive ones too) first.
                 if best is None or load <= best_load:
                     conns = p.connections
@@ -496,7 +512,7 @@ class HandOff(Component):
                 break
             fd = held.popleft()
             if not peer.unacked:
-                peer.progress_at = now  # holding nothing until now: not stalled
+                self._progress(peer, now)  # holding nothing until now: not stalled
             peer.unacked += 1  # so that pick() sees it
             peer.handed += 1
             group = groups.get(peer)
@@ -532,7 +548,7 @@ class HandOff(Component):
         self.messages += 1
         bid = self._batch
         if not peer.unacked:
-            peer.progress_at = self.primary.clock()
+            self._progress(peer, self.primary.clock())
         peer.batches[bid] = fds
         peer.unacked += len(fds)
         peer.handed += len(fds)
@@ -547,15 +563,52 @@ class HandOff(Component):
             return False
         return True
 
+    def _progress(self, peer: _Peer, now: float) -> None:
+        """``peer`` showed its loop runs (an ack), or starts holding connections: the stall
+        clock restarts. least-busy also notes how long it and the primary have waited for a
+        CPU so far (at most every WAITED_EVERY: two /proc reads), so that a late ack can tell
+        a blocked loop from a starved one."""
+        peer.progress_at = now
+        if self.least_busy and now - peer.waited_at >= WAITED_EVERY:
+            peer.waited, peer.waited_at = self._waited(peer, fresh=False), now
+
+    def _waited(self, peer: _Peer, fresh: bool) -> float | None:
+        """Seconds ``peer``'s loop and the primary have waited for a CPU so far, or None.
+
+        The ack's delay as the primary sees it is both: the worker waiting to run, and the
+        primary waiting to read it. The primary's own reading is cached for WAITED_EVERY
+        unless ``fresh``: an older baseline only overstates the waiting."""
+        worker = self.run_delay(peer.worker.pid)
+        if worker is None:
+            return None
+        assert self.primary is not None
+        now = self.primary.clock()
+        if fresh or now - self._own_waited_at >= WAITED_EVERY:
+            self._own_waited, self._own_waited_at = self.run_delay(os.getpid()) or 0.0, now
+        return worker + self._own_waited
+
     def _saw_blocked(self, peer: _Peer, now: float) -> None:
-        """``peer`` held connections and did not run its event loop for BLOCKED: this app has
-        requests that block it. Queue connections in the primary (BUSY_MAX) for a while."""
+        """``peer`` acknowledged BLOCKED late. If it (or the primary) was not waiting for a CPU
+        most of that time (a busy machine delays every loop), its app has requests that block
+        its event loop: queue connections in the primary (BUSY_MAX) for a while."""
+        stalled = now - peer.progress_at
+        waiting = 0.0
+        if peer.waited is not None:
+            waited = self._waited(peer, fresh=True)
+            if waited is not None:
+                # (the baseline is at most WAITED_EVERY older than progress_at: this can only
+                # overstate the waiting, never call a starved loop blocked)
+                waiting = max(0.0, waited - peer.waited)
+        if stalled - waiting < BLOCKED:
+            return  # starved of CPU, not blocked by its app
         if now >= self._queue_until:
             logger.info(
-                "%s's event loop was blocked for %.0f ms or more: for the next %g s, a worker with %d busy "
-                "connections gets no more while the primary can hold them (--scheduling least-busy)",
+                "%s's event loop was blocked for %.0f ms or more (not counting %.0f ms waiting for a CPU): for the "
+                "next %g s, a worker with %d busy connections gets no more while the primary can hold them "
+                "(--scheduling least-busy)",
                 peer.worker.name,
-                (now - peer.progress_at) * 1e3,
+                (stalled - waiting) * 1e3,
+                waiting * 1e3,
                 QUEUE_FOR,
                 BUSY_MAX,
             )
@@ -582,7 +635,7 @@ class HandOff(Component):
         now = self.primary.clock()
         if self.least_busy and peer.unacked and now - peer.progress_at >= BLOCKED:
             self._saw_blocked(peer, now)
-        peer.progress_at = now
+        self._progress(peer, now)
         taken = _ints(msg.get("b", []), "b")
         draining = _ints(msg.get("r", []), "r")
         partial = msg.get("f", [])
@@ -666,6 +719,16 @@ def _ints(values: Any, key: str) -> list[int]:
     if not isinstance(values, list):
         raise TypeError(f"{key!r} is not a list")
     return [_int(v, key) for v in values]
+
+
+def _run_delay(pid: int) -> float | None:
+    """Seconds ``pid``'s main thread (a worker's event loop) has spent runnable but waiting
+    for a CPU (``/proc/PID/schedstat``, second field); None when the kernel does not say."""
+    try:
+        with open(f"/proc/{pid}/schedstat", "rb") as fh:
+            return int(fh.read().split()[1]) / 1e9
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 def _channel_open(w: Worker) -> bool:

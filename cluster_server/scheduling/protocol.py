@@ -39,6 +39,7 @@ new connections in the kernel's backlog (backpressure).
 from __future__ import annotations
 
 import errno
+import socket
 
 #: policies where the primary accepts and hands connections over
 HANDOFF = ("round-robin", "least-busy")
@@ -68,6 +69,11 @@ STALL = 0.01
 BUSY_MAX = 2
 BLOCKED = 0.03
 QUEUE_FOR = 10.0
+#: least-busy: an ack BLOCKED late counts as a blocked loop only for the part of the delay the
+#: worker did not spend waiting for a CPU (``/proc/PID/schedstat``): on a loaded machine CPU
+#: scheduling alone delays acks that long. That is read when a worker starts holding
+#: connections or acknowledges them, at most once per WAITED_EVERY per worker.
+WAITED_EVERY = 0.01
 #: when no worker has been under BUSY_MAX for this long (long-lived requests: streams,
 #: long polls), the next connection goes to the least busy worker anyway
 HOLD_WAIT = 0.02
@@ -84,3 +90,28 @@ _RESOURCE_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.E
 #: accept() errors about one connection only: skip it and accept the next
 _GONE_ERRNOS = frozenset({errno.ECONNABORTED, errno.EPROTO, errno.EPERM})
 MIGRATE_REQ = "/proc/sys/net/ipv4/tcp_migrate_req"
+
+#: seconds a TCP connection may stay silent before it is accepted anyway (TCP_DEFER_ACCEPT)
+DEFER_ACCEPT = 1
+
+
+def defer_accept(sock: socket.socket) -> bool:
+    """Have the kernel hand ``sock``'s connections to ``accept()`` once their first bytes
+    (the request) arrived, not at the end of the handshake (Linux ``TCP_DEFER_ACCEPT``,
+    nginx's ``listen ... deferred``). True when set.
+
+    A connection is then placed when it has work: under ``shared`` the worker whose loop
+    is free when the request arrives takes it, so a client that connects early and
+    sends later (a browser's preconnect, a load generator's reconnect) no longer sits
+    in a worker that blocks meanwhile; under the hand-off policies the primary routes
+    it by the load at that moment. One that stays silent is accepted after about
+    ``DEFER_ACCEPT`` seconds anyway, when the kernel resends its SYN-ACK. HTTP clients
+    speak first, TLS ones too; nothing else is served here.
+    """
+    if not hasattr(socket, "TCP_DEFER_ACCEPT") or sock.family not in (socket.AF_INET, socket.AF_INET6):
+        return False
+    try:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_DEFER_ACCEPT, DEFER_ACCEPT)
+    except OSError:
+        return False
+    return True

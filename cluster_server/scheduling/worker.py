@@ -20,6 +20,7 @@ from cluster_server.scheduling.protocol import (
     BUSY_MAX,
     HANDOFF,
     REPORT_INTERVAL,
+    defer_accept,
 )
 from cluster_server.wire.channel import Channel
 from cluster_server.wire.messages import ACK, CONN
@@ -58,6 +59,7 @@ def worker_sockets(config: Config, inherited: Iterable[socket.socket]) -> list[s
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
             sock.bind(addr)
             sock.listen(config.backlog)
+            defer_accept(sock)
     except OSError as exc:
         for sock in own:
             sock.close()

@@ -328,6 +328,8 @@ class _WorkerProcess:
             on_heartbeat=_heartbeat(self.config, self.report),
             heartbeat_interval=self.config.heartbeat_interval,
             fresh_interval=FRESH_INTERVAL,
+            # the request-head guard's clock, swept from the server's tick (see guard_request_head)
+            head_guard=getattr(uconfig.http_protocol_class, "_cs_guard", None),
         )
         if (health_path := self.config.health_path) is not None and not error_page:
             health = HealthState()

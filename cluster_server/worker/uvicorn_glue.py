@@ -33,11 +33,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import signal
 import socket
 import time
 from bisect import bisect_left
-from collections.abc import Awaitable, Callable, Coroutine, Generator
+from collections.abc import Awaitable, Callable, Coroutine, Generator, Iterable
 from types import FrameType
 from typing import Any
 
@@ -88,8 +89,10 @@ class WorkerServer(uvicorn.Server):
         on_heartbeat: Callable[[WorkerServer], None],
         heartbeat_interval: float,
         fresh_interval: float | None = None,
+        head_guard: HeadGuard | None = None,
     ) -> None:
         super().__init__(config)
+        self._head_guard = head_guard
         self._on_ready = on_ready
         self._on_heartbeat = on_heartbeat
         self._heartbeat_interval = heartbeat_interval
@@ -138,6 +141,8 @@ class WorkerServer(uvicorn.Server):
 
     async def on_tick(self, counter: int) -> bool:
         self._beat()
+        if self._head_guard is not None:
+            self._head_guard.tick(self.server_state.connections)
         return await super().on_tick(counter)
 
     def _beat(self) -> None:
@@ -361,10 +366,8 @@ def draining_protocol(base: Any, server: WorkerServer) -> Any:
             if cycle is None or cycle.response_complete:  # (else its response closes the connection)
                 super().shutdown()  # nothing came: close it
 
-        def connection_lost(self, exc: Exception | None) -> None:
-            if self._drain_timer is not None:
-                self._drain_timer.cancel()
-            super().connection_lost(exc)
+        # (no connection_lost override, one call less per connection: a drain timer left
+        # behind finds the transport closing and does nothing)
 
         def handle_websocket_upgrade(self, *args: Any) -> None:
             super().handle_websocket_upgrade(*args)
@@ -453,7 +456,42 @@ def wrap_loaded_app(uconfig: uvicorn.Config, wrap: Callable[[Any], Any]) -> None
     uconfig.loaded_app = wrap(uconfig.loaded_app)
 
 
-def guard_request_head(uconfig: uvicorn.Config, timeout: float, max_size: int) -> None:
+#: uvicorn's main loop calls ``Server.on_tick`` every 0.1 s (later when the loop is busy)
+TICK = 0.1
+
+
+class HeadGuard:
+    """The clock and the sweep of ``guard_request_head``.
+
+    A timer armed for every new connection and cancelled when its head arrives
+    cost about 2% of the CPU of a short request (a timer object, and a
+    ``getpid()`` in ``get_running_loop``). Instead a connection notes the tick
+    count when it starts waiting for a head, and ``WorkerServer.on_tick`` sweeps
+    the open connections a few times per timeout. A head is never cut off early
+    (a tick is at least 0.1 s); it may be cut off up to a sweep later (a quarter
+    of the timeout, at most a second), or later still while the loop is blocked.
+    """
+
+    def __init__(self, timeout: float) -> None:
+        self.timeout = timeout
+        #: ticks so far; a connection notes this when it starts waiting for a head
+        self.now = 0
+        #: ticks a head may take (0: no limit); the +1 covers the tick in progress when it began
+        self.allowed = math.ceil(timeout / TICK) + 1 if timeout > 0 else 0
+        self.every = max(1, min(10, int(timeout / TICK / 4)))
+
+    def tick(self, connections: Iterable[Any]) -> None:
+        """One of uvicorn's ticks: every ``every`` ticks, cut off the heads that took too long."""
+        self.now += 1
+        if not self.allowed or self.now % self.every:
+            return
+        cutoff = self.now - self.allowed
+        for protocol in list(connections):
+            if getattr(protocol, "_cs_watching", False) and protocol._cs_since <= cutoff:
+                protocol._cs_expired()
+
+
+def guard_request_head(uconfig: uvicorn.Config, timeout: float, max_size: int) -> HeadGuard:
     """Bound the time and the bytes a client may take to send a request head.
 
     uvicorn waits forever for a request head: a client that opens a connection
@@ -464,33 +502,36 @@ def guard_request_head(uconfig: uvicorn.Config, timeout: float, max_size: int) -
 
     - it starts watching when the connection opens, and again when the first
       bytes of a new request arrive on a keep-alive connection (between
-      requests, uvicorn's own ``--timeout-keep-alive`` applies); a timer is
-      armed only for a head that did not arrive whole in one read, so the common
-      keep-alive request costs no timer;
+      requests, uvicorn's own ``--timeout-keep-alive`` applies);
     - the head is complete when uvicorn starts a new request cycle (or hands the
       connection to its websocket protocol): it stops watching;
     - after ``timeout`` seconds still watching (0: never), it closes the
-      connection, answering ``408`` first if the client had sent anything;
+      connection, answering ``408`` first if the client had sent anything; the
+      returned ``HeadGuard`` keeps that time and must be ticked by the server
+      (``WorkerServer(head_guard=...)``);
     - past ``max_size`` bytes still watching, it answers ``431`` and closes.
 
     Both uvicorn protocol classes keep the request in progress in ``self.cycle``
-    (None before the first); that attribute, ``transport`` and
-    ``server_state.default_headers`` are the internals this relies on.
+    (None before the first) and remove themselves from
+    ``server_state.connections`` when the connection is lost; those, ``transport``
+    and ``server_state.default_headers`` are the internals this relies on.
     """
     base: Any = uconfig.http_protocol_class
+    guard = HeadGuard(timeout)
     name = f"RequestHeadGuard[{base.__name__}]"
-    attrs = {"_cs_timeout": timeout, "_cs_max_size": max_size, "__qualname__": name}
+    attrs = {"_cs_guard": guard, "_cs_max_size": max_size, "__qualname__": name}
     uconfig.http_protocol_class = type(name, (_RequestHeadGuard, base), attrs)
+    return guard
 
 
 class _RequestHeadGuard(asyncio.Protocol):
     """What ``guard_request_head`` mixes into uvicorn's HTTP protocol class (see there)."""
 
-    _cs_timeout = 0.0
+    _cs_guard: HeadGuard
     _cs_max_size = 0
     _cs_watching = False
+    _cs_since = 0
     _cs_head_bytes = 0
-    _cs_timer: asyncio.TimerHandle | None = None
     # uvicorn's protocol internals this relies on
     cycle: Any
     transport: Any
@@ -498,53 +539,39 @@ class _RequestHeadGuard(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
-        self._cs_watching = True
-        self._cs_arm()  # a connection that never sends anything is closed too
+        self._cs_watching = True  # a connection that never sends anything is closed too
+        self._cs_since = self._cs_guard.now
 
     def data_received(self, data: bytes) -> None:
         if not self._cs_watching and (self.cycle is None or self.cycle.response_complete):
-            # The next request on a keep-alive connection begins. No timer yet: most
-            # heads arrive whole in one read, and then none is needed.
+            # The next request on a keep-alive connection begins.
             self._cs_watching = True
+            self._cs_since = self._cs_guard.now
             self._cs_head_bytes = 0
         before = self.cycle
         super().data_received(data)
         if not self._cs_watching:
             return
+        if self.cycle is not before:
+            self._cs_watching = False  # the head is complete: the common case
+            return
         transport = self.transport
-        if self.cycle is not before or transport.is_closing() or transport.get_protocol() is not self:
-            self._cs_stop()  # the head is complete (or uvicorn answered/closed/upgraded)
+        if transport.is_closing() or transport.get_protocol() is not self:
+            self._cs_watching = False  # uvicorn answered, closed or upgraded
             return
         self._cs_head_bytes += len(data)
         if self._cs_head_bytes > self._cs_max_size:
-            self._cs_stop()
+            self._cs_watching = False
             logger.warning("%s: request head over %d bytes; answered 431", _peer(self), self._cs_max_size)
             self._cs_answer(431, "Request Header Fields Too Large", "Request head too large.")
-        elif self._cs_timer is None:
-            self._cs_arm()
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self._cs_stop()
-        super().connection_lost(exc)
-
-    def _cs_arm(self) -> None:
-        if self._cs_timeout > 0:
-            self._cs_timer = asyncio.get_running_loop().call_later(self._cs_timeout, self._cs_expired)
-
-    def _cs_stop(self) -> None:
-        self._cs_watching = False
-        if self._cs_timer is not None:
-            self._cs_timer.cancel()
-            self._cs_timer = None
 
     def _cs_expired(self) -> None:
-        self._cs_timer = None
         self._cs_watching = False
         transport = self.transport
         if transport.is_closing() or transport.get_protocol() is not self:
             return
         if self._cs_head_bytes:
-            logger.info("%s: no complete request head within %g s; answered 408", _peer(self), self._cs_timeout)
+            logger.info("%s: no complete request head within %g s; answered 408", _peer(self), self._cs_guard.timeout)
             self._cs_answer(408, "Request Timeout", "Request head not received in time.")
         else:
             transport.close()  # opened and never used (a browser's preconnect, say)

@@ -19,6 +19,7 @@ import textwrap
 import threading
 import time
 import types
+from collections.abc import Callable
 from typing import Any
 
 import httpx
@@ -52,6 +53,7 @@ def ready(sched: HandOff, w: Worker) -> None:
 
 def setup(policy: str, n_workers: int, **kw: Any) -> tuple[HandOff, FakePrimary, list[Worker]]:
     primary = FakePrimary()
+    kw.setdefault("run_delay", lambda pid: None)  # fake pids: no /proc to read (see the starved-worker tests)
     sched = HandOff(policy, **kw)
     sched.attach(primary)  # type: ignore[arg-type]
     workers = [make_worker(i) for i in range(1, n_workers + 1)]
@@ -371,7 +373,7 @@ def test_reuseport_warning(tmp_path: Any) -> None:
 
 
 def test_config_scheduling_choices() -> None:
-    assert Config(app="a:b").scheduling == "least-busy"
+    assert Config(app="a:b").scheduling == "shared"
     with pytest.raises(ConfigError, match="not one of"):
         Config(app="a:b", scheduling="random")
     with pytest.raises(ConfigError, match="reuseport needs --host"):
@@ -585,7 +587,9 @@ def test_sigkilled_worker_loses_none_of_the_connections_queued_for_it(
 
 
 def test_worker_at_its_fd_limit_does_not_drop_connections(start_server: Any, write_app: Any) -> None:
-    server = start(start_server, write_app, "round-robin", 2, env={"TEST_FD_ROOM": "6"})
+    # (room for 3 more fds: with deferred accept a connection reaches a worker only once its
+    # request arrived, so 32 concurrent clients fill a worker more slowly than their connects did)
+    server = start(start_server, write_app, "round-robin", 2, env={"TEST_FD_ROOM": "3"})
     answers = fetch_many(server.url, 40, "/slow", timeout=30)
     statuses = [a.status_code if isinstance(a, httpx.Response) else repr(a) for a in answers]
     assert statuses == [200] * 40
@@ -736,6 +740,69 @@ def test_a_short_scheduling_delay_does_not_start_queueing(conns: Any, caplog: An
     offer(sched, conns(1))
     assert "blocked" not in caplog.text
     assert sched.peers[w1.pid].load == 4 and not sched.held
+
+
+def late_ack_with(
+    worker_waits: Callable[[float], float], conns: Any, caplog: Any, primary_waits: float = 0.0
+) -> HandOff:
+    """One least-busy worker acks 60 ms late (BLOCKED x 2). ``worker_waits(t)`` is how long it
+    has waited for a CPU by fake time ``t`` (what /proc/PID/schedstat says, run_delay), and
+    the primary waits ``primary_waits`` of those 60 ms itself."""
+    clock: list[float] = []
+    start = 100.0
+
+    def run_delay(pid: int) -> float:
+        t = clock[0]
+        if pid == os.getpid():
+            return primary_waits * (t - start) / (_protocol.BLOCKED * 2)
+        return worker_waits(t - start)
+
+    sched, primary, (w1,) = setup("least-busy", 1, run_delay=run_delay)
+    clock.append(primary.now)
+    ready(sched, w1)
+    offer(sched, conns(3))  # it starts holding: the baseline readings
+    primary.now += _protocol.BLOCKED * 2
+    clock[0] = primary.now
+    with caplog.at_level(logging.INFO, logger="cluster_server"):
+        ack(sched, w1, b=primary.batches_for(w1), k=3, o=3)  # late
+    return sched
+
+
+def queueing(sched: HandOff) -> float:
+    samples = {name: value for name, _, _, _, value in sched.metrics_samples()}
+    return samples["cluster_server_handoff_queueing"]
+
+
+def test_a_starved_worker_is_not_taken_for_a_blocked_one(conns: Any, caplog: Any) -> None:
+    """A loaded machine (issue 13, finding 8): the ack is late because the worker waited for
+    a CPU the whole time (its run_delay grew as much), not because its app blocked it."""
+    sched = late_ack_with(lambda t: 1.0 + t, conns, caplog)
+    assert "blocked" not in caplog.text and queueing(sched) == 0
+
+
+def test_a_late_ack_the_primary_was_slow_to_read_is_not_a_blocked_loop(conns: Any, caplog: Any) -> None:
+    sched = late_ack_with(lambda t: 1.0 + t / 2, conns, caplog, primary_waits=0.03)  # 30 + 30 ms of 60
+    assert "blocked" not in caplog.text and queueing(sched) == 0
+
+
+def test_run_delay_reads_a_real_process() -> None:
+    """The reader behind those two tests: a process that waits for a CPU shows it in
+    /proc/PID/schedstat (here: this one, after a short burst of work on a shared machine)."""
+    from cluster_server.scheduling.primary import _run_delay
+
+    first = _run_delay(os.getpid())
+    if first is None:
+        pytest.skip("no /proc/PID/schedstat here")
+    sum(range(200_000))
+    second = _run_delay(os.getpid())
+    assert second is not None and second >= first >= 0
+    assert _run_delay(2**22 + 1) is None  # (no such pid: pid_max is at most 2**22)
+
+
+def test_a_worker_that_had_the_cpu_and_no_ack_is_blocked(conns: Any, caplog: Any) -> None:
+    sched = late_ack_with(lambda t: 1.0 + min(t, 0.005), conns, caplog)  # waited 5 ms of the 60
+    assert "blocked for 55 ms or more (not counting 5 ms waiting for a CPU)" in caplog.text
+    assert queueing(sched) == 1
 
 
 def test_least_busy_keeps_new_connections_away_from_a_blocked_worker(

@@ -144,6 +144,7 @@ def test_connection_accepted_but_not_yet_read_is_answered(server: Server) -> Non
     old_pid = server.get().text
     sock = socket.create_connection(("127.0.0.1", server.port))
     try:
+        server.wait_accepted(sock)
         _roll_and_wait_for_drain(server)
         # it was accepted by the old worker before its drain began
         assert "worker draining: 1 connection(s)" in server.log()
@@ -159,6 +160,7 @@ def test_connection_accepted_but_not_yet_read_is_answered(server: Server) -> Non
 def test_idle_connection_is_closed_after_the_window(server: Server) -> None:
     sock = socket.create_connection(("127.0.0.1", server.port))
     try:
+        server.wait_accepted(sock)
         _roll_and_wait_for_drain(server)
         began = time.monotonic()
         assert _closed_by_peer(sock)
@@ -227,6 +229,7 @@ def test_websocket_gets_1012_on_drain(server: Server) -> None:
 
 def test_websocket_opened_on_a_connection_accepted_before_the_drain_gets_1012(server: Server) -> None:
     sock = socket.create_connection(("127.0.0.1", server.port))
+    server.wait_accepted(sock)
     _roll_and_wait_for_drain(server)
     with (
         ws_connect(f"ws://127.0.0.1:{server.port}/ws", sock=sock, open_timeout=5) as ws,
