@@ -471,7 +471,7 @@ def test_a_slots_totals_go_on_across_its_workers() -> None:
 def test_multiprocess_dir_is_wiped_at_start_and_dead_workers_are_marked(
     start_server: Callable[..., Server], tmp_path: Path
 ) -> None:
-    from .conftest import ROOT, run_in_session
+    from ..conftest import ROOT, run_in_session
 
     mp = tmp_path / "mp"
     mp.mkdir()

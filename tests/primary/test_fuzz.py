@@ -167,7 +167,7 @@ def test_any_channel_input_is_handled_and_the_primary_serves_on(payloads: list[b
         c.clock.advance(1.5)
         c.primary.tick()  # deadlines and components after the input
         assert not c.primary.stopping and c.primary.fatal is None
-        assert c.watch.snapshot()["workers"] == 2
+        assert c.watch.snapshot()["workers_configured"] == 2
     finally:
         c.close()
 

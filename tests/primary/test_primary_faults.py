@@ -100,7 +100,7 @@ def test_ready_after_a_drain_is_logged_as_what_happened(caplog: pytest.LogCaptur
     h.primary.scale(1)  # drained while it boots
     with caplog.at_level(logging.INFO, logger="cluster_server"):
         h.ready(new)
-    assert "became ready after it was asked to stop (scaled down); it drains" in caplog.text
+    assert "became ready after it was asked to stop (scaled_down); it drains" in caplog.text
     assert "twice" not in caplog.text
 
 
@@ -417,4 +417,4 @@ def test_a_roll_that_starts_and_ends_within_one_iteration_is_seen() -> None:
     assert h.primary.roll_state is None  # over already
     watch.tick()
     assert events == ["started", "failed"]
-    assert dict(watch.rolls) == {"failed": 1}
+    assert dict(watch.recycles) == {"failed": 1}  # a recycle, counted apart from rolls
