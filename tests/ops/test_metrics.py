@@ -31,7 +31,7 @@ from ..conftest import HELLO_APP, Server, asgi_app, free_port, wait_until
 
 Samples = dict[str, dict[tuple[tuple[str, str], ...], float]]
 
-#: every family the server exposes (with --max-worker-memory and the default scheduling), and its type
+#: every family the server exposes (with --max-worker-memory and --scheduling least-busy), and its type
 FAMILIES = {
     "cluster_server_info": "gauge",
     "cluster_server_workers_configured": "gauge",
@@ -129,7 +129,15 @@ def test_metrics_follow_the_worker_table_with_stable_labels(
     write_app("hello", HELLO_APP)
     mport = free_port()
     srv = start_server(
-        "hello:app", "--workers", "2", "--metrics-bind", f"127.0.0.1:{mport}", "--max-worker-memory", "512"
+        "hello:app",
+        "--workers",
+        "2",
+        "--scheduling",
+        "least-busy",  # every family, the hand-off's included
+        "--metrics-bind",
+        f"127.0.0.1:{mport}",
+        "--max-worker-memory",
+        "512",
     ).wait_ready()
     text = get_metrics(mport)
     check_conventions(text)

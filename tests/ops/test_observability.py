@@ -99,7 +99,9 @@ def test_the_dashboard_and_the_alerts_use_only_exposed_metrics(
 ) -> None:
     write_app("hello", HELLO_APP)
     mport = free_port()
-    srv = start_server("hello:app", "--metrics-bind", f"127.0.0.1:{mport}", "--max-worker-memory", "512")
+    srv = start_server(  # least-busy: the hand-off's families (accept backlog) are on the dashboard
+        "hello:app", "--scheduling", "least-busy", "--metrics-bind", f"127.0.0.1:{mport}", "--max-worker-memory", "512"
+    )
     srv.wait_ready()
     assert srv.get().status_code == 200  # request metrics have samples once a request was served
     wait_until(lambda: "cluster_server_http_requests_total{" in get_metrics(mport), 5, what="the request counted")
