@@ -2,8 +2,11 @@
 
 ``--scheduling`` picks one of (see docs/scheduling.md for the trade-offs and numbers):
 
-- ``shared``: every worker accepts on the listening socket it inherited; the
-  kernel decides who wins each connection (uneven: it favours the busiest).
+- ``shared`` (the default): every worker accepts on the listening socket it
+  inherited; the kernel decides who wins each connection, among the workers
+  whose event loop is free to call ``accept``. The primary does nothing per
+  connection. With ``defer_accept`` a connection is only acceptable once its
+  request has arrived, so it goes to a worker that is free then.
 - ``round-robin``: only the primary accepts. It hands each connection's fd to
   the next READY worker over that worker's channel (``SCM_RIGHTS``).
 - ``least-busy``: like round-robin, but the READY worker with the fewest busy
