@@ -461,33 +461,46 @@ TICK = 0.1
 
 
 class HeadGuard:
-    """The clock and the sweep of ``guard_request_head``.
+    """The clock and the sweep of ``guard_request_head``: no work per request.
 
-    A timer armed for every new connection and cancelled when its head arrives
+    A timer armed for every new connection and cancelled when its head arrived
     cost about 2% of the CPU of a short request (a timer object, and a
-    ``getpid()`` in ``get_running_loop``). Instead a connection notes the tick
-    count when it starts waiting for a head, and ``WorkerServer.on_tick`` sweeps
-    the open connections a few times per timeout. A head is never cut off early
-    (a tick is at least 0.1 s); it may be cut off up to a sweep later (a quarter
-    of the timeout, at most a second), or later still while the loop is blocked.
+    ``getpid()`` in ``get_running_loop``). Instead ``WorkerServer.on_tick``
+    sweeps the open connections a few times per timeout, and a connection is
+    waiting for a head when uvicorn's own state says so: no request yet
+    (``cycle`` is None), or the last response complete and its keep-alive timer
+    cleared (bytes of the next request arrived; uvicorn clears the timer on
+    every read and starts a new ``cycle`` once the head is complete). The
+    timeout runs from the first sweep that saw it waiting: a head is never cut
+    off early (a tick is at least 0.1 s), and at most two sweeps late (half
+    the timeout, at most two seconds), or later while the loop is blocked.
     """
 
     def __init__(self, timeout: float) -> None:
         self.timeout = timeout
-        #: ticks so far; a connection notes this when it starts waiting for a head
+        #: uvicorn's ticks so far
         self.now = 0
-        #: ticks a head may take (0: no limit); the +1 covers the tick in progress when it began
-        self.allowed = math.ceil(timeout / TICK) + 1 if timeout > 0 else 0
+        #: ticks a head may take once seen waiting (0: no limit)
+        self.allowed = math.ceil(timeout / TICK) if timeout > 0 else 0
+        #: sweep every this many ticks: a quarter of the timeout, at most once a second
         self.every = max(1, min(10, int(timeout / TICK / 4)))
+        #: the guarded protocol class (set by ``guard_request_head``)
+        self.protocol: Any = ()  # (isinstance of an empty tuple: nothing yet)
 
     def tick(self, connections: Iterable[Any]) -> None:
         """One of uvicorn's ticks: every ``every`` ticks, cut off the heads that took too long."""
         self.now += 1
         if not self.allowed or self.now % self.every:
             return
-        cutoff = self.now - self.allowed
         for protocol in list(connections):
-            if getattr(protocol, "_cs_watching", False) and protocol._cs_since <= cutoff:
+            if not isinstance(protocol, self.protocol):
+                continue  # a WebSocket
+            cycle = protocol.cycle
+            if cycle is not None and not (cycle.response_complete and protocol.timeout_keep_alive_task is None):
+                continue  # a request in progress, or idle between requests (uvicorn's keep-alive timeout)
+            if protocol._cs_seen is not cycle:
+                protocol._cs_seen, protocol._cs_seen_at = cycle, self.now
+            elif self.now - protocol._cs_seen_at >= self.allowed:
                 protocol._cs_expired()
 
 
@@ -498,30 +511,39 @@ def guard_request_head(uconfig: uvicorn.Config, timeout: float, max_size: int) -
     and sends nothing, or sends headers a byte a second (slowloris), holds a
     connection slot for good; and httptools keeps every header byte it is sent,
     with no limit. After ``uconfig.load()``, this swaps ``http_protocol_class``
-    (h11 or httptools) for a subclass that watches each request head:
+    (h11 or httptools) for a subclass that bounds each request head:
 
-    - it starts watching when the connection opens, and again when the first
-      bytes of a new request arrive on a keep-alive connection (between
-      requests, uvicorn's own ``--timeout-keep-alive`` applies);
-    - the head is complete when uvicorn starts a new request cycle (or hands the
-      connection to its websocket protocol): it stops watching;
-    - after ``timeout`` seconds still watching (0: never), it closes the
-      connection, answering ``408`` first if the client had sent anything; the
-      returned ``HeadGuard`` keeps that time and must be ticked by the server
+    - a connection waits for a head from when it opens, and again from the
+      first bytes of a new request on a keep-alive connection (between
+      requests, uvicorn's own ``--timeout-keep-alive`` applies); the head is
+      complete when uvicorn starts a new request cycle (or hands the
+      connection to its websocket protocol);
+    - after ``timeout`` seconds waiting (0: never), it closes the connection,
+      answering ``408`` first if the client had sent anything; the returned
+      ``HeadGuard`` keeps that time and must be ticked by the server
       (``WorkerServer(head_guard=...)``);
-    - past ``max_size`` bytes still watching, it answers ``431`` and closes.
+    - past ``max_size`` bytes of a head not yet complete, it answers ``431``
+      and closes.
 
-    Both uvicorn protocol classes keep the request in progress in ``self.cycle``
-    (None before the first) and remove themselves from
-    ``server_state.connections`` when the connection is lost; those, ``transport``
-    and ``server_state.default_headers`` are the internals this relies on.
+    A read that completes a head (nearly all of them) costs two attribute reads
+    more than uvicorn's own ``data_received``. Both uvicorn protocol classes keep
+    the request in progress in ``self.cycle`` (None before the first), clear
+    ``timeout_keep_alive_task`` on every read and arm it when a response
+    completes with nothing pipelined, and remove themselves from
+    ``server_state.connections`` when the connection is lost; those,
+    ``transport`` and ``server_state.default_headers`` are the internals this
+    relies on.
     """
     base: Any = uconfig.http_protocol_class
     guard = HeadGuard(timeout)
     name = f"RequestHeadGuard[{base.__name__}]"
     attrs = {"_cs_guard": guard, "_cs_max_size": max_size, "__qualname__": name}
-    uconfig.http_protocol_class = type(name, (_RequestHeadGuard, base), attrs)
+    guard.protocol = uconfig.http_protocol_class = type(name, (_RequestHeadGuard, base), attrs)
     return guard
+
+
+#: no cycle seen yet (None is a cycle value: no request yet)
+_UNSEEN: Any = object()
 
 
 class _RequestHeadGuard(asyncio.Protocol):
@@ -529,48 +551,38 @@ class _RequestHeadGuard(asyncio.Protocol):
 
     _cs_guard: HeadGuard
     _cs_max_size = 0
-    _cs_watching = False
-    _cs_since = 0
+    _cs_seen: Any = _UNSEEN  # the cycle a sweep last saw this connection wait after
+    _cs_seen_at = 0
+    _cs_counted: Any = _UNSEEN  # the cycle the head bytes below were counted after
     _cs_head_bytes = 0
     # uvicorn's protocol internals this relies on
     cycle: Any
     transport: Any
     server_state: Any
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        super().connection_made(transport)
-        self._cs_watching = True  # a connection that never sends anything is closed too
-        self._cs_since = self._cs_guard.now
+    timeout_keep_alive_task: Any
 
     def data_received(self, data: bytes) -> None:
-        if not self._cs_watching and (self.cycle is None or self.cycle.response_complete):
-            # The next request on a keep-alive connection begins.
-            self._cs_watching = True
-            self._cs_since = self._cs_guard.now
-            self._cs_head_bytes = 0
         before = self.cycle
         super().data_received(data)
-        if not self._cs_watching:
-            return
-        if self.cycle is not before:
-            self._cs_watching = False  # the head is complete: the common case
-            return
+        if before is self.cycle and (before is None or before.response_complete):
+            self._cs_partial(len(data))  # no new request: a head still incomplete (rare)
+
+    def _cs_partial(self, n: int) -> None:
         transport = self.transport
         if transport.is_closing() or transport.get_protocol() is not self:
-            self._cs_watching = False  # uvicorn answered, closed or upgraded
-            return
-        self._cs_head_bytes += len(data)
+            return  # uvicorn answered, closed or upgraded
+        if self._cs_counted is not self.cycle:
+            self._cs_counted, self._cs_head_bytes = self.cycle, 0  # a new head
+        self._cs_head_bytes += n
         if self._cs_head_bytes > self._cs_max_size:
-            self._cs_watching = False
             logger.warning("%s: request head over %d bytes; answered 431", _peer(self), self._cs_max_size)
             self._cs_answer(431, "Request Header Fields Too Large", "Request head too large.")
 
     def _cs_expired(self) -> None:
-        self._cs_watching = False
         transport = self.transport
         if transport.is_closing() or transport.get_protocol() is not self:
             return
-        if self._cs_head_bytes:
+        if self._cs_counted is self.cycle and self._cs_head_bytes:
             logger.info("%s: no complete request head within %g s; answered 408", _peer(self), self._cs_guard.timeout)
             self._cs_answer(408, "Request Timeout", "Request head not received in time.")
         else:
