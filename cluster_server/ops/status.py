@@ -199,7 +199,8 @@ class ClusterWatch(Component):
             "stop_reason": w.stop_reason,
             "restart_in_seconds": None,
             "failures": slot.failures if slot is not None else 0,
-            "last_exit": None,
+            # a worker started after its slot's last one failed: how that one ended
+            "last_exit": self.last_exit.get(w.id) if slot is not None and slot.failures else None,
         }
 
     def _backoff_row(self, slot: Slot, now: float) -> dict[str, Any]:

@@ -505,7 +505,8 @@ def test_multiprocess_dir_is_wiped_at_start_and_dead_workers_are_marked(
     m = scrape(mport)
     assert by(m, "shop_orders_total", "kind") == {"standard": 5, "express": 5}
     assert m["shop_basket_items_count"][()] == 10
-    assert m["shop_workers"][()] == 2  # livesum: the live workers
+    # livesum: the live workers (each sets its gauge once its app is imported)
+    wait_until(lambda: scrape(mport)["shop_workers"][()] == 2, 10, what="both workers' gauges")
     assert "cluster_server_workers" in m  # next to cluster-server's own
     # The app's own route, from inside a worker, says the same.
     assert "shop_orders_total" in httpx.get(f"{srv.url}/metrics", timeout=10).text
@@ -515,8 +516,9 @@ def test_multiprocess_dir_is_wiped_at_start_and_dead_workers_are_marked(
     os.kill(victim, signal.SIGKILL)
     wait_until(lambda: not (mp / f"gauge_livesum_{victim}.db").exists(), 10, what="mark_process_dead")
     wait_until(lambda: scrape(mport)["cluster_server_workers"][(("state", "ready"),)] == 2, 20, what="replaced")
+    # not 3: the dead worker's gauge is gone (and the new one's is written once it imported the app)
+    wait_until(lambda: scrape(mport)["shop_workers"][()] == 2, 10, what="the live workers' gauges")
     m = scrape(mport)
-    assert m["shop_workers"][()] == 2  # not 3: the dead worker's gauge is gone
     assert by(m, "shop_orders_total", "kind") == {"standard": 5, "express": 5}  # counters stay
 
 
