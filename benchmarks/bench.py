@@ -1796,17 +1796,36 @@ def add_efficiency_args(p: argparse.ArgumentParser) -> None:
         default=list(LOAD_MODES),
         help="keep-alive, close (a new connection per request), or both (both)",
     )
+    p.add_argument(
+        "--rate",
+        type=positive_int,
+        help="offer this many requests/s with wrk2 (open loop) instead of saturating with wrk",
+    )
+    p.add_argument("--wrk2", help="path of wrk2, for --rate (default: wrk2 on PATH)")
+
+
+def efficiency_load(url: str, seconds: int, args: argparse.Namespace, extra: tuple[str, ...]) -> LoadResult:
+    """wrk at saturation, or wrk2 at ``--rate`` (a steadier per-request cost: the same work
+    offered to every server, whatever the neighbours leave of the machine)."""
+    if not args.rate:
+        return wrk_load(url, seconds, args.connections, args.threads, *extra)
+    cmd = [args.wrk2, f"-t{args.threads}", f"-c{args.connections}", f"-d{seconds}s", f"-R{args.rate}"]
+    try:
+        proc = subprocess.run([*cmd, *extra, url + "/"], capture_output=True, text=True, timeout=seconds + 60)
+    except subprocess.TimeoutExpired:
+        raise LoadFailed(f"wrk2 overran its {seconds + 60}s deadline") from None
+    return wrk_result(proc.returncode, proc.stdout, proc.stderr)
 
 
 def measure_cpu_under_load(server: RunningServer, row: EfficiencyRow, args: argparse.Namespace) -> None:
     """One measured wrk run on a running server; the CPU its tree used meanwhile goes in ``row``."""
     extra = LOAD_MODES[row.mode]
     if args.warmup > 0:
-        wrk_load(server.url, args.warmup, args.connections, args.threads, *extra)
+        efficiency_load(server.url, args.warmup, args, extra)
     row.loadavg = os.getloadavg()[0]
     sid = server.proc.pid
     before = tree_cpu(sid)
-    row.load = wrk_load(server.url, args.duration, args.connections, args.threads, *extra)
+    row.load = efficiency_load(server.url, args.duration, args, extra)
     after = tree_cpu(sid)
     server.check_alive()
     row.cpu_s = sum(cpu - before.get(pid, 0.0) for pid, cpu in after.items())
@@ -1928,11 +1947,18 @@ def scenario_efficiency(args: argparse.Namespace) -> list[Row]:
         sys.exit("bench: the efficiency scenario needs wrk")
     if not Path("/proc/self/stat").exists():
         sys.exit("bench: the efficiency scenario reads /proc/PID/stat (Linux)")
+    if args.rate:
+        args.wrk2 = args.wrk2 or shutil.which("wrk2")
+        if not args.wrk2 or not os.access(args.wrk2, os.X_OK):
+            log("bench: efficiency --rate needs wrk2 (--wrk2 PATH, or wrk2 on PATH); skipped")
+            return []
     runs = run_efficiency_rounds(args)
     rows = summarize_efficiency(runs)
     print_efficiency_table(rows)
+    tool = f"wrk2 -R{args.rate}" if args.rate else "wrk"
     print(
-        f"\nload: wrk -t{args.threads} -c{args.connections} -d{args.duration}s per run, after {args.warmup}s warm-up,"
+        f"\nload: {tool} -t{args.threads} -c{args.connections} -d{args.duration}s per run,"
+        f" after {args.warmup}s warm-up,"
         f" GET / of {args.app}; close = -H 'Connection: close'; req/CPU-s = requests over the CPU time (user +"
         f" system, /proc/PID/stat) of every process in the server's session during the run; vs {BASELINE} ="
         f" median over {args.repeat} interleaved round(s) of that ratio against {BASELINE} in the same round;"
