@@ -47,6 +47,8 @@ DEFAULT_OUT = ROOT / "docs" / "img"
 PALETTE = ("#0072B2", "#E69F00", "#009E73", "#CC79A7", "#56B4E9", "#D55E00", "#F0E442", "#000000")
 #: fixed colours for the servers bench.py knows, so every chart agrees
 SERVER_COLOURS = {"cluster-server": "#0072B2", "uvicorn": "#E69F00", "gunicorn": "#009E73", "granian": "#CC79A7"}
+#: for ``cluster-server:POLICY`` rows, in order met (none of SERVER_COLOURS)
+POLICY_COLOURS = ("#56B4E9", "#D55E00", "#000000", "#F0E442", "#999999")
 
 WIDTH, PLOT_HEIGHT = 760, 244
 LEFT, RIGHT, TOP = 70, 20, 64
@@ -88,14 +90,21 @@ def grouped_bars(
     series: Sequence[Series],
     unit: str,
     notes: Sequence[str] = (),
+    fmt: Callable[[float], str] = short,
+    cap: float | None = None,
 ) -> str:
-    """A grouped bar chart: one group per x label, one bar per series in each group."""
+    """A grouped bar chart: one group per x label, one bar per series in each group.
+    ``fmt`` writes the value above each bar; a bar over ``cap`` is cut there (its label
+    still says its value), so that one outlier does not flatten the rest."""
     plot_w, plot_h = WIDTH - LEFT - RIGHT, PLOT_HEIGHT
-    notes = list(notes[:2])
-    height = TOP + plot_h + 58 + 16 * len(notes)
     top = max((v for s in series for v in s.values if v is not None), default=0.0)
-    ticks = nice_ticks(top * 1.08)
+    ticks = nice_ticks(min(top, cap if cap is not None else top) * 1.08)
     y_max = ticks[-1]
+    if top > y_max:
+        notes = [*notes, f"bars over {short(y_max)} {unit} are cut at the top (their label says their value)"]
+    notes = list(notes[:2])
+    legend = _legend_rows(series)
+    height = TOP + plot_h + 58 + 16 * len(notes) + 20 * (len(legend) - 1)
 
     def y(v: float) -> float:
         return TOP + plot_h - (v / y_max) * plot_h
@@ -128,14 +137,14 @@ def grouped_bars(
             value = s.values[gi]
             if value is None:
                 continue
-            bx, by = x0 + si * bar_w, y(value)
+            bx, by = x0 + si * bar_w, y(min(value, y_max))
             out.append(
                 f"<rect x='{bx + 1:.1f}' y='{by:.1f}' width='{bar_w - 2:.1f}' height='{TOP + plot_h - by:.1f}' "
                 f"fill='{s.colour}'><title>{escape(s.name)}, {escape(label)}: {value:g} {escape(unit)}</title></rect>"
             )
             out.append(
                 f"<text x='{bx + bar_w / 2:.1f}' y='{by - 4:.1f}' font-size='10' fill='#333' "
-                f"text-anchor='middle'>{short(value)}</text>"
+                f"text-anchor='middle'>{fmt(value)}</text>"
             )
         out.append(
             f"<text x='{LEFT + (gi + 0.5) * group_w:.1f}' y='{TOP + plot_h + 18:.1f}' font-size='12' fill='#333' "
@@ -144,16 +153,37 @@ def grouped_bars(
     base = TOP + plot_h
     out.append(f"<line x1='{LEFT}' y1='{base}' x2='{WIDTH - RIGHT}' y2='{base}' stroke='#888' stroke-width='1'/>")
 
-    # Legend, one row under the axis labels.
-    lx, ly = LEFT, TOP + plot_h + 44
-    for s in series:
-        out.append(f"<rect x='{lx}' y='{ly - 10}' width='12' height='12' fill='{s.colour}'/>")
-        out.append(f"<text x='{lx + 18}' y='{ly}' font-size='12' fill='#333'>{escape(s.name)}</text>")
-        lx += 30 + 7 * len(s.name)
+    # Legend, in as many rows as it takes, under the axis labels.
+    ly = TOP + plot_h + 44
+    for row in legend:
+        lx = LEFT
+        for s in row:
+            out.append(f"<rect x='{lx}' y='{ly - 10}' width='12' height='12' fill='{s.colour}'/>")
+            out.append(f"<text x='{lx + 18}' y='{ly}' font-size='12' fill='#333'>{escape(s.name)}</text>")
+            lx += _legend_width(s)
+        ly += 20
+    ly -= 20
     for i, note in enumerate(notes):
         out.append(f"<text x='{LEFT}' y='{ly + 22 + 16 * i}' font-size='11' fill='#777'>{escape(note)}</text>")
     out.append("</svg>")
     return "\n".join(out) + "\n"
+
+
+def _legend_width(s: Series) -> int:
+    return 30 + 7 * len(s.name)
+
+
+def _legend_rows(series: Sequence[Series]) -> list[list[Series]]:
+    """The legend's entries, wrapped to the chart's width."""
+    rows: list[list[Series]] = [[]]
+    used = 0
+    for s in series:
+        if rows[-1] and LEFT + used + _legend_width(s) > WIDTH - RIGHT:
+            rows.append([])
+            used = 0
+        rows[-1].append(s)
+        used += _legend_width(s)
+    return rows
 
 
 # --------------------------------------------------------------------------- scenarios
@@ -264,9 +294,10 @@ def _bars_by_server(
 ) -> list[Series]:
     """One series per server (in the order met), one value per group (None: not measured)."""
     out = []
-    for i, name in enumerate(_server_order(ok)):
+    others = iter(POLICY_COLOURS * 2)
+    for name in _server_order(ok):
         by_group = {group_of(r): value(r) for r in ok if r["server"] == name}
-        colour = SERVER_COLOURS.get(name, PALETTE[(i + 4) % len(PALETTE)])
+        colour = SERVER_COLOURS.get(name) or next(others)
         out.append(Series(_label(name), [by_group.get(g) for g in groups], colour))
     return out
 
@@ -279,12 +310,13 @@ def chart_efficiency(payload: dict[str, Any]) -> dict[str, str]:
     series = _bars_by_server(ok, groups, lambda r: f"{r['mode']} ({r['workers']} workers)", lambda r: r["ratio"])
     return {
         "efficiency.svg": grouped_bars(
-            "CPU efficiency: requests per CPU-second, relative to uvicorn (higher is better)",
-            _subtitle(payload) + " · medians",
+            "Requests per CPU-second, relative to uvicorn (higher is better)",
+            _subtitle(payload),
             groups,
             series,
             "x uvicorn",
             _left_out(rows),
+            fmt=lambda v: f"{v:.2f}",
         )
     }
 
@@ -299,13 +331,17 @@ def chart_openloop(payload: dict[str, Any]) -> dict[str, str]:
         series = _bars_by_server(
             ok, groups, lambda r: f"{r['variant']} {r['percent']}%", lambda r, k=key: r["percentiles"].get(k)
         )
+        values = sorted(v for s in series for v in s.values if v is not None)
+        cap = 4 * values[len(values) // 2] if values else None  # an overloaded server's seconds
         out[name] = grouped_bars(
             f"Open loop, a new connection per request: p{key} latency (lower is better)",
-            _subtitle(payload) + " · medians",
+            _subtitle(payload),
             groups,
             series,
             "milliseconds",
             _left_out(rows),
+            fmt=lambda v: f"{v:.1f}" if v < 100 else short(v),
+            cap=cap,
         )
     return out
 
@@ -323,7 +359,7 @@ def chart_restart(payload: dict[str, Any]) -> dict[str, str]:
     series = _bars_by_server(ok, groups, lambda r: f"{r['mode']} ({r['workers']} workers)", failed)
     return {
         "restart-failed.svg": grouped_bars(
-            "Failed requests across two rolling restarts (SIGHUP) under load (lower is better)",
+            "Failed requests across two rolling restarts under load (lower is better)",
             _subtitle(payload),
             groups,
             series,

@@ -84,14 +84,44 @@ def test_spread_chart_sorts_each_group_busiest_first(tmp_path: Path) -> None:
     assert shared == sorted(shared, reverse=True)
 
 
-def test_output_is_deterministic_and_the_committed_charts_are_current(tmp_path: Path) -> None:
-    source = ROOT / "benchmarks" / "results" / "throughput-2cpu.json"
+#: the charts docs/benchmarks.md shows, and the committed runs they are drawn from
+COMMITTED = ("efficiency-2w.json", "openloop-2w.json", "restart-2w-4w.json")
+
+
+@pytest.mark.parametrize("name", COMMITTED)
+def test_output_is_deterministic_and_the_committed_charts_are_current(tmp_path: Path, name: str) -> None:
+    source = ROOT / "benchmarks" / "results" / name
     first = charts.render([source], tmp_path / "a")
     second = charts.render([source], tmp_path / "b")
+    assert first
     for a, b in zip(first, second, strict=True):
         assert a.read_bytes() == b.read_bytes()
         committed = ROOT / "docs" / "img" / a.name
         assert committed.read_bytes() == a.read_bytes(), f"regenerate {committed}: python benchmarks/charts.py {source}"
+
+
+def test_efficiency_openloop_and_restart_charts(tmp_path: Path) -> None:
+    def ok(server: str, **fields: Any) -> dict[str, Any]:
+        return {"server": server, "workers": 2, "status": "ok", **fields}
+
+    eff = [ok("uvicorn", mode="close", ratio=1.0), ok("cluster-server", mode="close", ratio=0.5)]
+    got = dict(bars(charts.chart_efficiency(payload(eff, "efficiency"))["efficiency.svg"]))
+    assert got["cluster-server (default), close (2 workers): 0.5 x uvicorn"] == pytest.approx(
+        got["uvicorn, close (2 workers): 1 x uvicorn"] / 2, abs=0.2
+    )
+    ol = [ok("uvicorn", variant="block", percent=40, percentiles={"99": 20.0, "99.9": 30.0})]
+    drawn = charts.chart_openloop(payload(ol, "openloop"))
+    assert sorted(drawn) == ["openloop-p99.svg", "openloop-p999.svg"]
+    assert [t for t, _ in bars(drawn["openloop-p999.svg"])] == ["uvicorn, block 40%: 30 milliseconds"]
+    failed = {"non_2xx": 1, "socket_errors": {"read": 4, "connect": 0}}
+    rs = [ok("uvicorn", mode="close", load=failed), ok("cluster-server", mode="close", load={"non_2xx": 0})]
+    got = dict(bars(charts.chart_restart(payload(rs, "restart"))["restart-failed.svg"]))
+    assert set(got) == {
+        "uvicorn, close (2 workers): 5 failed requests",
+        "cluster-server (default), close (2 workers): 0 failed requests",
+    }
+    assert got["uvicorn, close (2 workers): 5 failed requests"] > 0
+    assert got["cluster-server (default), close (2 workers): 0 failed requests"] == 0
 
 
 def test_mixed_scenarios_are_refused(tmp_path: Path) -> None:

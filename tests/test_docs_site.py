@@ -85,9 +85,9 @@ def test_mkdocs_build_strict(tmp_path: Path) -> None:
         timeout=120,
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    for svg in ("throughput.svg", "latency-p99.svg"):
+    for svg in ("efficiency.svg", "openloop-p99.svg", "openloop-p999.svg", "restart-failed.svg"):
         assert (site / "img" / svg).is_file()
-    assert 'src="../img/throughput.svg"' in (site / "benchmarks" / "index.html").read_text()
+        assert f'src="../img/{svg}"' in (site / "benchmarks" / "index.html").read_text()
 
 
 # -- flags named in the docs ---------------------------------------------------------
