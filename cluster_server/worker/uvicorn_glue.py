@@ -332,7 +332,6 @@ def draining_protocol(base: Any, server: WorkerServer) -> Any:
 
     class DrainingProtocol(base):  # type: ignore[misc]
         _drain_timer: asyncio.TimerHandle | None = None
-        _drain_after_response = False
 
         def connection_made(self, transport: asyncio.BaseTransport) -> None:
             super().connection_made(transport)
@@ -348,12 +347,12 @@ def draining_protocol(base: Any, server: WorkerServer) -> Any:
                     cycle.default_headers = [*cycle.default_headers, CLOSE_HEADER]
                 super().shutdown()  # keep_alive = False: closed once the response is sent
             else:  # too late to say Connection: close: idle once it is sent
-                self._drain_after_response = True
+                # (set on this cycle alone, so that no request pays for a method override)
+                cycle.on_response = self._response_complete_then_drain
 
-        def on_response_complete(self) -> None:
+        def _response_complete_then_drain(self) -> None:
             super().on_response_complete()
-            if self._drain_after_response:
-                self._open_drain_window()
+            self._open_drain_window()
 
         def _open_drain_window(self) -> None:  # one more request, within server.drain_window
             if self._drain_timer is None and not self.transport.is_closing():

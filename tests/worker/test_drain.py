@@ -216,6 +216,24 @@ def test_keep_alive_connection_whose_response_had_started_serves_its_next_reques
         sock.close()
 
 
+@both_parsers
+def test_connection_whose_response_had_started_is_closed_one_window_after_it(server: Server) -> None:
+    """The same, but the client sends nothing more: once the response is complete the
+    connection gets the drain window (1 s), not uvicorn's keep-alive timeout (5 s)
+    nor the graceful timeout (4 s)."""
+    sock = socket.create_connection(("127.0.0.1", server.port))
+    try:
+        sock.sendall(b"GET /late-body HTTP/1.1\r\nHost: test\r\n\r\n")
+        server.wait_log("head sent")
+        _roll_and_wait_for_drain(server)
+        assert _read_response(sock).startswith(b"HTTP/1.1 200 ")
+        complete = time.monotonic()
+        assert _closed_by_peer(sock)
+        assert 0.5 < time.monotonic() - complete < 3.0
+    finally:
+        sock.close()
+
+
 def test_websocket_gets_1012_on_drain(server: Server) -> None:
     with ws_connect(f"ws://127.0.0.1:{server.port}/ws", open_timeout=5) as ws:
         ws.send("hello")
