@@ -216,11 +216,26 @@ def test_keep_alive_connection_whose_response_had_started_serves_its_next_reques
         sock.close()
 
 
-@both_parsers
-def test_connection_whose_response_had_started_is_closed_one_window_after_it(server: Server) -> None:
+@pytest.mark.parametrize("http", ["httptools", "h11"])
+def test_connection_whose_response_had_started_is_closed_one_window_after_it(
+    http: str, start_server: Callable[..., Server], write_app: Callable[[str, str], Path]
+) -> None:
     """The same, but the client sends nothing more: once the response is complete the
-    connection gets the drain window (1 s), not uvicorn's keep-alive timeout (5 s)
-    nor the graceful timeout (4 s)."""
+    connection gets the drain window (1 s), not uvicorn's keep-alive timeout (30 s
+    here) nor the graceful timeout (20 s here)."""
+    write_app("drainapp", DRAIN_APP)
+    args = (
+        "--workers",
+        "1",
+        "--no-access-log",
+        "--http",
+        http,
+        "--graceful-timeout",
+        "20",
+        "--timeout-keep-alive",
+        "30",
+    )
+    server = start_server("drainapp:app", *args).wait_ready()
     sock = socket.create_connection(("127.0.0.1", server.port))
     try:
         sock.sendall(b"GET /late-body HTTP/1.1\r\nHost: test\r\n\r\n")
