@@ -33,6 +33,7 @@ import argparse
 import datetime
 import json
 import math
+import statistics
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -193,13 +194,17 @@ def _subtitle(payload: dict[str, Any]) -> str:
     env, cfg = payload.get("environment", {}), payload.get("config", {})
     parts = [f"{env.get('cpu_count', '?')} CPUs", f"Python {env.get('python', '?')}"]
     tool = cfg.get("tool") or env.get("load_tool")
-    if tool == "wrk":
+    if payload.get("scenario") == "openloop":
+        parts.append(f"wrk2 -R, {cfg.get('connections', '?')} connections")
+    elif tool == "wrk":
         parts.append(f"wrk {cfg.get('threads', '?')} threads, {cfg.get('connections', '?')} connections")
     elif tool:
         parts.append(f"{tool} load loop (client-bound)")
     if cfg.get("duration"):
-        parts.append(f"{cfg['duration']} s per run")
-    if cfg.get("app"):
+        parts.append(f"{cfg['duration']} s runs")
+    if isinstance(cfg.get("repeat"), int) and cfg["repeat"] > 1:
+        parts.append(f"median of {cfg['repeat']} rounds")
+    if cfg.get("app") and cfg["app"] != "benchmarks.hello:app":  # (the default needs no room)
         parts.append(str(cfg["app"]))
     started = payload.get("started_at")
     if isinstance(started, int | float):
@@ -340,7 +345,7 @@ def chart_openloop(payload: dict[str, Any]) -> dict[str, str]:
             series,
             "milliseconds",
             _left_out(rows),
-            fmt=lambda v: f"{v:.1f}" if v < 100 else short(v),
+            fmt=lambda v: f"{v:.1f}" if v < 10 else (f"{v:.0f}" if v < 1000 else short(v)),
             cap=cap,
         )
     return out
@@ -367,6 +372,103 @@ def chart_restart(payload: dict[str, Any]) -> dict[str, str]:
             _left_out(rows),
         )
     }
+
+
+# --------------------------------------------------------------------------- tables
+
+
+def _md(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    """A Markdown table, the first column left-aligned and the others right-aligned."""
+    lines = ["| " + " | ".join(header) + " |", "| --- |" + " ---: |" * (len(header) - 1)]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def _ms(value: float | None) -> str:
+    return "-" if value is None else (f"{value:.1f}" if value < 1000 else f"{value / 1000:.2f} s")
+
+
+def table_efficiency(payload: dict[str, Any]) -> str:
+    """Ratio to uvicorn, requests per CPU-second and the main process's share of the CPU, per mode."""
+    ok = [r for r in payload["results"] if r.get("status") == "ok" and r.get("ratio") is not None]
+    modes = list(dict.fromkeys(r["mode"] for r in ok))
+    cells: dict[str, dict[str, str]] = {}
+    for r in ok:
+        d = r["details"]
+        cells.setdefault(_label(r["server"]), {})[r["mode"]] = (
+            f"{r['ratio']:.2f}x ({d['per_cpu_s']:,.0f}; {100 * d.get('main_share', 0):.1f}%)"
+        )
+    header = ["server", *(f"{m}: x uvicorn (req/CPU-s; main process)" for m in modes)]
+    return _md(header, [[name, *(row.get(m, "-") for m in modes)] for name, row in cells.items()])
+
+
+def table_openloop(payload: dict[str, Any]) -> str:
+    """p50 / p99 / p99.9 per server (rows) and variant at an offered load (columns)."""
+    ok = [r for r in payload["results"] if r.get("status") == "ok" and r.get("percentiles")]
+    groups = list(dict.fromkeys((r["variant"], r["percent"]) for r in ok))
+    rates: dict[tuple[str, int], list[int]] = {}
+    cells: dict[str, dict[tuple[str, int], str]] = {}
+    for r in ok:
+        group, p = (r["variant"], r["percent"]), r["percentiles"]
+        rates[group] = [run["rate"] for run in r["details"].get("runs", []) if "rate" in run]
+        cells.setdefault(_label(r["server"]), {})[group] = " / ".join(_ms(p.get(k)) for k in ("50", "99", "99.9"))
+
+    def head(group: tuple[str, int]) -> str:
+        seen = rates.get(group) or []
+        return f"{group[0]} {group[1]}% ({statistics.median(seen):,.0f}/s)" if seen else f"{group[0]} {group[1]}%"
+
+    header = ["p50 / p99 / p99.9 ms", *(head(g) for g in groups)]
+    return _md(header, [[name, *(row.get(g, "-") for g in groups)] for name, row in cells.items()])
+
+
+def table_restart(payload: dict[str, Any]) -> str:
+    """Failed requests (socket errors + non-2xx) of all requests, and the lowest one-second count."""
+    rows = []
+    for r in payload["results"]:
+        if r.get("status") != "ok" or not r.get("load"):
+            rows.append([_label(r["server"]), str(r.get("workers")), str(r.get("mode")), r.get("status", "?"), "-"])
+            continue
+        load = r["load"]
+        failed = int(load.get("non_2xx", 0)) + sum(int(v) for v in load.get("socket_errors", {}).values())
+        per_second = r.get("per_second") or []
+        rows.append(
+            [
+                _label(r["server"]),
+                str(r["workers"]),
+                r["mode"],
+                f"{failed:,} / {load.get('requests', 0):,}",
+                f"{min(per_second):,}" if per_second else "-",
+            ]
+        )
+    return _md(["server", "workers", "mode", "failed / requests", "lowest 1 s"], rows)
+
+
+def table_spread(payload: dict[str, Any]) -> str:
+    """Max/min requests per worker: the median, and each round's."""
+    rows = []
+    for r in payload["results"]:
+        if r.get("status") != "ok":
+            continue
+        d = r.get("details") or {}
+        each = " / ".join(f"{run['spread']:.2f}" for run in d.get("runs", []) if run.get("spread"))
+        rows.append(
+            [
+                _label(r["server"]),
+                str(r["workers"]),
+                f"{d.get('spread', 0):.2f}",
+                each,
+                f"{r['load']['requests_per_s']:,.0f}",
+            ]
+        )
+    return _md(["server", "workers", "max/min (median)", "each round", "req/s (median round)"], rows)
+
+
+TABLES: dict[str, Callable[[dict[str, Any]], str]] = {
+    "efficiency": table_efficiency,
+    "openloop": table_openloop,
+    "restart": table_restart,
+    "spread": table_spread,
+}
 
 
 CHARTS: dict[str, Callable[[dict[str, Any]], dict[str, str]]] = {
@@ -407,7 +509,14 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("json", nargs="+", type=Path, help="files written by bench.py --json (one scenario)")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"directory for the SVG files ({DEFAULT_OUT})")
+    parser.add_argument("--markdown", action="store_true", help="print the results as a Markdown table instead")
     args = parser.parse_args(argv)
+    if args.markdown:
+        payload = load(args.json)
+        if payload["scenario"] not in TABLES:
+            raise SystemExit(f"no table for scenario {payload['scenario']!r}; tables: {', '.join(TABLES)}")
+        print(TABLES[payload["scenario"]](payload))
+        return 0
     for path in render(args.json, args.out):
         print(path)
     return 0

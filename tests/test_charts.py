@@ -137,3 +137,44 @@ def test_nice_ticks(top: float, expected: list[float] | None) -> None:
     if expected is not None:
         assert ticks == expected
     assert ticks[0] == 0 and ticks[-1] >= top and len(ticks) <= 8
+
+
+def test_markdown_tables_carry_the_numbers_the_docs_quote(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    def ok(server: str, **fields: Any) -> dict[str, Any]:
+        return {"server": server, "workers": 2, "status": "ok", **fields}
+
+    eff = [
+        ok("uvicorn", mode="close", ratio=1.0, details={"per_cpu_s": 10000.0, "main_share": 0.0}),
+        ok("cluster-server:round-robin", mode="close", ratio=0.85, details={"per_cpu_s": 8500.0, "main_share": 0.2}),
+    ]
+    table = charts.table_efficiency(payload(eff, "efficiency"))
+    assert "| cluster-server:round-robin | 0.85x (8,500; 20.0%) |" in table
+    runs = [{"rate": 900}, {"rate": 1000}, {"rate": 1100}]
+    ol = [
+        ok(
+            "cluster-server",
+            variant="cpu",
+            percent=70,
+            percentiles={"50": 2.04, "99": 8.5, "99.9": 1600.0},
+            details={"runs": runs},
+        )
+    ]
+    table = charts.table_openloop(payload(ol, "openloop"))
+    assert "cpu 70% (1,000/s)" in table and "| cluster-server (default) | 2.0 / 8.5 / 1.60 s |" in table
+    rs = [
+        ok(
+            "gunicorn",
+            mode="close",
+            load={"requests": 5000, "non_2xx": 1, "socket_errors": {"read": 3}},
+            per_second=[900, 400],
+        )
+    ]
+    assert "| gunicorn | 2 | close | 4 / 5,000 | 400 |" in charts.table_restart(payload(rs, "restart"))
+
+    source = tmp_path / "r.json"
+    source.write_text(json.dumps(payload(rs, "restart")))
+    assert charts.main(["--markdown", str(source)]) == 0
+    assert "failed / requests" in capsys.readouterr().out
+    source.write_text(json.dumps(payload([], "memory")))
+    with pytest.raises(SystemExit, match="no table for scenario 'memory'"):
+        charts.main(["--markdown", str(source)])
