@@ -42,7 +42,7 @@ from uvicorn._compat import asyncio_run
 from uvicorn.server import ServerState
 
 from benchmarks.hello import app as hello_app
-from benchmarks.request_metrics import MemoryTransport
+from benchmarks.request_metrics import MemoryTransport, fast_path, serve
 from cluster_server.worker.uvicorn_glue import (
     WorkerServer,
     busy_tracking_protocol,
@@ -50,7 +50,6 @@ from cluster_server.worker.uvicorn_glue import (
     guard_request_head,
 )
 
-KEEP_ALIVE = b"GET / HTTP/1.1\r\nHost: bench\r\nUser-Agent: bench\r\nAccept: */*\r\n\r\n"
 CLOSE = b"GET / HTTP/1.1\r\nHost: bench\r\nUser-Agent: bench\r\nAccept: */*\r\nConnection: close\r\n\r\n"
 
 
@@ -91,17 +90,8 @@ def protocol_classes(http: str, loop: str) -> dict[str, tuple[uvicorn.Config, An
 
 
 async def keep_alive(cfg: uvicorn.Config, cls: Any, requests: int) -> float:
-    state = ServerState()
-    protocol = cls(config=cfg, server_state=state, app_state={})
-    protocol.connection_made(MemoryTransport())
-    start = time.process_time()
-    for i in range(1, requests + 1):
-        protocol.data_received(KEEP_ALIVE)
-        while state.total_requests < i:
-            await asyncio.sleep(0)
-    used = time.process_time() - start
-    protocol.connection_lost(None)
-    return used
+    cfg.http_protocol_class = cls  # (each variant has a config of its own)
+    return await serve(cfg, hello_app, None, requests, requests)
 
 
 async def close(cfg: uvicorn.Config, cls: Any, requests: int) -> float:
@@ -125,8 +115,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--requests", type=int, default=20000, help="requests per round, variant and mode")
     args = parser.parse_args()
-    fast = all(_importable(m) for m in ("uvloop", "httptools"))
-    loop, http = ("uvloop", "httptools") if fast else ("asyncio", "h11")
+    loop, http = fast_path()
     classes = protocol_classes(http, loop)
     names = list(classes)
     results: dict[tuple[str, str], list[float]] = {(n, m): [] for n in names for m in MODES}
@@ -154,14 +143,6 @@ def main() -> None:
                 f"{mode:>10} {name:>10}: median {median:.2f} us CPU/request, {median - base:+.2f} us "
                 f"({100 * (statistics.median(ratios) - 1):+.1f}% median of per-round ratios)"
             )
-
-
-def _importable(module: str) -> bool:
-    try:
-        __import__(module)
-    except ImportError:
-        return False
-    return True
 
 
 if __name__ == "__main__":

@@ -148,8 +148,7 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=20000, help="requests per round and variant")
     parser.add_argument("--report-every", type=int, default=1000, help="requests between two reports (1000)")
     args = parser.parse_args()
-    fast = all(_importable(m) for m in ("uvloop", "httptools"))
-    loop, http = ("uvloop", "httptools") if fast else ("asyncio", "h11")
+    loop, http = fast_path()
     cfg = config(loop, http)
     variants = Variants(importlib.import_module(f"uvicorn.protocols.http.{http}_impl"))
     names = ["off", "on", "middleware"]
@@ -171,6 +170,12 @@ def main() -> None:
         median = statistics.median(results[variant])
         values = " ".join(f"{v:.2f}" for v in results[variant])
         print(f"{variant:>10}: median {median:.2f} us CPU/request, {median - off:+.2f} vs off  ({values})")
+
+
+def fast_path() -> tuple[str, str]:
+    """(loop, http) as the workers run them: uvloop and httptools when both import."""
+    fast = all(_importable(m) for m in ("uvloop", "httptools"))
+    return ("uvloop", "httptools") if fast else ("asyncio", "h11")
 
 
 def _importable(module: str) -> bool:
