@@ -55,6 +55,11 @@ logger = logging.getLogger("cluster_server.worker")
 #: alone closes such connections at once, losing a request already on its way
 DRAIN_IDLE_WINDOW = 1.0
 CLOSE_HEADER = (b"connection", b"close")
+#: how long an idle connection closed by the drain may take to be gone before it is
+#: aborted: a TLS close waits for the client's close_notify, which an idle client
+#: (a pool's connection, a browser's) sends only when it next reads, and the
+#: event loop's own limit (``ssl_shutdown_timeout``, 30 s) would hold the drain
+DRAIN_CLOSE_WAIT = 1.0
 
 
 class WorkerServer(uvicorn.Server):
@@ -364,6 +369,12 @@ def draining_protocol(base: Any, server: WorkerServer) -> Any:
             cycle = getattr(self, "cycle", None)
             if cycle is None or cycle.response_complete:  # (else its response closes the connection)
                 super().shutdown()  # nothing came: close it
+                asyncio.get_running_loop().call_later(DRAIN_CLOSE_WAIT, self._abort_if_still_open)
+
+        def _abort_if_still_open(self) -> None:
+            # idle and closed: nothing of a response can be cut, only the TLS goodbye
+            if self in self.connections and self.transport.get_write_buffer_size() == 0:
+                self.transport.abort()
 
         # (no connection_lost override, one call less per connection: a drain timer left
         # behind finds the transport closing and does nothing)

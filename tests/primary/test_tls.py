@@ -5,8 +5,11 @@
 
 from __future__ import annotations
 
+import http.client
+import signal
 import ssl
 import subprocess
+import time
 from pathlib import Path
 from typing import Any
 
@@ -99,3 +102,27 @@ def test_encrypted_key_with_password_from_the_environment(
     server = start_server("hello:app", *tls_args, env={"CLUSTER_SERVER_SSL_KEYFILE_PASSWORD": "s3cret"}).wait_ready()
     response = httpx.get(f"https://127.0.0.1:{server.port}/", verify=tls_files.client_context(), timeout=10)
     assert response.status_code == 200
+
+
+def test_an_idle_tls_client_does_not_hold_a_draining_worker(
+    start_server: Any, write_app: Any, tls_files: TLSFiles
+) -> None:
+    """A keep-alive TLS client that sits idle and does not read (a pool's spare
+    connection) never answers the server's close_notify. The drain closes the
+    connection after its idle window; the worker must then be gone within a few
+    seconds, not at the graceful timeout (20 s here) nor at the event loop's own
+    30 s TLS shutdown limit."""
+    write_app("hello", HELLO_APP)
+    args = ("--workers", "1", "--graceful-timeout", "20", "--timeout-keep-alive", "60")
+    server = start_server("hello:app", *tls_files.server_args(), *args).wait_ready()
+    conn = http.client.HTTPSConnection("127.0.0.1", server.port, context=tls_files.client_context(), timeout=10)
+    try:
+        conn.request("GET", "/")
+        old_pid = conn.getresponse().read().decode()
+        server.signal(signal.SIGHUP)
+        server.wait_log("worker draining:")
+        began = time.monotonic()
+        server.wait_log(f"[pid {old_pid}] exited", timeout=10)
+        assert time.monotonic() - began < 5  # the 1 s window, then at most 1 s for the TLS close
+    finally:
+        conn.close()
