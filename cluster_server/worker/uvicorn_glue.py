@@ -369,12 +369,7 @@ def draining_protocol(base: Any, server: WorkerServer) -> Any:
             cycle = getattr(self, "cycle", None)
             if cycle is None or cycle.response_complete:  # (else its response closes the connection)
                 super().shutdown()  # nothing came: close it
-                asyncio.get_running_loop().call_later(DRAIN_CLOSE_WAIT, self._abort_if_still_open)
-
-        def _abort_if_still_open(self) -> None:
-            # idle and closed: nothing of a response can be cut, only the TLS goodbye
-            if self in self.connections and self.transport.get_write_buffer_size() == 0:
-                self.transport.abort()
+                asyncio.get_running_loop().call_later(DRAIN_CLOSE_WAIT, _abort_if_still_open, self)
 
         # (no connection_lost override, one call less per connection: a drain timer left
         # behind finds the transport closing and does nothing)
@@ -386,6 +381,13 @@ def draining_protocol(base: Any, server: WorkerServer) -> Any:
 
     DrainingProtocol.__name__ = DrainingProtocol.__qualname__ = f"Draining{base.__name__}"
     return DrainingProtocol
+
+
+def _abort_if_still_open(protocol: Any) -> None:
+    """A connection the drain closed while idle, still there ``DRAIN_CLOSE_WAIT`` later:
+    nothing of a response can be cut, only the TLS goodbye the client never sent."""
+    if protocol in protocol.connections and protocol.transport.get_write_buffer_size() == 0:
+        protocol.transport.abort()
 
 
 def _shutdown_when_open(ws: Any, interval: float = 0.02) -> None:
