@@ -510,13 +510,6 @@ class RoundRobinServer(asyncio.AbstractServer):
         if self._forever is not None and not self._forever.done():
             self._forever.cancel()
 
-    def close_threadsafe(self) -> None:
-        """``close()`` from another thread (the worker's channel thread, on disconnect)."""
-        try:
-            self._loop.call_soon_threadsafe(self.close)
-        except RuntimeError:  # the loop is closed: nothing serves any more
-            self._sock.close()
-
     async def wait_closed(self) -> None:
         await self._closed.wait()
 

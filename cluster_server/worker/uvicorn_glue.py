@@ -15,10 +15,12 @@ Tested against uvicorn 0.54 (pinned in pyproject.toml). What we rely on:
   between requests (armed when a response completes with nothing pipelined,
   cleared when data arrives or the connection closes cleanly);
 - for the drain: the HTTP protocols' ``cycle`` (``response_started``,
-  ``response_complete``, ``keep_alive``, ``default_headers``), ``shutdown()``,
-  ``on_response_complete()`` (called, on a connection kept alive, once a
-  response is sent), ``handle_websocket_upgrade()``, ``server_state.default_headers``, and the
-  WebSocket protocols' ``handshake_complete`` / ``handshake_completed_event``.
+  ``response_complete``, ``keep_alive``, ``default_headers``, and
+  ``on_response``, the callback it calls once its response is sent, which is
+  the protocol's ``on_response_complete``), ``shutdown()``,
+  ``handle_websocket_upgrade()``, ``server_state.default_headers``, the
+  ``connections`` set each protocol holds, and the WebSocket protocols'
+  ``handshake_complete`` / ``handshake_completed_event``.
 - the protocols' ``cycle``, ``transport`` and ``server_state.default_headers``
   (``guard_request_head``).
 - for ``count_requests``: the module-level name ``RequestResponseCycle`` in
