@@ -49,10 +49,10 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, TypeVar
 from urllib.parse import urlsplit
 
 import httpx
@@ -405,19 +405,42 @@ def wrk_command(url: str, duration: int, connections: int, threads: int, *extra:
     return [*cmd, *extra, url + "/"]
 
 
-def wrk_result(returncode: int, stdout: str, stderr: str) -> LoadResult:
+def wrk_result(returncode: int, stdout: str, stderr: str, tool: str = "wrk") -> LoadResult:
     if returncode != 0:
-        raise LoadFailed(f"wrk exited with {returncode}: {stderr.strip()}")
+        raise LoadFailed(f"{tool} exited with {returncode}: {stderr.strip()}")
     return parse_wrk(stdout)
 
 
-def wrk_load(url: str, duration: int, connections: int, threads: int, *extra: str) -> LoadResult:
-    cmd = wrk_command(url, duration, connections, threads, *extra)
+def run_wrk(cmd: list[str], duration: int, slack: int = 30) -> LoadResult:
+    """Run wrk or wrk2 (``cmd``) for its ``duration`` s, ``slack`` s more at the most; its parsed output."""
+    tool = Path(cmd[0]).name
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=duration + 30)
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=duration + slack)
     except subprocess.TimeoutExpired:
-        raise LoadFailed(f"wrk overran its {duration + 30}s deadline") from None
-    return wrk_result(proc.returncode, proc.stdout, proc.stderr)
+        raise LoadFailed(f"{tool} overran its {duration + slack}s deadline") from None
+    return wrk_result(proc.returncode, proc.stdout, proc.stderr, tool)
+
+
+def wrk_load(url: str, duration: int, connections: int, threads: int, *extra: str) -> LoadResult:
+    return run_wrk(wrk_command(url, duration, connections, threads, *extra), duration)
+
+
+def wrk2_load(wrk2: str, url: str, duration: int, connections: int, threads: int, rate: int, *extra: str) -> LoadResult:
+    """wrk2 (open loop) offering ``rate`` requests/s to ``GET url/``; ``extra`` goes before the URL."""
+    cmd = [wrk2, f"-t{threads}", f"-c{connections}", f"-d{duration}s", f"-R{rate}", *extra, url + "/"]
+    return run_wrk(cmd, duration, slack=60)
+
+
+def wrk2_path(explicit: str | None = None) -> str | None:
+    """wrk2: ``explicit`` (--wrk2), ``$WRK2``, on PATH, or a ``shared/tools/wrk2`` next to the checkout or above it."""
+    found = explicit or os.environ.get("WRK2") or shutil.which("wrk2")
+    if found:
+        return found
+    for base in (ROOT.parent, ROOT.parent.parent):
+        shared = base / "shared" / "tools" / "wrk2"
+        if shared.exists():
+            return str(shared)
+    return None
 
 
 def run_clients(client: Callable[[int], None], connections: int, stop_at: float) -> None:
@@ -543,7 +566,7 @@ def fill_ratios(rows: list[Row]) -> None:
             r.ratio = r.load.requests_per_s / base[r.workers]
 
 
-def print_columns(table: list[tuple[str, ...]], left: int = 1) -> None:
+def print_columns(table: Sequence[Sequence[str]], left: int = 1) -> None:
     """Print rows as aligned columns: the first ``left`` left-aligned, the rest right-aligned."""
     widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
     for i, row in enumerate(table):
@@ -670,6 +693,53 @@ def measure_under_load(
     return row
 
 
+R = TypeVar("R", bound=Row)
+K = TypeVar("K")
+
+
+def measure_each(
+    spec: ServerSpec,
+    rows: list[R],
+    args: argparse.Namespace,
+    measure: Callable[[RunningServer, R], None],
+    warmup: Callable[[str], object] | None = None,
+) -> list[R]:
+    """Start ``spec`` once (``rows[0].workers`` workers), ``warmup(url)``, then ``measure(server, row)``
+    for each row in turn, each recorded on its own; a server that does not start (or is not
+    installed) gives every row its status and note."""
+    workers = rows[0].workers
+    holder = Row(rows[0].scenario, spec.name, workers)
+    with recorded(holder), run_server(spec, args.app, workers, args.start_timeout) as server:
+        pids = len(probe_pids(server.url, workers, timeout=5))
+        if warmup is not None:
+            warmup(server.url)
+        for row in rows:
+            row.command, row.pids_seen = server.command, pids
+            with recorded(row):
+                measure(server, row)
+    if holder.status != "ok":
+        for row in rows:
+            row.status, row.note = holder.status, holder.note
+    return rows
+
+
+def grouped(rows: list[R], key: Callable[[R], K]) -> dict[K, list[R]]:
+    """``rows`` by ``key``, in the order the keys are first met."""
+    out: dict[K, list[R]] = {}
+    for r in rows:
+        out.setdefault(key(r), []).append(r)
+    return out
+
+
+def joined_notes(rows: list[R]) -> str:
+    return "; ".join(sorted({r.note for r in rows if r.note}))
+
+
+def display_name(server: str) -> str:
+    """``cluster-server`` alone runs its default policy; ``cluster-server:POLICY`` names one."""
+    return "cluster-server (default)" if server == "cluster-server" else server
+
+
 def measure_throughput(spec: ServerSpec, workers: int, args: argparse.Namespace) -> Row:
     def load(url: str) -> LoadResult:
         return run_load(url, args.tool, args.duration, args.connections, args.threads)
@@ -738,7 +808,8 @@ function done(summary, latency, requests)
 end
 """
 
-RESTART_MODES = {"keep-alive": [], "close": ["-H", "Connection: close"]}
+#: wrk options per load mode: keep-alive, or a new connection per request
+LOAD_MODES: dict[str, tuple[str, ...]] = {"keep-alive": (), "close": ("-H", "Connection: close")}
 
 
 @dataclass
@@ -758,10 +829,15 @@ def add_restart_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--connections", type=positive_int, default=64, help="open connections (64)")
     p.add_argument("--threads", type=positive_int, default=2, help="wrk threads (2)")
     p.add_argument("--restarts", type=positive_int, default=2, help="SIGHUPs, spread evenly over the run (2)")
+    add_modes_arg(p)
+
+
+def add_modes_arg(p: argparse.ArgumentParser) -> None:
+    """``--modes``: a comma-separated subset of LOAD_MODES (unknown names dropped; none left: all)."""
     p.add_argument(
         "--modes",
-        type=lambda t: [m for m in t.split(",") if m in RESTART_MODES] or list(RESTART_MODES),
-        default=list(RESTART_MODES),
+        type=lambda t: [m for m in t.split(",") if m in LOAD_MODES] or list(LOAD_MODES),
+        default=list(LOAD_MODES),
         help="keep-alive, close (a new connection per request), or both (both)",
     )
 
@@ -779,14 +855,12 @@ def measure_restart(spec: ServerSpec, workers: int, mode: str, args: argparse.Na
     with (
         recorded(row),
         run_server(spec, args.app, workers, args.start_timeout) as server,
-        tempfile.TemporaryDirectory() as tmp,
+        lua_file(PER_SECOND_LUA) as script,
     ):
         row.command = server.command
         before = probe_pids(server.url, workers, timeout=3)
         row.pids_seen = len(before)
-        script = Path(tmp, "per_second.lua")
-        script.write_text(PER_SECOND_LUA)
-        extra = ("-s", str(script), *RESTART_MODES[mode])
+        extra = ("-s", script, *LOAD_MODES[mode])
         cmd = wrk_command(server.url, args.duration, args.connections, args.threads, *extra)
         started = time.monotonic()
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -913,12 +987,19 @@ end
 """
 
 
-def wrk_script_load(url: str, duration: int, connections: int, threads: int, script: str) -> LoadResult:
-    """wrk with a Lua script (its extra output stays in ``raw``)."""
+@contextlib.contextmanager
+def lua_file(script: str) -> Iterator[str]:
+    """``script`` in a temporary file, for wrk's ``-s``; removed afterwards."""
     with tempfile.NamedTemporaryFile("w", suffix=".lua", prefix="bench-") as fh:
         fh.write(script)
         fh.flush()
-        return wrk_load(url, duration, connections, threads, "-s", fh.name)
+        yield fh.name
+
+
+def wrk_script_load(url: str, duration: int, connections: int, threads: int, script: str) -> LoadResult:
+    """wrk with a Lua script (its extra output stays in ``raw``)."""
+    with lua_file(script) as path:
+        return wrk_load(url, duration, connections, threads, "-s", path)
 
 
 def python_close_load(
@@ -1060,7 +1141,7 @@ def combine_runs(kind: str, runs: list[Row]) -> Row:
         return runs[-1]
     best = ok[0]
     row = Row(kind, best.server, best.workers, command=best.command, pids_seen=min(r.pids_seen or 0 for r in ok))
-    row.note = "; ".join(sorted({r.note for r in runs if r.note}))
+    row.note = joined_notes(runs)
     assert best.load is not None
     loads = [r.load for r in ok if r.load is not None]
     row.load = LoadResult(
@@ -1091,7 +1172,7 @@ def combine_runs(kind: str, runs: list[Row]) -> Row:
 def run_scheduling(kind: str, args: argparse.Namespace) -> list[Row]:
     if args.tool == "python":
         log(f"bench: using the Python load loop ({args.tool_reason}): client-bound, compare servers only")
-    rows = []
+    rows: list[Row] = []
     for workers in args.workers:
         runs: dict[str, list[Row]] = {name: [] for name in args.servers}
         for i in range(args.repeat):  # interleaved, so a noisy neighbour hits every server alike
@@ -1133,7 +1214,7 @@ def print_scheduling_table(kind: str, rows: list[Row]) -> None:
             spread = r.details.get("spread")
             shown = "-" if spread is None else ("inf" if spread == float("inf") else f"{spread:.2f}")
             per = "/".join(str(c) for c in r.details.get("per_worker") or [])
-            cells = (f"{r.load.requests_per_s:,.0f}", shown, per, str(r.load.errors))
+            cells: tuple[str, ...] = (f"{r.load.requests_per_s:,.0f}", shown, per, str(r.load.errors))
         else:
             p50, p90, p99 = ("-" if v is None else f"{v:.2f}" for v in (r.load.p50_ms, r.load.p90_ms, r.load.p99_ms))
             cells = (f"{r.load.requests_per_s:,.0f}", p50, p90, p99, str(r.load.errors))
@@ -1375,8 +1456,8 @@ def scenario_reload(args: argparse.Namespace) -> list[Row]:
     if 1 in base:  # uvicorn reloads one worker whatever --workers says: compare everyone with it
         base = {w: base.get(w, base[1]) for w in args.workers}
     for r in rows:
-        if r.status == "ok" and r.median_ms and base.get(r.workers):
-            r.ratio = r.median_ms / base[r.workers]
+        if r.status == "ok" and r.median_ms and (b := base.get(r.workers)):
+            r.ratio = r.median_ms / b
     header = ("server", "workers", "saves", "median ms", "max ms", "failed", "requests", "longest ms", "vs uvicorn")
     table = [header]
     for r in rows:
@@ -1436,20 +1517,29 @@ class MemoryRow(Row):
     per_process: list[dict[str, Any]] = field(default_factory=list)
 
 
-def session_pids(sid: int) -> list[int]:
-    """Every process in session ``sid`` (a server started with start_new_session)."""
+def proc_stat(pid: int | str) -> list[str] | None:
+    """The fields of ``/proc/PID/stat`` after the command name (``[0]`` is field 3, the state);
+    None when the process is gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+
+
+def live_pids(index: int, value: int) -> list[int]:
+    """Every process not a zombie whose ``proc_stat(pid)[index]`` is ``value``, sorted."""
     pids = []
     for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[3]) == sid and fields[0] != "Z":  # fields[3] is the session id (field 6)
+        fields = proc_stat(entry) if entry.isdigit() else None
+        if fields and int(fields[index]) == value and fields[0] != "Z":
             pids.append(int(entry))
     return sorted(pids)
+
+
+def session_pids(sid: int) -> list[int]:
+    """Every process in session ``sid`` (a server started with start_new_session)."""
+    return live_pids(3, sid)  # fields[3] is the session id (field 6)
 
 
 def smaps_rollup(pid: int) -> dict[str, int]:
@@ -1596,30 +1686,13 @@ def tree_cpu_seconds(sid: int) -> float:
     return total / 1e9
 
 
-def wrk2_path() -> str | None:
-    """wrk2 (open-loop, ``-R``): ``$WRK2``, on PATH, or a ``shared/tools/wrk2`` next to the checkout or above it."""
-    found = os.environ.get("WRK2") or shutil.which("wrk2")
-    if found:
-        return found
-    for base in (ROOT.parent, ROOT.parent.parent):
-        shared = base / "shared" / "tools" / "wrk2"
-        if shared.exists():
-            return str(shared)
-    return None
-
-
 def cost_load(url: str, args: argparse.Namespace) -> LoadResult:
     """Keep-alive load on ``GET /``: wrk2 at ``--rate`` requests/s, or wrk as fast as it goes."""
     if args.rate:
         wrk2 = wrk2_path()
         if wrk2 is None:
             sys.exit("bench: --rate needs wrk2 ($WRK2, on PATH, or shared/tools/wrk2 next to the checkout)")
-        cmd = [wrk2, "-t1", f"-c{args.connections}", f"-d{args.duration}s", f"-R{args.rate}", "--latency", url + "/"]
-        try:
-            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.duration + 30)
-        except subprocess.TimeoutExpired:
-            raise LoadFailed("wrk2 overran its deadline") from None
-        return wrk_result(proc.returncode, proc.stdout, proc.stderr)
+        return wrk2_load(wrk2, url, args.duration, args.connections, 1, args.rate, "--latency")
     return run_load(url, args.tool, args.duration, args.connections, args.threads)
 
 
@@ -1749,19 +1822,13 @@ SCENARIOS["metrics-cost"] = Scenario(
 #: servers ``efficiency`` compares by default: the baseline, gunicorn's uvicorn worker,
 #: every cluster-server policy, and cluster-server with no --scheduling (its default)
 EFFICIENCY_SERVERS = ["uvicorn", "gunicorn", *(f"cluster-server:{p}" for p in POLICIES), "cluster-server"]
-#: wrk options per load mode: keep-alive, or a new connection per request
-LOAD_MODES: dict[str, tuple[str, ...]] = {"keep-alive": (), "close": ("-H", "Connection: close")}
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 
 
 def process_cpu(pid: int) -> float:
     """CPU seconds (user + system) ``pid`` has used so far; 0 when it is gone."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-    except OSError:
-        return 0.0
-    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS  # utime, stime (fields 14, 15)
+    fields = proc_stat(pid)
+    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS if fields else 0.0  # utime, stime (fields 14, 15)
 
 
 def tree_cpu(sid: int) -> dict[int, float]:
@@ -1790,18 +1857,13 @@ def add_efficiency_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=positive_int, default=2, help="wrk threads (2)")
     p.add_argument("--repeat", type=positive_int, default=3, help="interleaved rounds; medians (3)")
     p.add_argument("--warmup", type=non_negative_int, default=1, help="seconds of discarded load first (1)")
-    p.add_argument(
-        "--modes",
-        type=lambda t: [m for m in t.split(",") if m in LOAD_MODES] or list(LOAD_MODES),
-        default=list(LOAD_MODES),
-        help="keep-alive, close (a new connection per request), or both (both)",
-    )
+    add_modes_arg(p)
     p.add_argument(
         "--rate",
         type=positive_int,
         help="offer this many requests/s with wrk2 (open loop) instead of saturating with wrk",
     )
-    p.add_argument("--wrk2", help="path of wrk2, for --rate (default: wrk2 on PATH)")
+    p.add_argument("--wrk2", help="path of wrk2, for --rate (default: $WRK2, wrk2 on PATH, or shared/tools/wrk2)")
 
 
 def efficiency_load(url: str, seconds: int, args: argparse.Namespace, extra: tuple[str, ...]) -> LoadResult:
@@ -1809,12 +1871,7 @@ def efficiency_load(url: str, seconds: int, args: argparse.Namespace, extra: tup
     offered to every server, whatever the neighbours leave of the machine)."""
     if not args.rate:
         return wrk_load(url, seconds, args.connections, args.threads, *extra)
-    cmd = [args.wrk2, f"-t{args.threads}", f"-c{args.connections}", f"-d{seconds}s", f"-R{args.rate}"]
-    try:
-        proc = subprocess.run([*cmd, *extra, url + "/"], capture_output=True, text=True, timeout=seconds + 60)
-    except subprocess.TimeoutExpired:
-        raise LoadFailed(f"wrk2 overran its {seconds + 60}s deadline") from None
-    return wrk_result(proc.returncode, proc.stdout, proc.stderr)
+    return wrk2_load(args.wrk2, url, seconds, args.connections, args.threads, args.rate, *extra)
 
 
 def measure_cpu_under_load(server: RunningServer, row: EfficiencyRow, args: argparse.Namespace) -> None:
@@ -1835,19 +1892,7 @@ def measure_cpu_under_load(server: RunningServer, row: EfficiencyRow, args: argp
 def measure_efficiency(spec: ServerSpec, workers: int, rnd: int, args: argparse.Namespace) -> list[EfficiencyRow]:
     """Start ``spec`` once and measure each load mode on it, in turn."""
     rows = [EfficiencyRow("efficiency", spec.name, workers, mode=m, round=rnd) for m in args.modes]
-    with contextlib.ExitStack() as stack:
-        holder = Row("efficiency", spec.name, workers)
-        stack.enter_context(recorded(holder))
-        server = stack.enter_context(run_server(spec, args.app, workers, args.start_timeout))
-        pids = len(probe_pids(server.url, workers, timeout=5))
-        for row in rows:
-            row.command, row.pids_seen = server.command, pids
-            with recorded(row):
-                measure_cpu_under_load(server, row, args)
-    if holder.status != "ok":  # the server did not start (or is not installed)
-        for row in rows:
-            row.status, row.note = holder.status, holder.note
-    return rows
+    return measure_each(spec, rows, args, lambda server, row: measure_cpu_under_load(server, row, args))
 
 
 def run_efficiency_rounds(args: argparse.Namespace) -> list[EfficiencyRow]:
@@ -1881,18 +1926,16 @@ def summarize_efficiency(runs: list[EfficiencyRow]) -> list[EfficiencyRow]:
     """One row per (workers, mode, server): medians over rounds; ``ratio`` is the median of
     each round's requests per CPU-second over uvicorn's in the same round and mode."""
     base = {(r.workers, r.mode, r.round): r.per_cpu_s for r in runs if r.server == BASELINE and r.per_cpu_s}
-    keys = list(dict.fromkeys((r.workers, r.mode, r.server) for r in runs))
     out = []
-    for workers, mode, server in keys:
-        mine = [r for r in runs if (r.workers, r.mode, r.server) == (workers, mode, server)]
+    for (workers, mode, server), mine in grouped(runs, lambda r: (r.workers, r.mode, r.server)).items():
         ok = [r for r in mine if r.status == "ok" and r.per_cpu_s and r.load]
         if not ok:
             out.append(mine[-1])
             continue
         row = EfficiencyRow("efficiency", server, workers, mode=mode, command=ok[0].command)
-        row.note = "; ".join(sorted({r.note for r in mine if r.note}))
-        ratios = [r.per_cpu_s / base[(workers, mode, r.round)] for r in ok if base.get((workers, mode, r.round))]
-        row.ratio = statistics.median(ratios) if ratios else None  # type: ignore[operator]
+        row.note = joined_notes(mine)
+        ratios = [p / b for r in ok if (p := r.per_cpu_s) and (b := base.get((workers, mode, r.round)))]
+        row.ratio = statistics.median(ratios) if ratios else None
         row.details = {
             "requests_per_s": statistics.median(r.load.requests_per_s for r in ok if r.load),
             "per_cpu_s": statistics.median(r.per_cpu_s for r in ok if r.per_cpu_s),
@@ -1920,7 +1963,7 @@ def print_efficiency_table(rows: list[EfficiencyRow]) -> None:
     header = ("server", "workers", "mode", "req/s", "req/CPU-s", f"vs {BASELINE}", "main CPU", "errors", "rounds")
     table = [header]
     for r in rows:
-        name = "cluster-server (default)" if r.server == "cluster-server" else r.server
+        name = display_name(r.server)
         if r.status != "ok" or not r.details:
             table.append((name, str(r.workers), r.mode, r.status, *("-",) * 5))
             continue
@@ -1948,9 +1991,9 @@ def scenario_efficiency(args: argparse.Namespace) -> list[Row]:
     if not Path("/proc/self/stat").exists():
         sys.exit("bench: the efficiency scenario reads /proc/PID/stat (Linux)")
     if args.rate:
-        args.wrk2 = args.wrk2 or shutil.which("wrk2")
+        args.wrk2 = wrk2_path(args.wrk2)
         if not args.wrk2 or not os.access(args.wrk2, os.X_OK):
-            log("bench: efficiency --rate needs wrk2 (--wrk2 PATH, or wrk2 on PATH); skipped")
+            log("bench: efficiency --rate needs wrk2 (--wrk2 PATH, $WRK2, or wrk2 on PATH); skipped")
             return []
     runs = run_efficiency_rounds(args)
     rows = summarize_efficiency(runs)
@@ -2001,7 +2044,7 @@ class OpenLoopRow(Row):
 
 def add_openloop_args(p: argparse.ArgumentParser) -> None:
     p.set_defaults(servers=list(OPENLOOP_SERVERS), workers=[2])
-    p.add_argument("--wrk2", help="path of wrk2 (default: wrk2 on PATH; the scenario is skipped without it)")
+    p.add_argument("--wrk2", help="path of wrk2 (default: $WRK2, wrk2 on PATH, or shared/tools/wrk2; else skipped)")
     p.add_argument("--duration", type=positive_int, default=10, help="seconds per measured run (10)")
     p.add_argument("--connections", type=positive_int, default=64, help="wrk2 connections (64)")
     p.add_argument("--threads", type=positive_int, default=2, help="wrk2 threads (2)")
@@ -2025,29 +2068,21 @@ def openloop_script(variant: str) -> str:
     return MIXED_LUA.replace("/block?ms={ms}", f"{path}?ms={ms}").replace("{every}", str(every))
 
 
-def parse_wrk2(output: str) -> tuple[LoadResult, dict[str, float]]:
-    """wrk2 ``--latency`` output: the summary and the corrected percentiles (ms)."""
+def wrk2_percentiles(output: str) -> dict[str, float]:
+    """The corrected percentiles (ms) of wrk2 ``--latency`` output, by name ("99.9")."""
     found: dict[str, float] = {}
     for m in re.finditer(r"^\s*(\d+\.\d+)%\s+([\d.]+)(us|ms|s|m|h)\s*$", output, re.M):
         found.setdefault(f"{float(m[1]):g}", _to_ms(m[2], m[3]))
-    return parse_wrk(output), found
+    return found
 
 
 def wrk2_run(
     wrk2: str, url: str, rate: int, args: argparse.Namespace, variant: str
 ) -> tuple[LoadResult, dict[str, float]]:
-    with tempfile.NamedTemporaryFile("w", suffix=".lua", prefix="bench-") as fh:
-        fh.write(openloop_script(variant))
-        fh.flush()
-        cmd = [wrk2, f"-t{args.threads}", f"-c{args.connections}", f"-d{args.duration}s", f"-R{rate}"]
-        cmd += ["--latency", "--timeout", "5s", "-s", fh.name, url + "/"]
-        try:
-            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.duration + 60)
-        except subprocess.TimeoutExpired:
-            raise LoadFailed(f"wrk2 overran its {args.duration + 60}s deadline") from None
-    if proc.returncode != 0:
-        raise LoadFailed(f"wrk2 exited with {proc.returncode}: {proc.stderr.strip()}")
-    return parse_wrk2(proc.stdout)
+    with lua_file(openloop_script(variant)) as script:
+        extra = ("--latency", "--timeout", "5s", "-s", script)
+        load = wrk2_load(wrk2, url, args.duration, args.connections, args.threads, rate, *extra)
+    return load, wrk2_percentiles(load.raw)
 
 
 def measure_capacity(variant: str, args: argparse.Namespace) -> int:
@@ -2064,25 +2099,21 @@ def measure_openloop(
     spec: ServerSpec, rnd: int, rates: dict[tuple[str, int], int], wrk2: str, args: argparse.Namespace
 ) -> list[OpenLoopRow]:
     """Start ``spec`` once; one wrk2 run per (variant, load) on it."""
-    workers = args.workers[0]
     rows = [
-        OpenLoopRow("openloop", spec.name, workers, variant=v, percent=p, rate=rates[v, p], round=rnd)
+        OpenLoopRow("openloop", spec.name, args.workers[0], variant=v, percent=p, rate=rates[v, p], round=rnd)
         for v in args.variants
         for p in args.loads
     ]
-    holder = Row("openloop", spec.name, workers)
-    with recorded(holder), run_server(spec, args.app, workers, args.start_timeout) as server:
-        pids = len(probe_pids(server.url, workers, timeout=5))
-        wrk_script_load(server.url, 1, args.connections, args.threads, openloop_script(args.variants[0]))  # warm-up
-        for row in rows:
-            row.command, row.pids_seen, row.loadavg = server.command, pids, os.getloadavg()[0]
-            with recorded(row):
-                row.load, row.percentiles = wrk2_run(wrk2, server.url, row.rate, args, row.variant)
-                server.check_alive()
-    if holder.status != "ok":
-        for row in rows:
-            row.status, row.note = holder.status, holder.note
-    return rows
+
+    def warmup(url: str) -> None:
+        wrk_script_load(url, 1, args.connections, args.threads, openloop_script(args.variants[0]))
+
+    def measure(server: RunningServer, row: OpenLoopRow) -> None:
+        row.loadavg = os.getloadavg()[0]
+        row.load, row.percentiles = wrk2_run(wrk2, server.url, row.rate, args, row.variant)
+        server.check_alive()
+
+    return measure_each(spec, rows, args, measure, warmup)
 
 
 def openloop_rates(args: argparse.Namespace) -> dict[tuple[str, int], int]:
@@ -2102,17 +2133,16 @@ def openloop_rates(args: argparse.Namespace) -> dict[tuple[str, int], int]:
 
 def summarize_openloop(runs: list[OpenLoopRow]) -> list[OpenLoopRow]:
     """One row per (variant, load, server): the median of each percentile over the rounds."""
-    keys = list(dict.fromkeys((r.variant, r.percent, r.server) for r in runs))
+    groups = grouped(runs, lambda r: (r.variant, r.percent, r.server))
     out = []
-    for variant, percent, server in sorted(keys, key=lambda k: (k[0], k[1])):
-        mine = [r for r in runs if (r.variant, r.percent, r.server) == (variant, percent, server)]
+    for (variant, percent, server), mine in sorted(groups.items(), key=lambda kv: kv[0][:2]):
         ok = [r for r in mine if r.status == "ok" and r.load is not None]
         if not ok:
             out.append(mine[-1])
             continue
         rate = int(statistics.median(r.rate for r in ok))
         row = OpenLoopRow("openloop", server, ok[0].workers, variant=variant, percent=percent, rate=rate)
-        row.command, row.note = ok[0].command, "; ".join(sorted({r.note for r in mine if r.note}))
+        row.command, row.note = ok[0].command, joined_notes(mine)
         names = [f"{p:g}" for p in OPENLOOP_PERCENTILES]
         row.percentiles = {n: statistics.median(r.percentiles[n] for r in ok if n in r.percentiles) for n in names}
         row.details = {
@@ -2137,9 +2167,9 @@ def summarize_openloop(runs: list[OpenLoopRow]) -> list[OpenLoopRow]:
 
 def print_openloop_table(rows: list[OpenLoopRow]) -> None:
     header = ("variant", "load", "server", "offered", "achieved", "p50 ms", "p99 ms", "p99.9 ms", "errors", "rounds")
-    table = [header]
+    table: list[tuple[str, ...]] = [header]
     for r in rows:
-        name = "cluster-server (default)" if r.server == "cluster-server" else r.server
+        name = display_name(r.server)
         lead = (r.variant, f"{r.percent}%", name, f"{r.rate:,}")
         if r.status != "ok" or not r.details:
             table.append((*lead, r.status, *("-",) * 5))
@@ -2153,9 +2183,9 @@ def print_openloop_table(rows: list[OpenLoopRow]) -> None:
 
 
 def scenario_openloop(args: argparse.Namespace) -> list[Row]:
-    wrk2 = args.wrk2 or shutil.which("wrk2")
+    wrk2 = wrk2_path(args.wrk2)
     if not wrk2 or not os.access(wrk2, os.X_OK):
-        log("bench: openloop needs wrk2 (--wrk2 PATH, or wrk2 on PATH); skipped")
+        log("bench: openloop needs wrk2 (--wrk2 PATH, $WRK2, or wrk2 on PATH); skipped")
         return []
     if not shutil.which("wrk"):
         sys.exit("bench: openloop measures capacity and warms up with wrk; wrk is not on PATH")

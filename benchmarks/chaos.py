@@ -46,6 +46,7 @@ import resource
 import shutil
 import signal
 import socket
+import subprocess
 import sys
 import tempfile
 import textwrap
@@ -157,9 +158,8 @@ class Running:
     workers: int
     port: int
     argv: list[str]
-    proc: Any
+    proc: subprocess.Popen[bytes]
     log_path: Path
-    cwd: Path
 
     @property
     def pid(self) -> int:
@@ -177,7 +177,7 @@ class Running:
     def worker_pids(self) -> list[int]:
         """The server's workers: the primary's children that serve (not a template or watcher)."""
         out = []
-        for pid in children(self.pid):
+        for pid in bench.live_pids(1, self.pid):  # its children (fields[1] is the parent's pid)
             title = bench.process_title(pid)
             if self.server == "cluster-server" and "cluster-server: worker" not in title:
                 continue
@@ -185,17 +185,6 @@ class Running:
                 continue
             out.append(pid)
         return out
-
-
-def children(pid: int) -> list[int]:
-    out = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            with contextlib.suppress(OSError, IndexError):
-                fields = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
-                if int(fields[1]) == pid and fields[0] != "Z":
-                    out.append(int(entry))
-    return sorted(out)
 
 
 def rss_kib(pid: int) -> int:
@@ -222,8 +211,6 @@ def serve(
     wrapper: tuple[str, ...] = (),
 ) -> Iterator[Running]:
     """Start ``server`` in its own session, wait until its workers answer; always stop it."""
-    import subprocess
-
     port = bench.free_port()
     argv = [*wrapper, *command(server, app, port, workers, extra)]
     log_path = cwd / f"{server}-{port}.log"
@@ -239,7 +226,7 @@ def serve(
             stderr=subprocess.STDOUT,
             start_new_session=True,
         )
-    running = Running(server, workers, port, argv, proc, log_path, cwd)
+    running = Running(server, workers, port, argv, proc, log_path)
     try:
         if not wait_for(lambda: answers(port) and len(running.worker_pids()) >= workers, 40):
             raise bench.ServerFailed(f"{server} did not start: {running.log()[-800:]}")
@@ -255,7 +242,7 @@ def answers(port: int, path: str = "/", timeout: float = 2.0) -> bool:
         return False
 
 
-def wait_for(predicate: Callable[[], Any], timeout: float, interval: float = 0.05) -> float | None:
+def wait_for(predicate: Callable[..., Any], timeout: float, interval: float = 0.05) -> float | None:
     """Seconds until ``predicate()`` was true, or None if it was not within ``timeout``."""
     began = time.monotonic()
     while True:
@@ -401,10 +388,6 @@ class Row:
 def with_load(row: Row, load: Load) -> Row:
     row.failed, row.total, row.errors = load.failed, load.total, load.errors[:5]
     return row
-
-
-def log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
 
 
 # -- scenarios -----------------------------------------------------------------------------
@@ -684,7 +667,7 @@ class MemoryLoad:
         self._wrk: bench.LoadResult | None = None
         self._python: Load | None = None
         if self.tool == "python":
-            self._python = Load(port, keep=4, path="/leak").__enter__()
+            self._python = Load(port, keep=4, path="/leak", max_seconds=seconds).__enter__()
             self._thread = None
         else:
             url = f"http://{HOST}:{port}/leak"
@@ -903,15 +886,15 @@ def main(argv: list[str] | None = None) -> int:
         write_apps(cwd)
         ctx = Context(args, cwd, args.servers)
         for name in args.scenarios:
-            log(f"chaos: {name} ...")
+            bench.log(f"chaos: {name} ...")
             began = time.monotonic()
             try:
                 got = SCENARIOS[name](ctx)
             except (bench.ServerFailed, bench.Unavailable) as exc:
                 got = [Row(name, "?", note=f"error: {exc}"[:300])]
             for r in got:
-                log(f"  {' | '.join(r.cells())}")
-            log(f"chaos: {name} took {time.monotonic() - began:.0f} s")
+                bench.log(f"  {' | '.join(r.cells())}")
+            bench.log(f"chaos: {name} took {time.monotonic() - began:.0f} s")
             rows += got
     print_rows(rows)
     if args.json:

@@ -295,24 +295,34 @@ def _label(server: str) -> str:
 
 
 def _bars_by_server(
-    ok: list[dict[str, Any]], groups: list[str], group_of: Callable[[dict[str, Any]], str], value: Callable[..., Any]
-) -> list[Series]:
-    """One series per server (in the order met), one value per group (None: not measured)."""
+    ok: list[dict[str, Any]], group_of: Callable[[dict[str, Any]], str], value: Callable[..., Any]
+) -> tuple[list[str], list[Series]]:
+    """The groups (``group_of`` each row, in the order met), and one series per server (in the
+    order met) with one value per group (None: not measured)."""
+    groups = list(dict.fromkeys(group_of(r) for r in ok))
     out = []
     others = iter(POLICY_COLOURS * 2)
     for name in _server_order(ok):
         by_group = {group_of(r): value(r) for r in ok if r["server"] == name}
         colour = SERVER_COLOURS.get(name) or next(others)
         out.append(Series(_label(name), [by_group.get(g) for g in groups], colour))
-    return out
+    return groups, out
+
+
+def _mode_and_workers(r: dict[str, Any]) -> str:
+    return f"{r['mode']} ({r['workers']} workers)"
+
+
+def _failed(load: dict[str, Any]) -> int:
+    """Failed requests of a run: non-2xx answers and socket errors."""
+    return int(load.get("non_2xx", 0)) + sum(int(v) for v in load.get("socket_errors", {}).values())
 
 
 def chart_efficiency(payload: dict[str, Any]) -> dict[str, str]:
     """``bench.py efficiency``: requests per CPU-second relative to uvicorn, per load mode."""
     rows = payload["results"]
     ok = [r for r in rows if r.get("status") == "ok" and r.get("ratio") is not None]
-    groups = list(dict.fromkeys(f"{r['mode']} ({r['workers']} workers)" for r in ok))
-    series = _bars_by_server(ok, groups, lambda r: f"{r['mode']} ({r['workers']} workers)", lambda r: r["ratio"])
+    groups, series = _bars_by_server(ok, _mode_and_workers, lambda r: r["ratio"])
     return {
         "efficiency.svg": grouped_bars(
             "Requests per CPU-second, relative to uvicorn (higher is better)",
@@ -330,11 +340,10 @@ def chart_openloop(payload: dict[str, Any]) -> dict[str, str]:
     """``bench.py openloop``: p99 and p99.9 latency per variant and offered load."""
     rows = payload["results"]
     ok = [r for r in rows if r.get("status") == "ok" and r.get("percentiles")]
-    groups = list(dict.fromkeys(f"{r['variant']} {r['percent']}%" for r in ok))
     out = {}
     for name, key in (("openloop-p99.svg", "99"), ("openloop-p999.svg", "99.9")):
-        series = _bars_by_server(
-            ok, groups, lambda r: f"{r['variant']} {r['percent']}%", lambda r, k=key: r["percentiles"].get(k)
+        groups, series = _bars_by_server(
+            ok, lambda r: f"{r['variant']} {r['percent']}%", lambda r, k=key: r["percentiles"].get(k)
         )
         values = sorted(v for s in series for v in s.values if v is not None)
         cap = 4 * values[len(values) // 2] if values else None  # an overloaded server's seconds
@@ -355,13 +364,7 @@ def chart_restart(payload: dict[str, Any]) -> dict[str, str]:
     """``bench.py restart``: failed requests (errors + non-2xx) across the rolling restarts."""
     rows = payload["results"]
     ok = [r for r in rows if r.get("status") == "ok" and r.get("load")]
-    groups = list(dict.fromkeys(f"{r['mode']} ({r['workers']} workers)" for r in ok))
-
-    def failed(r: dict[str, Any]) -> int:
-        load = r["load"]
-        return int(load.get("non_2xx", 0)) + sum(int(v) for v in load.get("socket_errors", {}).values())
-
-    series = _bars_by_server(ok, groups, lambda r: f"{r['mode']} ({r['workers']} workers)", failed)
+    groups, series = _bars_by_server(ok, _mode_and_workers, lambda r: _failed(r["load"]))
     return {
         "restart-failed.svg": grouped_bars(
             "Failed requests across two rolling restarts under load (lower is better)",
@@ -429,7 +432,7 @@ def table_restart(payload: dict[str, Any]) -> str:
             rows.append([_label(r["server"]), str(r.get("workers")), str(r.get("mode")), r.get("status", "?"), "-"])
             continue
         load = r["load"]
-        failed = int(load.get("non_2xx", 0)) + sum(int(v) for v in load.get("socket_errors", {}).values())
+        failed = _failed(load)
         per_second = r.get("per_second") or []
         rows.append(
             [

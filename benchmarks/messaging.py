@@ -133,7 +133,7 @@ def client(address: str, count: int, warmup: int) -> None:
     samples = []
     for i in range(warmup + count):
         t0 = perf()
-        with socket.create_connection((host, int(port))) as c:
+        with socket.create_connection((host, int(port)), timeout=5) as c:
             c.sendall(b"?")
             c.recv(1)
         if i >= warmup:
@@ -167,16 +167,25 @@ def policy_label() -> str:
 
 
 def handoff_runs(args: argparse.Namespace) -> list[dict[str, Any]]:
-    """One primary per policy (the policy is fixed for a primary's life), its results as JSON."""
+    """One primary per policy (the policy is fixed for a primary's life), its results as JSON.
+    Each runs in a session of its own, killed with its workers and client afterwards (600 s at most)."""
     import subprocess
+
+    from benchmarks.bench import stop_process_group
 
     results = []
     for policy in ("rr", "none"):
         argv = [sys.executable, __file__, "--handoff-only", "--connections", str(args.connections)]
         argv += ["--workers", str(args.workers), "--warmup", str(args.warmup), "--start-method", args.start_method]
         env = {**os.environ, "CLUSTER_SERVER_SCHED_POLICY": policy}
-        done = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=600, check=True)
-        results.append(json.loads(done.stdout))
+        proc = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+        try:
+            out, err = proc.communicate(timeout=600)
+        finally:
+            stop_process_group(proc, grace=5)
+        if proc.returncode != 0:
+            raise subprocess.CalledProcessError(proc.returncode, argv, out, err)
+        results.append(json.loads(out))
     return results
 
 

@@ -42,12 +42,11 @@ from uvicorn._compat import asyncio_run
 from uvicorn.server import ServerState
 
 from benchmarks.hello import app as hello_app
-from benchmarks.request_metrics import MemoryTransport, fast_path, serve
+from benchmarks.request_metrics import ROUND_TIMEOUT, MemoryTransport, config, fast_path, rotated, serve
 from cluster_server.worker.uvicorn_glue import (
     WorkerServer,
     busy_tracking_protocol,
     draining_protocol,
-    guard_request_head,
 )
 
 CLOSE = b"GET / HTTP/1.1\r\nHost: bench\r\nUser-Agent: bench\r\nAccept: */*\r\nConnection: close\r\n\r\n"
@@ -74,12 +73,10 @@ def protocol_classes(http: str, loop: str) -> dict[str, tuple[uvicorn.Config, An
     """(config, protocol class) of each variant, built the way each server builds them."""
     out: dict[str, tuple[uvicorn.Config, Any]] = {}
     for name in ("uvicorn", "worker", "least-busy"):
-        cfg = uvicorn.Config(hello_app, loop=loop, http=http, access_log=False, log_level="warning", lifespan="off")
-        cfg.load()
+        cfg = config(loop, http, guard=name != "uvicorn")
         if name == "uvicorn":
             out[name] = (cfg, cfg.http_protocol_class)
             continue
-        guard_request_head(cfg, 10.0, 64 * 1024)  # what worker/main.py does for every worker
         server = WorkerServer(cfg, on_ready=lambda: None, on_heartbeat=lambda s: None, heartbeat_interval=1.0)
         cls = draining_protocol(cfg.http_protocol_class, server)  # what WorkerServer.startup does
         if name == "least-busy":
@@ -97,13 +94,14 @@ async def keep_alive(cfg: uvicorn.Config, cls: Any, requests: int) -> float:
 async def close(cfg: uvicorn.Config, cls: Any, requests: int) -> float:
     state = ServerState()
     start = time.process_time()
-    for _ in range(requests):
-        protocol = cls(config=cfg, server_state=state, app_state={})
-        transport = ClosingTransport(protocol)
-        protocol.connection_made(transport)
-        protocol.data_received(CLOSE)
-        while protocol in state.connections:
-            await asyncio.sleep(0)
+    async with asyncio.timeout(ROUND_TIMEOUT):
+        for _ in range(requests):
+            protocol = cls(config=cfg, server_state=state, app_state={})
+            transport = ClosingTransport(protocol)
+            protocol.connection_made(transport)
+            protocol.data_received(CLOSE)
+            while protocol in state.connections:
+                await asyncio.sleep(0)
     return time.process_time() - start
 
 
@@ -126,7 +124,7 @@ def main() -> None:
                 await run(cfg, cls, args.requests // 4)  # warm up
         for r in range(args.rounds):
             for mode, run in MODES.items():
-                for name in names[r % len(names) :] + names[: r % len(names)]:
+                for name in rotated(names, r):
                     cfg, cls = classes[name]
                     used = await run(cfg, cls, args.requests)
                     results[name, mode].append(used / args.requests * 1e6)

@@ -47,6 +47,8 @@ from cluster_server.worker.request_metrics import BUCKETS, RequestStats
 from cluster_server.worker.uvicorn_glue import count_requests, guard_request_head
 
 REQUEST = b"GET / HTTP/1.1\r\nHost: bench\r\nUser-Agent: bench\r\nAccept: */*\r\n\r\n"
+#: seconds one round may take (a request that never completes fails the run, not spins for good)
+ROUND_TIMEOUT = 120.0
 
 
 class ReferenceMiddleware:
@@ -99,11 +101,18 @@ class MemoryTransport(asyncio.Transport):
         pass
 
 
-def config(loop: str, http: str) -> uvicorn.Config:
+def config(loop: str, http: str, guard: bool = True) -> uvicorn.Config:
+    """The hello app's config; ``guard``: with the request head guard, as every worker has it, metrics or not."""
     cfg = uvicorn.Config(hello_app, loop=loop, http=http, access_log=False, log_level="warning", lifespan="off")
     cfg.load()
-    guard_request_head(cfg, 10.0, 64 * 1024)  # every worker has it, metrics or not
+    if guard:
+        guard_request_head(cfg, 10.0, 64 * 1024)  # what worker/main.py does for every worker
     return cfg
+
+
+def rotated(names: list[str], r: int) -> list[str]:
+    """``names`` starting at the ``r``-th (round ``r``'s order)."""
+    return names[r % len(names) :] + names[: r % len(names)]
 
 
 class Variants:
@@ -131,12 +140,13 @@ async def serve(cfg: uvicorn.Config, app: Any, stats: RequestStats | None, reque
     protocol = cfg.http_protocol_class(config=cfg, server_state=state, app_state={})  # type: ignore[call-arg]
     protocol.connection_made(MemoryTransport())
     start = time.process_time()
-    for i in range(1, requests + 1):
-        protocol.data_received(REQUEST)
-        while state.total_requests < i:
-            await asyncio.sleep(0)
-        if stats is not None and i % report_every == 0:
-            stats.report(0)
+    async with asyncio.timeout(ROUND_TIMEOUT):
+        for i in range(1, requests + 1):
+            protocol.data_received(REQUEST)
+            while state.total_requests < i:
+                await asyncio.sleep(0)
+            if stats is not None and i % report_every == 0:
+                stats.report(0)
     used = time.process_time() - start
     protocol.connection_lost(None)
     return used
@@ -158,7 +168,7 @@ def main() -> None:
         app, stats = variants.use("on")
         await serve(cfg, app, stats, args.requests // 4, args.report_every)  # warm up
         for r in range(args.rounds):
-            for variant in names[r % 3 :] + names[: r % 3]:
+            for variant in rotated(names, r):
                 app, stats = variants.use(variant)
                 used = await serve(cfg, app, stats, args.requests, args.report_every)
                 results[variant].append(used / args.requests * 1e6)

@@ -33,7 +33,10 @@ from typing import Any
 
 import httpx
 
-ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks.bench import ROOT, free_port, stop_process_group
+
 APP = "examples.fastapi_app.main:app"
 #: how long one run may take to serve its first request
 START_TIMEOUT = 30.0
@@ -91,7 +94,7 @@ def runs(tmp: Path, tls: Any) -> dict[str, list[Run]]:
 
 
 def _tls_runs(tls: Any) -> dict[str, list[Run]]:
-    ssl = ["--ssl-certfile", str(tls.certfile), "--ssl-keyfile", str(tls.keyfile)]
+    ssl = tls.server_args()
     return {
         "--ssl-keyfile": [Run(ssl, tls=True)],
         "--ssl-certfile": [Run(ssl, tls=True)],
@@ -160,12 +163,6 @@ def uvicorn_flags() -> list[str]:
     return [f for p in main.params if p.param_type_name == "option" for f in (*p.opts, *p.secondary_opts)]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @contextlib.contextmanager
 def started(run: Run, tmp: Path) -> Iterator[tuple[subprocess.Popen[bytes], str, int]]:
     """The example with ``run.args``, in its own session; killed by process group afterwards."""
@@ -190,16 +187,13 @@ def started(run: Run, tmp: Path) -> Iterator[tuple[subprocess.Popen[bytes], str,
     try:
         yield proc, str(log), port
     finally:
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(10)
+        stop_process_group(proc, grace=0)
 
 
 def client(run: Run, tls: Any) -> httpx.Client:
     transport = None
     if run.uds:
-        socket_path = next(a for a in run.args[run.args.index("--uds") + 1 :])
-        transport = httpx.HTTPTransport(uds=socket_path)
+        transport = httpx.HTTPTransport(uds=run.args[run.args.index("--uds") + 1])
     verify: Any = tls.client_context() if run.tls else True
     if run.http2:
         return httpx.Client(http1=False, http2=True, timeout=5, verify=verify)
@@ -238,7 +232,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", default=None, help="only these uvicorn flags, without dashes: http2,header")
     opts = parser.parse_args(argv)
     only = None if opts.only is None else {"--" + f.strip().lstrip("-") for f in opts.only.split(",")}
-    sys.path.insert(0, str(ROOT))
     from tests.conftest import TLSFiles  # a throwaway CA (trustme, from the test extra) for the TLS runs
 
     with tempfile.TemporaryDirectory() as tmpdir:
