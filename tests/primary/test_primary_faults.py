@@ -86,7 +86,8 @@ def test_a_signal_sent_before_the_child_reset_its_handlers_reaches_its_own_dispo
             try:
                 os.close(r)
                 os.write(w, b"x")
-                time.sleep(0.5)  # the parent's SIGTERM arrives now, with the parent's handler still set
+                # the parent's SIGTERM arrives now, with the parent's handler still set: blocked, it waits
+                wait_until(lambda: signal.SIGTERM in signal.sigpending(), 10, what="the SIGTERM pending")
                 _proc.after_fork_in_child([w])
                 time.sleep(5)
             finally:
