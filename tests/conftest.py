@@ -97,6 +97,35 @@ def is_open(fd: int) -> bool:
     return True
 
 
+def read_response(sock: socket.socket, timeout: float = 5.0) -> bytes:
+    """One whole HTTP/1.1 response (content-length bodies only) from a raw socket, each read
+    within ``timeout`` s: head, blank line and body. A close before its end is a ConnectionError."""
+    sock.settimeout(timeout)
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(65536)
+        if not chunk:
+            raise ConnectionError(f"closed after {data!r}")
+        data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    length = next(
+        int(line.split(b":")[1]) for line in head.split(b"\r\n") if line.lower().startswith(b"content-length")
+    )
+    while len(body) < length:
+        chunk = sock.recv(65536)
+        if not chunk:
+            raise ConnectionError(f"closed after {head + body!r}")
+        body += chunk
+    return head + b"\r\n\r\n" + body
+
+
+def response_headers(response: bytes) -> dict[str, str]:
+    """The headers of a raw response, names lowercased."""
+    head = response.partition(b"\r\n\r\n")[0].decode()
+    lines = head.split("\r\n")
+    return {k.strip().lower(): v.strip() for k, _, v in (line.partition(":") for line in lines[1:])}
+
+
 def run_in_session(
     argv: Sequence[str], cwd: Path | None, env: dict[str, str], timeout: float = 30
 ) -> tuple[int | None, str, str]:

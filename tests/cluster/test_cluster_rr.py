@@ -245,14 +245,14 @@ def test_a_bad_policy_is_a_clear_error(tmp_path: Path) -> None:
         """
         for value in (0, 3, True, "rr"):
             try:
-                rr.check_policy(value)
+                cluster.rr.check_policy(value)
             except ValueError as exc:
                 out("bad", str(exc))
         try:
             cluster.fork()
         except ValueError as exc:
             out("env", str(exc))
-        """.replace("rr.check_policy", "cluster.rr.check_policy"),
+        """,
         CLUSTER_SERVER_SCHED_POLICY="roundrobin",
     )
     assert done.rc == 0, done

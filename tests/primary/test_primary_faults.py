@@ -16,7 +16,6 @@ import signal
 import socket
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -29,8 +28,19 @@ from cluster_server.ops.status import ClusterWatch
 from cluster_server.primary import loop as _loop
 from cluster_server.primary import sockets as _sockets
 
-from ..conftest import HELLO_APP, ROOT, Server, free_port, run_in_session, titled, wait_until
+from ..conftest import (
+    HELLO_APP,
+    ROOT,
+    Server,
+    free_port,
+    read_response,
+    response_headers,
+    run_in_session,
+    titled,
+    wait_until,
+)
 from ..fakes import Harness
+from ..ops_helpers import LoadLoop
 
 # -- a drain sent within ms of a fork (finding 4) ---------------------------------
 
@@ -76,7 +86,8 @@ def test_a_signal_sent_before_the_child_reset_its_handlers_reaches_its_own_dispo
             try:
                 os.close(r)
                 os.write(w, b"x")
-                time.sleep(0.5)  # the parent's SIGTERM arrives now, with the parent's handler still set
+                # the parent's SIGTERM arrives now, with the parent's handler still set: blocked, it waits
+                wait_until(lambda: signal.SIGTERM in signal.sigpending(), 10, what="the SIGTERM pending")
                 _proc.after_fork_in_child([w])
                 time.sleep(5)
             finally:
@@ -123,7 +134,7 @@ def app(environ, start_response):
 """
 
 
-class KeepAliveLoad:
+class KeepAliveLoad(LoadLoop):
     """Keep-alive clients that behave as wrk does: the next request goes out on the
     same connection as soon as a response is in, unless it said ``Connection: close``.
 
@@ -134,23 +145,17 @@ class KeepAliveLoad:
     """
 
     def __init__(self, port: int, threads: int = 4, max_seconds: float = 60.0) -> None:
-        self.port, self.ok = port, 0
-        self.failures: list[str] = []
-        self.deadline = time.monotonic() + max_seconds
-        self._stop = threading.Event()
-        self._lock = threading.Lock()
-        self._threads = [threading.Thread(target=self._run, daemon=True) for _ in range(threads)]
-        for t in self._threads:
-            t.start()
+        super().__init__(f"http://127.0.0.1:{port}", threads=threads, max_seconds=max_seconds)
+        self.port = port
 
-    def _run(self) -> None:
+    def _run(self, keep_alive: bool) -> None:  # (every connection is kept alive here)
         sock: socket.socket | None = None
         while not self._stop.is_set() and time.monotonic() < self.deadline:
             try:
                 if sock is None:
                     sock = socket.create_connection(("127.0.0.1", self.port), timeout=10)
                 sock.sendall(b"GET / HTTP/1.1\r\nHost: test\r\n\r\n")
-                _, close = _read_response(sock)
+                close = response_headers(read_response(sock, timeout=10)).get("connection") == "close"
                 with self._lock:
                     self.ok += 1
                 if close:
@@ -165,34 +170,6 @@ class KeepAliveLoad:
         if sock is not None:
             sock.close()
 
-    def count(self) -> int:
-        with self._lock:
-            return self.ok
-
-    def stop(self) -> None:
-        self._stop.set()
-        for t in self._threads:
-            t.join(15)
-
-
-def _read_response(sock: socket.socket) -> tuple[bytes, bool]:
-    """One response with a Content-Length body: (head, whether it said Connection: close)."""
-    data = b""
-    while b"\r\n\r\n" not in data:
-        chunk = sock.recv(65536)
-        if not chunk:
-            raise ConnectionError(f"closed after {len(data)} bytes of a response")
-        data += chunk
-    head, _, body = data.partition(b"\r\n\r\n")
-    lines = head.lower().split(b"\r\n")
-    length = next(int(line.split(b":")[1]) for line in lines if line.startswith(b"content-length:"))
-    while len(body) < length:
-        chunk = sock.recv(65536)
-        if not chunk:
-            raise ConnectionError("closed in the middle of a body")
-        body += chunk
-    return head, b"connection: close" in lines
-
 
 @pytest.mark.slow
 @pytest.mark.timeout(120)
@@ -201,16 +178,13 @@ def test_no_keep_alive_request_lost_across_two_rolls_of_a_slow_to_finish_wsgi_ap
 ) -> None:
     write_app("slowwsgi", SLOW_FINISH_WSGI)
     srv: Server = start_server("slowwsgi:app", "--workers", "2", "--no-access-log").wait_ready()
-    load = KeepAliveLoad(srv.port or 0, threads=6)
-    try:
+    with KeepAliveLoad(srv.port or 0, threads=6) as load:
         wait_until(lambda: load.count() > 100, 15, what="load running")
         for generation in (2, 3):
             srv.signal(signal.SIGHUP)
             srv.wait_log(f"rolling restart to generation {generation} done", timeout=30)
             seen = load.count()
             wait_until(lambda seen=seen: load.count() > seen + 100, 15, what="load after the roll")
-    finally:
-        load.stop()
     assert load.failures == [], load.failures[:5]
     assert srv.log().count("draining (rolled)") == 4
 
@@ -224,12 +198,14 @@ def test_shutdown_gives_up_on_a_worker_that_does_not_die(monkeypatch: pytest.Mon
     launcher's kill does nothing to a real child): the primary still exits, soon
     after its deadline, instead of blocking in waitpid for good."""
     h = Harness(workers=1)
-    pid = os.fork()
-    if pid == 0:  # pragma: no cover - the stuck worker
-        time.sleep(30)
-        os._exit(0)
     handlers = {sig: signal.getsignal(sig) for sig in _proc.LOOP_SIGNALS}
-    monkeypatch.setattr(_loop, "SHUTDOWN_REAP", 0.5, raising=False)
+    monkeypatch.setattr(_loop, "SHUTDOWN_REAP", 0.5)
+    pid = os.fork()  # nothing between the fork and the try: the finally always ends it
+    if pid == 0:  # pragma: no cover - the stuck worker
+        try:
+            time.sleep(30)
+        finally:
+            os._exit(0)
     try:
         h.primary.workers[pid] = _loop.Worker(id=1, generation=1, spawned_at=0.0, pid=pid)
         began = time.monotonic()

@@ -13,18 +13,9 @@ import pytest
 
 from cluster_server import ChannelError
 from cluster_server.wire import channel
-from cluster_server.wire.channel import MAX_MESSAGE, Channel, decode, encode, pair
+from cluster_server.wire.channel import MAX_MESSAGE, Channel, decode, encode
 
 from ..conftest import is_open
-
-
-@pytest.fixture
-def ends() -> Iterator[tuple[Channel, Channel]]:
-    a, b = pair()
-    ca, cb = Channel(a), Channel(b)
-    yield ca, cb
-    ca.close()
-    cb.close()
 
 
 def receive_all(ch: Channel) -> list[tuple[object, list[int]]]:

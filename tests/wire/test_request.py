@@ -7,25 +7,18 @@ import concurrent.futures
 import os
 import queue
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import pytest
 
 from cluster_server._errors import BindError, DisconnectedError, RequestError
 from cluster_server.wire import channel as channel_module
-from cluster_server.wire.channel import Channel, Message, pair
+from cluster_server.wire.channel import Channel, Message
 from cluster_server.wire.messages import RES
 from cluster_server.wire.request import Answer, Pending, Replier
 
-
-@pytest.fixture
-def ends() -> Iterator[tuple[Channel, Channel]]:
-    a, b = pair()
-    ca, cb = Channel(a), Channel(b)
-    yield ca, cb
-    ca.close()
-    cb.close()
+from ..conftest import is_open
 
 
 def received(ch: Channel) -> list[tuple[Message, list[int]]]:
@@ -34,14 +27,6 @@ def received(ch: Channel) -> list[tuple[Message, list[int]]]:
         assert isinstance(msg, dict), msg
         out.append((msg, fds))
     return out
-
-
-def is_open(fd: int) -> bool:
-    try:
-        os.fstat(fd)
-    except OSError:
-        return False
-    return True
 
 
 def test_an_answer_settles_its_request_with_data_and_fds() -> None:

@@ -21,7 +21,7 @@ import pytest
 from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import connect as ws_connect
 
-from tests.conftest import Server, asgi_app, wait_until
+from tests.conftest import Server, asgi_app, read_response, response_headers, wait_until
 
 DRAIN_APP = asgi_app(
     """
@@ -84,34 +84,7 @@ def _roll_and_wait_for_drain(server: Server) -> None:
 
 def _request(sock: socket.socket, path: str = "/") -> bytes:
     sock.sendall(f"GET {path} HTTP/1.1\r\nHost: test\r\n\r\n".encode())
-    return _read_response(sock)
-
-
-def _read_response(sock: socket.socket) -> bytes:
-    """One whole response (content-length bodies only), read with a deadline."""
-    sock.settimeout(5)
-    data = b""
-    while b"\r\n\r\n" not in data:
-        chunk = sock.recv(65536)
-        if not chunk:
-            raise ConnectionError(f"closed after {data!r}")
-        data += chunk
-    head, _, body = data.partition(b"\r\n\r\n")
-    length = next(
-        int(line.split(b":")[1]) for line in head.split(b"\r\n") if line.lower().startswith(b"content-length")
-    )
-    while len(body) < length:
-        chunk = sock.recv(65536)
-        if not chunk:
-            raise ConnectionError(f"closed after {head + body!r}")
-        body += chunk
-    return head + b"\r\n\r\n" + body
-
-
-def _headers(response: bytes) -> dict[str, str]:
-    head = response.partition(b"\r\n\r\n")[0].decode()
-    lines = head.split("\r\n")
-    return {k.strip().lower(): v.strip() for k, _, v in (line.partition(":") for line in lines[1:])}
+    return read_response(sock)
 
 
 def _closed_by_peer(sock: socket.socket) -> bool:
@@ -151,7 +124,7 @@ def test_connection_accepted_but_not_yet_read_is_answered(server: Server) -> Non
         response = _request(sock)
         assert response.startswith(b"HTTP/1.1 200 ")
         assert response.endswith(old_pid.encode())
-        assert _headers(response)["connection"] == "close"
+        assert response_headers(response)["connection"] == "close"
         assert _closed_by_peer(sock)
     finally:
         sock.close()
@@ -204,13 +177,13 @@ def test_keep_alive_connection_whose_response_had_started_serves_its_next_reques
         server.wait_log("head sent")
         _roll_and_wait_for_drain(server)
         assert "1 with a request in flight" in server.log()
-        first = _read_response(sock)
-        assert first.startswith(b"HTTP/1.1 200 ") and "connection" not in _headers(first)
+        first = read_response(sock)
+        assert first.startswith(b"HTTP/1.1 200 ") and "connection" not in response_headers(first)
         old_pid = first.rpartition(b"\r\n\r\n")[2]
         second = _request(sock)  # at once, on the same connection
         assert second.startswith(b"HTTP/1.1 200 ")
         assert second.endswith(old_pid)  # still the draining worker
-        assert _headers(second)["connection"] == "close"
+        assert response_headers(second)["connection"] == "close"
         assert _closed_by_peer(sock)
     finally:
         sock.close()
@@ -241,7 +214,7 @@ def test_connection_whose_response_had_started_is_closed_one_window_after_it(
         sock.sendall(b"GET /late-body HTTP/1.1\r\nHost: test\r\n\r\n")
         server.wait_log("head sent")
         _roll_and_wait_for_drain(server)
-        assert _read_response(sock).startswith(b"HTTP/1.1 200 ")
+        assert read_response(sock).startswith(b"HTTP/1.1 200 ")
         complete = time.monotonic()
         assert _closed_by_peer(sock)
         assert 0.5 < time.monotonic() - complete < 3.0
